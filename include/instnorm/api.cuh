@@ -1,0 +1,231 @@
+#pragma once
+/// \file api.cuh
+/// The public calls: validation, planning, workspace and launch. Asynchronous on the caller's
+/// stream; no device-wide or host synchronization.
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <mutex>
+
+#include "detail/convert.cuh"
+#include "detail/kernel.cuh"
+#include "options.cuh"
+#include "plan.cuh"
+#include "validate.cuh"
+
+/// Returns from the enclosing function with the error of a failed CUDA call.
+#define INSTNORM_RETURN_IF_ERROR(expr)          \
+  do {                                          \
+    const cudaError_t instnorm_err_ = (expr);   \
+    if (instnorm_err_ != cudaSuccess) return instnorm_err_; \
+  } while (0)
+
+namespace instnorm {
+
+/// Properties of `device`, read once with cudaGetDeviceProperties and cached.
+inline cudaError_t device_props(int device, DeviceProps* out) {
+  constexpr int kMaxDevices = 64;
+  static std::mutex mu;
+  static DeviceProps cache[kMaxDevices];
+  static bool filled[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!filled[device]) {
+    cudaDeviceProp prop;
+    INSTNORM_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, device));
+    DeviceProps d;
+    d.sm_count = prop.multiProcessorCount;
+    d.cc_major = prop.major;
+    d.cc_minor = prop.minor;
+    d.max_threads_per_sm = prop.maxThreadsPerMultiProcessor;
+    d.max_threads_per_block = prop.maxThreadsPerBlock;
+    d.max_blocks_per_sm = prop.maxBlocksPerMultiProcessor;
+    d.regs_per_sm = prop.regsPerMultiprocessor;
+    d.l2_bytes = prop.l2CacheSize;
+    d.max_grid_x = prop.maxGridSize[0];
+    d.cooperative = prop.cooperativeLaunch != 0;
+    cache[device] = d;
+    filled[device] = true;
+  }
+  *out = cache[device];
+  return cudaSuccess;
+}
+
+namespace detail {
+
+constexpr size_t kWorkspaceAlign = 256;
+inline size_t align_up(size_t v) { return (v + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
+
+/// Scratch bytes a plan needs: block partials (double-buffered) and arrival counters.
+inline size_t plan_workspace_bytes(const Plan& p) {
+  if (!p.cooperative) return 0;
+  return align_up(2 * size_t(p.grid) * sizeof(Moments)) +
+         align_up(size_t(p.block_groups) * sizeof(unsigned long long));
+}
+
+inline cudaError_t to_cuda_error(Invalid v) {
+  return v == Invalid::kOk || v == Invalid::kEmpty ? cudaSuccess
+         : v == Invalid::kNotSupported            ? cudaErrorNotSupported
+                                                  : cudaErrorInvalidValue;
+}
+
+/// Validation + planning for the current device, shared by every entry point.
+template <class T>
+inline Invalid prepare(const T* x, const T* y, int64_t n, int64_t c, int64_t spatial,
+                       const Options& opt, Problem* prob) {
+  static_assert(is_supported<T>::value, "instnorm supports float, __half and __nv_bfloat16");
+  return validate(x, y, n, c, spatial, int(sizeof(T)), opt, prob);
+}
+
+inline cudaError_t current_plan(const Problem& prob, Plan* plan, const PlanOverride& ov = {},
+                                const ArchPolicy* policy = nullptr) {
+  int dev = 0;
+  INSTNORM_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  DeviceProps d;
+  INSTNORM_RETURN_IF_ERROR(device_props(dev, &d));
+  const ArchPolicy& pol = policy ? *policy : policy_for(d.cc_major, d.cc_minor);
+  return make_plan(prob, d, pol, plan, ov) ? cudaSuccess : cudaErrorInvalidConfiguration;
+}
+
+/// The one place where runtime choices become template arguments.
+template <class T>
+using KernelFn = void (*)(KernelParams<T>);
+template <class T>
+inline KernelFn<T> select_kernel(int vec, bool stream) {
+  constexpr int kFullVec = 16 / int(sizeof(T));
+  if (vec == kFullVec)
+    return stream ? forward_kernel<T, kFullVec, max_items(kFullVec), true>
+                  : forward_kernel<T, kFullVec, max_items(kFullVec), false>;
+  if (vec == 1)
+    return stream ? forward_kernel<T, 1, max_items(1), true> : forward_kernel<T, 1, max_items(1), false>;
+  return nullptr;
+}
+
+/// Launches a validated problem with a plan and a workspace of plan_workspace_bytes(plan).
+template <class T>
+inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& opt,
+                          const Plan& plan, void* workspace, cudaStream_t stream) {
+  KernelFn<T> kernel = select_kernel<T>(plan.vec, plan.strategy == Strategy::kSplitStream);
+  if (kernel == nullptr) return cudaErrorInvalidConfiguration;
+  KernelParams<T> kp;
+  kp.x = x;
+  kp.y = y;
+  kp.planes = prob.planes;
+  kp.plane_len = prob.plane_len;
+  kp.spatial = prob.spatial;
+  kp.groups = prob.groups;
+  kp.channels_per_group = prob.channels_per_group;
+  kp.eps = opt.eps;
+  kp.gamma = opt.gamma;
+  kp.beta = opt.beta;
+  kp.params_float = opt.param_type == ParamType::kFloat;
+  kp.save_mean = opt.save_mean;
+  kp.save_rstd = opt.save_rstd;
+  kp.activation = opt.activation;
+  kp.lanes = plan.lanes;
+  kp.items = plan.items;
+  kp.blocks_per_plane = plan.blocks_per_plane;
+  kp.slice_len = plan.slice_len;
+  kp.partials = nullptr;
+  kp.counters = nullptr;
+  const dim3 grid(static_cast<unsigned>(plan.grid)), block(static_cast<unsigned>(plan.threads));
+  if (!plan.cooperative) {
+    kernel<<<grid, block, 0, stream>>>(kp);
+    return cudaGetLastError();
+  }
+  auto* bytes = static_cast<unsigned char*>(workspace);
+  kp.partials = reinterpret_cast<Moments*>(bytes);
+  kp.counters = reinterpret_cast<unsigned long long*>(
+      bytes + align_up(2 * size_t(plan.grid) * sizeof(Moments)));
+  INSTNORM_RETURN_IF_ERROR(cudaMemsetAsync(
+      kp.counters, 0, size_t(plan.block_groups) * sizeof(unsigned long long), stream));
+  // The blocks of a plane wait on each other: a cooperative launch guarantees they are
+  // co-resident (it fails rather than deadlocks if they cannot be).
+  void* args[] = {&kp};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, args,
+                                     0, stream);
+}
+
+}  // namespace detail
+
+/// Bytes of workspace `forward(..., workspace, bytes, stream)` needs for this problem on the
+/// current device (0 for most shapes). Validates like forward; no launch.
+template <class T>
+cudaError_t workspace_size(int64_t n, int64_t c, int64_t spatial, const Options& opt,
+                           size_t* bytes, const T* x = nullptr, const T* y = nullptr) {
+  if (bytes == nullptr) return cudaErrorInvalidValue;
+  *bytes = 0;
+  Problem prob;
+  // Alignment changes the plan only through the vector width, which never changes the
+  // workspace; dummy aligned pointers stand in when the caller passes none.
+  const T* px = x ? x : reinterpret_cast<const T*>(uintptr_t(256));
+  const T* py = y ? y : reinterpret_cast<const T*>(uintptr_t(256));
+  const Invalid v = detail::prepare(px, py, n, c, spatial, opt, &prob);
+  if (v != Invalid::kOk) return detail::to_cuda_error(v);
+  Plan plan;
+  INSTNORM_RETURN_IF_ERROR(detail::current_plan(prob, &plan));
+  *bytes = detail::plan_workspace_bytes(plan);
+  return cudaSuccess;
+}
+
+/// Full call with a caller-provided workspace of at least workspace_size() bytes (may be null
+/// when that size is 0). Refuses a smaller workspace with cudaErrorInvalidValue.
+template <class T>
+cudaError_t forward(const T* x, T* y, int64_t n, int64_t c, int64_t spatial, const Options& opt,
+                    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  Problem prob;
+  const Invalid v = detail::prepare(x, y, n, c, spatial, opt, &prob);
+  if (v != Invalid::kOk) return detail::to_cuda_error(v);
+  Plan plan;
+  INSTNORM_RETURN_IF_ERROR(detail::current_plan(prob, &plan));
+  const size_t need = detail::plan_workspace_bytes(plan);
+  if (need > 0 && (workspace == nullptr || workspace_bytes < need)) return cudaErrorInvalidValue;
+  return detail::launch(x, y, prob, opt, plan, workspace, stream);
+}
+
+namespace detail {
+/// The full call with the planner's knobs exposed: `ov` forces strategy, block size, items,
+/// vector width or blocks per plane, `policy` forces an architecture's table (the benchmark's
+/// tuning mode and the tests use both); `used` receives the plan that ran.
+template <class T>
+cudaError_t forward_tuned(const T* x, T* y, int64_t n, int64_t c, int64_t spatial,
+                          const Options& opt, const PlanOverride& ov, const ArchPolicy* policy,
+                          cudaStream_t stream, Plan* used = nullptr) {
+  Problem prob;
+  const Invalid v = prepare(x, y, n, c, spatial, opt, &prob);
+  if (v != Invalid::kOk) return to_cuda_error(v);
+  Plan plan;
+  INSTNORM_RETURN_IF_ERROR(current_plan(prob, &plan, ov, policy));
+  if (used) *used = plan;
+  const size_t need = plan_workspace_bytes(plan);
+  void* ws = nullptr;
+  if (need > 0) INSTNORM_RETURN_IF_ERROR(cudaMallocAsync(&ws, need, stream));
+  const cudaError_t err = launch(x, y, prob, opt, plan, ws, stream);
+  if (ws != nullptr) {
+    const cudaError_t free_err = cudaFreeAsync(ws, stream);
+    if (err == cudaSuccess) return free_err;
+  }
+  return err;
+}
+}  // namespace detail
+
+/// Full call; takes any scratch memory it needs stream-ordered (cudaMallocAsync/cudaFreeAsync),
+/// so it stays asynchronous and can be captured in a CUDA graph.
+template <class T>
+cudaError_t forward(const T* x, T* y, int64_t n, int64_t c, int64_t spatial, const Options& opt,
+                    cudaStream_t stream = nullptr) {
+  return detail::forward_tuned(x, y, n, c, spatial, opt, PlanOverride{}, nullptr, stream);
+}
+
+/// Instance normalization of contiguous NCHW x into y (y == x allowed): each of the n*c planes
+/// of `spatial` elements becomes (x - mean) / sqrt(var + eps), biased variance, fp32 math.
+template <class T>
+cudaError_t forward(const T* x, T* y, int64_t n, int64_t c, int64_t spatial, float eps = 1e-5f,
+                    cudaStream_t stream = nullptr) {
+  Options opt;
+  opt.eps = eps;
+  return forward(x, y, n, c, spatial, opt, stream);
+}
+
+}  // namespace instnorm

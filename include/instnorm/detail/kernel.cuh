@@ -1,0 +1,243 @@
+#pragma once
+/// \file detail/kernel.cuh
+/// The forward kernel. One template serves every strategy: a group of `lanes` threads owns one
+/// slice of one plane (the whole plane unless the plane is split across G blocks), holds it in
+/// registers when it fits (one DRAM read) and streams it twice otherwise. Strategies differ only
+/// in the runtime group width, items per thread and G, so there are just two instantiations per
+/// element type: 16-byte vectors, and scalars for misaligned or ragged planes.
+
+#include "../moments.cuh"
+#include "../options.cuh"
+#include "../plan.cuh"
+#include "convert.cuh"
+#include "reduce.cuh"
+
+namespace instnorm {
+namespace detail {
+
+/// Everything the kernel reads, flattened from the problem, options and plan.
+template <class T>
+struct KernelParams {
+  const T* x;
+  T* y;
+  int64_t planes;              ///< n * G
+  int64_t plane_len;           ///< channels_per_group * spatial
+  int64_t spatial;
+  int64_t groups;              ///< G
+  int64_t channels_per_group;
+  float eps;
+  const void* gamma;
+  const void* beta;
+  bool params_float;           ///< gamma/beta are float (else T)
+  float* save_mean;
+  float* save_rstd;
+  Activation activation;
+  int lanes;                   ///< threads per plane slice
+  int items;                   ///< vectors per thread per chunk
+  int64_t blocks_per_plane;    ///< G blocks share a plane (cooperative when > 1)
+  int64_t slice_len;           ///< elements per block slice
+  Moments* partials;           ///< [2][grid] block partials (G > 1)
+  unsigned long long* counters;  ///< [block_groups] arrival counters, zeroed per launch (G > 1)
+};
+
+__device__ __forceinline__ float activate(float v, Activation a) {
+  switch (a) {
+    case Activation::kRelu: return fmaxf(v, 0.f);
+    case Activation::kSilu: return v / (1.f + __expf(-v));
+    default: return v;
+  }
+}
+
+template <class T>
+__device__ __forceinline__ float load_param(const void* p, bool is_float, int64_t i) {
+  return is_float ? static_cast<const float*>(p)[i] : to_float(static_cast<const T*>(p)[i]);
+}
+
+/// Per-channel output transform: y = act((d - mean) * scale + shift), d = x - pivot.
+template <class T>
+struct Epilogue {
+  float mean, rstd, scale, shift;
+  __device__ __forceinline__ void set_channel(const KernelParams<T>& p, int64_t ch) {
+    scale = p.gamma ? rstd * load_param<T>(p.gamma, p.params_float, ch) : rstd;
+    shift = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
+  }
+  __device__ __forceinline__ float operator()(float d, Activation a) const {
+    return activate(fmaf(d - mean, scale, shift), a);
+  }
+};
+
+/// Vectors of a chunk of `len` elements (len <= lanes * items * kVec) that lane `lane` owns:
+/// vectors lane, lane + lanes, ...; the valid ones are exactly the first `valid_items(...)`.
+template <int kVec>
+__device__ __forceinline__ int valid_items(int len, int lane, int lanes, int items) {
+  const int vecs = (len + kVec - 1) / kVec;
+  const int n = vecs > lane ? (vecs - lane + lanes - 1) / lanes : 0;
+  return n < items ? n : items;
+}
+
+template <class T, int kVec, int kMaxItems>
+__device__ __forceinline__ void load_chunk(Vector<T, kVec> (&r)[kMaxItems], const T* src,
+                                           int valid, int lane, int lanes) {
+  const auto* s = reinterpret_cast<const Vector<T, kVec>*>(src) + lane;
+#pragma unroll
+  for (int j = 0; j < kMaxItems; ++j)
+    if (j < valid) r[j] = s[j * lanes];
+}
+
+/// This thread's moments of its valid elements of a chunk, shifted by the pivot (two passes over
+/// registers: local mean, then squared deviations).
+template <class T, int kVec, int kMaxItems>
+__device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMaxItems],
+                                                 int valid, float pivot) {
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < kMaxItems; ++j) {
+    if (j < valid) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) sum += r[j].get(k) - pivot;
+    }
+  }
+  Moments m;
+  const int n = valid * kVec;
+  if (n == 0) return m;
+  const float mean = sum / static_cast<float>(n);
+  float m2 = 0.f;
+#pragma unroll
+  for (int j = 0; j < kMaxItems; ++j) {
+    if (j < valid) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const float d = (r[j].get(k) - pivot) - mean;
+        m2 = fmaf(d, d, m2);
+      }
+    }
+  }
+  m.mean = mean;
+  m.m2 = m2;
+  m.count = n;
+  return m;
+}
+
+/// Position of a chunk's first element as (channel, offset in that channel): computed before the
+/// chunk's data occupies registers, since 64-bit division needs many of them.
+struct ChunkChannel {
+  int64_t channel;
+  uint32_t offset;
+};
+__device__ __forceinline__ ChunkChannel chunk_channel(int64_t channel_base, int64_t first,
+                                                      int64_t spatial) {
+  return ChunkChannel{channel_base + first / spatial, uint32_t(first % spatial)};
+}
+
+/// Normalizes the valid elements of a chunk held in registers and stores them. With per-channel
+/// parameters (GroupNorm), the channel of element e of the chunk is cc.channel +
+/// (cc.offset + e) / spatial; e < 2^17, so 32 bits suffice unless spatial >= 2^30, where at most
+/// one channel boundary falls inside a chunk.
+template <class T, int kVec, int kMaxItems>
+__device__ __forceinline__ void store_chunk(const Vector<T, kVec> (&r)[kMaxItems], T* dst,
+                                            int valid, int lane, int lanes, float pivot,
+                                            Epilogue<T>& ep, const KernelParams<T>& p,
+                                            bool per_channel, ChunkChannel cc) {
+  auto* d = reinterpret_cast<Vector<T, kVec>*>(dst) + lane;
+  const bool wide = p.spatial >= (int64_t(1) << 30);
+#pragma unroll
+  for (int j = 0; j < kMaxItems; ++j) {
+    if (j < valid) {
+      // A vector never straddles channels: vectors are used only when spatial % kVec == 0.
+      if (per_channel) {
+        const uint32_t e = cc.offset + uint32_t((j * lanes + lane) * kVec);
+        ep.set_channel(p, cc.channel + (wide ? (int64_t(e) >= p.spatial ? 1 : 0)
+                                             : int64_t(e / uint32_t(p.spatial))));
+      }
+      Vector<T, kVec> o;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) o.set(k, ep(r[j].get(k) - pivot, p.activation));
+      d[j * lanes] = o;
+    }
+  }
+}
+
+/// The forward kernel; see the file comment. kStream: slices larger than one chunk are read
+/// twice (moments, then normalize); otherwise the slice stays in registers between the two. Grid: block_groups * G blocks, each group of G
+/// consecutive blocks walks planes (or batches of planes, for sub-warp groups) in rounds.
+template <class T, int kVec, int kMaxItems, bool kStream>
+__global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams<T> p) {
+  using V = Vector<T, kVec>;
+  __shared__ BlockReduceStorage smem;
+  const int lanes = p.lanes;
+  const int lane = threadIdx.x % lanes;
+  const int per_block = blockDim.x / lanes;  // planes a block handles per round
+  const int group = threadIdx.x / lanes;
+  const int G = int(p.blocks_per_plane);  // <= grid size, so 32 bits
+  const int rank = int(blockIdx.x) % G;
+  const int block_group = int(blockIdx.x) / G;
+  const int block_groups = int(gridDim.x) / G;
+  const int chunk = lanes * p.items * kVec;  // <= 1024 * 16 * 8
+  const bool per_channel = p.channels_per_group > 1 && (p.gamma != nullptr || p.beta != nullptr);
+
+  int round = 0;  // only its parity and the counter target use it
+  for (int64_t unit = block_group; unit * per_block < p.planes; unit += block_groups, ++round) {
+    const int64_t plane = unit * per_block + group;
+    const bool active = plane < p.planes;
+    const int64_t begin = int64_t(rank) * p.slice_len;
+    const int64_t end = begin + p.slice_len < p.plane_len ? begin + p.slice_len : p.plane_len;
+    const int64_t len = active && end > begin ? end - begin : 0;
+    const int64_t base = (active ? plane : 0) * p.plane_len;
+    const T* xs = p.x + base + begin;
+    // The pivot: the plane's first element. Shifting by a value of the plane removes the common
+    // offset before any sum, so fp32 moments stay accurate when |mean| >> std.
+    const float pivot = active ? to_float(p.x[base]) : 0.f;
+    const int64_t channel_base = (plane % p.groups) * p.channels_per_group;
+    const ChunkChannel cc = chunk_channel(channel_base, begin, p.spatial);
+
+    V regs[kMaxItems];
+    Moments m;
+    // kStream kernels serve slices larger than a chunk; the others never see one (the plan
+    // guarantees it), which keeps the streaming loop's registers out of the fast kernels.
+    const bool resident = !kStream;
+    if (resident) {
+      const int valid = valid_items<kVec>(int(len), lane, lanes, p.items);
+      load_chunk<T, kVec, kMaxItems>(regs, xs, valid, lane, lanes);
+      m = chunk_moments<T, kVec, kMaxItems>(regs, valid, pivot);
+    } else {
+      for (int64_t off = 0; off < len; off += chunk) {
+        const int clen = int(len - off < chunk ? len - off : chunk);
+        const int valid = valid_items<kVec>(clen, lane, lanes, p.items);
+        load_chunk<T, kVec, kMaxItems>(regs, xs + off, valid, lane, lanes);
+        m = merge(m, chunk_moments<T, kVec, kMaxItems>(regs, valid, pivot));
+      }
+    }
+    m = lanes <= 32 ? warp_allreduce(m, lanes) : block_allreduce(m, smem);
+    if (G > 1)
+      m = group_exchange(m, p.partials + (round & 1) * gridDim.x + block_group * G,
+                         p.counters + block_group, rank, G, round, smem);
+
+    Epilogue<T> ep;
+    ep.mean = m.mean;
+    ep.rstd = 1.f / sqrtf(variance(m) + p.eps);
+    if (active) {
+      if (rank == 0 && lane == 0) {
+        if (p.save_mean) p.save_mean[plane] = pivot + m.mean;
+        if (p.save_rstd) p.save_rstd[plane] = ep.rstd;
+      }
+      ep.set_channel(p, cc.channel);
+    }
+    T* ys = p.y + base + begin;
+    if (resident) {
+      const int valid = valid_items<kVec>(int(len), lane, lanes, p.items);
+      store_chunk<T, kVec, kMaxItems>(regs, ys, valid, lane, lanes, pivot, ep, p, per_channel, cc);
+    } else {
+      for (int64_t off = 0; off < len; off += chunk) {
+        const int clen = int(len - off < chunk ? len - off : chunk);
+        const int valid = valid_items<kVec>(clen, lane, lanes, p.items);
+        const ChunkChannel ccc = chunk_channel(channel_base, begin + off, p.spatial);
+        load_chunk<T, kVec, kMaxItems>(regs, xs + off, valid, lane, lanes);
+        store_chunk<T, kVec, kMaxItems>(regs, ys + off, valid, lane, lanes, pivot, ep, p,
+                                        per_channel, ccc);
+      }
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace instnorm

@@ -1,0 +1,39 @@
+#pragma once
+/// \file options.cuh
+/// Everything a call can ask for beyond the bare normalize. Defaults reproduce the simple call
+/// `forward(x, y, n, c, spatial, eps, stream)`; later features are new fields with inert defaults,
+/// so existing callers never break.
+
+#include <cstdint>
+
+namespace instnorm {
+
+/// Memory layout of x and y.
+enum class Layout : int {
+  kNCHW = 0,  ///< plane (i, j) is x[(i*c + j)*spatial, ... + spatial)
+  kNHWC = 1,  ///< element (i, j, s) is x[(i*spatial + s)*c + j]  (not yet implemented)
+};
+
+/// Activation applied to the normalized (and affine-transformed) output.
+enum class Activation : int { kNone = 0, kRelu = 1, kSilu = 2 };
+
+/// Element type of gamma and beta.
+enum class ParamType : int {
+  kFloat = 0,       ///< gamma/beta are `const float*`
+  kSameAsInput = 1, ///< gamma/beta have the element type T of x and y
+};
+
+/// Options of the full call. Zero-initialised fields mean "off".
+struct Options {
+  float eps = 1e-5f;            ///< added to the biased variance; finite and >= 0
+  int64_t groups = 0;           ///< GroupNorm groups G (c % G == 0); 0 means G = c (instance norm)
+  const void* gamma = nullptr;  ///< per-channel scale, c elements, or null for none
+  const void* beta = nullptr;   ///< per-channel shift, c elements, or null for none
+  ParamType param_type = ParamType::kFloat;
+  float* save_mean = nullptr;   ///< n*G floats: mean of each normalized plane, or null
+  float* save_rstd = nullptr;   ///< n*G floats: 1/sqrt(var + eps) of each plane, or null
+  Activation activation = Activation::kNone;
+  Layout layout = Layout::kNCHW;
+};
+
+}  // namespace instnorm

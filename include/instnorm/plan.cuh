@@ -1,0 +1,240 @@
+#pragma once
+/// \file plan.cuh
+/// The planner: a pure host function from (problem, device properties, tuning table) to a launch
+/// plan. No CUDA call happens here; the CPU tests drive it with hand-made property sets and the
+/// benchmark overrides its knobs to sweep configurations.
+
+#include <algorithm>
+#include <cstdint>
+
+#include "validate.cuh"
+
+namespace instnorm {
+
+/// How a plane is mapped onto the GPU.
+enum class Strategy : int {
+  kSubWarp = 0,  ///< 1..32 lanes per plane, several planes per block, plane in registers
+  kBlock = 1,    ///< one block per plane, plane in registers, one DRAM read
+  kSplit = 2,    ///< G co-resident blocks per plane (cooperative launch), slices in registers,
+                 ///< partial moments exchanged through a small workspace: one DRAM read
+  kSplitStream = 3,  ///< as kSplit, but slices too large for the chip: streamed twice
+};
+
+inline const char* to_string(Strategy s) {
+  switch (s) {
+    case Strategy::kSubWarp: return "subwarp";
+    case Strategy::kBlock: return "block";
+    case Strategy::kSplit: return "split";
+    case Strategy::kSplitStream: return "split-stream";
+  }
+  return "?";
+}
+
+/// The device limits the planner needs (filled from cudaGetDeviceProperties, or by hand in tests).
+struct DeviceProps {
+  int sm_count = 0;
+  int cc_major = 0, cc_minor = 0;
+  int max_threads_per_sm = 0;
+  int max_threads_per_block = 0;
+  int max_blocks_per_sm = 0;
+  int regs_per_sm = 0;
+  int64_t l2_bytes = 0;
+  int64_t max_grid_x = 0;
+  bool cooperative = false;
+};
+
+/// One architecture's tuning table. Every field says which measurement or limit chose it
+/// (see docs/perf-notes.md); the benchmark's tuning mode prints entries in this form.
+struct ArchPolicy {
+  const char* name;
+  int subwarp_threads;       ///< block size of sub-warp plans
+  int subwarp_items;         ///< vectors per thread aimed for in sub-warp plans
+  int block_items;           ///< vectors per thread aimed for in block-per-plane plans
+  int min_block_threads;     ///< smallest block of block-per-plane plans
+  int split_threads;         ///< block size of split plans
+};
+
+/// The kernels keep at most this many vectors per thread in registers (compile-time array size).
+/// 8 x 16 bytes = 32 registers of data: with 1024-thread blocks (64 registers per thread at
+/// most) that leaves room for indexing and moments without spills.
+constexpr int max_items(int vec) { return vec > 1 ? 16 : 32; }
+/// Registers per thread the kernels are compiled for at most (__launch_bounds__(1024)).
+constexpr int kMaxRegsPerThread = 128;
+constexpr int kMaxThreads = 512;
+
+/// sm_90 (H100): chosen by the tuning sweep on the H100 (docs/perf-notes.md, "sm_90 table").
+constexpr ArchPolicy kPolicySm90{"sm_90", 256, 4, 16, 64, 256};
+/// sm_89 (RTX 4090): from its limits. 64K registers at 128 per thread give 512 resident
+/// threads per SM (not its 1536), so 256-thread blocks give 2 blocks (128 KB of data) per SM,
+/// the same on-chip bytes per SM as the H100; 72 MB of L2 changes nothing for register-resident
+/// plans; 24 blocks per SM at most never binds with blocks of >= 64 threads.
+constexpr ArchPolicy kPolicySm89{"sm_89", 256, 4, 16, 64, 256};
+/// Any other GPU: the same sizes, valid on every CUDA device since sm_70.
+constexpr ArchPolicy kPolicyGeneric{"generic", 256, 4, 16, 64, 256};
+
+/// The table for a compute capability.
+inline const ArchPolicy& policy_for(int cc_major, int cc_minor) {
+  if (cc_major == 9 && cc_minor == 0) return kPolicySm90;
+  if (cc_major == 8 && cc_minor == 9) return kPolicySm89;
+  return kPolicyGeneric;
+}
+
+/// Knobs the benchmark's tuning mode can force; 0 (or a negative strategy) means "planner's
+/// choice". A forced plan is still checked against the device limits.
+struct PlanOverride {
+  int strategy = -1;
+  int threads = 0;
+  int items = 0;
+  int vec = 0;
+  int64_t blocks_per_plane = 0;
+};
+
+/// A launch plan.
+struct Plan {
+  Strategy strategy = Strategy::kBlock;
+  int threads = 0;               ///< threads per block
+  int lanes = 0;                 ///< threads sharing one plane slice (<= 32, or == threads)
+  int items = 0;                 ///< vectors per thread per chunk
+  int vec = 1;                   ///< elements per vector (16 bytes, or 1)
+  int64_t blocks_per_plane = 1;  ///< G
+  int64_t slice_len = 0;         ///< elements per block slice (multiple of vec)
+  int64_t block_groups = 0;      ///< groups of G blocks in the grid
+  int64_t grid = 0;              ///< blocks launched (= block_groups * G)
+  bool cooperative = false;      ///< blocks wait on each other: cooperative launch
+  /// Co-resident blocks per SM this plan assumes (split plans), from registers and threads.
+  int blocks_per_sm = 0;
+};
+
+namespace detail {
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t pow2_ceil(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return std::min(std::max(v, lo), hi); }
+}  // namespace detail
+
+/// Blocks of `threads` threads that fit on one SM, counting the worst-case register use the
+/// kernels are compiled for.
+inline int resident_blocks_per_sm(const DeviceProps& d, int threads) {
+  const int by_threads = d.max_threads_per_sm / threads;
+  const int by_regs = d.regs_per_sm / (threads * kMaxRegsPerThread);
+  const int by_blocks = d.max_blocks_per_sm > 0 ? d.max_blocks_per_sm : by_threads;
+  return std::max(0, std::min({by_threads, by_regs, by_blocks}));
+}
+
+/// Checks a plan against the kernels' contract and the device's limits.
+inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps& d) {
+  if (p.threads < 32 || p.threads > std::min(kMaxThreads, d.max_threads_per_block)) return false;
+  if (p.threads % 32 != 0) return false;
+  if (p.lanes <= 0 || (p.lanes & (p.lanes - 1)) != 0) return false;
+  if (p.lanes > 32 && p.lanes != p.threads) return false;
+  if (p.lanes > p.threads) return false;
+  if (p.vec != 1 && (p.vec * prob.elem_bytes != 16 || !prob.vector_ok)) return false;
+  if (p.items < 1 || p.items > max_items(p.vec)) return false;
+  if (p.blocks_per_plane < 1 || p.slice_len < 1 || p.slice_len % p.vec != 0) return false;
+  if (p.slice_len * p.blocks_per_plane < prob.plane_len) return false;
+  if (p.blocks_per_plane > 1 && p.lanes != p.threads) return false;
+  if (p.grid < 1 || p.grid > d.max_grid_x || p.grid != p.block_groups * p.blocks_per_plane)
+    return false;
+  if (p.cooperative != (p.blocks_per_plane > 1)) return false;
+  if (p.cooperative) {
+    if (!d.cooperative) return false;
+    const int64_t resident = int64_t(resident_blocks_per_sm(d, p.threads)) * d.sm_count;
+    if (p.grid > resident) return false;
+  }
+  return true;
+}
+
+/// Chooses the plan for `prob` on a device with `d`, using `pol` (normally policy_for(d)).
+/// Returns false if no valid plan exists (then the call reports cudaErrorInvalidConfiguration).
+inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolicy& pol,
+                      Plan* out, const PlanOverride& ov = {}) {
+  using namespace detail;
+  Plan p;
+  p.vec = ov.vec > 0 ? ov.vec : (prob.vector_ok ? 16 / prob.elem_bytes : 1);
+  const int max_i = max_items(p.vec);
+  const int64_t L = prob.plane_len;
+  const int64_t vecs = ceil_div(L, p.vec);
+  const int64_t warp_cap = 32 * int64_t(max_i);  // vectors a warp holds
+  const int64_t block_cap = int64_t(kMaxThreads) * max_i;
+  const int split_threads = ov.threads > 0 ? ov.threads : pol.split_threads;
+  const int bps = std::max(1, resident_blocks_per_sm(d, split_threads));
+  const int64_t resident = int64_t(bps) * d.sm_count;
+
+  Strategy s;
+  if (ov.strategy >= 0) {
+    s = static_cast<Strategy>(ov.strategy);
+  } else if (vecs <= warp_cap && !(prob.planes * 4 < d.sm_count && vecs > 4 * 32)) {
+    s = Strategy::kSubWarp;
+  } else {
+    // Few planes leave SMs idle unless each plane is split across blocks.
+    const int64_t g_cap = ceil_div(vecs, int64_t(split_threads) * max_i);
+    const int64_t g_fill = prob.planes < resident ? ceil_div(resident, prob.planes) : 1;
+    const int64_t g_min_work = std::max<int64_t>(1, vecs / (int64_t(split_threads) * 2));
+    const int64_t g = std::max(g_cap, std::min(g_fill, g_min_work));
+    if (vecs <= block_cap && std::min(g_fill, g_min_work) <= 1) s = Strategy::kBlock;
+    else if (g_cap <= resident) s = Strategy::kSplit;
+    else s = Strategy::kSplitStream;
+  }
+  p.strategy = s;
+
+  switch (s) {
+    case Strategy::kSubWarp: {
+      p.lanes = int(clamp64(pow2_ceil(ceil_div(vecs, pol.subwarp_items)), 1, 32));
+      if (ov.items > 0) p.lanes = int(clamp64(pow2_ceil(ceil_div(vecs, ov.items)), 1, 32));
+      p.items = int(std::max<int64_t>(1, ceil_div(vecs, p.lanes)));
+      p.threads = std::max(p.lanes, ov.threads > 0 ? ov.threads : pol.subwarp_threads);
+      p.blocks_per_plane = 1;
+      p.slice_len = vecs * p.vec;
+      p.block_groups = std::min(ceil_div(prob.planes, p.threads / p.lanes), d.max_grid_x);
+      break;
+    }
+    case Strategy::kBlock: {
+      const int items = ov.items > 0 ? ov.items : pol.block_items;
+      p.threads = ov.threads > 0 ? ov.threads
+                                 : int(clamp64(pow2_ceil(ceil_div(vecs, items)),
+                                               pol.min_block_threads, kMaxThreads));
+      p.lanes = p.threads;
+      p.items = int(std::max<int64_t>(1, ceil_div(vecs, p.threads)));
+      p.blocks_per_plane = 1;
+      p.slice_len = vecs * p.vec;
+      p.block_groups = std::min(prob.planes, d.max_grid_x);
+      break;
+    }
+    case Strategy::kSplit:
+    case Strategy::kSplitStream: {
+      p.threads = split_threads;
+      p.lanes = p.threads;
+      int64_t g;
+      if (ov.blocks_per_plane > 0) {
+        g = ov.blocks_per_plane;
+      } else if (s == Strategy::kSplit) {
+        const int64_t g_cap = ceil_div(vecs, int64_t(p.threads) * max_i);
+        const int64_t g_fill = prob.planes < resident ? ceil_div(resident, prob.planes) : 1;
+        const int64_t g_min_work = std::max<int64_t>(1, vecs / (int64_t(p.threads) * 2));
+        g = std::max(g_cap, std::min(g_fill, g_min_work));
+      } else {
+        g = resident;
+      }
+      g = clamp64(g, 1, std::max<int64_t>(1, std::min(resident, vecs)));
+      p.blocks_per_plane = g;
+      const int64_t slice_vecs = ceil_div(vecs, g);
+      p.slice_len = slice_vecs * p.vec;
+      p.items = int(clamp64(ceil_div(slice_vecs, p.threads), 1, max_i));
+      if (ov.items > 0) p.items = ov.items;
+      if (s == Strategy::kSplit && slice_vecs > int64_t(p.items) * p.threads)
+        p.strategy = Strategy::kSplitStream;
+      p.block_groups = std::max<int64_t>(1, std::min(prob.planes, resident / g));
+      p.blocks_per_sm = bps;
+      break;
+    }
+  }
+  p.cooperative = p.blocks_per_plane > 1;
+  p.grid = p.block_groups * p.blocks_per_plane;
+  *out = p;
+  return plan_is_valid(p, prob, d);
+}
+
+}  // namespace instnorm

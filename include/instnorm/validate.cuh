@@ -1,0 +1,78 @@
+#pragma once
+/// \file validate.cuh
+/// Argument checks that run before any CUDA call, so that they hold on a machine with no GPU.
+/// Each rule has its own reason code (for the tests and the docs); the public call maps every
+/// reason but kOk/kEmpty to cudaErrorInvalidValue.
+
+#include <cmath>
+#include <cstdint>
+
+#include "options.cuh"
+
+namespace instnorm {
+
+/// Why a call was refused.
+enum class Invalid : int {
+  kOk = 0,          ///< valid, there is work to do
+  kEmpty,           ///< n, c or spatial is 0: valid, nothing to launch
+  kNegativeSize,    ///< n, c, spatial or groups < 0
+  kNullPointer,     ///< x or y is null
+  kBadEps,          ///< eps negative, NaN or infinite
+  kOverflow,        ///< n*c*spatial (or a derived size) overflows int64
+  kBadGroups,       ///< groups does not divide c
+  kOverlap,         ///< x and y overlap without being the same buffer
+  kNotSupported,    ///< a layout not implemented yet
+};
+
+/// The shape of one call, with GroupNorm folded in: `planes` normalized planes of `plane_len`
+/// contiguous elements (NCHW), `channels_per_group` channels of `spatial` elements each.
+struct Problem {
+  int64_t n = 0, c = 0, spatial = 0;
+  int64_t groups = 0;              ///< effective G (c for instance norm)
+  int64_t planes = 0;              ///< n * G
+  int64_t channels_per_group = 1;  ///< c / G
+  int64_t plane_len = 0;           ///< channels_per_group * spatial
+  int elem_bytes = 4;              ///< sizeof(T)
+  bool vector_ok = false;          ///< x, y and every plane/channel start aligned to 16 bytes
+};
+
+namespace detail {
+inline bool mul_overflows(int64_t a, int64_t b, int64_t* out) {
+  return __builtin_mul_overflow(a, b, out);
+}
+}  // namespace detail
+
+/// Checks sizes, pointers and options; on kOk fills `prob`. Touches no device state.
+inline Invalid validate(const void* x, const void* y, int64_t n, int64_t c, int64_t spatial,
+                        int elem_bytes, const Options& opt, Problem* prob) {
+  if (n < 0 || c < 0 || spatial < 0 || opt.groups < 0) return Invalid::kNegativeSize;
+  if (n == 0 || c == 0 || spatial == 0) return Invalid::kEmpty;
+  if (x == nullptr || y == nullptr) return Invalid::kNullPointer;
+  if (!(opt.eps >= 0.f) || !std::isfinite(opt.eps)) return Invalid::kBadEps;
+  int64_t nc = 0, total = 0, bytes = 0;
+  if (detail::mul_overflows(n, c, &nc) || detail::mul_overflows(nc, spatial, &total) ||
+      detail::mul_overflows(total, elem_bytes, &bytes))
+    return Invalid::kOverflow;
+  const int64_t groups = opt.groups == 0 ? c : opt.groups;
+  if (c % groups != 0) return Invalid::kBadGroups;
+  if (opt.layout != Layout::kNCHW) return Invalid::kNotSupported;
+  const auto xb = reinterpret_cast<uintptr_t>(x), yb = reinterpret_cast<uintptr_t>(y);
+  const auto ub = static_cast<uintptr_t>(bytes);
+  if (xb != yb && xb < yb + ub && yb < xb + ub) return Invalid::kOverlap;
+
+  prob->n = n;
+  prob->c = c;
+  prob->spatial = spatial;
+  prob->groups = groups;
+  prob->planes = n * groups;
+  prob->channels_per_group = c / groups;
+  prob->plane_len = prob->channels_per_group * spatial;
+  prob->elem_bytes = elem_bytes;
+  // 16-byte vectors need x and y aligned and every channel start (a multiple of spatial
+  // elements) aligned too, so that a vector never straddles two channels or two planes.
+  const int64_t vec = 16 / elem_bytes;
+  prob->vector_ok = (xb % 16 == 0) && (yb % 16 == 0) && (spatial % vec == 0);
+  return Invalid::kOk;
+}
+
+}  // namespace instnorm

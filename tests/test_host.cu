@@ -1,0 +1,458 @@
+// CPU tests (run in CI): the float64 reference, Chan's merge, the planner and validation.
+#include <gtest/gtest.h>
+
+#include <instnorm/moments.cuh>
+#include <instnorm/plan.cuh>
+#include <instnorm/reference.h>
+#include <instnorm/validate.cuh>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <vector>
+
+namespace {
+
+using namespace instnorm;
+
+// ---------------------------------------------------------------- reference
+
+// An independent long-double computation: one-pass sums, then normalize.
+std::vector<long double> long_double_reference(const std::vector<double>& x, int64_t planes,
+                                               int64_t len, long double eps) {
+  std::vector<long double> y(x.size());
+  for (int64_t p = 0; p < planes; ++p) {
+    long double s = 0, s2 = 0;
+    for (int64_t i = 0; i < len; ++i) s += x[p * len + i];
+    const long double mean = s / len;
+    for (int64_t i = 0; i < len; ++i) s2 += (x[p * len + i] - mean) * (x[p * len + i] - mean);
+    const long double rstd = 1.0L / std::sqrt(s2 / len + eps);
+    for (int64_t i = 0; i < len; ++i) y[p * len + i] = (x[p * len + i] - mean) * rstd;
+  }
+  return y;
+}
+
+TEST(Reference, MatchesLongDoubleOnOffsetData) {
+  std::mt19937_64 rng(1);
+  for (int64_t len : {1, 2, 7, 49, 1000, 4097}) {
+    const int64_t planes = 5;
+    std::normal_distribution<double> nd(1e4, 1.0);
+    std::vector<double> x(size_t(planes * len));
+    for (auto& v : x) v = nd(rng);
+    std::vector<double> y(x.size());
+    Options opt;
+    reference::forward(x.data(), y.data(), 1, planes, len, opt);
+    const auto ref = long_double_reference(x, planes, len, opt.eps);
+    for (size_t i = 0; i < y.size(); ++i)
+      ASSERT_NEAR(y[i], double(ref[i]), 1e-9) << "len " << len << " index " << i;
+  }
+}
+
+TEST(Reference, ConstantPlaneGivesZero) {
+  std::vector<float> x(300, 3.25f);
+  std::vector<double> y(300, 1.0);
+  reference::forward(x.data(), y.data(), 2, 3, 50, Options{});
+  for (double v : y) ASSERT_EQ(v, 0.0);
+}
+
+TEST(Reference, GroupNormAffineSiluByHand) {
+  // n=1, c=4, G=2, spatial=2: groups {ch0,ch1} and {ch2,ch3}.
+  const std::vector<float> x = {1, 2, 3, 4, 10, 10, 20, 20};
+  const std::vector<float> gamma = {1, 2, 3, 4}, beta = {0, 1, 0, -1};
+  Options opt;
+  opt.groups = 2;
+  opt.gamma = gamma.data();
+  opt.beta = beta.data();
+  opt.activation = Activation::kSilu;
+  opt.eps = 0;
+  std::vector<double> y(8);
+  std::vector<reference::PlaneStats> st;
+  reference::forward(x.data(), y.data(), 1, 4, 2, opt, &st);
+  ASSERT_EQ(st.size(), 2u);
+  EXPECT_DOUBLE_EQ(st[0].mean, 2.5);
+  EXPECT_DOUBLE_EQ(st[0].var, 1.25);
+  EXPECT_DOUBLE_EQ(st[1].mean, 15.0);
+  EXPECT_DOUBLE_EQ(st[1].var, 25.0);
+  auto silu = [](double v) { return v / (1 + std::exp(-v)); };
+  const double r0 = 1 / std::sqrt(1.25);
+  EXPECT_NEAR(y[0], silu((1 - 2.5) * r0 * 1 + 0), 1e-15);
+  EXPECT_NEAR(y[3], silu((4 - 2.5) * r0 * 2 + 1), 1e-15);
+  EXPECT_NEAR(y[4], silu((10 - 15.0) / 5 * 3 + 0), 1e-15);
+  EXPECT_NEAR(y[7], silu((20 - 15.0) / 5 * 4 - 1), 1e-15);
+}
+
+TEST(Reference, HalfAndBfloat16Inputs) {
+  std::vector<__half> h = {__float2half_rn(1.f), __float2half_rn(3.f)};
+  std::vector<__nv_bfloat16> b = {__float2bfloat16_rn(1.f), __float2bfloat16_rn(3.f)};
+  std::vector<double> yh(2), yb(2);
+  Options opt;
+  opt.eps = 0;
+  reference::forward(h.data(), yh.data(), 1, 1, 2, opt);
+  reference::forward(b.data(), yb.data(), 1, 1, 2, opt);
+  EXPECT_DOUBLE_EQ(yh[0], -1.0);
+  EXPECT_DOUBLE_EQ(yh[1], 1.0);
+  EXPECT_DOUBLE_EQ(yb[0], -1.0);
+  EXPECT_DOUBLE_EQ(yb[1], 1.0);
+}
+
+// ---------------------------------------------------------------- moments
+
+Moments moments_of(const std::vector<float>& v, size_t lo, size_t hi, float pivot) {
+  return local_moments(int(hi - lo), [&](int i) { return v[lo + size_t(i)] - pivot; });
+}
+
+TEST(Moments, MergeOfAnyPartitionInAnyOrderEqualsWhole) {
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> nd(0.f, 2.f);
+  std::vector<float> v(5000);
+  for (auto& x : v) x = 1e4f + nd(rng);
+  const float pivot = v[0];
+  double sum = 0;
+  for (float x : v) sum += double(x) - pivot;
+  const double mean = sum / double(v.size());
+  double m2 = 0;
+  for (float x : v) m2 += (double(x) - pivot - mean) * (double(x) - pivot - mean);
+  for (int trial = 0; trial < 50; ++trial) {
+    // Random cut points, then merge the parts in a random order.
+    std::vector<size_t> cuts = {0, v.size()};
+    const int parts = 1 + int(rng() % 40);
+    for (int i = 0; i < parts; ++i) cuts.push_back(rng() % v.size());
+    std::sort(cuts.begin(), cuts.end());
+    std::vector<Moments> pieces;
+    for (size_t i = 0; i + 1 < cuts.size(); ++i)
+      pieces.push_back(moments_of(v, cuts[i], cuts[i + 1], pivot));
+    std::shuffle(pieces.begin(), pieces.end(), rng);
+    Moments all;
+    for (const auto& p : pieces) all = merge(all, p);
+    ASSERT_EQ(all.count, int64_t(v.size()));
+    ASSERT_NEAR(all.mean, mean, 1e-5 * 2.0) << "trial " << trial;
+    ASSERT_NEAR(all.m2 / double(all.count), m2 / double(v.size()), 1e-5 * 4.0) << "trial " << trial;
+  }
+}
+
+TEST(Moments, EmptyPartialsMergeExactly) {
+  Moments a{1.5f, 2.25f, 3};
+  Moments e;
+  const Moments l = merge(e, a), r = merge(a, e);
+  EXPECT_EQ(l.mean, a.mean);
+  EXPECT_EQ(l.m2, a.m2);
+  EXPECT_EQ(l.count, a.count);
+  EXPECT_EQ(r.mean, a.mean);
+  EXPECT_EQ(r.m2, a.m2);
+  EXPECT_EQ(r.count, a.count);
+  EXPECT_EQ(merge(e, e).count, 0);
+}
+
+TEST(Moments, CountsStayExactBeyond2To24) {
+  const int64_t big = (int64_t(1) << 40) + 3;
+  Moments a{1.f, 0.f, big}, b{1.f, 0.f, big + 1};
+  const Moments m = merge(a, b);
+  EXPECT_EQ(m.count, 2 * big + 1);
+  EXPECT_FLOAT_EQ(m.mean, 1.f);
+  EXPECT_FLOAT_EQ(m.m2, 0.f);
+}
+
+TEST(Moments, MergeFormulaOnTwoSets) {
+  // {1,2,3} and {10}: mean 4, m2 = 9+4+1+36 = 50.
+  const Moments a{2.f, 2.f, 3}, b{10.f, 0.f, 1};
+  const Moments m = merge(a, b);
+  EXPECT_EQ(m.count, 4);
+  EXPECT_FLOAT_EQ(m.mean, 4.f);
+  EXPECT_FLOAT_EQ(m.m2, 50.f);
+}
+
+TEST(Moments, VarianceClampedAtZeroAndEmptyIsZero) {
+  EXPECT_EQ(variance(Moments{0.f, -1e-9f, 4}), 0.f);
+  EXPECT_EQ(variance(Moments{}), 0.f);
+  EXPECT_FLOAT_EQ(variance(Moments{0.f, 8.f, 4}), 2.f);
+}
+
+TEST(Moments, PivotKeepsFp32AccurateAtMean1e4TimesStd) {
+  // Naive fp32 sum/sum-of-squares loses everything here; pivoted two-pass does not.
+  std::mt19937_64 rng(3);
+  std::normal_distribution<double> nd(1e4, 1.0);
+  std::vector<float> v(4096);
+  for (auto& x : v) x = float(nd(rng));
+  double s = 0;
+  for (float x : v) s += x;
+  const double mean = s / v.size();
+  double m2 = 0;
+  for (float x : v) m2 += (x - mean) * (x - mean);
+  const Moments m = moments_of(v, 0, v.size(), v[0]);
+  EXPECT_NEAR(double(v[0]) + m.mean, mean, 1e-6 * 1e4);
+  EXPECT_NEAR(variance(m), m2 / v.size(), 1e-5 * (m2 / v.size()));
+}
+
+// ---------------------------------------------------------------- planner
+
+DeviceProps sm90() {
+  DeviceProps d;
+  d.sm_count = 132;
+  d.cc_major = 9;
+  d.cc_minor = 0;
+  d.max_threads_per_sm = 2048;
+  d.max_threads_per_block = 1024;
+  d.max_blocks_per_sm = 32;
+  d.regs_per_sm = 65536;
+  d.l2_bytes = 50 << 20;
+  d.max_grid_x = 2147483647;
+  d.cooperative = true;
+  return d;
+}
+
+DeviceProps sm89() {
+  DeviceProps d = sm90();
+  d.sm_count = 128;
+  d.cc_major = 8;
+  d.cc_minor = 9;
+  d.max_threads_per_sm = 1536;
+  d.max_blocks_per_sm = 24;
+  d.l2_bytes = 72 << 20;
+  return d;
+}
+
+Problem problem(int64_t n, int64_t c, int64_t s, int elem_bytes = 4, bool aligned = true) {
+  Problem p;
+  Options opt;
+  const uintptr_t base = aligned ? 1 << 20 : (1 << 20) + elem_bytes;
+  const void* x = reinterpret_cast<const void*>(base);
+  const void* y = reinterpret_cast<const void*>(base + (uintptr_t(1) << 44));
+  EXPECT_EQ(validate(x, y, n, c, s, elem_bytes, opt, &p), Invalid::kOk);
+  return p;
+}
+
+struct PlannerCase {
+  const char* arch;
+  int64_t n, c, s;
+  int elem_bytes;
+};
+
+class PlannerThresholds : public ::testing::TestWithParam<PlannerCase> {};
+
+TEST_P(PlannerThresholds, PlanIsValidAndCoversThePlane) {
+  const PlannerCase pc = GetParam();
+  const DeviceProps d = std::string(pc.arch) == "sm_89" ? sm89() : sm90();
+  const Problem prob = problem(pc.n, pc.c, pc.s, pc.elem_bytes);
+  Plan plan;
+  ASSERT_TRUE(make_plan(prob, d, policy_for(d.cc_major, d.cc_minor), &plan));
+  EXPECT_TRUE(plan_is_valid(plan, prob, d));
+  EXPECT_GE(plan.slice_len * plan.blocks_per_plane, prob.plane_len);
+  const int64_t vecs = (prob.plane_len + plan.vec - 1) / plan.vec;
+  const int64_t per_thread = int64_t(max_items(plan.vec));
+  // Where the slice fits on chip, it is held there (one DRAM read).
+  if (plan.strategy != Strategy::kSplitStream)
+    EXPECT_LE(plan.slice_len / plan.vec, int64_t(plan.lanes) * plan.items);
+  if (vecs <= 32 * per_thread && prob.planes >= d.sm_count)
+    EXPECT_EQ(plan.strategy, Strategy::kSubWarp);
+  if (vecs > int64_t(kMaxThreads) * per_thread)
+    EXPECT_TRUE(plan.strategy == Strategy::kSplit || plan.strategy == Strategy::kSplitStream);
+  if (plan.cooperative) {
+    EXPECT_LE(plan.grid, int64_t(resident_blocks_per_sm(d, plan.threads)) * d.sm_count);
+  }
+}
+
+std::vector<PlannerCase> planner_cases() {
+  std::vector<PlannerCase> v;
+  const int64_t sizes[] = {1,     2,     3,     31,    32,     33,     49,     196,    255,
+                           256,   257,   1023,  1024,  1025,   4095,   4096,   4097,   9973,
+                           16383, 16384, 16385, 65536, 65537,  262144, 1048576, 4194304};
+  for (const char* arch : {"sm_89", "sm_90"})
+    for (int64_t s : sizes)
+      for (int eb : {4, 2}) {
+        v.push_back({arch, 8, 64, s, eb});
+        v.push_back({arch, 1, 3, s, eb});
+      }
+  v.push_back({"sm_90", 1, 1, int64_t(1) << 31, 2});
+  v.push_back({"sm_90", 100000, 1, 49, 4});
+  return v;
+}
+
+INSTANTIATE_TEST_SUITE_P(Sizes, PlannerThresholds, ::testing::ValuesIn(planner_cases()));
+
+TEST(Planner, PicksTheArchitectureTable) {
+  EXPECT_STREQ(policy_for(9, 0).name, "sm_90");
+  EXPECT_STREQ(policy_for(8, 9).name, "sm_89");
+  EXPECT_STREQ(policy_for(8, 0).name, "generic");
+  EXPECT_STREQ(policy_for(10, 0).name, "generic");
+}
+
+TEST(Planner, StrategyByPlaneLength) {
+  const DeviceProps d = sm90();
+  const ArchPolicy& pol = kPolicySm90;
+  Plan p;
+  ASSERT_TRUE(make_plan(problem(128, 512, 49), d, pol, &p));
+  EXPECT_EQ(p.strategy, Strategy::kSubWarp);
+  EXPECT_EQ(p.vec, 1);  // 49 is not a multiple of 4
+  ASSERT_TRUE(make_plan(problem(32, 256, 1024), d, pol, &p));
+  EXPECT_EQ(p.strategy, Strategy::kSubWarp);
+  EXPECT_EQ(p.vec, 4);
+  ASSERT_TRUE(make_plan(problem(8, 256, 16384), d, pol, &p));
+  EXPECT_EQ(p.strategy, Strategy::kBlock);
+  ASSERT_TRUE(make_plan(problem(112, 64, 262144), d, pol, &p));
+  EXPECT_EQ(p.strategy, Strategy::kSplit);
+  ASSERT_TRUE(make_plan(problem(1, 1, int64_t(1) << 28), d, pol, &p));
+  EXPECT_EQ(p.strategy, Strategy::kSplitStream);
+}
+
+TEST(Planner, SubWarpThresholdIsTheWarpCapacity) {
+  const DeviceProps d = sm90();
+  Plan p;
+  const int64_t cap = 32 * 16 * 4;  // lanes x vectors x floats
+  ASSERT_TRUE(make_plan(problem(64, 64, cap), d, kPolicySm90, &p));
+  EXPECT_EQ(p.strategy, Strategy::kSubWarp);
+  ASSERT_TRUE(make_plan(problem(64, 64, cap + 4), d, kPolicySm90, &p));
+  EXPECT_EQ(p.strategy, Strategy::kBlock);
+}
+
+TEST(Planner, BlockThresholdIsTheBlockCapacity) {
+  const DeviceProps d = sm90();
+  Plan p;
+  const int64_t cap = int64_t(kMaxThreads) * 16 * 4;
+  ASSERT_TRUE(make_plan(problem(64, 64, cap), d, kPolicySm90, &p));
+  EXPECT_EQ(p.strategy, Strategy::kBlock);
+  ASSERT_TRUE(make_plan(problem(64, 64, cap + 4), d, kPolicySm90, &p));
+  EXPECT_EQ(p.strategy, Strategy::kSplit);
+}
+
+TEST(Planner, FewPlanesStillFillEverySm) {
+  for (const DeviceProps& d : {sm89(), sm90()}) {
+    Plan p;
+    ASSERT_TRUE(make_plan(problem(1, 64, 1 << 20), d, policy_for(d.cc_major, d.cc_minor), &p));
+    EXPECT_GE(p.grid, d.sm_count) << "1x64x1024x1024 must not run on 64 SMs";
+    EXPECT_TRUE(p.cooperative);
+  }
+}
+
+TEST(Planner, MisalignedOrRaggedPlanesUseScalars) {
+  const DeviceProps d = sm90();
+  Plan p;
+  ASSERT_TRUE(make_plan(problem(8, 8, 4096, 4, /*aligned=*/false), d, kPolicySm90, &p));
+  EXPECT_EQ(p.vec, 1);
+  ASSERT_TRUE(make_plan(problem(8, 8, 4096, 2), d, kPolicySm90, &p));
+  EXPECT_EQ(p.vec, 8);
+  ASSERT_TRUE(make_plan(problem(8, 8, 4100, 2), d, kPolicySm90, &p));
+  EXPECT_EQ(p.vec, 1);  // 4100 % 8 != 0
+}
+
+TEST(Planner, OverridesAreHonouredOrRefused) {
+  const DeviceProps d = sm90();
+  const Problem prob = problem(16, 64, 65536);
+  PlanOverride ov;
+  ov.strategy = int(Strategy::kSplit);
+  ov.blocks_per_plane = 8;
+  Plan p;
+  ASSERT_TRUE(make_plan(prob, d, kPolicySm90, &p, ov));
+  EXPECT_EQ(p.blocks_per_plane, 8);
+  ov.threads = 2048;  // beyond the kernels' limit
+  EXPECT_FALSE(make_plan(prob, d, kPolicySm90, &p, ov));
+}
+
+TEST(Planner, CooperativePlansFitTheResidentBlocks) {
+  DeviceProps d = sm90();
+  Plan p;
+  ASSERT_TRUE(make_plan(problem(112, 64, 262144), d, kPolicySm90, &p));
+  EXPECT_EQ(p.blocks_per_sm, 2);
+  EXPECT_LE(p.grid, 2 * 132);
+  d.cooperative = false;  // without cooperative launch, a split plan is invalid
+  EXPECT_FALSE(plan_is_valid(p, problem(112, 64, 262144), d));
+}
+
+TEST(Planner, ResidentBlocksFollowTheLimits) {
+  EXPECT_EQ(resident_blocks_per_sm(sm90(), 256), 2);   // 128 registers x 256 = 32K of 64K
+  EXPECT_EQ(resident_blocks_per_sm(sm90(), 512), 1);
+  EXPECT_EQ(resident_blocks_per_sm(sm89(), 64), 8);    // registers bind before 24 blocks
+  DeviceProps few = sm90();
+  few.max_blocks_per_sm = 1;
+  EXPECT_EQ(resident_blocks_per_sm(few, 64), 1);
+}
+
+// ---------------------------------------------------------------- validation
+
+const void* const kX = reinterpret_cast<const void*>(uintptr_t(1) << 20);
+const void* const kY = reinterpret_cast<const void*>(uintptr_t(1) << 40);
+
+Invalid check(int64_t n, int64_t c, int64_t s, Options opt = {}, const void* x = kX,
+              const void* y = kY, int eb = 4) {
+  Problem p;
+  return validate(x, y, n, c, s, eb, opt, &p);
+}
+
+TEST(Validate, EmptyIsOkEvenWithNullPointers) {
+  EXPECT_EQ(check(0, 3, 4, {}, nullptr, nullptr), Invalid::kEmpty);
+  EXPECT_EQ(check(2, 0, 4, {}, nullptr, nullptr), Invalid::kEmpty);
+  EXPECT_EQ(check(2, 3, 0, {}, nullptr, nullptr), Invalid::kEmpty);
+}
+
+TEST(Validate, NegativeSizes) {
+  EXPECT_EQ(check(-1, 3, 4), Invalid::kNegativeSize);
+  EXPECT_EQ(check(1, -3, 4), Invalid::kNegativeSize);
+  EXPECT_EQ(check(1, 3, -4), Invalid::kNegativeSize);
+  EXPECT_EQ(check(0, -3, 4), Invalid::kNegativeSize);
+  Options opt;
+  opt.groups = -1;
+  EXPECT_EQ(check(1, 3, 4, opt), Invalid::kNegativeSize);
+}
+
+TEST(Validate, NullPointers) {
+  EXPECT_EQ(check(1, 3, 4, {}, nullptr, kY), Invalid::kNullPointer);
+  EXPECT_EQ(check(1, 3, 4, {}, kX, nullptr), Invalid::kNullPointer);
+}
+
+TEST(Validate, BadEps) {
+  for (float eps : {-1e-5f, std::numeric_limits<float>::quiet_NaN(),
+                    std::numeric_limits<float>::infinity()}) {
+    Options opt;
+    opt.eps = eps;
+    EXPECT_EQ(check(1, 3, 4, opt), Invalid::kBadEps) << eps;
+  }
+  Options zero;
+  zero.eps = 0.f;
+  EXPECT_EQ(check(1, 3, 4, zero), Invalid::kOk);
+}
+
+TEST(Validate, SizeOverflow) {
+  const int64_t big = int64_t(1) << 32;
+  EXPECT_EQ(check(big, big, 1), Invalid::kOverflow);
+  EXPECT_EQ(check(1, big, big), Invalid::kOverflow);
+  EXPECT_EQ(check(int64_t(1) << 62, 1, 1), Invalid::kOverflow);  // bytes overflow
+}
+
+TEST(Validate, GroupsMustDivideChannels) {
+  Options opt;
+  opt.groups = 3;
+  EXPECT_EQ(check(1, 8, 4, opt), Invalid::kBadGroups);
+  opt.groups = 4;
+  EXPECT_EQ(check(1, 8, 4, opt), Invalid::kOk);
+}
+
+TEST(Validate, PartialOverlapRefusedInPlaceAllowed) {
+  const auto* base = reinterpret_cast<const char*>(kX);
+  EXPECT_EQ(check(1, 3, 4, {}, base, base), Invalid::kOk);
+  EXPECT_EQ(check(1, 3, 4, {}, base, base + 4), Invalid::kOverlap);
+  EXPECT_EQ(check(1, 3, 4, {}, base + 44, base), Invalid::kOverlap);
+  EXPECT_EQ(check(1, 3, 4, {}, base + 48, base), Invalid::kOk);  // adjacent, no overlap
+}
+
+TEST(Validate, NhwcNotYetSupported) {
+  Options opt;
+  opt.layout = Layout::kNHWC;
+  EXPECT_EQ(check(1, 3, 4, opt), Invalid::kNotSupported);
+}
+
+TEST(Validate, ProblemFolding) {
+  Problem p;
+  Options opt;
+  opt.groups = 4;
+  ASSERT_EQ(validate(kX, kY, 2, 8, 16, 2, opt, &p), Invalid::kOk);
+  EXPECT_EQ(p.planes, 8);
+  EXPECT_EQ(p.channels_per_group, 2);
+  EXPECT_EQ(p.plane_len, 32);
+  EXPECT_TRUE(p.vector_ok);
+  ASSERT_EQ(validate(kX, kY, 2, 8, 12, 2, Options{}, &p), Invalid::kOk);
+  EXPECT_FALSE(p.vector_ok);  // 12 % 8 != 0 for 16-bit elements
+  EXPECT_EQ(p.planes, 16);
+}
+
+}  // namespace
