@@ -1,0 +1,581 @@
+// instnorm_bench: times instnorm against a same-run device-to-device copy of the same bytes
+// (the floor: one read, one write), a naive two-kernel CUDA baseline and cuDNN batch-norm
+// training on the (1, N*C, H, W) view (what PyTorch runs). Google Benchmark, manual time from
+// CUDA events; the L2 is flushed (a 256 MB memset, as triton's do_bench does) before every timed
+// run. Each row reports the median in its counters.
+//
+//   instnorm_bench                                 # the standard shapes
+//   instnorm_bench --shape=8x512x64x64:bf16        # any N x C x H x W[...][:fp32|fp16|bf16]
+//                                                  #   [:gnG] GroupNorm + affine, [:silu]
+//   instnorm_bench --arch=sm_89                    # force an architecture's table
+//   instnorm_bench --tune=112x64x512x512           # sweep the planner's knobs for a shape
+//   (plus any --benchmark_* flag, e.g. --benchmark_out=bench.json --benchmark_format=json)
+#include <benchmark/benchmark.h>
+#include <instnorm/instnorm.cuh>
+#include <instnorm/reference.h>
+
+#ifdef INSTNORM_BENCH_CUDNN
+#include <cudnn.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace instnorm;
+
+#define CHECK_CUDA(expr)                                                                 \
+  do {                                                                                   \
+    const cudaError_t e_ = (expr);                                                       \
+    if (e_ != cudaSuccess) {                                                             \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                      \
+    }                                                                                    \
+  } while (0)
+
+enum class DType { kF32, kF16, kBF16 };
+
+struct Shape {
+  std::string name;
+  std::vector<int64_t> dims;  // N, C, spatial dims...
+  DType dtype = DType::kF32;
+  int64_t groups = 0;         // GroupNorm groups (with affine), 0 = instance norm
+  bool silu = false;
+  int64_t n() const { return dims[0]; }
+  int64_t c() const { return dims[1]; }
+  int64_t spatial() const {
+    int64_t s = 1;
+    for (size_t i = 2; i < dims.size(); ++i) s *= dims[i];
+    return s;
+  }
+  int64_t elems() const { return n() * c() * spatial(); }
+  size_t elem_bytes() const { return dtype == DType::kF32 ? 4 : 2; }
+  size_t bytes() const { return size_t(elems()) * elem_bytes(); }
+};
+
+bool parse_shape(const std::string& spec, Shape* out) {
+  Shape s;
+  s.name = spec;
+  size_t pos = spec.find(':');
+  std::string dims = spec.substr(0, pos);
+  size_t start = 0;
+  while (start <= dims.size()) {
+    size_t x = dims.find('x', start);
+    const std::string tok = dims.substr(start, x == std::string::npos ? std::string::npos : x - start);
+    if (tok.empty()) return false;
+    s.dims.push_back(std::atoll(tok.c_str()));
+    if (x == std::string::npos) break;
+    start = x + 1;
+  }
+  if (s.dims.size() < 3) return false;
+  while (pos != std::string::npos) {
+    const size_t next = spec.find(':', pos + 1);
+    const std::string opt = spec.substr(pos + 1, next == std::string::npos ? std::string::npos : next - pos - 1);
+    if (opt == "fp32") s.dtype = DType::kF32;
+    else if (opt == "fp16") s.dtype = DType::kF16;
+    else if (opt == "bf16") s.dtype = DType::kBF16;
+    else if (opt == "silu") s.silu = true;
+    else if (opt.rfind("gn", 0) == 0) s.groups = std::atoll(opt.c_str() + 2);
+    else return false;  // (:cl, channels-last, is not implemented yet)
+    pos = next;
+  }
+  *out = s;
+  return true;
+}
+
+const std::vector<std::string> kStandard = {
+    "112x64x512x512", "16x64x256x256",      "1x64x1024x1024",      "8x256x128x128",
+    "4x512x64x64",    "32x256x32x32",       "128x512x7x7",         "112x64x512x512:fp16",
+    "112x64x512x512:bf16", "8x512x64x64:bf16",
+    "2x320x64x64:fp16:gn32:silu", "2x640x32x32:fp16:gn32:silu", "2x1280x16x16:fp16:gn32:silu",
+    "8x512x64x64:bf16:gn32:silu", "1x128x20x256x256:bf16:gn32:silu"};
+
+// ------------------------------------------------------------------ device state per shape
+
+struct Buffers {
+  Shape shape;
+  void* x = nullptr;
+  void* y = nullptr;
+  float* gamma = nullptr;
+  float* beta = nullptr;
+  void* scratch = nullptr;  // naive baseline / cuDNN statistics
+};
+
+void* g_flush = nullptr;
+constexpr size_t kFlushBytes = size_t(256) << 20;
+const ArchPolicy* g_policy = nullptr;
+std::map<std::string, double> g_copy_ms;  // same-run copy median per shape
+Buffers g_cur;                              // buffers of the shape being timed
+
+void flush_l2() { CHECK_CUDA(cudaMemsetAsync(g_flush, 0, kFlushBytes)); }
+
+template <class F>
+cudaError_t with_type(DType t, F&& f) {
+  switch (t) {
+    case DType::kF32: return f(float{});
+    case DType::kF16: return f(__half{});
+    case DType::kBF16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Approximately normal values (sum of four uniforms from a hash, mean 0.5, std 2): generated on
+// the GPU so that filling 7.5 GB takes milliseconds; never zeros.
+template <class T>
+__global__ void fill_kernel(T* x, int64_t n, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    uint64_t h = (uint64_t(i) + seed) * 0x9E3779B97F4A7C15ull;
+    float acc = 0.f;
+    for (int k = 0; k < 4; ++k) {
+      h ^= h >> 31;
+      h *= 0xBF58476D1CE4E5B9ull;
+      h ^= h >> 29;
+      acc += float(h >> 40) * (1.f / 16777216.f);
+    }
+    x[i] = detail::from_float<T>(0.5f + (acc - 2.f) * 2.f * 1.7320508f);
+  }
+}
+
+void fill_random(void* dst, const Shape& s, uint64_t seed) {
+  with_type(s.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    fill_kernel<T><<<1024, 256>>>(static_cast<T*>(dst), s.elems(), seed);
+    return cudaGetLastError();
+  });
+  CHECK_CUDA(cudaDeviceSynchronize());
+}
+
+void use_shape(const Shape& s) {
+  if (g_cur.x != nullptr && g_cur.shape.name == s.name) return;
+  cudaFree(g_cur.x);
+  cudaFree(g_cur.y);
+  cudaFree(g_cur.gamma);
+  cudaFree(g_cur.beta);
+  cudaFree(g_cur.scratch);
+  g_cur = Buffers{};
+  g_cur.shape = s;
+  CHECK_CUDA(cudaMalloc(&g_cur.x, s.bytes()));
+  CHECK_CUDA(cudaMalloc(&g_cur.y, s.bytes()));
+  CHECK_CUDA(cudaMalloc(&g_cur.gamma, size_t(s.c()) * 4));
+  CHECK_CUDA(cudaMalloc(&g_cur.beta, size_t(s.c()) * 4));
+  CHECK_CUDA(cudaMalloc(&g_cur.scratch, size_t(s.n() * s.c()) * 4 * 4 + 1024));
+  fill_random(g_cur.x, s, 1234);
+  std::vector<float> g(size_t(s.c())), b(size_t(s.c()));
+  for (size_t i = 0; i < g.size(); ++i) {
+    g[i] = 1.f + 0.01f * float(i % 7);
+    b[i] = 0.1f * float(i % 5);
+  }
+  CHECK_CUDA(cudaMemcpy(g_cur.gamma, g.data(), g.size() * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(g_cur.beta, b.data(), b.size() * 4, cudaMemcpyHostToDevice));
+}
+
+Options options_for(const Shape& s) {
+  Options opt;
+  if (s.groups > 0) {
+    opt.groups = s.groups;
+    opt.gamma = g_cur.gamma;
+    opt.beta = g_cur.beta;
+  }
+  if (s.silu) opt.activation = Activation::kSilu;
+  return opt;
+}
+
+cudaError_t run_instnorm(const Shape& s, const PlanOverride& ov, Plan* plan) {
+  return with_type(s.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return detail::forward_tuned(static_cast<const T*>(g_cur.x), static_cast<T*>(g_cur.y), s.n(),
+                                 s.c(), s.spatial(), options_for(s), ov, g_policy, nullptr, plan);
+  });
+}
+
+// ------------------------------------------------------------------ naive baseline
+
+// The algorithm of the Triton starting point: sum and sum of squares per plane (one block per
+// plane), then a normalize kernel; reads x twice, fp32 E[x^2]-E[x]^2.
+template <class T>
+__global__ void naive_moments(const T* x, float* mean, float* var, int64_t len) {
+  const T* p = x + blockIdx.x * len;
+  float s = 0.f, s2 = 0.f;
+  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+    const float v = detail::to_float(p[i]);
+    s += v;
+    s2 += v * v;
+  }
+  __shared__ float sh[2][32];
+  for (int o = 16; o > 0; o >>= 1) {
+    s += __shfl_xor_sync(0xffffffffu, s, o);
+    s2 += __shfl_xor_sync(0xffffffffu, s2, o);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    sh[0][threadIdx.x >> 5] = s;
+    sh[1][threadIdx.x >> 5] = s2;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float a = 0.f, b = 0.f;
+    for (unsigned w = 0; w < blockDim.x / 32; ++w) {
+      a += sh[0][w];
+      b += sh[1][w];
+    }
+    const float m = a / float(len);
+    mean[blockIdx.x] = m;
+    var[blockIdx.x] = fmaxf(b / float(len) - m * m, 0.f);
+  }
+}
+
+template <class T>
+__global__ void naive_normalize(const T* x, T* y, const float* mean, const float* var, int64_t len,
+                                float eps) {
+  const float m = mean[blockIdx.x], r = rsqrtf(var[blockIdx.x] + eps);
+  const int64_t base = blockIdx.x * len;
+  for (int64_t i = threadIdx.x; i < len; i += blockDim.x)
+    y[base + i] = detail::from_float<T>((detail::to_float(x[base + i]) - m) * r);
+}
+
+cudaError_t run_naive(const Shape& s) {
+  return with_type(s.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t planes = s.n() * s.c(), len = s.spatial();
+    float* mean = static_cast<float*>(g_cur.scratch);
+    float* var = mean + planes;
+    naive_moments<T><<<unsigned(planes), 256>>>(static_cast<const T*>(g_cur.x), mean, var, len);
+    naive_normalize<T><<<unsigned(planes), 256>>>(static_cast<const T*>(g_cur.x),
+                                                  static_cast<T*>(g_cur.y), mean, var, len, 1e-5f);
+    return cudaGetLastError();
+  });
+}
+
+// ------------------------------------------------------------------ cuDNN baseline
+
+#ifdef INSTNORM_BENCH_CUDNN
+cudnnHandle_t g_cudnn = nullptr;
+cudaError_t run_cudnn(const Shape& s) {
+  if (g_cudnn == nullptr && cudnnCreate(&g_cudnn) != CUDNN_STATUS_SUCCESS) return cudaErrorUnknown;
+  const cudnnDataType_t dt = s.dtype == DType::kF32   ? CUDNN_DATA_FLOAT
+                             : s.dtype == DType::kF16 ? CUDNN_DATA_HALF
+                                                      : CUDNN_DATA_BFLOAT16;
+  cudnnTensorDescriptor_t xd, pd;
+  cudnnCreateTensorDescriptor(&xd);
+  cudnnCreateTensorDescriptor(&pd);
+  const int nc = int(s.n() * s.c());
+  cudnnStatus_t st = cudnnSetTensor4dDescriptor(xd, CUDNN_TENSOR_NCHW, dt, 1, nc, 1, int(s.spatial()));
+  if (st == CUDNN_STATUS_SUCCESS) st = cudnnDeriveBNTensorDescriptor(pd, xd, CUDNN_BATCHNORM_SPATIAL);
+  float* scale = static_cast<float*>(g_cur.scratch);  // scale = 1, bias = 0 (set below)
+  float* bias = scale + nc;
+  float* save_mean = bias + nc;
+  float* save_inv = save_mean + nc;
+  const float one = 1.f, zero = 0.f;
+  if (st == CUDNN_STATUS_SUCCESS)
+    st = cudnnBatchNormalizationForwardTraining(g_cudnn, CUDNN_BATCHNORM_SPATIAL, &one, &zero, xd,
+                                                g_cur.x, xd, g_cur.y, pd, scale, bias, 0.0,
+                                                nullptr, nullptr, 1e-5, save_mean, save_inv);
+  cudnnDestroyTensorDescriptor(xd);
+  cudnnDestroyTensorDescriptor(pd);
+  return st == CUDNN_STATUS_SUCCESS ? cudaSuccess : cudaErrorNotSupported;
+}
+#endif
+
+// ------------------------------------------------------------------ timing
+
+/// Times `op` once per benchmark iteration with events, after an L2 flush; records the median.
+template <class Op>
+void time_loop(benchmark::State& state, Op&& op, double* median_ms) {
+  cudaEvent_t a, b;
+  CHECK_CUDA(cudaEventCreate(&a));
+  CHECK_CUDA(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) {  // warm-up
+    if (op() != cudaSuccess) {
+      state.SkipWithError("launch failed");
+      return;
+    }
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<double> ms;
+  for (auto _ : state) {
+    flush_l2();
+    CHECK_CUDA(cudaEventRecord(a));
+    const cudaError_t e = op();
+    CHECK_CUDA(cudaEventRecord(b));
+    CHECK_CUDA(cudaEventSynchronize(b));
+    if (e != cudaSuccess) {
+      state.SkipWithError(cudaGetErrorString(e));
+      break;
+    }
+    float t = 0.f;
+    CHECK_CUDA(cudaEventElapsedTime(&t, a, b));
+    state.SetIterationTime(double(t) * 1e-3);
+    ms.push_back(t);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  if (ms.empty()) return;
+  std::sort(ms.begin(), ms.end());
+  *median_ms = ms[ms.size() / 2];
+  state.counters["ms"] = *median_ms;
+  state.counters["GBps"] = double(2 * g_cur.shape.bytes()) / (*median_ms * 1e6);
+}
+
+int iterations_for(const Shape& s) {
+  return s.bytes() > (size_t(1) << 30) ? 15 : s.bytes() > (size_t(64) << 20) ? 50 : 200;
+}
+
+void bm_copy(benchmark::State& state, Shape s) {
+  use_shape(s);
+  double ms = 0;
+  time_loop(state, [&] { return cudaMemcpyAsync(g_cur.y, g_cur.x, s.bytes(), cudaMemcpyDeviceToDevice); }, &ms);
+  g_copy_ms[s.name] = ms;
+}
+
+void report_fraction(benchmark::State& state, const Shape& s, double ms) {
+  auto it = g_copy_ms.find(s.name);
+  if (it != g_copy_ms.end() && ms > 0) state.counters["of_copy"] = it->second / ms;
+}
+
+/// Checks a few planes of instnorm's output against the float64 reference (first and last).
+bool verify(const Shape& s, std::string* why) {
+  const int64_t groups = s.groups ? s.groups : s.c();
+  const int64_t planes = s.n() * groups, len = s.elems() / planes;
+  const int64_t cpg = s.c() / groups;
+  std::vector<float> g(size_t(s.c())), b(size_t(s.c()));
+  CHECK_CUDA(cudaMemcpy(g.data(), g_cur.gamma, g.size() * 4, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(b.data(), g_cur.beta, b.size() * 4, cudaMemcpyDeviceToHost));
+  for (int64_t p : {int64_t(0), planes - 1}) {
+    const size_t off = size_t(p * len) * s.elem_bytes();
+    std::vector<char> hx(static_cast<size_t>(len) * s.elem_bytes()), hy(hx.size());
+    CHECK_CUDA(cudaMemcpy(hx.data(), static_cast<char*>(g_cur.x) + off, hx.size(), cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(hy.data(), static_cast<char*>(g_cur.y) + off, hy.size(), cudaMemcpyDeviceToHost));
+    Options opt;
+    opt.groups = s.groups ? 1 : 0;  // one plane: its cpg channels form one group
+    std::vector<float> pg(g.begin() + (p % groups) * cpg, g.begin() + (p % groups + 1) * cpg);
+    std::vector<float> pb(b.begin() + (p % groups) * cpg, b.begin() + (p % groups + 1) * cpg);
+    if (s.groups) {
+      opt.gamma = pg.data();
+      opt.beta = pb.data();
+    }
+    if (s.silu) opt.activation = Activation::kSilu;
+    std::vector<double> ref(static_cast<size_t>(len));
+    double worst = 0;
+    with_type(s.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      const T* xs = reinterpret_cast<const T*>(hx.data());
+      const T* ys = reinterpret_cast<const T*>(hy.data());
+      reference::forward(xs, ref.data(), 1, s.groups ? cpg : 1, s.spatial(), opt);
+      for (int64_t i = 0; i < len; ++i) {
+        const double err = std::fabs(reference::to_double(ys[i]) - ref[size_t(i)]);
+        const double tol = sizeof(T) == 4 ? 1e-5 : 1.5e-2 * std::max(1.0, std::fabs(ref[size_t(i)]));
+        worst = std::max(worst, std::isnan(err) ? 1e30 : err / tol);
+      }
+      return cudaSuccess;
+    });
+    if (worst > 1.0) {
+      *why = "plane " + std::to_string(p) + " off by " + std::to_string(worst) + " x tolerance";
+      return false;
+    }
+  }
+  return true;
+}
+
+void bm_instnorm(benchmark::State& state, Shape s) {
+  use_shape(s);
+  Plan plan;
+  double ms = 0;
+  time_loop(state, [&] { return run_instnorm(s, PlanOverride{}, &plan); }, &ms);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::string why;
+  if (!verify(s, &why)) state.SkipWithError(("wrong result: " + why).c_str());
+  report_fraction(state, s, ms);
+  state.counters["strategy"] = double(int(plan.strategy));
+  state.counters["threads"] = plan.threads;
+  state.counters["items"] = plan.items;
+  state.counters["vec"] = plan.vec;
+  state.counters["blocks_per_plane"] = double(plan.blocks_per_plane);
+  state.SetLabel(std::string(to_string(plan.strategy)) + " " + std::to_string(plan.threads) + "x" +
+                 std::to_string(plan.items) + " v" + std::to_string(plan.vec) + " G" +
+                 std::to_string(plan.blocks_per_plane) + " " + (g_policy ? g_policy->name : "auto"));
+}
+
+void bm_naive(benchmark::State& state, Shape s) {
+  use_shape(s);
+  double ms = 0;
+  time_loop(state, [&] { return run_naive(s); }, &ms);
+  report_fraction(state, s, ms);
+}
+
+#ifdef INSTNORM_BENCH_CUDNN
+void bm_cudnn(benchmark::State& state, Shape s) {
+  use_shape(s);
+  std::vector<float> ones(size_t(s.n() * s.c()), 1.f), zeros(ones.size(), 0.f);
+  CHECK_CUDA(cudaMemcpy(g_cur.scratch, ones.data(), ones.size() * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(static_cast<float*>(g_cur.scratch) + ones.size(), zeros.data(),
+                        zeros.size() * 4, cudaMemcpyHostToDevice));
+  double ms = 0;
+  time_loop(state, [&] { return run_cudnn(s); }, &ms);
+  report_fraction(state, s, ms);
+}
+#endif
+
+void register_shape(const Shape& s) {
+  const int it = iterations_for(s);
+  benchmark::RegisterBenchmark(("copy/" + s.name).c_str(), bm_copy, s)->UseManualTime()->Iterations(it);
+  benchmark::RegisterBenchmark(("instnorm/" + s.name).c_str(), bm_instnorm, s)->UseManualTime()->Iterations(it);
+  if (s.groups == 0 && !s.silu) {
+    benchmark::RegisterBenchmark(("naive/" + s.name).c_str(), bm_naive, s)->UseManualTime()->Iterations(it);
+#ifdef INSTNORM_BENCH_CUDNN
+    benchmark::RegisterBenchmark(("cudnn/" + s.name).c_str(), bm_cudnn, s)->UseManualTime()->Iterations(it);
+#endif
+  }
+}
+
+// ------------------------------------------------------------------ tuning mode
+
+double time_median(const std::function<cudaError_t()>& op, int reps) {
+  cudaEvent_t a, b;
+  CHECK_CUDA(cudaEventCreate(&a));
+  CHECK_CUDA(cudaEventCreate(&b));
+  std::vector<double> ms;
+  if (op() != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  for (int i = 0; i < reps; ++i) {
+    flush_l2();
+    CHECK_CUDA(cudaEventRecord(a));
+    if (op() != cudaSuccess) {
+      cudaGetLastError();
+      return -1;
+    }
+    CHECK_CUDA(cudaEventRecord(b));
+    CHECK_CUDA(cudaEventSynchronize(b));
+    float t;
+    CHECK_CUDA(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+int tune(const Shape& s) {
+  use_shape(s);
+  const int reps = std::max(5, iterations_for(s) / 3);
+  const double copy = time_median([&] { return cudaMemcpyAsync(g_cur.y, g_cur.x, s.bytes(), cudaMemcpyDeviceToDevice); }, reps);
+  Plan def;
+  const double t_def = time_median([&] { return run_instnorm(s, PlanOverride{}, &def); }, reps);
+  std::printf("tune %s  policy %s  copy %.4f ms\n", s.name.c_str(), g_policy ? g_policy->name : "auto", copy);
+  std::printf("default: %-12s threads %4d items %2d vec %d G %lld  %.4f ms  %.3f of copy\n",
+              to_string(def.strategy), def.threads, def.items, def.vec, (long long)def.blocks_per_plane,
+              t_def, copy / t_def);
+  struct Row { Plan plan; double ms; };
+  std::vector<Row> rows;
+  for (int strat = 0; strat < 4; ++strat)
+    for (int threads : {64, 128, 256, 512})
+      for (int items : {0, 2, 4, 8, 16})
+        for (int gmul : {0, 1, 2, 4}) {
+          if ((strat != 2 && strat != 3) && gmul != 0) continue;
+          PlanOverride ov;
+          ov.strategy = strat;
+          ov.threads = threads;
+          ov.items = items;
+          if (gmul) ov.blocks_per_plane = std::max<int64_t>(1, def.blocks_per_plane * gmul / 2);
+          Plan p;
+          const double ms = time_median([&] { return run_instnorm(s, ov, &p); }, reps);
+          if (ms > 0) rows.push_back({p, ms});
+        }
+  std::sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) { return a.ms < b.ms; });
+  std::printf("best plans:\n");
+  for (size_t i = 0; i < rows.size() && i < 8; ++i) {
+    const Plan& p = rows[i].plan;
+    std::printf("  %-12s threads %4d lanes %4d items %2d vec %d G %4lld grid %6lld  %.4f ms  %.3f of copy  %.3f x default\n",
+                to_string(p.strategy), p.threads, p.lanes, p.items, p.vec, (long long)p.blocks_per_plane,
+                (long long)p.grid, rows[i].ms, copy / rows[i].ms, rows[i].ms / t_def);
+  }
+  if (!rows.empty()) {
+    int dev = 0;
+    DeviceProps d;
+    CHECK_CUDA(cudaGetDevice(&dev));
+    CHECK_CUDA(device_props(dev, &d));
+    ArchPolicy pol = g_policy ? *g_policy : policy_for(d.cc_major, d.cc_minor);
+    const Plan& b = rows[0].plan;
+    if (b.strategy == Strategy::kSubWarp) pol.subwarp_threads = b.threads;
+    if (b.strategy == Strategy::kBlock) pol.block_items = b.items;
+    if (b.strategy == Strategy::kSplit || b.strategy == Strategy::kSplitStream) pol.split_threads = b.threads;
+    std::printf("table entry: constexpr ArchPolicy kPolicy{\"%s\", %d, %d, %d, %d, %d};  // tune %s: %.4f ms, %.3f of copy\n",
+                pol.name, pol.subwarp_threads, pol.subwarp_items, pol.block_items, pol.min_block_threads,
+                pol.split_threads, s.name.c_str(), rows[0].ms, copy / rows[0].ms);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<Shape> shapes;
+  std::vector<std::string> tunes;
+  std::vector<char*> rest = {argv[0]};
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a.rfind("--shape=", 0) == 0 || a.rfind("--tune=", 0) == 0) {
+      Shape s;
+      const std::string spec = a.substr(a.find('=') + 1);
+      if (!parse_shape(spec, &s)) {
+        std::fprintf(stderr, "bad shape '%s' (want NxCxHxW[:fp32|fp16|bf16][:gnG][:silu])\n", spec.c_str());
+        return 1;
+      }
+      (a[2] == 's' ? shapes.push_back(s) : tunes.push_back(spec));
+    } else if (a.rfind("--arch=", 0) == 0) {
+      const std::string arch = a.substr(7);
+      g_policy = arch == "sm_89" ? &kPolicySm89 : arch == "sm_90" ? &kPolicySm90 : &kPolicyGeneric;
+    } else {
+      rest.push_back(argv[i]);
+    }
+  }
+  if (shapes.empty())
+    for (const auto& spec : kStandard) {
+      Shape s;
+      parse_shape(spec, &s);
+      shapes.push_back(s);
+    }
+  bool listing = false;
+  for (size_t i = 1; i < rest.size(); ++i)
+    listing |= std::string(rest[i]).find("list_tests") != std::string::npos;
+  int rest_argc = int(rest.size());
+  benchmark::Initialize(&rest_argc, rest.data());
+  if (!listing) {
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
+      std::fprintf(stderr, "instnorm_bench: no CUDA device\n");
+      return 1;
+    }
+    CHECK_CUDA(cudaMalloc(&g_flush, kFlushBytes));
+    cudaDeviceProp prop;
+    CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+    int driver = 0;
+    cudaDriverGetVersion(&driver);
+    benchmark::AddCustomContext("gpu", prop.name);
+    benchmark::AddCustomContext("driver", std::to_string(driver));
+    benchmark::AddCustomContext("policy", g_policy ? g_policy->name : "auto");
+  }
+  if (!tunes.empty()) {
+    for (const auto& spec : tunes) {
+      Shape s;
+      parse_shape(spec, &s);
+      tune(s);
+    }
+    return 0;
+  }
+  for (const auto& s : shapes) register_shape(s);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
