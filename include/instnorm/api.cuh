@@ -95,10 +95,11 @@ template <class T>
 inline KernelFn<T> select_kernel(int vec, bool stream) {
   constexpr int kFullVec = 16 / int(sizeof(T));
   if (vec == kFullVec)
-    return stream ? forward_kernel<T, kFullVec, max_items(kFullVec), true>
+    return stream ? forward_kernel<T, kFullVec, max_stream_items(kFullVec), true>
                   : forward_kernel<T, kFullVec, max_items(kFullVec), false>;
   if (vec == 1)
-    return stream ? forward_kernel<T, 1, max_items(1), true> : forward_kernel<T, 1, max_items(1), false>;
+    return stream ? forward_kernel<T, 1, max_stream_items(1), true>
+                  : forward_kernel<T, 1, max_items(1), false>;
   return nullptr;
 }
 

@@ -55,22 +55,27 @@ struct ArchPolicy {
 };
 
 /// The kernels keep at most this many vectors per thread in registers (compile-time array size).
-/// 8 x 16 bytes = 32 registers of data: with 1024-thread blocks (64 registers per thread at
-/// most) that leaves room for indexing and moments without spills.
+/// 16 x 16 bytes = 64 registers of data out of 128 (__launch_bounds__(512)): 128 KB per SM on
+/// chip, the size that ran at 0.95 of memcpy in the H100 probes. With 1024-thread blocks
+/// (64 registers) even 8 vectors spilled: the strided 16-byte loads need their own addresses.
 constexpr int max_items(int vec) { return vec > 1 ? 16 : 32; }
-/// Registers per thread the kernels are compiled for at most (__launch_bounds__(1024)).
+/// The streaming kernel (planes larger than the chip) holds half as many 16-byte vectors: it
+/// re-reads anyway, and the full array left it a few bytes of spill for 16-bit types.
+constexpr int max_stream_items(int vec) { return vec > 1 ? max_items(vec) / 2 : max_items(vec); }
+/// Registers per thread the kernels may use (ptxas: 101-128, 0 spills, sm_89 and sm_90).
 constexpr int kMaxRegsPerThread = 128;
+/// Largest block the kernels are compiled for (__launch_bounds__).
 constexpr int kMaxThreads = 512;
 
 /// sm_90 (H100): chosen by the tuning sweep on the H100 (docs/perf-notes.md, "sm_90 table").
-constexpr ArchPolicy kPolicySm90{"sm_90", 256, 4, 16, 64, 256};
+constexpr ArchPolicy kPolicySm90{"sm_90", 256, 16, 16, 64, 256};
 /// sm_89 (RTX 4090): from its limits. 64K registers at 128 per thread give 512 resident
 /// threads per SM (not its 1536), so 256-thread blocks give 2 blocks (128 KB of data) per SM,
 /// the same on-chip bytes per SM as the H100; 72 MB of L2 changes nothing for register-resident
 /// plans; 24 blocks per SM at most never binds with blocks of >= 64 threads.
-constexpr ArchPolicy kPolicySm89{"sm_89", 256, 4, 16, 64, 256};
+constexpr ArchPolicy kPolicySm89{"sm_89", 256, 16, 16, 64, 256};
 /// Any other GPU: the same sizes, valid on every CUDA device since sm_70.
-constexpr ArchPolicy kPolicyGeneric{"generic", 256, 4, 16, 64, 256};
+constexpr ArchPolicy kPolicyGeneric{"generic", 256, 16, 16, 64, 256};
 
 /// The table for a compute capability.
 inline const ArchPolicy& policy_for(int cc_major, int cc_minor) {
@@ -132,7 +137,9 @@ inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps&
   if (p.lanes > 32 && p.lanes != p.threads) return false;
   if (p.lanes > p.threads) return false;
   if (p.vec != 1 && (p.vec * prob.elem_bytes != 16 || !prob.vector_ok)) return false;
-  if (p.items < 1 || p.items > max_items(p.vec)) return false;
+  if (p.items < 1 || p.items > (p.strategy == Strategy::kSplitStream ? max_stream_items(p.vec)
+                                                                     : max_items(p.vec)))
+    return false;
   if (p.blocks_per_plane < 1 || p.slice_len < 1 || p.slice_len % p.vec != 0) return false;
   if (p.slice_len * p.blocks_per_plane < prob.plane_len) return false;
   if (p.blocks_per_plane > 1 && p.lanes != p.threads) return false;
@@ -226,6 +233,8 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
       if (ov.items > 0) p.items = ov.items;
       if (s == Strategy::kSplit && slice_vecs > int64_t(p.items) * p.threads)
         p.strategy = Strategy::kSplitStream;
+      if (p.strategy == Strategy::kSplitStream)
+        p.items = std::min(p.items, max_stream_items(p.vec));
       p.block_groups = std::max<int64_t>(1, std::min(prob.planes, resident / g));
       p.blocks_per_sm = bps;
       break;

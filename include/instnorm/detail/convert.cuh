@@ -7,6 +7,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstring>
+#include <type_traits>
+
 namespace instnorm {
 namespace detail {
 
@@ -25,48 +28,85 @@ __host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(floa
   return __float2bfloat16_rn(v);
 }
 
-/// kVec elements of T, aligned to their size, moved with one load or store. 16-bit types are
-/// kept as 32-bit words of two elements so that they live in registers as packed pairs.
+/// kVec elements of T, aligned to their size, moved with one load or store.
 template <class T, int kVec>
 struct alignas(sizeof(T) * kVec) Vector {
   T v[kVec];
-  __device__ __forceinline__ float get(int k) const { return to_float(v[k]); }
-  __device__ __forceinline__ void set(int k, float f) { v[k] = from_float<T>(f); }
 };
-template <int kVec>
-struct alignas(2 * kVec) Vector<__half, kVec> {
-  __half2 w[kVec / 2];
-  __device__ __forceinline__ float get(int k) const {
-    return k % 2 ? __high2float(w[k / 2]) : __low2float(w[k / 2]);
+
+/// One global access for the whole vector (a struct of halves would otherwise be copied member
+/// by member: four 32-bit loads instead of one 128-bit load, seen in the PTX).
+template <class V>
+__device__ __forceinline__ V load_vector(const V* p) {
+  V v;
+  if constexpr (sizeof(V) == 16) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    memcpy(&v, &u, 16);
+  } else if constexpr (sizeof(V) == 8) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    memcpy(&v, &u, 8);
+  } else {
+    v = *p;
   }
-  __device__ __forceinline__ void set(int k, float f) {
-    if (k % 2) w[k / 2] = __halves2half2(__low2half(w[k / 2]), __float2half_rn(f));
-    else w[k / 2] = __halves2half2(__float2half_rn(f), __high2half(w[k / 2]));
+  return v;
+}
+template <class V>
+__device__ __forceinline__ void store_vector(V* p, const V& v) {
+  if constexpr (sizeof(V) == 16) {
+    uint4 u;
+    memcpy(&u, &v, 16);
+    *reinterpret_cast<uint4*>(p) = u;
+  } else if constexpr (sizeof(V) == 8) {
+    uint2 u;
+    memcpy(&u, &v, 8);
+    *reinterpret_cast<uint2*>(p) = u;
+  } else {
+    *p = v;
   }
-};
-template <int kVec>
-struct alignas(2 * kVec) Vector<__nv_bfloat16, kVec> {
-  __nv_bfloat162 w[kVec / 2];
-  __device__ __forceinline__ float get(int k) const {
-    return k % 2 ? __high2float(w[k / 2]) : __low2float(w[k / 2]);
+}
+
+/// Vector -> kVec floats and back; 16-bit types convert two at a time.
+template <class T, int kVec>
+__device__ __forceinline__ void unpack(const Vector<T, kVec>& v, float (&f)[kVec]) {
+  if constexpr (kVec % 2 == 0 && std::is_same<T, __half>::value) {
+#pragma unroll
+    for (int i = 0; i < kVec / 2; ++i) {
+      const float2 t = __half22float2(*reinterpret_cast<const __half2*>(&v.v[2 * i]));
+      f[2 * i] = t.x;
+      f[2 * i + 1] = t.y;
+    }
+  } else if constexpr (kVec % 2 == 0 && std::is_same<T, __nv_bfloat16>::value) {
+    // bf16 -> fp32 is a shift: done on the 32-bit word (the intrinsic's inline assembly made
+    // ptxas spill the sm_90 kernels).
+    uint32_t w[kVec / 2];
+    memcpy(w, v.v, sizeof(w));
+#pragma unroll
+    for (int i = 0; i < kVec / 2; ++i) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) f[k] = to_float(v.v[k]);
   }
-  __device__ __forceinline__ void set(int k, float f) {
-    if (k % 2) w[k / 2] = __halves2bfloat162(__low2bfloat16(w[k / 2]), __float2bfloat16_rn(f));
-    else w[k / 2] = __halves2bfloat162(__float2bfloat16_rn(f), __high2bfloat16(w[k / 2]));
+}
+template <class T, int kVec>
+__device__ __forceinline__ Vector<T, kVec> pack(const float (&f)[kVec]) {
+  Vector<T, kVec> v;
+  if constexpr (kVec % 2 == 0 && std::is_same<T, __half>::value) {
+#pragma unroll
+    for (int i = 0; i < kVec / 2; ++i)
+      *reinterpret_cast<__half2*>(&v.v[2 * i]) = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+  } else if constexpr (kVec % 2 == 0 && std::is_same<T, __nv_bfloat16>::value) {
+#pragma unroll
+    for (int i = 0; i < kVec / 2; ++i)
+      *reinterpret_cast<__nv_bfloat162*>(&v.v[2 * i]) = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) v.v[k] = from_float<T>(f[k]);
   }
-};
-template <>
-struct alignas(2) Vector<__half, 1> {
-  __half v[1];
-  __device__ __forceinline__ float get(int) const { return __half2float(v[0]); }
-  __device__ __forceinline__ void set(int, float f) { v[0] = __float2half_rn(f); }
-};
-template <>
-struct alignas(2) Vector<__nv_bfloat16, 1> {
-  __nv_bfloat16 v[1];
-  __device__ __forceinline__ float get(int) const { return __bfloat162float(v[0]); }
-  __device__ __forceinline__ void set(int, float f) { v[0] = __float2bfloat16_rn(f); }
-};
+  return v;
+}
 
 /// The element types the library is instantiated for.
 template <class T>

@@ -40,12 +40,11 @@ struct KernelParams {
   unsigned long long* counters;  ///< [block_groups] arrival counters, zeroed per launch (G > 1)
 };
 
-__device__ __forceinline__ float activate(float v, Activation a) {
-  switch (a) {
-    case Activation::kRelu: return fmaxf(v, 0.f);
-    case Activation::kSilu: return v / (1.f + __expf(-v));
-    default: return v;
-  }
+template <Activation kAct>
+__device__ __forceinline__ float activate(float v) {
+  if constexpr (kAct == Activation::kRelu) return fmaxf(v, 0.f);
+  else if constexpr (kAct == Activation::kSilu) return __fdividef(v, 1.f + __expf(-v));
+  else return v;
 }
 
 template <class T>
@@ -53,21 +52,21 @@ __device__ __forceinline__ float load_param(const void* p, bool is_float, int64_
   return is_float ? static_cast<const float*>(p)[i] : to_float(static_cast<const T*>(p)[i]);
 }
 
-/// Per-channel output transform: y = act((d - mean) * scale + shift), d = x - pivot.
+/// The plane's statistics folded into y = act((x - center) * scale + shift): `center` is the mean
+/// rounded to fp32 and `residual` the rest of it (mean - center, from the pivoted moments), so
+/// that x - center is exact when |mean| >> std and the residual is not lost.
 template <class T>
 struct Epilogue {
-  float mean, rstd, scale, shift;
+  float center, residual, rstd, scale, shift;
   __device__ __forceinline__ void set_channel(const KernelParams<T>& p, int64_t ch) {
     scale = p.gamma ? rstd * load_param<T>(p.gamma, p.params_float, ch) : rstd;
-    shift = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
-  }
-  __device__ __forceinline__ float operator()(float d, Activation a) const {
-    return activate(fmaf(d - mean, scale, shift), a);
+    const float beta = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
+    shift = fmaf(-residual, scale, beta);
   }
 };
 
 /// Vectors of a chunk of `len` elements (len <= lanes * items * kVec) that lane `lane` owns:
-/// vectors lane, lane + lanes, ...; the valid ones are exactly the first `valid_items(...)`.
+/// vectors lane, lane + lanes, ...; the valid ones are exactly the first valid_items(...).
 template <int kVec>
 __device__ __forceinline__ int valid_items(int len, int lane, int lanes, int items) {
   const int vecs = (len + kVec - 1) / kVec;
@@ -81,39 +80,48 @@ __device__ __forceinline__ void load_chunk(Vector<T, kVec> (&r)[kMaxItems], cons
   const auto* s = reinterpret_cast<const Vector<T, kVec>*>(src) + lane;
 #pragma unroll
   for (int j = 0; j < kMaxItems; ++j)
-    if (j < valid) r[j] = s[j * lanes];
+    if (j < valid) r[j] = load_vector(s + j * lanes);
 }
 
-/// This thread's moments of its valid elements of a chunk, shifted by the pivot (two passes over
-/// registers: local mean, then squared deviations).
+/// This thread's moments of its valid elements of a chunk, relative to the pivot. Two passes
+/// over registers: a plain sum gives a local centre c, then the deviations d = x - c give
+/// sum(d) and sum(d^2); mean = (c - pivot) + sum(d)/n and m2 = sum(d^2) - sum(d)^2/n are
+/// accurate for any offset, since c is within rounding of the local mean.
 template <class T, int kVec, int kMaxItems>
 __device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMaxItems],
                                                  int valid, float pivot) {
+  Moments m;
+  const int n = valid * kVec;
+  if (n == 0) return m;
   float sum = 0.f;
 #pragma unroll
   for (int j = 0; j < kMaxItems; ++j) {
     if (j < valid) {
+      float f[kVec];
+      unpack(r[j], f);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) sum += r[j].get(k) - pivot;
+      for (int k = 0; k < kVec; ++k) sum += f[k];
     }
   }
-  Moments m;
-  const int n = valid * kVec;
-  if (n == 0) return m;
-  const float mean = sum / static_cast<float>(n);
-  float m2 = 0.f;
+  const float inv_n = 1.f / static_cast<float>(n);
+  const float c = sum * inv_n;
+  float s1 = 0.f, s2 = 0.f;
 #pragma unroll
   for (int j = 0; j < kMaxItems; ++j) {
     if (j < valid) {
+      float f[kVec];
+      unpack(r[j], f);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        const float d = (r[j].get(k) - pivot) - mean;
-        m2 = fmaf(d, d, m2);
+        const float d = f[k] - c;
+        s1 += d;
+        s2 = fmaf(d, d, s2);
       }
     }
   }
-  m.mean = mean;
-  m.m2 = m2;
+  const float dm = s1 * inv_n;
+  m.mean = (c - pivot) + dm;
+  m.m2 = fmaxf(fmaf(-s1, dm, s2), 0.f);
   m.count = n;
   return m;
 }
@@ -133,11 +141,11 @@ __device__ __forceinline__ ChunkChannel chunk_channel(int64_t channel_base, int6
 /// parameters (GroupNorm), the channel of element e of the chunk is cc.channel +
 /// (cc.offset + e) / spatial; e < 2^17, so 32 bits suffice unless spatial >= 2^30, where at most
 /// one channel boundary falls inside a chunk.
-template <class T, int kVec, int kMaxItems>
+template <Activation kAct, class T, int kVec, int kMaxItems>
 __device__ __forceinline__ void store_chunk(const Vector<T, kVec> (&r)[kMaxItems], T* dst,
-                                            int valid, int lane, int lanes, float pivot,
-                                            Epilogue<T>& ep, const KernelParams<T>& p,
-                                            bool per_channel, ChunkChannel cc) {
+                                            int valid, int lane, int lanes, Epilogue<T>& ep,
+                                            const KernelParams<T>& p, bool per_channel,
+                                            ChunkChannel cc) {
   auto* d = reinterpret_cast<Vector<T, kVec>*>(dst) + lane;
   const bool wide = p.spatial >= (int64_t(1) << 30);
 #pragma unroll
@@ -149,17 +157,41 @@ __device__ __forceinline__ void store_chunk(const Vector<T, kVec> (&r)[kMaxItems
         ep.set_channel(p, cc.channel + (wide ? (int64_t(e) >= p.spatial ? 1 : 0)
                                              : int64_t(e / uint32_t(p.spatial))));
       }
-      Vector<T, kVec> o;
+      float f[kVec];
+      unpack(r[j], f);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) o.set(k, ep(r[j].get(k) - pivot, p.activation));
-      d[j * lanes] = o;
+      for (int k = 0; k < kVec; ++k) f[k] = activate<kAct>(fmaf(f[k] - ep.center, ep.scale, ep.shift));
+      store_vector(d + j * lanes, pack<T, kVec>(f));
+    }
+  }
+}
+
+/// Second half of a round: normalize the slice (from registers, or re-read chunk by chunk).
+template <Activation kAct, bool kStream, class T, int kVec, int kMaxItems>
+__device__ __forceinline__ void normalize_slice(Vector<T, kVec> (&regs)[kMaxItems],
+                                                const T* xs, T* ys, int64_t len, int chunk,
+                                                int lane, int lanes, Epilogue<T>& ep,
+                                                const KernelParams<T>& p, bool per_channel,
+                                                int64_t channel_base, int64_t begin,
+                                                ChunkChannel cc) {
+  if constexpr (!kStream) {
+    const int valid = valid_items<kVec>(int(len), lane, lanes, p.items);
+    store_chunk<kAct>(regs, ys, valid, lane, lanes, ep, p, per_channel, cc);
+  } else {
+    for (int64_t off = 0; off < len; off += chunk) {
+      const int clen = int(len - off < chunk ? len - off : chunk);
+      const int valid = valid_items<kVec>(clen, lane, lanes, p.items);
+      const ChunkChannel ccc = chunk_channel(channel_base, begin + off, p.spatial);
+      load_chunk<T, kVec, kMaxItems>(regs, xs + off, valid, lane, lanes);
+      store_chunk<kAct>(regs, ys + off, valid, lane, lanes, ep, p, per_channel, ccc);
     }
   }
 }
 
 /// The forward kernel; see the file comment. kStream: slices larger than one chunk are read
-/// twice (moments, then normalize); otherwise the slice stays in registers between the two. Grid: block_groups * G blocks, each group of G
-/// consecutive blocks walks planes (or batches of planes, for sub-warp groups) in rounds.
+/// twice (moments, then normalize); otherwise the slice stays in registers between the two.
+/// Grid: block_groups * G blocks; each group of G consecutive blocks walks planes (or batches of
+/// planes, for sub-warp groups) in rounds.
 template <class T, int kVec, int kMaxItems, bool kStream>
 __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams<T> p) {
   using V = Vector<T, kVec>;
@@ -172,7 +204,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
   const int rank = int(blockIdx.x) % G;
   const int block_group = int(blockIdx.x) / G;
   const int block_groups = int(gridDim.x) / G;
-  const int chunk = lanes * p.items * kVec;  // <= 1024 * 16 * 8
+  const int chunk = lanes * p.items * kVec;  // <= 512 * 32
   const bool per_channel = p.channels_per_group > 1 && (p.gamma != nullptr || p.beta != nullptr);
 
   int round = 0;  // only its parity and the counter target use it
@@ -185,17 +217,14 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
     const int64_t base = (active ? plane : 0) * p.plane_len;
     const T* xs = p.x + base + begin;
     // The pivot: the plane's first element. Shifting by a value of the plane removes the common
-    // offset before any sum, so fp32 moments stay accurate when |mean| >> std.
+    // offset before anything is merged, so fp32 moments stay accurate when |mean| >> std.
     const float pivot = active ? to_float(p.x[base]) : 0.f;
     const int64_t channel_base = (plane % p.groups) * p.channels_per_group;
     const ChunkChannel cc = chunk_channel(channel_base, begin, p.spatial);
 
     V regs[kMaxItems];
     Moments m;
-    // kStream kernels serve slices larger than a chunk; the others never see one (the plan
-    // guarantees it), which keeps the streaming loop's registers out of the fast kernels.
-    const bool resident = !kStream;
-    if (resident) {
+    if constexpr (!kStream) {
       const int valid = valid_items<kVec>(int(len), lane, lanes, p.items);
       load_chunk<T, kVec, kMaxItems>(regs, xs, valid, lane, lanes);
       m = chunk_moments<T, kVec, kMaxItems>(regs, valid, pivot);
@@ -213,28 +242,30 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
                          p.counters + block_group, rank, G, round, smem);
 
     Epilogue<T> ep;
-    ep.mean = m.mean;
+    ep.center = pivot + m.mean;
+    ep.residual = (pivot - ep.center) + m.mean;
     ep.rstd = 1.f / sqrtf(variance(m) + p.eps);
     if (active) {
       if (rank == 0 && lane == 0) {
-        if (p.save_mean) p.save_mean[plane] = pivot + m.mean;
+        if (p.save_mean) p.save_mean[plane] = ep.center + ep.residual;
         if (p.save_rstd) p.save_rstd[plane] = ep.rstd;
       }
       ep.set_channel(p, cc.channel);
     }
     T* ys = p.y + base + begin;
-    if (resident) {
-      const int valid = valid_items<kVec>(int(len), lane, lanes, p.items);
-      store_chunk<T, kVec, kMaxItems>(regs, ys, valid, lane, lanes, pivot, ep, p, per_channel, cc);
-    } else {
-      for (int64_t off = 0; off < len; off += chunk) {
-        const int clen = int(len - off < chunk ? len - off : chunk);
-        const int valid = valid_items<kVec>(clen, lane, lanes, p.items);
-        const ChunkChannel ccc = chunk_channel(channel_base, begin + off, p.spatial);
-        load_chunk<T, kVec, kMaxItems>(regs, xs + off, valid, lane, lanes);
-        store_chunk<T, kVec, kMaxItems>(regs, ys + off, valid, lane, lanes, pivot, ep, p,
-                                        per_channel, ccc);
-      }
+    switch (p.activation) {
+      case Activation::kRelu:
+        normalize_slice<Activation::kRelu, kStream>(regs, xs, ys, len, chunk, lane, lanes, ep, p,
+                                                    per_channel, channel_base, begin, cc);
+        break;
+      case Activation::kSilu:
+        normalize_slice<Activation::kSilu, kStream>(regs, xs, ys, len, chunk, lane, lanes, ep, p,
+                                                    per_channel, channel_base, begin, cc);
+        break;
+      default:
+        normalize_slice<Activation::kNone, kStream>(regs, xs, ys, len, chunk, lane, lanes, ep, p,
+                                                    per_channel, channel_base, begin, cc);
+        break;
     }
   }
 }
