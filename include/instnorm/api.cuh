@@ -92,22 +92,28 @@ inline cudaError_t current_plan(const Problem& prob, Plan* plan, const PlanOverr
 template <class T>
 using KernelFn = void (*)(KernelParams<T>);
 template <class T>
-inline KernelFn<T> select_kernel(int vec, bool stream) {
-  constexpr int kFullVec = 16 / int(sizeof(T));
-  if (vec == kFullVec)
-    return stream ? forward_kernel<T, kFullVec, max_stream_items(kFullVec), true>
-                  : forward_kernel<T, kFullVec, max_items(kFullVec), false>;
-  if (vec == 1)
-    return stream ? forward_kernel<T, 1, max_stream_items(1), true>
+inline KernelFn<T> select_kernel(int vec, Strategy s) {
+  constexpr int kFull = 16 / int(sizeof(T));
+  if (vec != kFull && vec != 1) return nullptr;
+  const bool full = vec == kFull;
+  switch (s) {
+    case Strategy::kSplit:
+      return full ? split_kernel<T, kFull, max_split_items(kFull)>
+                  : split_kernel<T, 1, max_split_items(1)>;
+    case Strategy::kSplitStream:
+      return full ? forward_kernel<T, kFull, max_stream_items(kFull), true>
+                  : forward_kernel<T, 1, max_stream_items(1), true>;
+    default:
+      return full ? forward_kernel<T, kFull, max_items(kFull), false>
                   : forward_kernel<T, 1, max_items(1), false>;
-  return nullptr;
+  }
 }
 
 /// Launches a validated problem with a plan and a workspace of plan_workspace_bytes(plan).
 template <class T>
 inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& opt,
                           const Plan& plan, void* workspace, cudaStream_t stream) {
-  KernelFn<T> kernel = select_kernel<T>(plan.vec, plan.strategy == Strategy::kSplitStream);
+  KernelFn<T> kernel = select_kernel<T>(plan.vec, plan.strategy);
   if (kernel == nullptr) return cudaErrorInvalidConfiguration;
   KernelParams<T> kp;
   kp.x = x;

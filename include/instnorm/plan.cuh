@@ -62,6 +62,18 @@ constexpr int max_items(int vec) { return vec > 1 ? 16 : 32; }
 /// The streaming kernel (planes larger than the chip) holds half as many 16-byte vectors: it
 /// re-reads anyway, and the full array left it a few bytes of spill for 16-bit types.
 constexpr int max_stream_items(int vec) { return vec > 1 ? max_items(vec) / 2 : max_items(vec); }
+/// The split kernel holds slices of two planes at once (the next one loads while the current
+/// one's moments are exchanged), each half the array.
+constexpr int max_split_items(int vec) { return max_items(vec) / 2; }
+/// Largest items per thread a strategy's kernel accepts.
+inline int max_items_for(Strategy s, int vec) {
+  return s == Strategy::kSplit ? max_split_items(vec)
+         : s == Strategy::kSplitStream ? max_stream_items(vec)
+                                       : max_items(vec);
+}
+/// Problems smaller than this are not split across blocks just to fill the GPU: the cooperative
+/// launch, its workspace and the exchange cost more than idle SMs there.
+constexpr int64_t kMinFillSplitBytes = int64_t(16) << 20;
 /// Registers per thread the kernels may use (ptxas: 101-128, 0 spills, sm_89 and sm_90).
 constexpr int kMaxRegsPerThread = 128;
 /// Largest block the kernels are compiled for (__launch_bounds__).
@@ -137,12 +149,11 @@ inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps&
   if (p.lanes > 32 && p.lanes != p.threads) return false;
   if (p.lanes > p.threads) return false;
   if (p.vec != 1 && (p.vec * prob.elem_bytes != 16 || !prob.vector_ok)) return false;
-  if (p.items < 1 || p.items > (p.strategy == Strategy::kSplitStream ? max_stream_items(p.vec)
-                                                                     : max_items(p.vec)))
-    return false;
+  if (p.items < 1 || p.items > max_items_for(p.strategy, p.vec)) return false;
   if (p.blocks_per_plane < 1 || p.slice_len < 1 || p.slice_len % p.vec != 0) return false;
   if (p.slice_len * p.blocks_per_plane < prob.plane_len) return false;
   if (p.blocks_per_plane > 1 && p.lanes != p.threads) return false;
+  if (p.strategy == Strategy::kSplit && p.lanes != p.threads) return false;
   if (p.grid < 1 || p.grid > d.max_grid_x || p.grid != p.block_groups * p.blocks_per_plane)
     return false;
   if (p.cooperative != (p.blocks_per_plane > 1)) return false;
@@ -176,11 +187,13 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
   } else if (vecs <= warp_cap && !(prob.planes * 4 < d.sm_count && vecs > 4 * 32)) {
     s = Strategy::kSubWarp;
   } else {
-    // Few planes leave SMs idle unless each plane is split across blocks.
-    const int64_t g_cap = ceil_div(vecs, int64_t(split_threads) * max_i);
-    const int64_t g_fill = prob.planes < resident ? ceil_div(resident, prob.planes) : 1;
+    // Few planes leave SMs idle unless each plane is split across blocks (for problems large
+    // enough to pay for the cooperative launch).
+    const int64_t total_bytes = prob.planes * L * prob.elem_bytes;
+    const int64_t g_cap = ceil_div(vecs, int64_t(split_threads) * max_split_items(p.vec));
+    const int64_t g_fill = prob.planes < resident && total_bytes >= kMinFillSplitBytes
+                               ? ceil_div(resident, prob.planes) : 1;
     const int64_t g_min_work = std::max<int64_t>(1, vecs / (int64_t(split_threads) * 2));
-    const int64_t g = std::max(g_cap, std::min(g_fill, g_min_work));
     if (vecs <= block_cap && std::min(g_fill, g_min_work) <= 1) s = Strategy::kBlock;
     else if (g_cap <= resident) s = Strategy::kSplit;
     else s = Strategy::kSplitStream;
@@ -218,8 +231,10 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
       if (ov.blocks_per_plane > 0) {
         g = ov.blocks_per_plane;
       } else if (s == Strategy::kSplit) {
-        const int64_t g_cap = ceil_div(vecs, int64_t(p.threads) * max_i);
-        const int64_t g_fill = prob.planes < resident ? ceil_div(resident, prob.planes) : 1;
+        const int64_t total_bytes = prob.planes * L * prob.elem_bytes;
+        const int64_t g_cap = ceil_div(vecs, int64_t(p.threads) * max_split_items(p.vec));
+        const int64_t g_fill = prob.planes < resident && total_bytes >= kMinFillSplitBytes
+                                   ? ceil_div(resident, prob.planes) : 1;
         const int64_t g_min_work = std::max<int64_t>(1, vecs / (int64_t(p.threads) * 2));
         g = std::max(g_cap, std::min(g_fill, g_min_work));
       } else {
@@ -229,12 +244,12 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
       p.blocks_per_plane = g;
       const int64_t slice_vecs = ceil_div(vecs, g);
       p.slice_len = slice_vecs * p.vec;
-      p.items = int(clamp64(ceil_div(slice_vecs, p.threads), 1, max_i));
+      p.items = int(clamp64(ceil_div(slice_vecs, p.threads), 1, max_items_for(s, p.vec)));
       if (ov.items > 0) p.items = ov.items;
-      if (s == Strategy::kSplit && slice_vecs > int64_t(p.items) * p.threads)
+      if (s == Strategy::kSplit && slice_vecs > int64_t(p.items) * p.threads) {
         p.strategy = Strategy::kSplitStream;
-      if (p.strategy == Strategy::kSplitStream)
         p.items = std::min(p.items, max_stream_items(p.vec));
+      }
       p.block_groups = std::max<int64_t>(1, std::min(prob.planes, resident / g));
       p.blocks_per_sm = bps;
       break;

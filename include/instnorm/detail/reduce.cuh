@@ -57,20 +57,27 @@ __device__ __forceinline__ Moments block_allreduce(Moments m, BlockReduceStorage
   return s.result;
 }
 
-/// Exchange of block partials among the G co-resident blocks of one plane (cooperative launch).
-/// Block `rank` publishes its partial in `slots[rank]` (double-buffered by round parity by the
-/// caller), bumps the group's counter with release semantics and waits until all G blocks of
-/// this round have arrived; then warp 0 merges the G partials in a fixed order. Every block of
-/// the plane computes the same bits. `counter` counts arrivals over all rounds of the launch,
-/// so it is zeroed once per launch.
-__device__ __forceinline__ Moments group_exchange(Moments m, Moments* slots,
-                                                  unsigned long long* counter, int rank,
-                                                  int blocks, unsigned long long round,
-                                                  BlockReduceStorage& s) {
+/// Exchange of block partials among the G co-resident blocks of one plane (cooperative launch),
+/// in two halves so that a block can issue its next loads between them. publish: block `rank`
+/// stores its partial in `slots[rank]` (slots double-buffered by round parity by the caller) and
+/// bumps the group's arrival counter with release semantics. The counter counts arrivals over
+/// all rounds of the launch, so it is zeroed once per launch.
+__device__ __forceinline__ void group_publish(const Moments& m, Moments* slots,
+                                              unsigned long long* counter, int rank) {
   if (threadIdx.x == 0) {
     slots[rank] = m;
     cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> arrived(*counter);
     arrived.fetch_add(1ull, cuda::memory_order_release);
+  }
+}
+
+/// wait: thread 0 spins until all G blocks of this round have arrived, then warp 0 merges the G
+/// partials in a fixed order, so every block of the plane computes the same bits.
+__device__ __forceinline__ Moments group_wait(const Moments* slots, unsigned long long* counter,
+                                              int blocks, unsigned long long round,
+                                              BlockReduceStorage& s) {
+  if (threadIdx.x == 0) {
+    cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> arrived(*counter);
     const unsigned long long target = (round + 1) * static_cast<unsigned long long>(blocks);
     while (arrived.load(cuda::memory_order_acquire) < target) {
     }
@@ -91,6 +98,15 @@ __device__ __forceinline__ Moments group_exchange(Moments m, Moments* slots,
   }
   __syncthreads();
   return s.result;
+}
+
+/// Both halves at once.
+__device__ __forceinline__ Moments group_exchange(Moments m, Moments* slots,
+                                                  unsigned long long* counter, int rank,
+                                                  int blocks, unsigned long long round,
+                                                  BlockReduceStorage& s) {
+  group_publish(m, slots, counter, rank);
+  return group_wait(slots, counter, blocks, round, s);
 }
 
 }  // namespace detail
