@@ -218,12 +218,6 @@ void sweep_size(int64_t s) {
     ov.strategy = int(Strategy::kBlock);
     run_and_check<T>(1, 5, s, 0.0, ov);
   }
-  if (vecs <= int64_t(kPolicySm90.split_threads) * max_split_items(int(vec))) {
-    PlanOverride ov;  // the pipelined split kernel with one block per plane (no exchange)
-    ov.strategy = int(Strategy::kSplit);
-    ov.blocks_per_plane = 1;
-    run_and_check<T>(3, 7, s, 0.0, ov);
-  }
   if (s >= 64) {
     PlanOverride ov;
     ov.strategy = int(Strategy::kSplit);

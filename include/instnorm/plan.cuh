@@ -62,14 +62,9 @@ constexpr int max_items(int vec) { return vec > 1 ? 16 : 32; }
 /// The streaming kernel (planes larger than the chip) holds half as many 16-byte vectors: it
 /// re-reads anyway, and the full array left it a few bytes of spill for 16-bit types.
 constexpr int max_stream_items(int vec) { return vec > 1 ? max_items(vec) / 2 : max_items(vec); }
-/// The split kernel holds slices of two planes at once (the next one loads while the current
-/// one's moments are exchanged), each half the array.
-constexpr int max_split_items(int vec) { return max_items(vec) / 2; }
 /// Largest items per thread a strategy's kernel accepts.
 inline int max_items_for(Strategy s, int vec) {
-  return s == Strategy::kSplit ? max_split_items(vec)
-         : s == Strategy::kSplitStream ? max_stream_items(vec)
-                                       : max_items(vec);
+  return s == Strategy::kSplitStream ? max_stream_items(vec) : max_items(vec);
 }
 /// Problems smaller than this are not split across blocks just to fill the GPU: the cooperative
 /// launch, its workspace and the exchange cost more than idle SMs there.
@@ -80,14 +75,14 @@ constexpr int kMaxRegsPerThread = 128;
 constexpr int kMaxThreads = 512;
 
 /// sm_90 (H100): chosen by the tuning sweep on the H100 (docs/perf-notes.md, "sm_90 table").
-constexpr ArchPolicy kPolicySm90{"sm_90", 256, 16, 16, 64, 256};
+constexpr ArchPolicy kPolicySm90{"sm_90", 256, 32, 16, 64, 512};
 /// sm_89 (RTX 4090): from its limits. 64K registers at 128 per thread give 512 resident
 /// threads per SM (not its 1536), so 256-thread blocks give 2 blocks (128 KB of data) per SM,
 /// the same on-chip bytes per SM as the H100; 72 MB of L2 changes nothing for register-resident
 /// plans; 24 blocks per SM at most never binds with blocks of >= 64 threads.
-constexpr ArchPolicy kPolicySm89{"sm_89", 256, 16, 16, 64, 256};
+constexpr ArchPolicy kPolicySm89{"sm_89", 256, 32, 16, 64, 512};
 /// Any other GPU: the same sizes, valid on every CUDA device since sm_70.
-constexpr ArchPolicy kPolicyGeneric{"generic", 256, 16, 16, 64, 256};
+constexpr ArchPolicy kPolicyGeneric{"generic", 256, 32, 16, 64, 256};
 
 /// The table for a compute capability.
 inline const ArchPolicy& policy_for(int cc_major, int cc_minor) {
@@ -153,7 +148,6 @@ inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps&
   if (p.blocks_per_plane < 1 || p.slice_len < 1 || p.slice_len % p.vec != 0) return false;
   if (p.slice_len * p.blocks_per_plane < prob.plane_len) return false;
   if (p.blocks_per_plane > 1 && p.lanes != p.threads) return false;
-  if (p.strategy == Strategy::kSplit && p.lanes != p.threads) return false;
   if (p.grid < 1 || p.grid > d.max_grid_x || p.grid != p.block_groups * p.blocks_per_plane)
     return false;
   if (p.cooperative != (p.blocks_per_plane > 1)) return false;
@@ -190,7 +184,7 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
     // Few planes leave SMs idle unless each plane is split across blocks (for problems large
     // enough to pay for the cooperative launch).
     const int64_t total_bytes = prob.planes * L * prob.elem_bytes;
-    const int64_t g_cap = ceil_div(vecs, int64_t(split_threads) * max_split_items(p.vec));
+    const int64_t g_cap = ceil_div(vecs, int64_t(split_threads) * max_items(p.vec));
     const int64_t g_fill = prob.planes < resident && total_bytes >= kMinFillSplitBytes
                                ? ceil_div(resident, prob.planes) : 1;
     const int64_t g_min_work = std::max<int64_t>(1, vecs / (int64_t(split_threads) * 2));
@@ -202,7 +196,7 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
 
   switch (s) {
     case Strategy::kSubWarp: {
-      p.lanes = int(clamp64(pow2_ceil(ceil_div(vecs, pol.subwarp_items)), 1, 32));
+      p.lanes = int(clamp64(pow2_ceil(ceil_div(vecs, std::min(pol.subwarp_items, max_i))), 1, 32));
       if (ov.items > 0) p.lanes = int(clamp64(pow2_ceil(ceil_div(vecs, ov.items)), 1, 32));
       p.items = int(std::max<int64_t>(1, ceil_div(vecs, p.lanes)));
       p.threads = std::max(p.lanes, ov.threads > 0 ? ov.threads : pol.subwarp_threads);
@@ -232,7 +226,7 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
         g = ov.blocks_per_plane;
       } else if (s == Strategy::kSplit) {
         const int64_t total_bytes = prob.planes * L * prob.elem_bytes;
-        const int64_t g_cap = ceil_div(vecs, int64_t(p.threads) * max_split_items(p.vec));
+        const int64_t g_cap = ceil_div(vecs, int64_t(p.threads) * max_items(p.vec));
         const int64_t g_fill = prob.planes < resident && total_bytes >= kMinFillSplitBytes
                                    ? ceil_div(resident, prob.planes) : 1;
         const int64_t g_min_work = std::max<int64_t>(1, vecs / (int64_t(p.threads) * 2));
@@ -241,6 +235,17 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
         g = resident;
       }
       g = clamp64(g, 1, std::max<int64_t>(1, std::min(resident, vecs)));
+      if (ov.blocks_per_plane <= 0 && s == Strategy::kSplit) {
+        // Smaller slices (up to half) can let whole groups fill more resident slots: on 132
+        // SMs, 1x64x1024x1024 takes G = 33 (all SMs) rather than 32 (4 idle).
+        auto used = [&](int64_t cand) {
+          return std::min(prob.planes, resident / cand) * cand;
+        };
+        int64_t best = g;
+        for (int64_t cand = g + 1; cand <= std::min(resident, 2 * g); ++cand)
+          if (used(cand) > used(best)) best = cand;
+        g = best;
+      }
       p.blocks_per_plane = g;
       const int64_t slice_vecs = ceil_div(vecs, g);
       p.slice_len = slice_vecs * p.vec;
