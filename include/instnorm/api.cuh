@@ -111,6 +111,8 @@ template <class T>
 inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& opt,
                           const Plan& plan, void* workspace, cudaStream_t stream) {
   KernelFn<T> kernel = select_kernel<T>(plan.vec, plan.strategy);
+  if (plan.strategy == Strategy::kSubWarp && plan.vec == 1 && plan.threads <= kStagedThreads)
+    kernel = staged_kernel<T>;  // unaligned short planes: staged through shared memory
   if (kernel == nullptr) return cudaErrorInvalidConfiguration;
   KernelParams<T> kp;
   kp.x = x;

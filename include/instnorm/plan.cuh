@@ -75,14 +75,14 @@ constexpr int kMaxRegsPerThread = 128;
 constexpr int kMaxThreads = 512;
 
 /// sm_90 (H100): chosen by the tuning sweep on the H100 (docs/perf-notes.md, "sm_90 table").
-constexpr ArchPolicy kPolicySm90{"sm_90", 256, 32, 16, 64, 512};
+constexpr ArchPolicy kPolicySm90{"sm_90", 256, 16, 16, 64, 512};
 /// sm_89 (RTX 4090): from its limits. 64K registers at 128 per thread give 512 resident
 /// threads per SM (not its 1536), so 256-thread blocks give 2 blocks (128 KB of data) per SM,
 /// the same on-chip bytes per SM as the H100; 72 MB of L2 changes nothing for register-resident
 /// plans; 24 blocks per SM at most never binds with blocks of >= 64 threads.
-constexpr ArchPolicy kPolicySm89{"sm_89", 256, 32, 16, 64, 512};
+constexpr ArchPolicy kPolicySm89{"sm_89", 256, 16, 16, 64, 512};
 /// Any other GPU: the same sizes, valid on every CUDA device since sm_70.
-constexpr ArchPolicy kPolicyGeneric{"generic", 256, 32, 16, 64, 256};
+constexpr ArchPolicy kPolicyGeneric{"generic", 256, 16, 16, 64, 256};
 
 /// The table for a compute capability.
 inline const ArchPolicy& policy_for(int cc_major, int cc_minor) {
@@ -235,19 +235,10 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
         g = resident;
       }
       g = clamp64(g, 1, std::max<int64_t>(1, std::min(resident, vecs)));
-      if (ov.blocks_per_plane <= 0 && s == Strategy::kSplit) {
-        // Smaller slices (up to half) can let whole groups fill more resident slots: on 132
-        // SMs, 1x64x1024x1024 takes G = 33 (all SMs) rather than 32 (4 idle).
-        auto used = [&](int64_t cand) {
-          return std::min(prob.planes, resident / cand) * cand;
-        };
-        int64_t best = g;
-        for (int64_t cand = g + 1; cand <= std::min(resident, 2 * g); ++cand)
-          if (used(cand) > used(best)) best = cand;
-        g = best;
-      }
       p.blocks_per_plane = g;
-      const int64_t slice_vecs = ceil_div(vecs, g);
+      // Slices start on 512-byte boundaries: unaligned slices (G = 11 on 1 MB planes) cost
+      // 20% on the H100.
+      const int64_t slice_vecs = ceil_div(ceil_div(vecs, g), 32) * 32;
       p.slice_len = slice_vecs * p.vec;
       p.items = int(clamp64(ceil_div(slice_vecs, p.threads), 1, max_items_for(s, p.vec)));
       if (ov.items > 0) p.items = ov.items;
