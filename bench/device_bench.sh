@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On the device machine: the benchmark twice back to back (JSON), the sm_89 table forced on the
+# same GPU, and the peers (../shared/peers copied to .peers) in the same call. Uses the bench
+# binary carried in .dev/ (or build-dev/ when built there). Logs and JSON go to $OUT.
+set -u
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+source bench/device_env.sh > "$out/gpu.txt"
+cat "$out/gpu.txt"
+bench=.dev/instnorm_bench
+[ -x "$bench" ] || bench=build-dev/bench/instnorm_bench
+timeout 150 "$bench" --benchmark_out="$out/bench.json" --benchmark_out_format=json > "$out/bench.log" 2>&1
+timeout 150 "$bench" --benchmark_out="$out/bench2.json" --benchmark_out_format=json > "$out/bench2.log" 2>&1
+timeout 60 "$bench" --arch=sm_89 --shape=112x64x512x512 --shape=112x64x512x512:bf16 \
+  --benchmark_filter='copy|instnorm' > "$out/sm89.log" 2>&1
+grep -E "^instnorm" "$out/sm89.log" | grep -oE "^instnorm/[^/]+|of_copy=[0-9.]+" | paste - -
+if [ -f .peers/peers.py ]; then
+  (cd "$out" && timeout 280 python3 "$OLDPWD/.peers/peers.py" \
+      112x64x512x512 16x64x256x256 1x64x1024x1024 8x256x128x128 4x512x64x64 32x256x32x32 \
+      128x512x7x7 112x64x512x512:fp16 112x64x512x512:bf16 8x512x64x64:bf16 \
+      2x320x64x64:fp16:gn32:silu 2x640x32x32:fp16:gn32:silu 2x1280x16x16:fp16:gn32:silu \
+      8x512x64x64:bf16:gn32:silu 1x128x20x256x256:bf16:gn32:silu > peers.log 2>&1)
+  tail -17 "$out/peers.log"
+fi
