@@ -9,6 +9,7 @@
 //                                                  #   [:gnG] GroupNorm + affine, [:silu]
 //   instnorm_bench --arch=sm_89                    # force an architecture's table
 //   instnorm_bench --tune=112x64x512x512           # sweep the planner's knobs for a shape
+//   instnorm_bench --plan=4,512,0,0                # force strategy,threads,items,G (0: planner)
 //   (plus any --benchmark_* flag, e.g. --benchmark_out=bench.json --benchmark_format=json)
 #include <benchmark/benchmark.h>
 #include <instnorm/instnorm.cuh>
@@ -113,6 +114,7 @@ struct Buffers {
 void* g_flush = nullptr;
 constexpr size_t kFlushBytes = size_t(256) << 20;
 const ArchPolicy* g_policy = nullptr;
+PlanOverride g_override;  // --plan=strategy,threads,items,blocks_per_plane (0 = planner's)
 std::map<std::string, double> g_copy_ms;  // same-run copy median per shape
 Buffers g_cur;                              // buffers of the shape being timed
 
@@ -389,7 +391,7 @@ void bm_instnorm(benchmark::State& state, Shape s) {
   use_shape(s);
   Plan plan;
   double ms = 0;
-  time_loop(state, [&] { return run_instnorm(s, PlanOverride{}, &plan); }, &ms);
+  time_loop(state, [&] { return run_instnorm(s, g_override, &plan); }, &ms);
   CHECK_CUDA(cudaDeviceSynchronize());
   std::string why;
   if (!verify(s, &why)) state.SkipWithError(("wrong result: " + why).c_str());
@@ -478,11 +480,11 @@ int tune(const Shape& s) {
               t_def, copy / t_def);
   struct Row { Plan plan; double ms; };
   std::vector<Row> rows;
-  for (int strat = 0; strat < 4; ++strat)
+  for (int strat = 0; strat < 5; ++strat)
     for (int threads : {64, 128, 256, 512})
       for (int items : {0, 1, 2, 4, 8, 16, 32})
         for (int gmul : {0, 1, 2, 4}) {
-          if ((strat != 2 && strat != 3) && gmul != 0) continue;
+          if (strat < 2 && gmul != 0) continue;
           PlanOverride ov;
           ov.strategy = strat;
           ov.threads = threads;
@@ -524,7 +526,7 @@ int tune(const Shape& s) {
     const Plan& b = rows[0].plan;
     if (b.strategy == Strategy::kSubWarp) pol.subwarp_threads = b.threads;
     if (b.strategy == Strategy::kBlock) pol.block_items = b.items;
-    if (b.strategy == Strategy::kSplit || b.strategy == Strategy::kSplitStream) pol.split_threads = b.threads;
+    if (b.strategy >= Strategy::kSplit) pol.split_threads = b.threads;
     std::printf("table entry: constexpr ArchPolicy kPolicy{\"%s\", %d, %d, %d, %d, %d};  // tune %s: %.4f ms, %.3f of copy\n",
                 pol.name, pol.subwarp_threads, pol.subwarp_items, pol.block_items, pol.min_block_threads,
                 pol.split_threads, s.name.c_str(), rows[0].ms, copy / rows[0].ms);
@@ -549,6 +551,13 @@ int main(int argc, char** argv) {
         return 1;
       }
       (a[2] == 's' ? shapes.push_back(s) : tunes.push_back(spec));
+    } else if (a.rfind("--plan=", 0) == 0) {
+      long long v[4] = {-1, 0, 0, 0};
+      std::sscanf(a.c_str() + 7, "%lld,%lld,%lld,%lld", &v[0], &v[1], &v[2], &v[3]);
+      g_override.strategy = int(v[0]);
+      g_override.threads = int(v[1]);
+      g_override.items = int(v[2]);
+      g_override.blocks_per_plane = v[3];
     } else if (a.rfind("--arch=", 0) == 0) {
       const std::string arch = a.substr(7);
       g_policy = arch == "sm_89" ? &kPolicySm89 : arch == "sm_90" ? &kPolicySm90 : &kPolicyGeneric;

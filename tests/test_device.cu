@@ -224,6 +224,12 @@ void sweep_size(int64_t s) {
     ov.blocks_per_plane = 3;
     run_and_check<T>(2, 3, s, 0.0, ov);
     run_and_check<T>(1, 3, s, 1e3, ov);
+    ov.strategy = int(Strategy::kPipelined);  // odd plane counts end on either buffer
+    run_and_check<T>(5, 1, s, 0.0, ov);
+    run_and_check<T>(2, 3, s, 1e3, ov);
+    ov.blocks_per_plane = 1;
+    run_and_check<T>(7, 1, s, 0.0, ov);
+    ov.blocks_per_plane = 3;
     ov.strategy = int(Strategy::kSplitStream);
     ov.items = 1;
     ov.threads = 64;
@@ -247,7 +253,10 @@ TEST_P(GpuSizes, Bf16) {
 INSTANTIATE_TEST_SUITE_P(S, GpuSizes,
                          ::testing::Values(1, 2, 3, 31, 32, 33, 49, 196, 255, 256, 257, 1023,
                                            1024, 1025, 4095, 4096, 4097, 9973, 16383, 16384,
-                                           16385, 65536, 65537, 262144, 1048576, 4194304));
+                                           16385, 65536, 65537, 262144, 1048576, 4194304),
+                         [](const ::testing::TestParamInfo<int64_t>& info) {
+                           return std::to_string(info.param);  // S/GpuSizes.Fp32/4097
+                         });
 
 // ---------------------------------------------------------------- GPU: specific properties
 

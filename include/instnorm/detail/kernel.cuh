@@ -375,5 +375,120 @@ __global__ void __launch_bounds__(kStagedThreads) staged_kernel(const KernelPara
   }
 }
 
+/// What a block knows about the plane whose slice it holds (pipelined split).
+struct SliceState {
+  int64_t plane;
+  int64_t len;  ///< valid elements of this block's slice
+  float pivot;
+};
+
+template <class T, int kVec, int kItems>
+__device__ __forceinline__ SliceState issue_slice(Vector<T, kVec> (&r)[kItems],
+                                                  const KernelParams<T>& p, int64_t plane,
+                                                  int64_t begin) {
+  SliceState st{plane, 0, 0.f};
+  if (plane >= p.planes) return st;
+  const int64_t end = begin + p.slice_len < p.plane_len ? begin + p.slice_len : p.plane_len;
+  st.len = end > begin ? end - begin : 0;
+  const T* xp = p.x + plane * p.plane_len;
+  st.pivot = to_float(xp[0]);
+  const int valid = valid_items<kVec>(int(st.len), threadIdx.x, blockDim.x, p.items);
+  load_chunk<T, kVec, kItems>(r, xp + begin, valid, threadIdx.x, blockDim.x);
+  return st;
+}
+
+template <class T, int kVec, int kItems>
+__device__ __forceinline__ void finish_slice(const Vector<T, kVec> (&r)[kItems],
+                                             const SliceState& st, const Moments& m,
+                                             const KernelParams<T>& p, int rank, int64_t begin) {
+  Epilogue<T> ep;
+  ep.center = st.pivot + m.mean;
+  ep.residual = (st.pivot - ep.center) + m.mean;
+  ep.rstd = 1.f / sqrtf(variance(m) + p.eps);
+  if (rank == 0 && threadIdx.x == 0) {
+    if (p.save_mean) p.save_mean[st.plane] = ep.center + ep.residual;
+    if (p.save_rstd) p.save_rstd[st.plane] = ep.rstd;
+  }
+  const bool affine = p.gamma != nullptr || p.beta != nullptr;
+  ChunkChannel cc{0, 0};
+  if (affine) cc = chunk_channel((st.plane % p.groups) * p.channels_per_group, begin, p.spatial);
+  ep.set_channel(p, cc.channel);
+  const bool per_channel = affine && p.channels_per_group > 1;
+  T* ys = p.y + st.plane * p.plane_len + begin;
+  const int valid = valid_items<kVec>(int(st.len), threadIdx.x, blockDim.x, p.items);
+  switch (p.activation) {
+    case Activation::kRelu:
+      store_chunk<Activation::kRelu>(r, ys, valid, threadIdx.x, blockDim.x, ep, p, per_channel, cc);
+      break;
+    case Activation::kSilu:
+      store_chunk<Activation::kSilu>(r, ys, valid, threadIdx.x, blockDim.x, ep, p, per_channel, cc);
+      break;
+    default:
+      store_chunk<Activation::kNone>(r, ys, valid, threadIdx.x, blockDim.x, ep, p, per_channel, cc);
+      break;
+  }
+}
+
+/// One step of the pipelined split. On entry `cur` holds the slice of plane cs.plane, whose
+/// partial moments for `round` are published, and the loads of plane ns.plane into `nxt` are in
+/// flight. Order matters: wait for cur's moments (nxt's loads keep DRAM busy meanwhile), reduce
+/// and publish nxt, and only then store cur and issue the loads of the plane after next. The
+/// publish is a release: issued after those loads or stores, thread 0 would first wait for all
+/// of them to complete (a first version did that and ran at 0.55 of copy).
+template <class T, int kVec, int kItems>
+__device__ __forceinline__ bool pipeline_step(Vector<T, kVec> (&cur)[kItems],
+                                              Vector<T, kVec> (&nxt)[kItems], SliceState& cs,
+                                              SliceState& ns, Moments& held, int& round,
+                                              const KernelParams<T>& p, int G, int rank,
+                                              int block_group, int block_groups, int64_t begin,
+                                              BlockReduceStorage& smem) {
+  Moments* slots = p.partials + block_group * G;
+  const Moments m = G > 1 ? group_wait(slots + (round & 1) * gridDim.x, p.counters + block_group,
+                                       G, round, smem)
+                          : held;
+  const bool more = ns.plane < p.planes;
+  if (more) {
+    const int valid = valid_items<kVec>(int(ns.len), threadIdx.x, blockDim.x, p.items);
+    held = block_allreduce(chunk_moments<T, kVec, kItems>(nxt, valid, ns.pivot), smem);
+    if (G > 1)
+      group_publish(held, slots + ((round + 1) & 1) * gridDim.x, p.counters + block_group, rank);
+  }
+  finish_slice(cur, cs, m, p, rank, begin);
+  if (!more) return false;
+  const SliceState after = issue_slice(cur, p, ns.plane + block_groups, begin);
+  ++round;
+  cs = ns;
+  ns = after;
+  return true;
+}
+
+/// Pipelined split: like forward_kernel's split plans, but every block holds its slices of two
+/// planes, so that the exchange of one plane's partial moments overlaps the next plane's reads.
+template <class T, int kVec, int kItems>
+__global__ void __launch_bounds__(kMaxThreads) pipelined_kernel(const KernelParams<T> p) {
+  __shared__ BlockReduceStorage smem;
+  const int G = int(p.blocks_per_plane);
+  const int rank = int(blockIdx.x) % G;
+  const int block_group = int(blockIdx.x) / G;
+  const int block_groups = int(gridDim.x) / G;
+  const int64_t begin = int64_t(rank) * p.slice_len;
+  if (block_group >= p.planes) return;  // uniform over the group: no one waits for it
+
+  Vector<T, kVec> a[kItems], b[kItems];
+  SliceState sa = issue_slice(a, p, block_group, begin);
+  SliceState sb = issue_slice(b, p, block_group + block_groups, begin);
+  const int valid = valid_items<kVec>(int(sa.len), threadIdx.x, blockDim.x, p.items);
+  Moments held = block_allreduce(chunk_moments<T, kVec, kItems>(a, valid, sa.pivot), smem);
+  int round = 0;
+  if (G > 1) group_publish(held, p.partials + block_group * G, p.counters + block_group, rank);
+  // The buffers swap roles every step; the states move inside pipeline_step, so `sa` always
+  // describes the buffer passed first.
+  while (pipeline_step(a, b, sa, sb, held, round, p, G, rank, block_group, block_groups, begin,
+                       smem) &&
+         pipeline_step(b, a, sa, sb, held, round, p, G, rank, block_group, block_groups, begin,
+                       smem)) {
+  }
+}
+
 }  // namespace detail
 }  // namespace instnorm

@@ -79,7 +79,12 @@ __device__ __forceinline__ Moments group_wait(const Moments* slots, unsigned lon
   if (threadIdx.x == 0) {
     cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> arrived(*counter);
     const unsigned long long target = (round + 1) * static_cast<unsigned long long>(blocks);
+    // Back off while polling: G blocks spinning on the counter's L2 line slow down the very
+    // atomics they wait for.
+    unsigned sleep_ns = 32;
     while (arrived.load(cuda::memory_order_acquire) < target) {
+      __nanosleep(sleep_ns);
+      sleep_ns = sleep_ns < 256 ? 2 * sleep_ns : sleep_ns;
     }
   }
   __syncthreads();
