@@ -97,9 +97,6 @@ inline KernelFn<T> select_kernel(int vec, Strategy s) {
   if (vec != kFull && vec != 1) return nullptr;
   const bool full = vec == kFull;
   switch (s) {
-    case Strategy::kPipelined:
-      return full ? pipelined_kernel<T, kFull, max_pipelined_items(kFull)>
-                  : pipelined_kernel<T, 1, max_pipelined_items(1)>;
     case Strategy::kSplitStream:
       return full ? forward_kernel<T, kFull, max_stream_items(kFull), true>
                   : forward_kernel<T, 1, max_stream_items(1), true>;

@@ -18,8 +18,6 @@ enum class Strategy : int {
   kSplit = 2,    ///< G co-resident blocks per plane (cooperative launch), slices in registers,
                  ///< partial moments exchanged through a small workspace: one DRAM read
   kSplitStream = 3,  ///< as kSplit, but slices too large for the chip: streamed twice
-  kPipelined = 4,    ///< as kSplit, each block holding slices of two planes so that the
-                     ///< exchange for one overlaps the reads of the next
 };
 
 inline const char* to_string(Strategy s) {
@@ -28,7 +26,6 @@ inline const char* to_string(Strategy s) {
     case Strategy::kBlock: return "block";
     case Strategy::kSplit: return "split";
     case Strategy::kSplitStream: return "split-stream";
-    case Strategy::kPipelined: return "pipelined";
   }
   return "?";
 }
@@ -65,14 +62,9 @@ constexpr int max_items(int vec) { return vec > 1 ? 16 : 32; }
 /// The streaming kernel (planes larger than the chip) holds half as many 16-byte vectors: it
 /// re-reads anyway, and the full array left it a few bytes of spill for 16-bit types.
 constexpr int max_stream_items(int vec) { return vec > 1 ? max_items(vec) / 2 : max_items(vec); }
-/// The pipelined kernel holds two planes' slices, each a little under half the array (8 vectors
-/// each left 4-16 bytes of spill).
-constexpr int max_pipelined_items(int vec) { return vec > 1 ? 7 : 16; }
 /// Largest items per thread a strategy's kernel accepts.
 inline int max_items_for(Strategy s, int vec) {
-  return s == Strategy::kSplitStream ? max_stream_items(vec)
-         : s == Strategy::kPipelined ? max_pipelined_items(vec)
-                                     : max_items(vec);
+  return s == Strategy::kSplitStream ? max_stream_items(vec) : max_items(vec);
 }
 /// Problems smaller than this are not split across blocks just to fill the GPU: the cooperative
 /// launch, its workspace and the exchange cost more than idle SMs there.
@@ -159,7 +151,6 @@ inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps&
   if (p.grid < 1 || p.grid > d.max_grid_x || p.grid != p.block_groups * p.blocks_per_plane)
     return false;
   if (p.cooperative != (p.blocks_per_plane > 1)) return false;
-  if (p.strategy == Strategy::kPipelined && p.lanes != p.threads) return false;
   if (p.cooperative) {
     if (!d.cooperative) return false;
     const int64_t resident = int64_t(resident_blocks_per_sm(d, p.threads)) * d.sm_count;
@@ -227,8 +218,7 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
       break;
     }
     case Strategy::kSplit:
-    case Strategy::kSplitStream:
-    case Strategy::kPipelined: {
+    case Strategy::kSplitStream: {
       p.threads = split_threads;
       p.lanes = p.threads;
       int64_t g;
