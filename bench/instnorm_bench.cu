@@ -328,7 +328,7 @@ void time_loop(benchmark::State& state, Op&& op, double* median_ms) {
 }
 
 int iterations_for(const Shape& s) {
-  return s.bytes() > (size_t(1) << 30) ? 15 : s.bytes() > (size_t(64) << 20) ? 50 : 200;
+  return s.bytes() > (size_t(1) << 30) ? 15 : s.bytes() > (size_t(64) << 20) ? 100 : 200;
 }
 
 void bm_copy(benchmark::State& state, Shape s) {
