@@ -5,8 +5,12 @@
 #include <instnorm/instnorm.cuh>
 #include <instnorm/reference.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
+#include <future>
+#include <thread>
 #include <limits>
 #include <random>
 #include <string>
@@ -377,7 +381,7 @@ TEST(Gpu, StreamsAndGraphCaptureGiveTheSameBits) {
   std::vector<float> ha(static_cast<size_t>(total)), hb(static_cast<size_t>(total));
   CUDA_OK(cudaDeviceSynchronize());
   CUDA_OK(cudaMemcpy(ha.data(), a.ptr, total * 4, cudaMemcpyDeviceToHost));
-  for (int rep = 0; rep < 5; ++rep) {
+  for (int rep = 0; rep < 100; ++rep) {
     CUDA_OK(cudaMemsetAsync(b.ptr, 0xff, total * 4, st));
     CUDA_OK(cudaGraphLaunch(exec, st));
     CUDA_OK(cudaStreamSynchronize(st));
@@ -387,6 +391,63 @@ TEST(Gpu, StreamsAndGraphCaptureGiveTheSameBits) {
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   cudaStreamDestroy(st);
+}
+
+// 8 host threads, each with its own stream, call every strategy (the cooperative split too)
+// while the others' kernels run; a watchdog turns a hang into a failure.
+TEST(Gpu, ConcurrentStreamsAllStrategiesNoHang) {
+  REQUIRE_GPU();
+  struct Case {
+    int64_t n, c, s;
+  };
+  const Case cases[] = {{64, 16, 49}, {8, 32, 1024}, {4, 16, 16384}, {2, 8, 262144}, {1, 4, 1 << 20}};
+  std::vector<std::vector<float>> inputs;
+  std::vector<std::vector<double>> refs;
+  for (const Case& k : cases) {
+    inputs.push_back(random_planes<float>(k.n * k.c, k.s, 0.0, 23 + inputs.size()));
+    refs.emplace_back(size_t(k.n * k.c * k.s));
+    reference::forward(inputs.back().data(), refs.back().data(), k.n, k.c, k.s, Options{});
+  }
+  constexpr int kThreads = 8, kCalls = 40;
+  std::atomic<int> bad{0};
+  auto worker = [&](int t) {
+    cudaStream_t st;
+    if (cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) != cudaSuccess) {
+      ++bad;
+      return;
+    }
+    const Case& k = cases[t % 5];
+    const size_t total = size_t(k.n * k.c * k.s);
+    float *dx = nullptr, *dy = nullptr;
+    cudaMalloc(&dx, total * 4);
+    cudaMalloc(&dy, total * 4);
+    cudaMemcpy(dx, inputs[t % 5].data(), total * 4, cudaMemcpyHostToDevice);
+    for (int i = 0; i < kCalls; ++i)
+      if (forward(dx, dy, k.n, k.c, k.s, 1e-5f, st) != cudaSuccess) ++bad;
+    std::vector<float> hy(total);
+    if (cudaStreamSynchronize(st) != cudaSuccess ||
+        cudaMemcpy(hy.data(), dy, total * 4, cudaMemcpyDeviceToHost) != cudaSuccess)
+      ++bad;
+    for (size_t i = 0; i < total; ++i)
+      if (!(std::fabs(hy[i] - refs[t % 5][i]) <= 1e-5)) {
+        ++bad;
+        break;
+      }
+    cudaFree(dx);
+    cudaFree(dy);
+    cudaStreamDestroy(st);
+  };
+  auto all = std::async(std::launch::async, [&] {
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) threads.emplace_back(worker, t);
+    for (auto& th : threads) th.join();
+  });
+  if (all.wait_for(std::chrono::seconds(120)) != std::future_status::ready) {
+    ADD_FAILURE() << "watchdog: concurrent calls did not finish in 120 s (hang)";
+    std::fflush(nullptr);
+    std::_Exit(1);  // a hung kernel cannot be cancelled; fail instead of hanging the suite
+  }
+  EXPECT_EQ(bad.load(), 0);
 }
 
 template <class T, class P>

@@ -65,6 +65,23 @@ struct Epilogue {
   }
 };
 
+/// A plane's epilogue from its merged moments (relative to `pivot`); thread `writer` of the
+/// plane also stores the saved statistics.
+template <class T>
+__device__ __forceinline__ Epilogue<T> plane_epilogue(const KernelParams<T>& p, float pivot,
+                                                      const Moments& m, int64_t plane,
+                                                      bool writer) {
+  Epilogue<T> ep;
+  ep.center = pivot + m.mean;
+  ep.residual = (pivot - ep.center) + m.mean;
+  ep.rstd = 1.f / sqrtf(variance(m) + p.eps);
+  if (writer) {
+    if (p.save_mean) p.save_mean[plane] = ep.center + ep.residual;
+    if (p.save_rstd) p.save_rstd[plane] = ep.rstd;
+  }
+  return ep;
+}
+
 /// Vectors of a chunk of `len` elements (len <= lanes * items * kVec) that lane `lane` owns:
 /// vectors lane, lane + lanes, ...; the valid ones are exactly the first valid_items(...).
 template <int kVec>
@@ -266,17 +283,8 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
       m = group_exchange(m, p.partials + (round & 1) * gridDim.x + block_group * G,
                          p.counters + block_group, rank, G, round, smem);
 
-    Epilogue<T> ep;
-    ep.center = pivot + m.mean;
-    ep.residual = (pivot - ep.center) + m.mean;
-    ep.rstd = 1.f / sqrtf(variance(m) + p.eps);
-    if (active) {
-      if (rank == 0 && lane == 0) {
-        if (p.save_mean) p.save_mean[plane] = ep.center + ep.residual;
-        if (p.save_rstd) p.save_rstd[plane] = ep.rstd;
-      }
-      ep.set_channel(p, cc.channel);
-    }
+    Epilogue<T> ep = plane_epilogue(p, pivot, m, plane, active && rank == 0 && lane == 0);
+    if (active) ep.set_channel(p, cc.channel);
     T* ys = p.y + base + begin;
     switch (p.activation) {
       case Activation::kRelu:
@@ -342,14 +350,7 @@ __global__ void __launch_bounds__(kStagedThreads) staged_kernel(const KernelPara
     m = warp_allreduce(m, lanes);  // also orders every lane's pivot read before any write
     if (active) {
       const int64_t plane = first_plane + group;
-      Epilogue<T> ep;
-      ep.center = pivot + m.mean;
-      ep.residual = (pivot - ep.center) + m.mean;
-      ep.rstd = 1.f / sqrtf(variance(m) + p.eps);
-      if (lane == 0) {
-        if (p.save_mean) p.save_mean[plane] = ep.center + ep.residual;
-        if (p.save_rstd) p.save_rstd[plane] = ep.rstd;
-      }
+      Epilogue<T> ep = plane_epilogue(p, pivot, m, plane, lane == 0);
       const int64_t channel_base = affine ? (plane % p.groups) * p.channels_per_group : 0;
       ep.set_channel(p, channel_base);
       int64_t loaded = channel_base;
