@@ -196,6 +196,8 @@ DeviceProps sm90() {
   d.max_threads_per_block = 1024;
   d.max_blocks_per_sm = 32;
   d.regs_per_sm = 65536;
+  d.smem_per_sm = 228 * 1024;
+  d.smem_per_block_optin = 227 * 1024 - 1024;
   d.l2_bytes = 50 << 20;
   d.max_grid_x = 2147483647;
   d.cooperative = true;
@@ -209,6 +211,8 @@ DeviceProps sm89() {
   d.cc_minor = 9;
   d.max_threads_per_sm = 1536;
   d.max_blocks_per_sm = 24;
+  d.smem_per_sm = 100 * 1024;
+  d.smem_per_block_optin = 99 * 1024 - 1024;
   d.l2_bytes = 72 << 20;
   return d;
 }
@@ -243,7 +247,7 @@ TEST_P(PlannerThresholds, PlanIsValidAndCoversThePlane) {
   const int64_t per_thread = int64_t(max_items(plan.vec));
   // Where the slice fits on chip, it is held there (one DRAM read).
   if (plan.strategy != Strategy::kSplitStream)
-    EXPECT_LE(plan.slice_len / plan.vec, int64_t(plan.lanes) * plan.items);
+    EXPECT_LE(plan.slice_len / plan.vec, int64_t(plan.lanes) * (plan.items + plan.smem_items));
   if (vecs <= 32 * per_thread && prob.planes >= d.sm_count)
     EXPECT_EQ(plan.strategy, Strategy::kSubWarp);
   if (vecs > int64_t(kMaxThreads) * per_thread)
@@ -353,10 +357,17 @@ TEST(Planner, CooperativePlansFitTheResidentBlocks) {
   DeviceProps d = sm90();
   Plan p;
   ASSERT_TRUE(make_plan(problem(112, 64, 262144), d, kPolicySm90, &p));
-  EXPECT_EQ(p.blocks_per_sm, resident_blocks_per_sm(d, p.threads));
+  EXPECT_EQ(p.blocks_per_sm, resident_blocks_per_sm(d, p.threads, p.smem_bytes));
   EXPECT_LE(p.grid, int64_t(p.blocks_per_sm) * 132);
-  EXPECT_GE(p.blocks_per_plane, 8);  // 1 MB planes in slices of at most 128 KB
-  EXPECT_LE(p.blocks_per_plane, 16);
+  // Many 1 MB planes: register-only slices of 128 KB (shared memory measured slower there).
+  EXPECT_EQ(p.blocks_per_plane, 8);
+  EXPECT_EQ(p.smem_items, 0);
+  // 256 KB planes fit one block with shared memory: no exchange at all.
+  ASSERT_TRUE(make_plan(problem(16, 64, 65536), d, kPolicySm90, &p));
+  EXPECT_EQ(p.blocks_per_plane, 1);
+  EXPECT_GT(p.smem_items, 0);
+  EXPECT_LE(p.smem_bytes, d.smem_per_block_optin);
+  EXPECT_FALSE(p.cooperative);
   d.cooperative = false;  // without cooperative launch, a split plan is invalid
   EXPECT_FALSE(plan_is_valid(p, problem(112, 64, 262144), d));
 }

@@ -42,6 +42,8 @@ inline cudaError_t device_props(int device, DeviceProps* out) {
     d.max_threads_per_block = prop.maxThreadsPerBlock;
     d.max_blocks_per_sm = prop.maxBlocksPerMultiProcessor;
     d.regs_per_sm = prop.regsPerMultiprocessor;
+    d.smem_per_sm = int64_t(prop.sharedMemPerMultiprocessor);
+    d.smem_per_block_optin = int64_t(prop.sharedMemPerBlockOptin) - 1024;  // static storage
     d.l2_bytes = prop.l2CacheSize;
     d.max_grid_x = prop.maxGridSize[0];
     d.cooperative = prop.cooperativeLaunch != 0;
@@ -131,13 +133,19 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
   kp.activation = opt.activation;
   kp.lanes = plan.lanes;
   kp.items = plan.items;
+  kp.smem_items = plan.smem_items;
   kp.blocks_per_plane = plan.blocks_per_plane;
   kp.slice_len = plan.slice_len;
   kp.partials = nullptr;
   kp.counters = nullptr;
   const dim3 grid(static_cast<unsigned>(plan.grid)), block(static_cast<unsigned>(plan.threads));
+  const size_t smem = size_t(plan.smem_bytes);
+  if (smem > 48 * 1024)
+    INSTNORM_RETURN_IF_ERROR(cudaFuncSetAttribute(
+        reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
+        int(smem)));
   if (!plan.cooperative) {
-    kernel<<<grid, block, 0, stream>>>(kp);
+    kernel<<<grid, block, smem, stream>>>(kp);
     return cudaGetLastError();
   }
   auto* bytes = static_cast<unsigned char*>(workspace);
@@ -150,7 +158,7 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
   // co-resident (it fails rather than deadlocks if they cannot be).
   void* args[] = {&kp};
   return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, args,
-                                     0, stream);
+                                     smem, stream);
 }
 
 }  // namespace detail

@@ -38,6 +38,8 @@ struct DeviceProps {
   int max_threads_per_block = 0;
   int max_blocks_per_sm = 0;
   int regs_per_sm = 0;
+  int64_t smem_per_sm = 0;           ///< shared memory per SM (bytes)
+  int64_t smem_per_block_optin = 0;  ///< largest dynamic shared memory a block may opt into
   int64_t l2_bytes = 0;
   int64_t max_grid_x = 0;
   bool cooperative = false;
@@ -52,6 +54,7 @@ struct ArchPolicy {
   int block_items;           ///< vectors per thread aimed for in block-per-plane plans
   int min_block_threads;     ///< smallest block of block-per-plane plans
   int split_threads;         ///< block size of split plans
+  bool split_smem;           ///< split slices extend into dynamic shared memory
 };
 
 /// The kernels keep at most this many vectors per thread in registers (compile-time array size).
@@ -75,14 +78,14 @@ constexpr int kMaxRegsPerThread = 128;
 constexpr int kMaxThreads = 512;
 
 /// sm_90 (H100): chosen by the tuning sweep on the H100 (docs/perf-notes.md, "sm_90 table").
-constexpr ArchPolicy kPolicySm90{"sm_90", 256, 16, 16, 64, 512};
+constexpr ArchPolicy kPolicySm90{"sm_90", 256, 16, 16, 64, 512, true};
 /// sm_89 (RTX 4090): from its limits. 64K registers at 128 per thread give 512 resident
 /// threads per SM (not its 1536), so 256-thread blocks give 2 blocks (128 KB of data) per SM,
 /// the same on-chip bytes per SM as the H100; 72 MB of L2 changes nothing for register-resident
 /// plans; 24 blocks per SM at most never binds with blocks of >= 64 threads.
-constexpr ArchPolicy kPolicySm89{"sm_89", 256, 16, 16, 64, 512};
+constexpr ArchPolicy kPolicySm89{"sm_89", 256, 16, 16, 64, 512, true};
 /// Any other GPU: the same sizes, valid on every CUDA device since sm_70.
-constexpr ArchPolicy kPolicyGeneric{"generic", 256, 16, 16, 64, 256};
+constexpr ArchPolicy kPolicyGeneric{"generic", 256, 16, 16, 64, 256, false};
 
 /// The table for a compute capability.
 inline const ArchPolicy& policy_for(int cc_major, int cc_minor) {
@@ -112,6 +115,8 @@ struct Plan {
   int64_t slice_len = 0;         ///< elements per block slice (multiple of vec)
   int64_t block_groups = 0;      ///< groups of G blocks in the grid
   int64_t grid = 0;              ///< blocks launched (= block_groups * G)
+  int smem_items = 0;            ///< vectors per thread held in dynamic shared memory (split)
+  int64_t smem_bytes = 0;        ///< dynamic shared memory per block
   bool cooperative = false;      ///< blocks wait on each other: cooperative launch
   /// Co-resident blocks per SM this plan assumes (split plans), from registers and threads.
   int blocks_per_sm = 0;
@@ -129,11 +134,17 @@ inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return std::min(std:
 
 /// Blocks of `threads` threads that fit on one SM, counting the worst-case register use the
 /// kernels are compiled for.
-inline int resident_blocks_per_sm(const DeviceProps& d, int threads) {
+/// Shared memory the runtime reserves per block, plus the kernels' static reduction storage.
+constexpr int64_t kSmemPerBlockOverhead = 2048;
+
+inline int resident_blocks_per_sm(const DeviceProps& d, int threads, int64_t smem_bytes = 0) {
   const int by_threads = d.max_threads_per_sm / threads;
   const int by_regs = d.regs_per_sm / (threads * kMaxRegsPerThread);
   const int by_blocks = d.max_blocks_per_sm > 0 ? d.max_blocks_per_sm : by_threads;
-  return std::max(0, std::min({by_threads, by_regs, by_blocks}));
+  int r = std::min({by_threads, by_regs, by_blocks});
+  if (smem_bytes > 0 && d.smem_per_sm > 0)
+    r = std::min<int64_t>(r, d.smem_per_sm / (smem_bytes + kSmemPerBlockOverhead));
+  return std::max(0, r);
 }
 
 /// Checks a plan against the kernels' contract and the device's limits.
@@ -151,9 +162,18 @@ inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps&
   if (p.grid < 1 || p.grid > d.max_grid_x || p.grid != p.block_groups * p.blocks_per_plane)
     return false;
   if (p.cooperative != (p.blocks_per_plane > 1)) return false;
+  if (p.smem_items < 0 || p.smem_bytes < 0) return false;
+  if (p.smem_items > 0 && (p.strategy != Strategy::kSplit || p.lanes != p.threads ||
+                           p.smem_bytes > d.smem_per_block_optin ||
+                           p.smem_bytes < int64_t(p.smem_items) * p.threads * p.vec * prob.elem_bytes))
+    return false;
+  if (p.slice_len > int64_t(p.items + p.smem_items) * p.threads * p.vec &&
+      p.strategy != Strategy::kSplitStream)
+    return false;
   if (p.cooperative) {
     if (!d.cooperative) return false;
-    const int64_t resident = int64_t(resident_blocks_per_sm(d, p.threads)) * d.sm_count;
+    const int64_t resident =
+        int64_t(resident_blocks_per_sm(d, p.threads, p.smem_bytes)) * d.sm_count;
     if (p.grid > resident) return false;
   }
   return true;
@@ -229,14 +249,35 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
         if (g_full > 0 && resident / g_full < 8) p.threads = split_threads / 2;
       }
       p.lanes = p.threads;
+      // Shared memory extends each block's slice beyond its registers (split only): the
+      // blocks that fit by registers share the SM's shared memory.
+      int smem_cap = 0;
+      if (s == Strategy::kSplit && pol.split_smem && d.smem_per_block_optin > 0) {
+        const int by_regs = std::max(1, resident_blocks_per_sm(d, p.threads));
+        const int64_t budget = std::min(d.smem_per_block_optin,
+                                        d.smem_per_sm / by_regs - kSmemPerBlockOverhead);
+        smem_cap = int(clamp64(budget / (int64_t(p.threads) * 16), 0, 32));
+        // Measured on the H100: shared memory pays where it removes the exchange (G = 1:
+        // 16x64x256x256 0.98 of copy against 0.92) or where few groups fit (1x128x20x256x256
+        // GroupNorm 0.57 against 0.34), and costs on many-plane shapes that already have
+        // register-only groups (112x64x512x512 fp32: G 8 -> 3, 0.82 -> 0.71).
+        const int64_t g_regs = ceil_div(vecs, int64_t(p.threads) * max_i);
+        const int64_t g_smem = ceil_div(vecs, int64_t(p.threads) * (max_i + smem_cap));
+        const int64_t groups_regs = resident / std::max<int64_t>(1, g_regs);
+        if (!(g_smem == 1 || groups_regs < 8)) smem_cap = 0;
+      }
       const int64_t resident_t =
-          int64_t(std::max(1, resident_blocks_per_sm(d, p.threads))) * d.sm_count;
+          int64_t(std::max(1, resident_blocks_per_sm(
+                                  d, p.threads,
+                                  int64_t(smem_cap) * p.threads * p.vec * prob.elem_bytes))) *
+          d.sm_count;
       int64_t g;
       if (ov.blocks_per_plane > 0) {
         g = ov.blocks_per_plane;
       } else if (s != Strategy::kSplitStream) {
         const int64_t total_bytes = prob.planes * L * prob.elem_bytes;
-        const int64_t g_cap = ceil_div(vecs, int64_t(p.threads) * max_items_for(s, p.vec));
+        const int64_t g_cap =
+            ceil_div(vecs, int64_t(p.threads) * (max_items_for(s, p.vec) + smem_cap));
         const int64_t g_fill = prob.planes < resident_t && total_bytes >= kMinFillSplitBytes
                                    ? ceil_div(resident_t, prob.planes) : 1;
         const int64_t g_min_work = std::max<int64_t>(1, vecs / (int64_t(p.threads) * 2));
@@ -252,12 +293,22 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
       p.slice_len = slice_vecs * p.vec;
       p.items = int(clamp64(ceil_div(slice_vecs, p.threads), 1, max_items_for(s, p.vec)));
       if (ov.items > 0) p.items = ov.items;
-      if (s != Strategy::kSplitStream && slice_vecs > int64_t(p.items) * p.threads) {
+      if (s == Strategy::kSplit && smem_cap > 0) {
+        const int64_t rest = ceil_div(slice_vecs, p.threads) - p.items;
+        if (rest > 0 && rest <= smem_cap) {
+          p.smem_items = int(rest);
+          p.smem_bytes = int64_t(p.smem_items) * p.threads * p.vec * prob.elem_bytes;
+        }
+      }
+      if (s != Strategy::kSplitStream &&
+          slice_vecs > int64_t(p.items + p.smem_items) * p.threads) {
         p.strategy = Strategy::kSplitStream;
         p.items = std::min(p.items, max_stream_items(p.vec));
       }
-      p.block_groups = std::max<int64_t>(1, std::min(prob.planes, resident_t / g));
-      p.blocks_per_sm = resident_blocks_per_sm(d, p.threads);
+      const int64_t resident_final =
+          int64_t(std::max(1, resident_blocks_per_sm(d, p.threads, p.smem_bytes))) * d.sm_count;
+      p.block_groups = std::max<int64_t>(1, std::min(prob.planes, resident_final / g));
+      p.blocks_per_sm = resident_blocks_per_sm(d, p.threads, p.smem_bytes);
       break;
     }
   }
