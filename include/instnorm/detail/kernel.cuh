@@ -101,47 +101,55 @@ __device__ __forceinline__ void load_chunk(Vector<T, kVec> (&r)[kMaxItems], cons
     if (j < valid) r[j] = load_vector(s + j * lanes);
 }
 
-/// This thread's moments of its valid elements of a chunk, relative to the pivot. Two passes
-/// over registers: a plain sum gives a local centre c, then the deviations d = x - c give
-/// sum(d) and sum(d^2); mean = (c - pivot) + sum(d)/n and m2 = sum(d^2) - sum(d)^2/n are
-/// accurate for any offset, since c is within rounding of the local mean.
-template <class T, int kVec, int kMaxItems>
-__device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMaxItems],
-                                                 int valid, float pivot) {
+/// Local moments in two passes over a thread's values, relative to the pivot: a plain sum gives a
+/// local centre c, then the deviations d = x - c give sum(d) and sum(d^2); mean = (c - pivot) +
+/// sum(d)/n and m2 = sum(d^2) - sum(d)^2/n are accurate for any offset, since c is within
+/// rounding of the local mean. The helpers are shared by the register and shared-memory parts.
+template <class T, int kVec>
+__device__ __forceinline__ void add_values(const Vector<T, kVec>& v, float& sum) {
+  float f[kVec];
+  unpack(v, f);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) sum += f[k];
+}
+template <class T, int kVec>
+__device__ __forceinline__ void add_deviations(const Vector<T, kVec>& v, float c, float& s1,
+                                               float& s2) {
+  float f[kVec];
+  unpack(v, f);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    const float d = f[k] - c;
+    s1 += d;
+    s2 = fmaf(d, d, s2);
+  }
+}
+__device__ __forceinline__ Moments finish_moments(int n, float c, float s1, float s2,
+                                                  float pivot) {
   Moments m;
-  const int n = valid * kVec;
-  if (n == 0) return m;
-  float sum = 0.f;
-#pragma unroll
-  for (int j = 0; j < kMaxItems; ++j) {
-    if (j < valid) {
-      float f[kVec];
-      unpack(r[j], f);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) sum += f[k];
-    }
-  }
-  const float inv_n = 1.f / static_cast<float>(n);
-  const float c = sum * inv_n;
-  float s1 = 0.f, s2 = 0.f;
-#pragma unroll
-  for (int j = 0; j < kMaxItems; ++j) {
-    if (j < valid) {
-      float f[kVec];
-      unpack(r[j], f);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const float d = f[k] - c;
-        s1 += d;
-        s2 = fmaf(d, d, s2);
-      }
-    }
-  }
-  const float dm = s1 * inv_n;
+  const float dm = s1 / static_cast<float>(n);
   m.mean = (c - pivot) + dm;
   m.m2 = fmaxf(fmaf(-s1, dm, s2), 0.f);
   m.count = n;
   return m;
+}
+
+/// This thread's moments of the valid vectors of a chunk held in registers.
+template <class T, int kVec, int kMaxItems>
+__device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMaxItems],
+                                                 int valid, float pivot) {
+  const int n = valid * kVec;
+  if (n == 0) return Moments{};
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < kMaxItems; ++j)
+    if (j < valid) add_values(r[j], sum);
+  const float c = sum / static_cast<float>(n);
+  float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+  for (int j = 0; j < kMaxItems; ++j)
+    if (j < valid) add_deviations(r[j], c, s1, s2);
+  return finish_moments(n, c, s1, s2, pivot);
 }
 
 /// Position of a chunk's first element as (channel, offset in that channel): computed before the
@@ -155,49 +163,68 @@ __device__ __forceinline__ ChunkChannel chunk_channel(int64_t channel_base, int6
   return ChunkChannel{channel_base + first / spatial, uint32_t(first % spatial)};
 }
 
-/// Normalizes the valid elements of a chunk held in registers and stores them. With per-channel
-/// parameters (GroupNorm), the channel is tracked incrementally from the chunk's first element
-/// (cc): vector j of this lane starts at element (j * lanes + lane) * kVec of the chunk, and
-/// gamma/beta are reloaded only when the channel changes (a vector never straddles channels:
-/// vectors are used only when spatial % kVec == 0). Reloading them per vector through a 32-bit
-/// division made GroupNorm+SiLU 2.6x slower than the plain forward on the H100.
+/// Channel of each of a lane's vectors when gamma/beta vary inside a plane (GroupNorm): tracked
+/// incrementally from the chunk's first element (cc), vector j of the lane starting at element
+/// (j * lanes + lane) * kVec of the chunk; gamma/beta are reloaded only when the channel changes
+/// (a vector never straddles channels: vectors are used only when spatial % kVec == 0).
+/// Reloading them per vector through a 32-bit division made GroupNorm+SiLU 2.6x slower than the
+/// plain forward on the H100.
+template <class T>
+struct ChannelCursor {
+  int64_t ch = 0, rem = 0, step_ch = 0, step_rem = 0, loaded = -1;
+  bool on = false;
+  __device__ __forceinline__ ChannelCursor(bool per_channel, ChunkChannel cc, int lane,
+                                           int lanes, int vec, int64_t spatial)
+      : on(per_channel) {
+    if (!on) return;
+    const int64_t first = int64_t(cc.offset) + int64_t(lane) * vec;
+    ch = cc.channel + first / spatial;
+    rem = first % spatial;
+    const int64_t step = int64_t(lanes) * vec;
+    step_ch = step / spatial;
+    step_rem = step % spatial;
+  }
+  /// Sets ep's channel for vector j (called for j = 0, 1, 2, ... in order).
+  __device__ __forceinline__ void visit(int j, Epilogue<T>& ep, const KernelParams<T>& p) {
+    if (!on) return;
+    if (j > 0) {
+      ch += step_ch;
+      rem += step_rem;
+      if (rem >= p.spatial) {
+        rem -= p.spatial;
+        ++ch;
+      }
+    }
+    if (ch != loaded) {
+      ep.set_channel(p, ch);
+      loaded = ch;
+    }
+  }
+};
+
+template <Activation kAct, class T, int kVec>
+__device__ __forceinline__ Vector<T, kVec> normalize_vector(const Vector<T, kVec>& v,
+                                                            const Epilogue<T>& ep) {
+  float f[kVec];
+  unpack(v, f);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) f[k] = activate<kAct>(fmaf(f[k] - ep.center, ep.scale, ep.shift));
+  return pack<T, kVec>(f);
+}
+
+/// Normalizes the valid vectors of a chunk held in registers and stores them.
 template <Activation kAct, class T, int kVec, int kMaxItems>
 __device__ __forceinline__ void store_chunk(const Vector<T, kVec> (&r)[kMaxItems], T* dst,
                                             int valid, int lane, int lanes, Epilogue<T>& ep,
                                             const KernelParams<T>& p, bool per_channel,
                                             ChunkChannel cc) {
   auto* d = reinterpret_cast<Vector<T, kVec>*>(dst) + lane;
-  int64_t ch = cc.channel, rem = 0, step_ch = 0, step_rem = 0, loaded = -1;
-  if (per_channel) {
-    const int64_t first = int64_t(cc.offset) + int64_t(lane) * kVec;
-    ch += first / p.spatial;
-    rem = first % p.spatial;
-    const int64_t step = int64_t(lanes) * kVec;
-    step_ch = step / p.spatial;
-    step_rem = step % p.spatial;
-  }
+  ChannelCursor<T> cursor(per_channel, cc, lane, lanes, kVec, p.spatial);
 #pragma unroll
   for (int j = 0; j < kMaxItems; ++j) {
     if (j < valid) {
-      if (per_channel) {
-        if (j > 0) {
-          ch += step_ch;
-          rem += step_rem;
-          if (rem >= p.spatial) {
-            rem -= p.spatial;
-            ++ch;
-          }
-        }
-        if (ch != loaded) {
-          ep.set_channel(p, ch);
-          loaded = ch;
-        }
-      }
-      float f[kVec];
-      unpack(r[j], f);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) f[k] = activate<kAct>(fmaf(f[k] - ep.center, ep.scale, ep.shift));
-      store_vector(d + j * lanes, pack<T, kVec>(f));
+      cursor.visit(j, ep, p);
+      store_vector(d + j * lanes, normalize_vector<kAct>(r[j], ep));
     }
   }
 }
@@ -220,34 +247,14 @@ __device__ __forceinline__ Moments smem_load_moments(Vector<T, kVec>* sm, const 
     for (int b = 0; b < kBatch; ++b) sm[(j + b) * lanes] = v[b];
   }
   for (; j < valid; ++j) sm[j * lanes] = load_vector(s + j * lanes);
-  Moments m;
   const int n = valid * kVec;
-  if (n == 0) return m;
+  if (n == 0) return Moments{};
   float sum = 0.f;
-  for (j = 0; j < valid; ++j) {
-    float f[kVec];
-    unpack(sm[j * lanes], f);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) sum += f[k];
-  }
-  const float inv_n = 1.f / static_cast<float>(n);
-  const float c = sum * inv_n;
+  for (j = 0; j < valid; ++j) add_values(sm[j * lanes], sum);
+  const float c = sum / static_cast<float>(n);
   float s1 = 0.f, s2 = 0.f;
-  for (j = 0; j < valid; ++j) {
-    float f[kVec];
-    unpack(sm[j * lanes], f);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const float d = f[k] - c;
-      s1 += d;
-      s2 = fmaf(d, d, s2);
-    }
-  }
-  const float dm = s1 * inv_n;
-  m.mean = (c - pivot) + dm;
-  m.m2 = fmaxf(fmaf(-s1, dm, s2), 0.f);
-  m.count = n;
-  return m;
+  for (j = 0; j < valid; ++j) add_deviations(sm[j * lanes], c, s1, s2);
+  return finish_moments(n, c, s1, s2, pivot);
 }
 
 template <Activation kAct, class T, int kVec>
@@ -256,35 +263,10 @@ __device__ __forceinline__ void smem_store(const Vector<T, kVec>* sm, T* dst, in
                                            const KernelParams<T>& p, bool per_channel,
                                            ChunkChannel cc) {
   auto* d = reinterpret_cast<Vector<T, kVec>*>(dst) + lane;
-  int64_t ch = cc.channel, rem = 0, step_ch = 0, step_rem = 0, loaded = -1;
-  if (per_channel) {
-    const int64_t first = int64_t(cc.offset) + int64_t(lane) * kVec;
-    ch += first / p.spatial;
-    rem = first % p.spatial;
-    const int64_t step = int64_t(lanes) * kVec;
-    step_ch = step / p.spatial;
-    step_rem = step % p.spatial;
-  }
+  ChannelCursor<T> cursor(per_channel, cc, lane, lanes, kVec, p.spatial);
   for (int j = 0; j < valid; ++j) {
-    if (per_channel) {
-      if (j > 0) {
-        ch += step_ch;
-        rem += step_rem;
-        if (rem >= p.spatial) {
-          rem -= p.spatial;
-          ++ch;
-        }
-      }
-      if (ch != loaded) {
-        ep.set_channel(p, ch);
-        loaded = ch;
-      }
-    }
-    float f[kVec];
-    unpack(sm[j * lanes], f);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) f[k] = activate<kAct>(fmaf(f[k] - ep.center, ep.scale, ep.shift));
-    store_vector(d + j * lanes, pack<T, kVec>(f));
+    cursor.visit(j, ep, p);
+    store_vector(d + j * lanes, normalize_vector<kAct>(sm[j * lanes], ep));
   }
 }
 
