@@ -128,7 +128,7 @@ TEST(Moments, MergeOfAnyPartitionInAnyOrderEqualsWhole) {
     for (const auto& p : pieces) all = merge(all, p);
     ASSERT_EQ(all.count, int64_t(v.size()));
     ASSERT_NEAR(all.mean, mean, 1e-5 * 2.0) << "trial " << trial;
-    ASSERT_NEAR(all.m2 / double(all.count), m2 / double(v.size()), 1e-5 * 4.0) << "trial " << trial;
+    ASSERT_NEAR(all.var, m2 / double(v.size()), 1e-5 * 4.0) << "trial " << trial;
   }
 }
 
@@ -137,10 +137,10 @@ TEST(Moments, EmptyPartialsMergeExactly) {
   Moments e;
   const Moments l = merge(e, a), r = merge(a, e);
   EXPECT_EQ(l.mean, a.mean);
-  EXPECT_EQ(l.m2, a.m2);
+  EXPECT_EQ(l.var, a.var);
   EXPECT_EQ(l.count, a.count);
   EXPECT_EQ(r.mean, a.mean);
-  EXPECT_EQ(r.m2, a.m2);
+  EXPECT_EQ(r.var, a.var);
   EXPECT_EQ(r.count, a.count);
   EXPECT_EQ(merge(e, e).count, 0);
 }
@@ -151,22 +151,23 @@ TEST(Moments, CountsStayExactBeyond2To24) {
   const Moments m = merge(a, b);
   EXPECT_EQ(m.count, 2 * big + 1);
   EXPECT_FLOAT_EQ(m.mean, 1.f);
-  EXPECT_FLOAT_EQ(m.m2, 0.f);
+  EXPECT_FLOAT_EQ(m.var, 0.f);
 }
 
 TEST(Moments, MergeFormulaOnTwoSets) {
-  // {1,2,3} and {10}: mean 4, m2 = 9+4+1+36 = 50.
-  const Moments a{2.f, 2.f, 3}, b{10.f, 0.f, 1};
+  // {1,2,3} and {10}: mean 4, m2 = 9+4+1+36 = 50, var 12.5.
+  const Moments a{2.f, 2.f / 3.f, 3}, b{10.f, 0.f, 1};
   const Moments m = merge(a, b);
   EXPECT_EQ(m.count, 4);
   EXPECT_FLOAT_EQ(m.mean, 4.f);
-  EXPECT_FLOAT_EQ(m.m2, 50.f);
+  EXPECT_FLOAT_EQ(m.var, 12.5f);
 }
 
 TEST(Moments, VarianceClampedAtZeroAndEmptyIsZero) {
   EXPECT_EQ(variance(Moments{0.f, -1e-9f, 4}), 0.f);
   EXPECT_EQ(variance(Moments{}), 0.f);
-  EXPECT_FLOAT_EQ(variance(Moments{0.f, 8.f, 4}), 2.f);
+  EXPECT_FLOAT_EQ(variance(Moments{0.f, 2.f, 4}), 2.f);
+  EXPECT_TRUE(std::isnan(variance(Moments{0.f, std::nanf(""), 4})));
 }
 
 TEST(Moments, PivotKeepsFp32AccurateAtMean1e4TimesStd) {
@@ -183,6 +184,49 @@ TEST(Moments, PivotKeepsFp32AccurateAtMean1e4TimesStd) {
   const Moments m = moments_of(v, 0, v.size(), v[0]);
   EXPECT_NEAR(double(v[0]) + m.mean, mean, 1e-6 * 1e4);
   EXPECT_NEAR(variance(m), m2 / v.size(), 1e-5 * (m2 / v.size()));
+}
+
+TEST(Moments, DeviationScaleIsAPowerOfTwoThatBoundsTheSum) {
+  for (int n : {0, 1, 2, 3, 4, 5, 16, 17, 64, 100, 128, 129, 4096, 1 << 20, (1 << 30) + 1}) {
+    const float h = deviation_scale(n);
+    int e = 0;
+    EXPECT_EQ(std::frexp(h, &e), 0.5f) << n;                  // an exact power of two
+    EXPECT_LE(double(n) * double(h) * double(h), 1.0) << n;   // n squares scaled stay below one
+    if (n > 1) EXPECT_GT(4.0 * double(n) * double(h) * double(h), 1.0) << n;  // and no smaller
+  }
+}
+
+TEST(Moments, ValuesOf1e18StayFiniteAndAccurate) {
+  // Squares of 1e18 are 1e36; a plain fp32 sum of a few hundred of them overflows (3.4e38).
+  std::mt19937_64 rng(11);
+  std::uniform_real_distribution<double> ud(-1e18, 1e18);
+  std::vector<float> v(1 << 16);
+  for (auto& x : v) x = float(ud(rng));
+  double s = 0;
+  for (float x : v) s += x;
+  const double mean = s / v.size();
+  double m2 = 0;
+  for (float x : v) m2 += (x - mean) * (x - mean);
+  const double var = m2 / v.size();
+  // Merged from per-thread chunks of 128, as a kernel would.
+  Moments all;
+  for (size_t lo = 0; lo < v.size(); lo += 128) all = merge(all, moments_of(v, lo, lo + 128, v[0]));
+  ASSERT_TRUE(std::isfinite(all.mean) && std::isfinite(all.var));
+  EXPECT_NEAR(double(v[0]) + double(all.mean), mean, 1e-5 * std::sqrt(var));
+  EXPECT_NEAR(variance(all), var, 1e-5 * var);
+  const Moments one = moments_of(v, 0, 4096, 0.f);  // one thread holding 4096 such values
+  ASSERT_TRUE(std::isfinite(one.var));
+}
+
+TEST(Moments, NanOrInfMakesTheStatisticsNan) {
+  for (float bad : {std::nanf(""), INFINITY, -INFINITY}) {
+    std::vector<float> v(300, 1.f);
+    v[123] = bad;
+    Moments all;
+    for (size_t lo = 0; lo < v.size(); lo += 64)
+      all = merge(all, moments_of(v, lo, std::min(v.size(), lo + 64), v[0]));
+    EXPECT_TRUE(std::isnan(all.mean) || std::isnan(variance(all))) << bad;
+  }
 }
 
 // ---------------------------------------------------------------- planner

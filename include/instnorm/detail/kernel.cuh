@@ -102,9 +102,10 @@ __device__ __forceinline__ void load_chunk(Vector<T, kVec> (&r)[kMaxItems], cons
 }
 
 /// Local moments in two passes over a thread's values, relative to the pivot: a plain sum gives a
-/// local centre c, then the deviations d = x - c give sum(d) and sum(d^2); mean = (c - pivot) +
-/// sum(d)/n and m2 = sum(d^2) - sum(d)^2/n are accurate for any offset, since c is within
-/// rounding of the local mean. The helpers are shared by the register and shared-memory parts.
+/// local centre c, then the deviations d = x - c, scaled by the power of two h =
+/// deviation_scale(n), give sum(h*d) and sum((h*d)^2) (moments_from_sums); accurate for any
+/// offset, since c is within rounding of the local mean, and finite for values up to +-1e18.
+/// The helpers are shared by the register and shared-memory parts.
 template <class T, int kVec>
 __device__ __forceinline__ void add_values(const Vector<T, kVec>& v, float& sum) {
   float f[kVec];
@@ -113,25 +114,16 @@ __device__ __forceinline__ void add_values(const Vector<T, kVec>& v, float& sum)
   for (int k = 0; k < kVec; ++k) sum += f[k];
 }
 template <class T, int kVec>
-__device__ __forceinline__ void add_deviations(const Vector<T, kVec>& v, float c, float& s1,
-                                               float& s2) {
+__device__ __forceinline__ void add_deviations(const Vector<T, kVec>& v, float c, float h,
+                                               float& s1, float& s2) {
   float f[kVec];
   unpack(v, f);
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {
-    const float d = f[k] - c;
+    const float d = (f[k] - c) * h;
     s1 += d;
     s2 = fmaf(d, d, s2);
   }
-}
-__device__ __forceinline__ Moments finish_moments(int n, float c, float s1, float s2,
-                                                  float pivot) {
-  Moments m;
-  const float dm = s1 / static_cast<float>(n);
-  m.mean = (c - pivot) + dm;
-  m.m2 = fmaxf(fmaf(-s1, dm, s2), 0.f);
-  m.count = n;
-  return m;
 }
 
 /// This thread's moments of the valid vectors of a chunk held in registers.
@@ -145,11 +137,12 @@ __device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMax
   for (int j = 0; j < kMaxItems; ++j)
     if (j < valid) add_values(r[j], sum);
   const float c = sum / static_cast<float>(n);
+  const float h = deviation_scale(n);
   float s1 = 0.f, s2 = 0.f;
 #pragma unroll
   for (int j = 0; j < kMaxItems; ++j)
-    if (j < valid) add_deviations(r[j], c, s1, s2);
-  return finish_moments(n, c, s1, s2, pivot);
+    if (j < valid) add_deviations(r[j], c, h, s1, s2);
+  return moments_from_sums(n, c, h, s1, s2, pivot);
 }
 
 /// Position of a chunk's first element as (channel, offset in that channel): computed before the
@@ -252,9 +245,10 @@ __device__ __forceinline__ Moments smem_load_moments(Vector<T, kVec>* sm, const 
   float sum = 0.f;
   for (j = 0; j < valid; ++j) add_values(sm[j * lanes], sum);
   const float c = sum / static_cast<float>(n);
+  const float h = deviation_scale(n);
   float s1 = 0.f, s2 = 0.f;
-  for (j = 0; j < valid; ++j) add_deviations(sm[j * lanes], c, s1, s2);
-  return finish_moments(n, c, s1, s2, pivot);
+  for (j = 0; j < valid; ++j) add_deviations(sm[j * lanes], c, h, s1, s2);
+  return moments_from_sums(n, c, h, s1, s2, pivot);
 }
 
 template <Activation kAct, class T, int kVec>

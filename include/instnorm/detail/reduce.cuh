@@ -17,7 +17,7 @@ namespace detail {
 __device__ __forceinline__ Moments shfl_xor(const Moments& m, int offset) {
   Moments r;
   r.mean = __shfl_xor_sync(0xffffffffu, m.mean, offset);
-  r.m2 = __shfl_xor_sync(0xffffffffu, m.m2, offset);
+  r.var = __shfl_xor_sync(0xffffffffu, m.var, offset);
   r.count = static_cast<int64_t>(
       __shfl_xor_sync(0xffffffffu, static_cast<long long>(m.count), offset));
   return r;
@@ -94,7 +94,7 @@ __device__ __forceinline__ Moments group_wait(const Moments* slots, unsigned lon
     for (int i = lane; i < blocks; i += 32) {
       Moments q;  // L1 bypass: other blocks wrote these in L2
       q.mean = __ldcg(&slots[i].mean);
-      q.m2 = __ldcg(&slots[i].m2);
+      q.var = __ldcg(&slots[i].var);
       q.count = static_cast<int64_t>(__ldcg(reinterpret_cast<const long long*>(&slots[i].count)));
       v = merge(v, q);
     }
