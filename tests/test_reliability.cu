@@ -1,0 +1,585 @@
+// Hostile inputs and hard conditions (docs/reliability.md): 64-bit sizes, misalignment,
+// aliasing, extreme values, NaN/Inf isolation, concurrency under load, graph capture and
+// determinism. The overlap rules run everywhere; the rest skip without a GPU.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <future>
+#include <thread>
+
+#include "gpu_util.h"
+
+namespace {
+using namespace instnorm_test;
+
+// ---------------------------------------------------------------- aliasing rules (no GPU needed)
+
+TEST(Aliasing, PartialOverlapIsRefusedBeforeAnyCudaCall) {
+  Problem prob;
+  const Options opt;
+  auto* x = reinterpret_cast<float*>(uintptr_t(1) << 30);
+  const int64_t n = 2, c = 3, s = 100, total = n * c * s;
+  for (int64_t shift : {int64_t(1), int64_t(7), total - 1, int64_t(-1), -(total - 1)}) {
+    EXPECT_EQ(validate(x, x + shift, n, c, s, 4, opt, &prob), Invalid::kOverlap) << shift;
+    EXPECT_EQ(forward<float>(x, x + shift, n, c, s), cudaErrorInvalidValue) << shift;
+    // Overlap counted in bytes: a half buffer starting mid-way through an fp32 buffer.
+    EXPECT_EQ(validate(x, reinterpret_cast<char*>(x + shift) + 2, n, c, s, 4, opt, &prob),
+              Invalid::kOverlap)
+        << shift;
+  }
+  // Same buffer (in place) and buffers that only touch are accepted.
+  EXPECT_EQ(validate(x, x, n, c, s, 4, opt, &prob), Invalid::kOk);
+  EXPECT_EQ(validate(x, x + total, n, c, s, 4, opt, &prob), Invalid::kOk);
+  EXPECT_EQ(validate(x + total, x, n, c, s, 4, opt, &prob), Invalid::kOk);
+}
+
+// ---------------------------------------------------------------- device-side helpers
+
+/// Deterministic pseudo-random values in [-1, 1) (a 64-bit mix of the index), plus a per-plane
+/// offset, written on the device: the large tests would spend minutes generating on the host.
+template <class T>
+__global__ void fill_hash(T* x, int64_t total, int64_t len, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    uint64_t z = uint64_t(i) * 0x9e3779b97f4a7c15ull + seed;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    const float u = float(z >> 40) * 0x1p-23f - 1.f;  // [-1, 1)
+    x[i] = detail::from_float<T>(u + 0.25f * float((i / len) % 7));
+  }
+}
+
+/// Sum and sum of squares of each plane in float64, and the count of NaN elements over all
+/// planes: checks every plane of a tensor too large for the host reference. One block per chunk
+/// of kSumChunk elements of a plane; the host adds the chunks of a plane in order.
+constexpr int64_t kSumChunk = int64_t(1) << 20;
+
+template <class T>
+__global__ void chunk_sums(const T* y, int64_t planes, int64_t len, int64_t chunks, double* sums,
+                           unsigned long long* nans) {
+  __shared__ double s1[256], s2[256];
+  __shared__ unsigned long long sn[256];
+  for (int64_t u = blockIdx.x; u < planes * chunks; u += gridDim.x) {
+    const int64_t p = u / chunks, lo = (u % chunks) * kSumChunk;
+    const int64_t hi = std::min(len, lo + kSumChunk);
+    double a = 0, b = 0;
+    unsigned long long bad = 0;
+    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+      const double v = detail::to_float(y[p * len + i]);
+      if (v != v) ++bad;
+      a += v;
+      b += v * v;
+    }
+    s1[threadIdx.x] = a;
+    s2[threadIdx.x] = b;
+    sn[threadIdx.x] = bad;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+      if (int(threadIdx.x) < o) {
+        s1[threadIdx.x] += s1[threadIdx.x + o];
+        s2[threadIdx.x] += s2[threadIdx.x + o];
+        sn[threadIdx.x] += sn[threadIdx.x + o];
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      sums[2 * u] = s1[0];
+      sums[2 * u + 1] = s2[0];
+      atomicAdd(nans, sn[0]);
+    }
+    __syncthreads();
+  }
+}
+
+struct PlaneSummary {
+  std::vector<double> mean, var;
+  unsigned long long nans = 0;
+};
+
+template <class T>
+PlaneSummary summarize(const T* d, int64_t planes, int64_t len) {
+  PlaneSummary r;
+  const int64_t chunks = (len + kSumChunk - 1) / kSumChunk;
+  DeviceBuffer<double> sums(static_cast<size_t>(2 * planes * chunks));
+  DeviceBuffer<unsigned long long> nans(1);
+  cudaMemset(nans.ptr, 0, sizeof(unsigned long long));
+  chunk_sums<T><<<int(std::min<int64_t>(planes * chunks, 8192)), 256>>>(d, planes, len, chunks,
+                                                                       sums.ptr, nans.ptr);
+  std::vector<double> h(static_cast<size_t>(2 * planes * chunks));
+  cudaMemcpy(h.data(), sums.ptr, h.size() * sizeof(double), cudaMemcpyDeviceToHost);
+  cudaMemcpy(&r.nans, nans.ptr, sizeof(r.nans), cudaMemcpyDeviceToHost);
+  for (int64_t p = 0; p < planes; ++p) {
+    double a = 0, b = 0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      a += h[static_cast<size_t>(2 * (p * chunks + k))];
+      b += h[static_cast<size_t>(2 * (p * chunks + k) + 1)];
+    }
+    const double m = a / double(len);
+    r.mean.push_back(m);
+    r.var.push_back(std::max(0.0, b / double(len) - m * m));
+  }
+  return r;
+}
+
+/// Compares downloaded elements [first, first + count) of y with (x - mean) * rstd in float64.
+template <class T>
+void expect_normalized(const T* dx, const T* dy, int64_t first, int64_t count, double mean,
+                       double rstd, const char* what) {
+  std::vector<T> hx(static_cast<size_t>(count)), hy(static_cast<size_t>(count));
+  ASSERT_EQ(cudaMemcpy(hx.data(), dx + first, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(hy.data(), dy + first, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int64_t i = 0; i < count; ++i) {
+    const double want = (reference::to_double(hx[static_cast<size_t>(i)]) - mean) * rstd;
+    const double got = reference::to_double(hy[static_cast<size_t>(i)]);
+    ASSERT_NEAR(got, want, 2 * ulp_of<T>(want) + 1e-4) << what << " element " << first + i;
+  }
+}
+
+bool enough_memory(size_t bytes) {
+  size_t free_b = 0, total_b = 0;
+  return cudaMemGetInfo(&free_b, &total_b) == cudaSuccess && free_b > bytes + (static_cast<size_t>(1) << 30);
+}
+
+// ---------------------------------------------------------------- 64-bit sizes
+
+// 2^31 + 2^20 fp16 elements in one call (2049 planes of 2^20): every plane is checked through
+// its float64 moments on the device (mean 0, variance 1 up to fp16 rounding, no NaN left of
+// the NaN-filled output), three planes element by element against the input's own moments.
+TEST(Large, TensorBeyond2To31Elements) {
+  REQUIRE_GPU();
+  using T = __half;
+  const int64_t n = 1, c = 2049, s = int64_t(1) << 20, total = n * c * s;
+  ASSERT_GT(total, int64_t(1) << 31);
+  if (!enough_memory(2 * static_cast<size_t>(total) * sizeof(T))) GTEST_SKIP() << "needs 9 GB of free GPU memory";
+  DeviceBuffer<T> dx(static_cast<size_t>(total)), dy(static_cast<size_t>(total));
+  ASSERT_NE(dx.ptr, nullptr);
+  ASSERT_NE(dy.ptr, nullptr);
+  fill_hash<<<4096, 256>>>(dx.ptr, total, s, 1);
+  CUDA_OK(cudaMemset(dy.ptr, 0xff, total * sizeof(T)));
+  CUDA_OK(forward(dx.ptr, dy.ptr, n, c, s));
+  CUDA_OK(cudaDeviceSynchronize());
+  const auto in = summarize(dx.ptr, c, s), out = summarize(dy.ptr, c, s);
+  EXPECT_EQ(out.nans, 0u) << "elements left unwritten (or NaN)";
+  for (int64_t p = 0; p < c; ++p) {
+    ASSERT_NEAR(out.mean[static_cast<size_t>(p)], 0.0, 1e-3) << "plane " << p;
+    ASSERT_NEAR(out.var[static_cast<size_t>(p)], 1.0, 2e-3) << "plane " << p;
+  }
+  for (int64_t p : {int64_t(0), int64_t(1024), c - 1})
+    expect_normalized(dx.ptr, dy.ptr, p * s, s, in.mean[static_cast<size_t>(p)],
+                      1 / std::sqrt(in.var[static_cast<size_t>(p)] + 1e-5), "tensor > 2^31");
+}
+
+// One plane of 2^31 + 2^20 fp16 elements, normalized in place: the saved statistics match the
+// input's float64 moments, and elements on both sides of 2^31 match the float64 formula.
+TEST(Large, PlaneBeyond2To31ElementsInPlace) {
+  REQUIRE_GPU();
+  using T = __half;
+  const int64_t s = (int64_t(1) << 31) + (int64_t(1) << 20);
+  if (!enough_memory(2 * static_cast<size_t>(s) * sizeof(T))) GTEST_SKIP() << "needs 9 GB of free GPU memory";
+  DeviceBuffer<T> dx(static_cast<size_t>(s)), keep(static_cast<size_t>(s));
+  DeviceBuffer<float> stats(2);
+  ASSERT_NE(dx.ptr, nullptr);
+  ASSERT_NE(keep.ptr, nullptr);
+  fill_hash<<<4096, 256>>>(dx.ptr, s, s, 2);
+  CUDA_OK(cudaMemcpy(keep.ptr, dx.ptr, s * sizeof(T), cudaMemcpyDeviceToDevice));
+  const auto in = summarize(dx.ptr, 1, s);
+  Options opt;
+  opt.save_mean = stats.ptr;
+  opt.save_rstd = stats.ptr + 1;
+  CUDA_OK(forward(dx.ptr, dx.ptr, 1, 1, s, opt));
+  CUDA_OK(cudaDeviceSynchronize());
+  float h[2];
+  CUDA_OK(cudaMemcpy(h, stats.ptr, sizeof(h), cudaMemcpyDeviceToHost));
+  const double rstd = 1 / std::sqrt(in.var[0] + 1e-5);
+  EXPECT_NEAR(h[0], in.mean[0], 1e-5);
+  EXPECT_NEAR(h[1], rstd, 1e-5 * rstd);
+  const int64_t edge = int64_t(1) << 31;
+  expect_normalized(keep.ptr, dx.ptr, 0, 1 << 16, in.mean[0], rstd, "plane start");
+  expect_normalized(keep.ptr, dx.ptr, edge - (1 << 16), 1 << 17, in.mean[0], rstd, "around 2^31");
+  expect_normalized(keep.ptr, dx.ptr, s - (1 << 16), 1 << 16, in.mean[0], rstd, "plane end");
+  EXPECT_EQ(summarize(dx.ptr, 1, s).nans, 0u);
+}
+
+// ---------------------------------------------------------------- strategies
+
+/// A shape that the planner (or a forced plan) runs with each strategy.
+struct StrategyCase {
+  const char* name;
+  int64_t n, c, s;
+  PlanOverride ov;
+};
+
+std::vector<StrategyCase> strategy_cases() {
+  PlanOverride split;
+  split.strategy = int(Strategy::kSplit);
+  split.blocks_per_plane = 3;
+  PlanOverride stream;
+  stream.strategy = int(Strategy::kSplitStream);
+  stream.blocks_per_plane = 2;
+  stream.items = 1;
+  stream.threads = 64;
+  return {{"subwarp", 64, 8, 49, {}},
+          {"subwarp-aligned", 16, 8, 1024, {}},
+          {"block", 4, 4, 16384, {}},
+          {"split", 2, 3, 65536, split},
+          {"split-stream", 1, 3, 65536, stream},
+          {"split-auto", 1, 4, 1 << 20, {}}};
+}
+
+// ---------------------------------------------------------------- alignment
+
+// x and y offset by 1, 2, 3 elements (independently) from any 16-byte alignment: the scalar or
+// staged path, checked against the reference; aligned buffers keep 16-byte vectors.
+template <class T>
+void offsets_case(int64_t n, int64_t c, int64_t s) {
+  const int64_t total = n * c * s;
+  const auto hx = random_planes<T>(n * c, s, 0.0, 31);
+  std::vector<double> ref(static_cast<size_t>(total));
+  reference::forward(hx.data(), ref.data(), n, c, s, Options{});
+  DeviceBuffer<T> dx(static_cast<size_t>(total + 8)), dy(static_cast<size_t>(total + 8));
+  const int pairs[][2] = {{0, 0}, {1, 1}, {2, 3}, {3, 0}, {0, 1}, {1, 2}};
+  for (const auto& pr : pairs) {
+    T* x = dx.ptr + pr[0];
+    T* y = dy.ptr + pr[1];
+    CUDA_OK(cudaMemcpy(x, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemset(dy.ptr, 0xff, (total + 8) * sizeof(T)));
+    Plan plan;
+    CUDA_OK(detail::forward_tuned(x, y, n, c, s, Options{}, PlanOverride{}, nullptr, nullptr, &plan));
+    CUDA_OK(cudaDeviceSynchronize());
+    const int full = 16 / int(sizeof(T));
+    const bool aligned = pr[0] == 0 && pr[1] == 0 && s % full == 0;
+    EXPECT_EQ(plan.vec, aligned ? full : 1) << type_name<T>() << " offsets " << pr[0] << "," << pr[1];
+    std::vector<T> hy(static_cast<size_t>(total));
+    CUDA_OK(cudaMemcpy(hy.data(), y, total * sizeof(T), cudaMemcpyDeviceToHost));
+    const CheckResult r = compare(hy, ref, s);
+    EXPECT_TRUE(r.first_bad.empty()) << type_name<T>() << " S=" << s << " offsets " << pr[0]
+                                     << "," << pr[1] << ": " << r.first_bad;
+    // The elements just outside y stay untouched.
+    T guard[2];
+    CUDA_OK(cudaMemcpy(&guard[0], y - (pr[1] > 0 ? 1 : 0), sizeof(T), cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(&guard[1], y + total, sizeof(T), cudaMemcpyDeviceToHost));
+    if (pr[1] > 0) EXPECT_TRUE(std::isnan(reference::to_double(guard[0])));
+    EXPECT_TRUE(std::isnan(reference::to_double(guard[1])));
+  }
+}
+
+TEST(Alignment, OffsetsOf1To3ElementsEveryTypeAndStrategy) {
+  REQUIRE_GPU();
+  for (int64_t s : {int64_t(49), int64_t(1000), int64_t(4096), int64_t(65536), int64_t(1) << 20}) {
+    const int64_t c = s >= 65536 ? 3 : 8;
+    offsets_case<float>(2, c, s);
+    offsets_case<__half>(2, c, s);
+    offsets_case<__nv_bfloat16>(2, c, s);
+  }
+}
+
+// ---------------------------------------------------------------- in place
+
+template <class T>
+void in_place_case(const StrategyCase& k) {
+  const int64_t total = k.n * k.c * k.s;
+  const auto hx = random_planes<T>(k.n * k.c, k.s, 0.0, 5);
+  DeviceBuffer<T> a(static_cast<size_t>(total)), b(static_cast<size_t>(total));
+  CUDA_OK(cudaMemcpy(a.ptr, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
+  Plan p1, p2;
+  CUDA_OK(detail::forward_tuned(a.ptr, b.ptr, k.n, k.c, k.s, Options{}, k.ov, nullptr, nullptr, &p1));
+  CUDA_OK(detail::forward_tuned(a.ptr, a.ptr, k.n, k.c, k.s, Options{}, k.ov, nullptr, nullptr, &p2));
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(int(p1.strategy), int(p2.strategy));
+  std::vector<T> ha(static_cast<size_t>(total)), hb(static_cast<size_t>(total));
+  CUDA_OK(cudaMemcpy(ha.data(), a.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(hb.data(), b.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
+  EXPECT_EQ(std::memcmp(ha.data(), hb.data(), total * sizeof(T)), 0)
+      << type_name<T>() << " " << k.name << " (" << to_string(p1.strategy) << ")";
+}
+
+TEST(Aliasing, InPlaceEqualsOutOfPlaceForEveryStrategy) {
+  REQUIRE_GPU();
+  for (const auto& k : strategy_cases()) {
+    in_place_case<float>(k);
+    in_place_case<__half>(k);
+    in_place_case<__nv_bfloat16>(k);
+  }
+}
+
+// ---------------------------------------------------------------- extreme values
+
+/// Uniform planes in [-scale, scale] (plus a per-plane shift), for the range tests.
+template <class T>
+std::vector<T> uniform_planes(int64_t planes, int64_t len, double lo, double hi, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> ud(lo, hi);
+  std::vector<T> h(static_cast<size_t>(planes * len));
+  for (auto& v : h) v = to_t<T>(float(ud(rng)));
+  return h;
+}
+
+TEST(Extreme, Fp32ValuesOf1e18EveryStrategy) {
+  REQUIRE_GPU();
+  for (const auto& k : strategy_cases()) {
+    SCOPED_TRACE(k.name);
+    check_input<float>(uniform_planes<float>(k.n * k.c, k.s, -1e18, 1e18, 3), k.n, k.c, k.s, k.ov);
+    check_input<float>(uniform_planes<float>(k.n * k.c, k.s, 5e17, 1e18, 4), k.n, k.c, k.s, k.ov);
+  }
+}
+
+TEST(Extreme, Fp32MeanOf1e6TimesStdEveryStrategy) {
+  REQUIRE_GPU();
+  for (const auto& k : strategy_cases()) {
+    SCOPED_TRACE(k.name);
+    run_and_check<float>(k.n, k.c, k.s, 1e6, k.ov);
+  }
+}
+
+TEST(Extreme, Fp16NearItsLargestValueInPlanesOf2To20) {
+  REQUIRE_GPU();
+  const int64_t s = int64_t(1) << 20;
+  // The whole range, and values packed just under 65504 (|mean| ~ 100 std).
+  check_input<__half>(uniform_planes<__half>(3, s, -65504, 65504, 5), 1, 3, s, PlanOverride{});
+  check_input<__half>(uniform_planes<__half>(3, s, 63000, 65504, 6), 1, 3, s, PlanOverride{});
+  PlanOverride stream;
+  stream.strategy = int(Strategy::kSplitStream);
+  stream.blocks_per_plane = 2;
+  check_input<__half>(uniform_planes<__half>(2, s, -65504, 65504, 7), 1, 2, s, stream);
+}
+
+/// NaN or +-Inf anywhere in a plane makes that plane's output all NaN; every other plane has
+/// the bits of the same call without the poison.
+template <class T>
+void poison_case(const StrategyCase& k) {
+  const int64_t planes = k.n * k.c, total = planes * k.s;
+  auto hx = random_planes<T>(planes, k.s, 0.0, 8);
+  DeviceBuffer<T> dx(static_cast<size_t>(total)), dy(static_cast<size_t>(total));
+  CUDA_OK(cudaMemcpy(dx.ptr, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
+  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, k.n, k.c, k.s, Options{}, k.ov, nullptr, nullptr));
+  std::vector<T> clean(static_cast<size_t>(total)), hy(static_cast<size_t>(total));
+  CUDA_OK(cudaMemcpy(clean.data(), dy.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
+  const float poisons[] = {std::nanf(""), INFINITY, -INFINITY};
+  std::vector<bool> poisoned(static_cast<size_t>(planes), false);
+  for (int i = 0; i < 3 && i < planes; ++i) {
+    const int64_t p = (i * 5 + 1) % planes;
+    if (poisoned[static_cast<size_t>(p)]) continue;
+    poisoned[static_cast<size_t>(p)] = true;
+    hx[static_cast<size_t>(p * k.s + (k.s * (i + 1)) / 4)] = to_t<T>(poisons[i]);
+  }
+  CUDA_OK(cudaMemcpy(dx.ptr, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
+  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, k.n, k.c, k.s, Options{}, k.ov, nullptr, nullptr));
+  CUDA_OK(cudaMemcpy(hy.data(), dy.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
+  for (int64_t p = 0; p < planes; ++p) {
+    const size_t off = static_cast<size_t>(p * k.s);
+    if (poisoned[static_cast<size_t>(p)]) {
+      for (int64_t i = 0; i < k.s; ++i)
+        ASSERT_TRUE(std::isnan(reference::to_double(hy[off + static_cast<size_t>(i)])))
+            << type_name<T>() << " " << k.name << " plane " << p << " index " << i;
+    } else {
+      ASSERT_EQ(std::memcmp(hy.data() + off, clean.data() + off, k.s * sizeof(T)), 0)
+          << type_name<T>() << " " << k.name << " clean plane " << p << " changed";
+    }
+  }
+}
+
+TEST(Extreme, NanOrInfPoisonsOnlyItsOwnPlane) {
+  REQUIRE_GPU();
+  for (const auto& k : strategy_cases()) {
+    poison_case<float>(k);
+    poison_case<__half>(k);
+    poison_case<__nv_bfloat16>(k);
+  }
+}
+
+// eps = 0 on a constant plane: 0 * (1 / sqrt(0)) is NaN, exactly what PyTorch computes for
+// (x - mean) / sqrt(var + 0); a non-constant plane with eps = 0 is exact.
+TEST(Extreme, EpsZeroBehavesAsPyTorch) {
+  REQUIRE_GPU();
+  const int64_t s = 4096;
+  std::vector<float> hx(static_cast<size_t>(2 * s), 3.f);
+  for (int64_t i = 0; i < s; ++i) hx[static_cast<size_t>(s + i)] = float(i % 17);
+  DeviceBuffer<float> dx(static_cast<size_t>(2 * s)), dy(static_cast<size_t>(2 * s));
+  CUDA_OK(cudaMemcpy(dx.ptr, hx.data(), 2 * s * 4, cudaMemcpyHostToDevice));
+  CUDA_OK(forward(dx.ptr, dy.ptr, 1, 2, s, 0.f));
+  std::vector<float> hy(static_cast<size_t>(2 * s));
+  CUDA_OK(cudaMemcpy(hy.data(), dy.ptr, 2 * s * 4, cudaMemcpyDeviceToHost));
+  for (int64_t i = 0; i < s; ++i) ASSERT_TRUE(std::isnan(hy[static_cast<size_t>(i)])) << i;
+  Options opt;
+  opt.eps = 0.f;
+  std::vector<double> ref(static_cast<size_t>(2 * s));
+  reference::forward(hx.data(), ref.data(), 1, 2, s, opt);
+  for (int64_t i = s; i < 2 * s; ++i) ASSERT_NEAR(hy[static_cast<size_t>(i)], ref[static_cast<size_t>(i)], 1e-5) << i;
+}
+
+// ---------------------------------------------------------------- concurrency
+
+/// Spins for about `ns` nanoseconds on every SM it lands on: other work on the GPU while the
+/// library's kernels (the cooperative ones too) are launched.
+__global__ void busy_kernel(long long ns) {
+  const long long start = clock64();
+  // clock64 counts SM cycles; 1.5 cycles per ns is close enough for "busy for a while".
+  while (clock64() - start < ns * 3 / 2) {
+  }
+}
+
+// 8 host threads, each with its own stream, 1000 calls each over every strategy and all three
+// types (GroupNorm with affine too), while a ninth thread keeps launching spinning kernels on
+// its own stream; each thread's final output must have the bits of a direct call. A watchdog
+// turns a hang into a failure.
+TEST(Concurrency, EightThreadsThousandCallsUnderLoadNoHang) {
+  REQUIRE_GPU();
+  struct Case {
+    int64_t n, c, s, groups;
+    int type;  // 0 fp32, 1 fp16, 2 bf16
+  };
+  const Case cases[] = {{64, 16, 49, 0, 0},      {8, 32, 1024, 0, 1},   {4, 16, 16384, 0, 2},
+                        {2, 8, 262144, 0, 0},    {1, 4, 1 << 20, 0, 1}, {1, 1, 1 << 24, 0, 0},
+                        {2, 64, 4096, 8, 2},     {1, 8, 1 << 20, 2, 0}};
+  constexpr int kThreads = 8, kCalls = 1000;
+  std::vector<float> gamma(64), beta(64);
+  for (int i = 0; i < 64; ++i) {
+    gamma[static_cast<size_t>(i)] = 1.f + 0.01f * float(i);
+    beta[static_cast<size_t>(i)] = 0.1f * float(i % 5);
+  }
+  DeviceBuffer<float> dg(64), db(64);
+  CUDA_OK(cudaMemcpy(dg.ptr, gamma.data(), 64 * 4, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(db.ptr, beta.data(), 64 * 4, cudaMemcpyHostToDevice));
+  auto options_of = [&](const Case& k) {
+    Options opt;
+    opt.groups = k.groups;
+    if (k.groups) {
+      opt.gamma = dg.ptr;
+      opt.beta = db.ptr;
+      opt.activation = Activation::kSilu;
+    }
+    return opt;
+  };
+  // Inputs and golden outputs from direct calls on the default stream.
+  std::vector<std::vector<unsigned char>> golden(kThreads);
+  std::vector<unsigned char*> inputs(kThreads);
+  std::vector<size_t> bytes(kThreads);
+  for (int t = 0; t < kThreads; ++t) {
+    const Case& k = cases[t];
+    const size_t total = static_cast<size_t>(k.n * k.c * k.s), esz = k.type == 0 ? 4 : 2;
+    bytes[static_cast<size_t>(t)] = total * esz;
+    CUDA_OK(cudaMalloc(&inputs[static_cast<size_t>(t)], bytes[static_cast<size_t>(t)]));
+    unsigned char* out = nullptr;
+    CUDA_OK(cudaMalloc(&out, bytes[static_cast<size_t>(t)]));
+    const Options opt = options_of(k);
+    if (k.type == 0) {
+      fill_hash<<<1024, 256>>>(reinterpret_cast<float*>(inputs[static_cast<size_t>(t)]), int64_t(total), k.s, t);
+      CUDA_OK(forward(reinterpret_cast<float*>(inputs[static_cast<size_t>(t)]), reinterpret_cast<float*>(out), k.n, k.c, k.s, opt));
+    } else if (k.type == 1) {
+      fill_hash<<<1024, 256>>>(reinterpret_cast<__half*>(inputs[static_cast<size_t>(t)]), int64_t(total), k.s, t);
+      CUDA_OK(forward(reinterpret_cast<__half*>(inputs[static_cast<size_t>(t)]), reinterpret_cast<__half*>(out), k.n, k.c, k.s, opt));
+    } else {
+      fill_hash<<<1024, 256>>>(reinterpret_cast<__nv_bfloat16*>(inputs[static_cast<size_t>(t)]), int64_t(total), k.s, t);
+      CUDA_OK(forward(reinterpret_cast<__nv_bfloat16*>(inputs[static_cast<size_t>(t)]), reinterpret_cast<__nv_bfloat16*>(out), k.n, k.c, k.s, opt));
+    }
+    golden[static_cast<size_t>(t)].resize(bytes[static_cast<size_t>(t)]);
+    CUDA_OK(cudaMemcpy(golden[static_cast<size_t>(t)].data(), out, bytes[static_cast<size_t>(t)], cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaFree(out));
+  }
+  std::atomic<int> bad{0};
+  std::atomic<bool> stop{false};
+  auto worker = [&](int t) {
+    cudaStream_t st;
+    if (cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) != cudaSuccess) {
+      ++bad;
+      return;
+    }
+    const Case& k = cases[t];
+    const Options opt = options_of(k);
+    void* out = nullptr;
+    if (cudaMalloc(&out, bytes[static_cast<size_t>(t)]) != cudaSuccess) ++bad;
+    for (int i = 0; i < kCalls && out; ++i) {
+      cudaError_t e;
+      if (k.type == 0)
+        e = forward(reinterpret_cast<const float*>(inputs[static_cast<size_t>(t)]), static_cast<float*>(out), k.n, k.c, k.s, opt, st);
+      else if (k.type == 1)
+        e = forward(reinterpret_cast<const __half*>(inputs[static_cast<size_t>(t)]), static_cast<__half*>(out), k.n, k.c, k.s, opt, st);
+      else
+        e = forward(reinterpret_cast<const __nv_bfloat16*>(inputs[static_cast<size_t>(t)]), static_cast<__nv_bfloat16*>(out), k.n, k.c, k.s, opt, st);
+      if (e != cudaSuccess) ++bad;
+    }
+    std::vector<unsigned char> h(bytes[static_cast<size_t>(t)]);
+    if (cudaStreamSynchronize(st) != cudaSuccess ||
+        cudaMemcpy(h.data(), out, h.size(), cudaMemcpyDeviceToHost) != cudaSuccess ||
+        h != golden[static_cast<size_t>(t)])
+      ++bad;
+    cudaFree(out);
+    cudaStreamDestroy(st);
+  };
+  auto load = [&] {
+    cudaStream_t st;
+    if (cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) != cudaSuccess) return;
+    while (!stop.load()) {
+      busy_kernel<<<64, 128, 0, st>>>(50000);
+      cudaStreamSynchronize(st);
+    }
+    cudaStreamDestroy(st);
+  };
+  auto all = std::async(std::launch::async, [&] {
+    std::thread loader(load);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) threads.emplace_back(worker, t);
+    for (auto& th : threads) th.join();
+    stop = true;
+    loader.join();
+  });
+  if (all.wait_for(std::chrono::seconds(300)) != std::future_status::ready) {
+    ADD_FAILURE() << "watchdog: concurrent calls did not finish in 300 s (hang)";
+    std::fflush(nullptr);
+    std::_Exit(1);  // a hung kernel cannot be cancelled; fail instead of hanging the suite
+  }
+  EXPECT_EQ(bad.load(), 0);
+  for (auto* p : inputs) cudaFree(p);
+}
+
+// ---------------------------------------------------------------- graphs and determinism
+
+// The simple call and the options call, captured in a CUDA graph with the workspace they take
+// stream-ordered (split plans need one), replayed 100 times: the bits of a direct call on the
+// default stream, every time.
+TEST(Graph, CapturedCallsReplayBitIdenticalForEveryStrategy) {
+  REQUIRE_GPU();
+  struct Shape {
+    int64_t n, c, s;
+  };
+  for (const Shape& k : {Shape{64, 16, 49}, Shape{1, 64, 1 << 16}, Shape{1, 8, 1 << 20},
+                         Shape{1, 1, 1 << 24}}) {
+    const int64_t total = k.n * k.c * k.s;
+    size_t ws = 0;
+    CUDA_OK(workspace_size<float>(k.n, k.c, k.s, Options{}, &ws));
+    DeviceBuffer<float> dx(static_cast<size_t>(total)), a(static_cast<size_t>(total)), b(static_cast<size_t>(total)), m(static_cast<size_t>(k.n * k.c));
+    fill_hash<<<1024, 256>>>(dx.ptr, total, k.s, 9);
+    Options opt;
+    opt.save_mean = m.ptr;
+    CUDA_OK(forward(dx.ptr, a.ptr, k.n, k.c, k.s));
+    cudaStream_t st;
+    CUDA_OK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CUDA_OK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    ASSERT_EQ(forward(dx.ptr, b.ptr, k.n, k.c, k.s, 1e-5f, st), cudaSuccess);
+    ASSERT_EQ(forward(dx.ptr, b.ptr, k.n, k.c, k.s, opt, st), cudaSuccess);
+    CUDA_OK(cudaStreamEndCapture(st, &graph));
+    CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+    std::vector<float> ha(static_cast<size_t>(total)), hb(static_cast<size_t>(total));
+    CUDA_OK(cudaDeviceSynchronize());
+    CUDA_OK(cudaMemcpy(ha.data(), a.ptr, total * 4, cudaMemcpyDeviceToHost));
+    for (int rep = 0; rep < 100; ++rep) {
+      CUDA_OK(cudaMemsetAsync(b.ptr, 0xff, total * 4, st));
+      CUDA_OK(cudaGraphLaunch(exec, st));
+      CUDA_OK(cudaStreamSynchronize(st));
+      CUDA_OK(cudaMemcpy(hb.data(), b.ptr, total * 4, cudaMemcpyDeviceToHost));
+      ASSERT_EQ(std::memcmp(ha.data(), hb.data(), total * 4), 0)
+          << "S=" << k.s << " workspace " << ws << " replay " << rep;
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(st);
+  }
+}
+
+}  // namespace
