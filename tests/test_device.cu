@@ -277,3 +277,135 @@ TEST(GpuOptions, GroupNormAffineSilu) {
 }
 
 }  // namespace
+
+namespace {
+using namespace instnorm_test;
+
+// Running statistics: the training forward updates them as PyTorch does (checked against the
+// float64 reference and its update formula), eval mode normalizes with them and leaves them
+// untouched; both give the same bits when repeated from the same state.
+template <class T>
+void running_case(int64_t n, int64_t c, int64_t s, bool affine, Activation act, bool eval,
+                  bool caller_workspace) {
+  const int64_t total = n * c * s;
+  const auto hx = random_planes<T>(n * c, s, 0.0, 29);
+  std::vector<float> rm0(static_cast<size_t>(c)), rv0(static_cast<size_t>(c)),
+      gamma(static_cast<size_t>(c)), beta(static_cast<size_t>(c));
+  for (int64_t ch = 0; ch < c; ++ch) {
+    rm0[size_t(ch)] = 0.1f * float(ch) - 0.2f;
+    rv0[size_t(ch)] = 1.f + 0.05f * float(ch);
+    gamma[size_t(ch)] = 1.f + 0.1f * float(ch % 3);
+    beta[size_t(ch)] = 0.25f * float(ch % 4) - 0.5f;
+  }
+  DeviceBuffer<T> dx(static_cast<size_t>(total)), dy(static_cast<size_t>(total));
+  DeviceBuffer<float> drm(static_cast<size_t>(c)), drv(static_cast<size_t>(c)),
+      dg(static_cast<size_t>(c)), db(static_cast<size_t>(c));
+  CUDA_OK(cudaMemcpy(dx.ptr, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(dg.ptr, gamma.data(), c * 4, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(db.ptr, beta.data(), c * 4, cudaMemcpyHostToDevice));
+  Options opt;
+  opt.running_mean = drm.ptr;
+  opt.running_var = drv.ptr;
+  opt.momentum = 0.3f;
+  opt.use_input_stats = !eval;
+  opt.activation = act;
+  if (affine) {
+    opt.gamma = dg.ptr;
+    opt.beta = db.ptr;
+  }
+  std::vector<T> hy[2];
+  std::vector<float> hrm[2], hrv[2];
+  for (int rep = 0; rep < 2; ++rep) {
+    CUDA_OK(cudaMemcpy(drm.ptr, rm0.data(), c * 4, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemcpy(drv.ptr, rv0.data(), c * 4, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemset(dy.ptr, 0xff, total * sizeof(T)));
+    if (caller_workspace) {
+      size_t bytes = 0;
+      CUDA_OK(workspace_size<T>(n, c, s, opt, &bytes));
+      if (!eval) EXPECT_GE(bytes, 2 * size_t(n * c) * sizeof(float));
+      DeviceBuffer<unsigned char> ws(bytes);
+      if (bytes > 0)
+        EXPECT_EQ(forward(dx.ptr, dy.ptr, n, c, s, opt, ws.ptr, bytes - 1, nullptr),
+                  cudaErrorInvalidValue);
+      CUDA_OK(forward(dx.ptr, dy.ptr, n, c, s, opt, ws.ptr, bytes, nullptr));
+      CUDA_OK(cudaDeviceSynchronize());
+    } else {
+      CUDA_OK(forward(dx.ptr, dy.ptr, n, c, s, opt));
+      CUDA_OK(cudaDeviceSynchronize());
+    }
+    hy[rep].resize(static_cast<size_t>(total));
+    hrm[rep].resize(static_cast<size_t>(c));
+    hrv[rep].resize(static_cast<size_t>(c));
+    CUDA_OK(cudaMemcpy(hy[rep].data(), dy.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(hrm[rep].data(), drm.ptr, c * 4, cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(hrv[rep].data(), drv.ptr, c * 4, cudaMemcpyDeviceToHost));
+  }
+  const std::string where = std::string(type_name<T>()) + (eval ? " eval" : " train") +
+                            " n=" + std::to_string(n) + " c=" + std::to_string(c) +
+                            " S=" + std::to_string(s);
+  EXPECT_EQ(std::memcmp(hy[0].data(), hy[1].data(), total * sizeof(T)), 0) << where;
+  EXPECT_EQ(hrm[0], hrm[1]) << where;
+  EXPECT_EQ(hrv[0], hrv[1]) << where;
+  Options host_opt = opt;
+  host_opt.running_mean = rm0.data();
+  host_opt.running_var = rv0.data();
+  host_opt.gamma = affine ? gamma.data() : nullptr;
+  host_opt.beta = affine ? beta.data() : nullptr;
+  std::vector<double> ref(static_cast<size_t>(total));
+  std::vector<reference::PlaneStats> stats;
+  reference::forward<T, float>(hx.data(), ref.data(), n, c, s, host_opt, &stats);
+  for (int64_t i = 0; i < total; ++i) {
+    const double got = reference::to_double(hy[0][size_t(i)]), want = ref[size_t(i)];
+    const double tol = std::is_same<T, float>::value ? 2e-5 * std::max(1.0, std::fabs(want))
+                                                     : 2 * ulp_of<T>(want) + 0x1p-20;
+    ASSERT_NEAR(got, want, tol) << where << " index " << i;
+  }
+  if (eval) {
+    EXPECT_EQ(hrm[0], rm0) << where << ": eval mode changed running_mean";
+    EXPECT_EQ(hrv[0], rv0) << where << ": eval mode changed running_var";
+    return;
+  }
+  std::vector<double> erm(rm0.begin(), rm0.end()), erv(rv0.begin(), rv0.end());
+  reference::update_running(stats, n, c, s, opt.momentum, erm.data(), erv.data());
+  for (int64_t ch = 0; ch < c; ++ch) {
+    EXPECT_NEAR(hrm[0][size_t(ch)], erm[size_t(ch)], 1e-6 + 1e-5 * std::fabs(erm[size_t(ch)]))
+        << where << " channel " << ch;
+    EXPECT_NEAR(hrv[0][size_t(ch)], erv[size_t(ch)], 1e-5 * erv[size_t(ch)])
+        << where << " channel " << ch;
+  }
+}
+
+TEST(GpuOptions, RunningStatisticsTrainingUpdate) {
+  REQUIRE_GPU();
+  for (int64_t s : {int64_t(2), int64_t(49), int64_t(4096), int64_t(65536), int64_t(1) << 20}) {
+    running_case<float>(3, 5, s, true, Activation::kNone, false, false);
+    running_case<__half>(3, 5, s, false, Activation::kNone, false, s == 4096);
+    running_case<__nv_bfloat16>(3, 5, s, true, Activation::kRelu, false, s >= 65536);
+  }
+  running_case<float>(1, 64, 4096, true, Activation::kSilu, false, true);  // n = 1
+}
+
+TEST(GpuOptions, RunningStatisticsEvalMode) {
+  REQUIRE_GPU();
+  for (int64_t s : {int64_t(1), int64_t(49), int64_t(1000), int64_t(4096), int64_t(65537),
+                    int64_t(1) << 20}) {
+    running_case<float>(2, 6, s, true, Activation::kSilu, true, false);
+    running_case<__half>(2, 6, s, false, Activation::kNone, true, true);
+    running_case<__nv_bfloat16>(2, 6, s, true, Activation::kRelu, true, false);
+  }
+}
+
+TEST(ApiValidation, RunningStatisticsArgumentsAreRefused) {
+  float* x = reinterpret_cast<float*>(uintptr_t(1) << 24);
+  float* y = reinterpret_cast<float*>(uintptr_t(1) << 40);
+  Options opt;
+  opt.momentum = -0.1f;
+  EXPECT_EQ(forward<float>(x, y, 1, 2, 8, opt), cudaErrorInvalidValue);
+  opt.momentum = 0.1f;
+  opt.use_input_stats = false;  // eval without running statistics
+  EXPECT_EQ(forward<float>(x, y, 1, 2, 8, opt), cudaErrorInvalidValue);
+  size_t bytes = 0;
+  EXPECT_EQ(workspace_size<float>(1, 2, 8, opt, &bytes), cudaErrorInvalidValue);
+}
+
+}  // namespace

@@ -498,6 +498,55 @@ TEST(Validate, NhwcNotYetSupported) {
   EXPECT_EQ(check(1, 3, 4, opt), Invalid::kNotSupported);
 }
 
+TEST(Validate, RunningStatistics) {
+  float rm[8], rv[8];
+  Options opt;
+  opt.running_mean = rm;
+  EXPECT_EQ(check(2, 8, 4, opt), Invalid::kBadRunningStats);  // mean without var
+  opt.running_mean = nullptr;
+  opt.running_var = rv;
+  EXPECT_EQ(check(2, 8, 4, opt), Invalid::kBadRunningStats);  // var without mean
+  opt.running_mean = rm;
+  EXPECT_EQ(check(2, 8, 4, opt), Invalid::kOk);
+  EXPECT_EQ(check(2, 8, 1, opt), Invalid::kBadRunningStats);  // unbiased variance of 1 value
+  opt.groups = 4;
+  EXPECT_EQ(check(2, 8, 4, opt), Invalid::kBadRunningStats);  // GroupNorm has none
+  opt.groups = 8;
+  EXPECT_EQ(check(2, 8, 4, opt), Invalid::kOk);  // G = c is instance norm
+  Options eval;
+  eval.use_input_stats = false;
+  EXPECT_EQ(check(2, 8, 4, eval), Invalid::kBadRunningStats);  // eval needs running stats
+  eval.running_mean = rm;
+  eval.running_var = rv;
+  EXPECT_EQ(check(2, 8, 1, eval), Invalid::kOk);  // no update, so S = 1 is fine
+  EXPECT_FALSE(updates_running_stats(eval));
+  EXPECT_TRUE(updates_running_stats(opt));
+  EXPECT_FALSE(updates_running_stats(Options{}));
+}
+
+TEST(Validate, Momentum) {
+  for (float m : {-0.1f, 1.5f, std::numeric_limits<float>::quiet_NaN(),
+                  -std::numeric_limits<float>::infinity()}) {
+    Options opt;
+    opt.momentum = m;
+    EXPECT_EQ(check(1, 3, 4, opt), Invalid::kBadMomentum) << m;
+  }
+  for (float m : {0.f, 0.1f, 1.f}) {
+    Options opt;
+    opt.momentum = m;
+    EXPECT_EQ(check(1, 3, 4, opt), Invalid::kOk) << m;
+  }
+}
+
+TEST(Reference, RunningUpdateMatchesPyTorchFormula) {
+  // Two instances of one channel, S = 4: means 1 and 3, biased variances 2 and 4.
+  const std::vector<reference::PlaneStats> stats = {{1, 2}, {3, 4}};
+  double rm = 10, rv = 20;
+  reference::update_running(stats, 2, 1, 4, 0.25, &rm, &rv);
+  EXPECT_DOUBLE_EQ(rm, 0.75 * 10 + 0.25 * 2);                // batch mean of means: 2
+  EXPECT_DOUBLE_EQ(rv, 0.75 * 20 + 0.25 * (3.0 * 4 / 3));    // mean var 3, unbiased x 4/3
+}
+
 TEST(Validate, ProblemFolding) {
   Problem p;
   Options opt;

@@ -10,6 +10,7 @@
 
 #include "detail/convert.cuh"
 #include "detail/kernel.cuh"
+#include "detail/running.cuh"
 #include "options.cuh"
 #include "plan.cuh"
 #include "validate.cuh"
@@ -66,6 +67,16 @@ inline size_t plan_workspace_bytes(const Plan& p) {
          align_up(size_t(p.block_groups) * sizeof(unsigned long long));
 }
 
+/// Per-plane mean and variance kept for a running-statistics update.
+inline size_t stats_workspace_bytes(const Problem& prob, const Options& opt) {
+  return updates_running_stats(opt) ? align_up(2 * size_t(prob.planes) * sizeof(float)) : 0;
+}
+
+/// Whole workspace of a call: [plan scratch][per-plane statistics].
+inline size_t workspace_bytes(const Plan& plan, const Problem& prob, const Options& opt) {
+  return plan_workspace_bytes(plan) + stats_workspace_bytes(prob, opt);
+}
+
 inline cudaError_t to_cuda_error(Invalid v) {
   return v == Invalid::kOk || v == Invalid::kEmpty ? cudaSuccess
          : v == Invalid::kNotSupported            ? cudaErrorNotSupported
@@ -110,13 +121,8 @@ inline KernelFn<T> select_kernel(int vec, Strategy s) {
 
 /// Launches a validated problem with a plan and a workspace of plan_workspace_bytes(plan).
 template <class T>
-inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& opt,
-                          const Plan& plan, void* workspace, cudaStream_t stream) {
-  KernelFn<T> kernel = select_kernel<T>(plan.vec, plan.strategy);
-  if (plan.strategy == Strategy::kSubWarp && plan.vec == 1 && plan.threads <= kStagedThreads)
-    kernel = staged_kernel<T>;  // unaligned short planes: staged through shared memory
-  if (kernel == nullptr) return cudaErrorInvalidConfiguration;
-  KernelParams<T> kp;
+inline KernelParams<T> make_params(const T* x, T* y, const Problem& prob, const Options& opt) {
+  KernelParams<T> kp{};
   kp.x = x;
   kp.y = y;
   kp.planes = prob.planes;
@@ -131,13 +137,64 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
   kp.save_mean = opt.save_mean;
   kp.save_rstd = opt.save_rstd;
   kp.activation = opt.activation;
+  kp.running_mean = opt.running_mean;
+  kp.running_var = opt.running_var;
+  return kp;
+}
+
+/// After a training forward: the per-channel running-statistics update from the per-plane
+/// statistics the forward kernel kept.
+template <class T>
+inline cudaError_t update_running(const KernelParams<T>& kp, const Problem& prob,
+                                  const Options& opt, cudaStream_t stream) {
+  const int threads = 256;
+  const int64_t blocks = (prob.c + threads - 1) / threads;
+  running_stats_kernel<<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), threads, 0,
+                         stream>>>(kp.stat_mean, kp.stat_var, prob.n, prob.c, prob.spatial,
+                                   opt.momentum, opt.running_mean, opt.running_var);
+  return cudaGetLastError();
+}
+
+/// use_input_stats == false: one elementwise pass with the running statistics.
+template <class T>
+inline cudaError_t launch_inference(const T* x, T* y, const Problem& prob, const Options& opt,
+                                    cudaStream_t stream) {
+  int dev = 0;
+  INSTNORM_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  DeviceProps d;
+  INSTNORM_RETURN_IF_ERROR(device_props(dev, &d));
+  const KernelParams<T> kp = make_params(x, y, prob, opt);
+  constexpr int kFull = 16 / int(sizeof(T));
+  const int vec = prob.vector_ok ? kFull : 1;
+  const int64_t chunk = int64_t(kInferenceThreads) * kInferenceItems * vec;
+  const int64_t units = prob.planes * ((prob.plane_len + chunk - 1) / chunk);
+  const int64_t cap = int64_t(d.sm_count) * (d.max_threads_per_sm / kInferenceThreads);
+  const unsigned grid = static_cast<unsigned>(std::max<int64_t>(1, std::min(units, cap)));
+  if (vec == kFull)
+    inference_kernel<T, kFull><<<grid, kInferenceThreads, 0, stream>>>(kp);
+  else
+    inference_kernel<T, 1><<<grid, kInferenceThreads, 0, stream>>>(kp);
+  return cudaGetLastError();
+}
+
+template <class T>
+inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& opt,
+                          const Plan& plan, void* workspace, cudaStream_t stream) {
+  KernelFn<T> kernel = select_kernel<T>(plan.vec, plan.strategy);
+  if (plan.strategy == Strategy::kSubWarp && plan.vec == 1 && plan.threads <= kStagedThreads)
+    kernel = staged_kernel<T>;  // unaligned short planes: staged through shared memory
+  if (kernel == nullptr) return cudaErrorInvalidConfiguration;
+  KernelParams<T> kp = make_params(x, y, prob, opt);
   kp.lanes = plan.lanes;
   kp.items = plan.items;
   kp.smem_items = plan.smem_items;
   kp.blocks_per_plane = plan.blocks_per_plane;
   kp.slice_len = plan.slice_len;
-  kp.partials = nullptr;
-  kp.counters = nullptr;
+  auto* bytes = static_cast<unsigned char*>(workspace);
+  if (updates_running_stats(opt)) {
+    kp.stat_mean = reinterpret_cast<float*>(bytes + plan_workspace_bytes(plan));
+    kp.stat_var = kp.stat_mean + prob.planes;
+  }
   const dim3 grid(static_cast<unsigned>(plan.grid)), block(static_cast<unsigned>(plan.threads));
   const size_t smem = size_t(plan.smem_bytes);
   if (smem > 48 * 1024)
@@ -146,9 +203,9 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
         int(smem)));
   if (!plan.cooperative) {
     kernel<<<grid, block, smem, stream>>>(kp);
-    return cudaGetLastError();
+    INSTNORM_RETURN_IF_ERROR(cudaGetLastError());
+    return kp.stat_mean ? update_running(kp, prob, opt, stream) : cudaSuccess;
   }
-  auto* bytes = static_cast<unsigned char*>(workspace);
   kp.partials = reinterpret_cast<Moments*>(bytes);
   kp.counters = reinterpret_cast<unsigned long long*>(
       bytes + align_up(2 * size_t(plan.grid) * sizeof(Moments)));
@@ -157,8 +214,9 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
   // The blocks of a plane wait on each other: a cooperative launch guarantees they are
   // co-resident (it fails rather than deadlocks if they cannot be).
   void* args[] = {&kp};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, args,
-                                     smem, stream);
+  INSTNORM_RETURN_IF_ERROR(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
+                                                       grid, block, args, smem, stream));
+  return kp.stat_mean ? update_running(kp, prob, opt, stream) : cudaSuccess;
 }
 
 }  // namespace detail
@@ -177,9 +235,10 @@ cudaError_t workspace_size(int64_t n, int64_t c, int64_t spatial, const Options&
   const T* py = y ? y : reinterpret_cast<const T*>(uintptr_t(256));
   const Invalid v = detail::prepare(px, py, n, c, spatial, opt, &prob);
   if (v != Invalid::kOk) return detail::to_cuda_error(v);
+  if (!opt.use_input_stats) return cudaSuccess;
   Plan plan;
   INSTNORM_RETURN_IF_ERROR(detail::current_plan(prob, &plan));
-  *bytes = detail::plan_workspace_bytes(plan);
+  *bytes = detail::workspace_bytes(plan, prob, opt);
   return cudaSuccess;
 }
 
@@ -191,9 +250,10 @@ cudaError_t forward(const T* x, T* y, int64_t n, int64_t c, int64_t spatial, con
   Problem prob;
   const Invalid v = detail::prepare(x, y, n, c, spatial, opt, &prob);
   if (v != Invalid::kOk) return detail::to_cuda_error(v);
+  if (!opt.use_input_stats) return detail::launch_inference(x, y, prob, opt, stream);
   Plan plan;
   INSTNORM_RETURN_IF_ERROR(detail::current_plan(prob, &plan));
-  const size_t need = detail::plan_workspace_bytes(plan);
+  const size_t need = detail::workspace_bytes(plan, prob, opt);
   if (need > 0 && (workspace == nullptr || workspace_bytes < need)) return cudaErrorInvalidValue;
   return detail::launch(x, y, prob, opt, plan, workspace, stream);
 }
@@ -209,10 +269,11 @@ cudaError_t forward_tuned(const T* x, T* y, int64_t n, int64_t c, int64_t spatia
   Problem prob;
   const Invalid v = prepare(x, y, n, c, spatial, opt, &prob);
   if (v != Invalid::kOk) return to_cuda_error(v);
+  if (!opt.use_input_stats) return launch_inference(x, y, prob, opt, stream);
   Plan plan;
   INSTNORM_RETURN_IF_ERROR(current_plan(prob, &plan, ov, policy));
   if (used) *used = plan;
-  const size_t need = plan_workspace_bytes(plan);
+  const size_t need = workspace_bytes(plan, prob, opt);
   void* ws = nullptr;
   if (need > 0) INSTNORM_RETURN_IF_ERROR(cudaMallocAsync(&ws, need, stream));
   const cudaError_t err = launch(x, y, prob, opt, plan, ws, stream);

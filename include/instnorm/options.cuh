@@ -34,6 +34,16 @@ struct Options {
   float* save_rstd = nullptr;   ///< n*G floats: 1/sqrt(var + eps) of each plane, or null
   Activation activation = Activation::kNone;
   Layout layout = Layout::kNCHW;
+  /// Per-channel running statistics (c floats each, both or neither; instance norm only, not
+  /// with groups != c), as PyTorch's track_running_stats. With use_input_stats they are updated
+  /// after the normalize: r = (1 - momentum) * r + momentum * s, s the batch average of the
+  /// instances' mean and unbiased variance (var * S / (S - 1)), in a fixed order (no atomics).
+  float* running_mean = nullptr;
+  float* running_var = nullptr;
+  float momentum = 0.1f;        ///< in [0, 1]
+  /// false: normalize with running_mean/running_var instead of the input's statistics
+  /// (PyTorch's eval mode of a module with track_running_stats): one read, one write, no update.
+  bool use_input_stats = true;
 };
 
 }  // namespace instnorm

@@ -170,6 +170,8 @@ inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps&
   if (p.slice_len > int64_t(p.items + p.smem_items) * p.threads * p.vec &&
       p.strategy != Strategy::kSplitStream)
     return false;
+  // At least one block fits on an SM (threads, registers at the kernels' bound, shared memory).
+  if (resident_blocks_per_sm(d, p.threads, p.smem_bytes) < 1) return false;
   if (p.cooperative) {
     if (!d.cooperative) return false;
     const int64_t resident =
@@ -198,7 +200,7 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
   Strategy s;
   if (ov.strategy >= 0) {
     s = static_cast<Strategy>(ov.strategy);
-  } else if (vecs <= warp_cap && !(prob.planes * 4 < d.sm_count && vecs > 4 * 32)) {
+  } else if (vecs <= warp_cap && !(prob.planes < ceil_div(d.sm_count, 4) && vecs > 4 * 32)) {
     s = Strategy::kSubWarp;
   } else {
     // Few planes leave SMs idle unless each plane is split across blocks (for problems large

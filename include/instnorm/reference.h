@@ -46,13 +46,17 @@ void forward(const T* x, double* y, int64_t n, int64_t c, int64_t spatial, const
     const T* xp = x + plane * len;
     double sum = 0;
     for (int64_t i = 0; i < len; ++i) sum += to_double(xp[i]);
-    const double mean = sum / double(len);
+    double mean = sum / double(len);
     double m2 = 0;
     for (int64_t i = 0; i < len; ++i) {
       const double d = to_double(xp[i]) - mean;
       m2 += d * d;
     }
-    const double var = m2 / double(len);
+    double var = m2 / double(len);
+    if (!opt.use_input_stats) {  // eval mode: the running statistics of the plane's channel
+      mean = opt.running_mean[plane % c];
+      var = opt.running_var[plane % c];
+    }
     const double rstd = 1.0 / std::sqrt(var + double(opt.eps));
     if (stats) (*stats)[size_t(plane)] = PlaneStats{mean, var};
     for (int64_t i = 0; i < len; ++i) {
@@ -61,6 +65,24 @@ void forward(const T* x, double* y, int64_t n, int64_t c, int64_t spatial, const
       const double b = beta ? to_double(beta[ch]) : 0.0;
       y[plane * len + i] = activate((to_double(xp[i]) - mean) * rstd * g + b, opt.activation);
     }
+  }
+}
+
+/// The running-statistics update PyTorch applies after a training forward of instance norm:
+/// per channel, r = (1 - momentum) r + momentum * (batch mean of the instances' mean, or of their
+/// unbiased variance var * S / (S - 1)). `stats` from forward() (n * c planes).
+inline void update_running(const std::vector<PlaneStats>& stats, int64_t n, int64_t c,
+                           int64_t spatial, double momentum, double* running_mean,
+                           double* running_var) {
+  for (int64_t ch = 0; ch < c; ++ch) {
+    double sm = 0, sv = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      sm += stats[size_t(i * c + ch)].mean;
+      sv += stats[size_t(i * c + ch)].var;
+    }
+    running_mean[ch] = (1 - momentum) * running_mean[ch] + momentum * sm / double(n);
+    running_var[ch] = (1 - momentum) * running_var[ch] +
+                      momentum * sv / double(n) * double(spatial) / double(spatial - 1);
   }
 }
 

@@ -22,7 +22,15 @@ enum class Invalid : int {
   kBadGroups,       ///< groups does not divide c
   kOverlap,         ///< x and y overlap without being the same buffer
   kNotSupported,    ///< a layout not implemented yet
+  kBadRunningStats, ///< only one of running_mean/running_var, none with use_input_stats=false,
+                    ///< running statistics with GroupNorm, or an update with spatial == 1
+  kBadMomentum,     ///< momentum outside [0, 1] or NaN
 };
+
+/// Whether the call updates running statistics (and so needs the per-plane mean and variance).
+inline bool updates_running_stats(const Options& opt) {
+  return opt.use_input_stats && opt.running_mean != nullptr;
+}
 
 /// The shape of one call, with GroupNorm folded in: `planes` normalized planes of `plane_len`
 /// contiguous elements (NCHW), `channels_per_group` channels of `spatial` elements each.
@@ -55,6 +63,11 @@ inline Invalid validate(const void* x, const void* y, int64_t n, int64_t c, int6
     return Invalid::kOverflow;
   const int64_t groups = opt.groups == 0 ? c : opt.groups;
   if (c % groups != 0) return Invalid::kBadGroups;
+  const bool has_rm = opt.running_mean != nullptr, has_rv = opt.running_var != nullptr;
+  if (has_rm != has_rv || (!opt.use_input_stats && !has_rm)) return Invalid::kBadRunningStats;
+  if (has_rm && (groups != c || (opt.use_input_stats && spatial == 1)))
+    return Invalid::kBadRunningStats;
+  if (!(opt.momentum >= 0.f && opt.momentum <= 1.f)) return Invalid::kBadMomentum;
   if (opt.layout != Layout::kNCHW) return Invalid::kNotSupported;
   const auto xb = reinterpret_cast<uintptr_t>(x), yb = reinterpret_cast<uintptr_t>(y);
   const auto ub = static_cast<uintptr_t>(bytes);

@@ -37,6 +37,10 @@ struct KernelParams {
   int smem_items;              ///< further vectors per thread held in dynamic shared memory
   int64_t blocks_per_plane;    ///< G blocks share a plane (cooperative when > 1)
   int64_t slice_len;           ///< elements per block slice
+  float* stat_mean;            ///< planes floats: mean of each plane (running-stat updates), or null
+  float* stat_var;             ///< planes floats: biased variance of each plane, or null
+  const float* running_mean;   ///< c floats, used instead of the input's (use_input_stats false)
+  const float* running_var;
   Moments* partials;           ///< [2][grid] block partials (G > 1)
   unsigned long long* counters;  ///< [block_groups] arrival counters, zeroed per launch (G > 1)
 };
@@ -79,6 +83,10 @@ __device__ __forceinline__ Epilogue<T> plane_epilogue(const KernelParams<T>& p, 
   if (writer) {
     if (p.save_mean) p.save_mean[plane] = ep.center + ep.residual;
     if (p.save_rstd) p.save_rstd[plane] = ep.rstd;
+    if (p.stat_mean) {
+      p.stat_mean[plane] = ep.center + ep.residual;
+      p.stat_var[plane] = variance(m);
+    }
   }
   return ep;
 }
