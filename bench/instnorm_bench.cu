@@ -51,6 +51,12 @@ struct Shape {
   DType dtype = DType::kF32;
   int64_t groups = 0;         // GroupNorm groups (with affine), 0 = instance norm
   bool silu = false;
+  bool affine = false;   // per-channel gamma/beta (instance norm)
+  bool save = false;     // saved mean/rstd
+  bool relu = false;
+  bool running = false;  // running statistics updated (training)
+  bool eval = false;     // normalize with the running statistics (use_input_stats = false)
+  bool plain() const { return groups == 0 && !silu && !affine && !save && !relu && !running && !eval; }
   int64_t n() const { return dims[0]; }
   int64_t c() const { return dims[1]; }
   int64_t spatial() const {
@@ -85,6 +91,11 @@ bool parse_shape(const std::string& spec, Shape* out) {
     else if (opt == "fp16") s.dtype = DType::kF16;
     else if (opt == "bf16") s.dtype = DType::kBF16;
     else if (opt == "silu") s.silu = true;
+    else if (opt == "affine") s.affine = true;
+    else if (opt == "save") s.save = true;
+    else if (opt == "relu") s.relu = true;
+    else if (opt == "running") s.running = true;
+    else if (opt == "eval") s.eval = true;
     else if (opt.rfind("gn", 0) == 0) s.groups = std::atoll(opt.c_str() + 2);
     else return false;  // (:cl, channels-last, is not implemented yet)
     pos = next;
@@ -98,7 +109,11 @@ const std::vector<std::string> kStandard = {
     "4x512x64x64",    "32x256x32x32",       "128x512x7x7",         "112x64x512x512:fp16",
     "112x64x512x512:bf16", "8x512x64x64:bf16",
     "2x320x64x64:fp16:gn32:silu", "2x640x32x32:fp16:gn32:silu", "2x1280x16x16:fp16:gn32:silu",
-    "8x512x64x64:bf16:gn32:silu", "1x128x20x256x256:bf16:gn32:silu"};
+    "8x512x64x64:bf16:gn32:silu", "1x128x20x256x256:bf16:gn32:silu",
+    // Feature overhead (same run as the plain rows above) and running statistics.
+    "112x64x512x512:affine:save:relu", "16x64x256x256:affine:save:relu",
+    "8x256x128x128:affine:save:relu", "32x256x32x32:affine:save:relu",
+    "16x64x256x256:running", "16x64x256x256:eval", "112x64x512x512:eval", "8x512x64x64:bf16:eval"};
 
 // ------------------------------------------------------------------ device state per shape
 
@@ -157,6 +172,8 @@ void fill_random(void* dst, const Shape& s, uint64_t seed) {
   CHECK_CUDA(cudaDeviceSynchronize());
 }
 
+float* running_stats(const Shape& s);
+
 void use_shape(const Shape& s) {
   if (g_cur.x != nullptr && g_cur.shape.name == s.name) return;
   cudaFree(g_cur.x);
@@ -179,16 +196,38 @@ void use_shape(const Shape& s) {
   }
   CHECK_CUDA(cudaMemcpy(g_cur.gamma, g.data(), g.size() * 4, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemcpy(g_cur.beta, b.data(), b.size() * 4, cudaMemcpyHostToDevice));
+  std::vector<float> rs(size_t(2 * s.c()));
+  for (int64_t i = 0; i < s.c(); ++i) {
+    rs[size_t(i)] = 0.05f * float(i % 3);
+    rs[size_t(s.c() + i)] = 1.f + 0.1f * float(i % 4);
+  }
+  CHECK_CUDA(cudaMemcpy(running_stats(s), rs.data(), rs.size() * 4, cudaMemcpyHostToDevice));
+}
+
+/// Running mean and variance of the :running and :eval rows live in the scratch buffer, after
+/// two floats per plane for the saved statistics.
+float* running_stats(const Shape& s) {
+  return static_cast<float*>(g_cur.scratch) + 2 * s.n() * s.c();
 }
 
 Options options_for(const Shape& s) {
   Options opt;
-  if (s.groups > 0) {
-    opt.groups = s.groups;
+  if (s.groups > 0) opt.groups = s.groups;
+  if (s.groups > 0 || s.affine) {
     opt.gamma = g_cur.gamma;
     opt.beta = g_cur.beta;
   }
   if (s.silu) opt.activation = Activation::kSilu;
+  if (s.relu) opt.activation = Activation::kRelu;
+  if (s.save) {
+    opt.save_mean = static_cast<float*>(g_cur.scratch);
+    opt.save_rstd = opt.save_mean + s.n() * (s.groups ? s.groups : s.c());
+  }
+  if (s.running || s.eval) {
+    opt.running_mean = running_stats(s);
+    opt.running_var = opt.running_mean + s.c();
+    opt.use_input_stats = !s.eval;
+  }
   return opt;
 }
 
@@ -360,11 +399,20 @@ bool verify(const Shape& s, std::string* why) {
     opt.groups = s.groups ? 1 : 0;  // one plane: its cpg channels form one group
     std::vector<float> pg(g.begin() + (p % groups) * cpg, g.begin() + (p % groups + 1) * cpg);
     std::vector<float> pb(b.begin() + (p % groups) * cpg, b.begin() + (p % groups + 1) * cpg);
-    if (s.groups) {
+    if (s.groups || s.affine) {
       opt.gamma = pg.data();
       opt.beta = pb.data();
     }
     if (s.silu) opt.activation = Activation::kSilu;
+    if (s.relu) opt.activation = Activation::kRelu;
+    float rs[2];
+    if (s.eval) {
+      CHECK_CUDA(cudaMemcpy(&rs[0], running_stats(s) + p % s.c(), 4, cudaMemcpyDeviceToHost));
+      CHECK_CUDA(cudaMemcpy(&rs[1], running_stats(s) + s.c() + p % s.c(), 4, cudaMemcpyDeviceToHost));
+      opt.running_mean = &rs[0];
+      opt.running_var = &rs[1];
+      opt.use_input_stats = false;
+    }
     std::vector<double> ref(static_cast<size_t>(len));
     double worst = 0;
     with_type(s.dtype, [&](auto tag) {
@@ -430,7 +478,7 @@ void register_shape(const Shape& s) {
   const int it = iterations_for(s);
   benchmark::RegisterBenchmark(("copy/" + s.name).c_str(), bm_copy, s)->UseManualTime()->Iterations(it);
   benchmark::RegisterBenchmark(("instnorm/" + s.name).c_str(), bm_instnorm, s)->UseManualTime()->Iterations(it);
-  if (s.groups == 0 && !s.silu) {
+  if (s.plain()) {
     benchmark::RegisterBenchmark(("naive/" + s.name).c_str(), bm_naive, s)->UseManualTime()->Iterations(it);
 #ifdef INSTNORM_BENCH_CUDNN
     benchmark::RegisterBenchmark(("cudnn/" + s.name).c_str(), bm_cudnn, s)->UseManualTime()->Iterations(it);

@@ -96,6 +96,24 @@ def main():
         lines.append('')
         lines.append('Two back-to-back bench runs: the largest difference of instnorm\'s time is '
                      '%.1f%% (%s).' % (100 * worst[0], worst[1]))
+    # Feature rows against their plain shape of the same run.
+    tags = ('affine', 'save', 'relu', 'running', 'eval')
+    feat = []
+    for shape, row in rows.items():
+        parts = shape.split(':')
+        if 'instnorm' not in row or not any(t in parts for t in tags):
+            continue
+        base = ':'.join(x for x in parts if x not in tags)
+        if base in rows and 'instnorm' in rows[base]:
+            t, tb = ms(row, 'instnorm'), ms(rows[base], 'instnorm')
+            feat.append('| %s | %s | %s | %+.1f%% |' % (shape, fmt(tb), fmt(t), 100 * (t / tb - 1)))
+    if feat:
+        lines.append('')
+        lines.append('Features against the plain call on the same shape, same run:')
+        lines.append('')
+        lines.append('| shape | plain ms | with features ms | overhead |')
+        lines.append('|---|---|---|---|')
+        lines.extend(feat)
     with open(a.out_md, 'w') as f:
         f.write('\n'.join(lines) + '\n')
 
