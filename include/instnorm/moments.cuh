@@ -4,11 +4,12 @@
 /// Host and device: the CPU tests exercise exactly the code the kernels run.
 ///
 /// Overflow: the partials carry the variance (m2 / count), not m2, so merging never grows a
-/// value beyond the largest squared deviation; and the per-thread sums of squares are taken of
-/// deviations scaled by an exact power of two (deviation_scale), so that a thread's sum of up to
-/// n squares stays below one square. Values up to +-1e18 (squares 1e36, near fp32's 3.4e38) keep
-/// finite statistics on planes of any length.
+/// value beyond the largest squared deviation; and a thread adds its squares in small groups (one
+/// vector's) scaled by an exact power of two (deviation_shift), so that its sum of n squares
+/// stays below one square: one multiply-add per vector. Values up to +-1e18 (squares 1e36, near
+/// fp32's 3.4e38) keep finite statistics on planes of any length.
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -38,8 +39,8 @@ INSTNORM_HD Moments merge(const Moments& a, const Moments& b) {
   if (a.count == 0) return b;
   Moments r;
   r.count = a.count + b.count;
-  const float n = static_cast<float>(r.count);
-  const float fa = static_cast<float>(a.count) / n, fb = static_cast<float>(b.count) / n;
+  const float fb = static_cast<float>(b.count) / static_cast<float>(r.count);
+  const float fa = 1.f - fb;  // one division: merges sit on the exchange's critical path
   const float delta = b.mean - a.mean;
   r.mean = a.mean + delta * fb;
   // (delta*fa)*(delta*fb): never larger than delta^2, so no intermediate overflow.
@@ -51,50 +52,52 @@ INSTNORM_HD Moments merge(const Moments& a, const Moments& b) {
 /// must come out NaN).
 INSTNORM_HD float variance(const Moments& m) { return m.count > 0 && m.var < 0.f ? 0.f : m.var; }
 
-/// The exact power of two h = 2^-ceil(log2(n)/2) (1 for n <= 1): a sum of n squares of
-/// deviations scaled by h is at most the largest unscaled square, so it cannot overflow where the
-/// squares themselves do not; and scaling by a power of two adds no rounding.
-INSTNORM_HD float deviation_scale(int n) {
+/// k with 4^k >= n: a sum of n squares scaled by h^2 = 4^-k is no larger than the largest
+/// unscaled square, so it cannot overflow where the squares themselves do not; and scaling by a
+/// power of two adds no rounding.
+INSTNORM_HD int deviation_shift(int n) {
   int k = 0;
-  while ((int64_t(1) << (2 * k)) < int64_t(n)) ++k;  // 4^k >= n
-  float h = 1.f;
-  for (int i = 0; i < k; ++i) h *= 0.5f;
-  return h;
+  while ((int64_t(1) << (2 * k)) < int64_t(n)) ++k;
+  return k;
 }
 
-/// Moments of n values from the running sums of a two-pass local computation: c is the local
-/// centre (plain mean of the values, minus nothing), s1 = sum(h*d) and s2 = sum((h*d)^2) over
-/// d = x - c with h = deviation_scale(n). mean and var are relative to `pivot`.
-INSTNORM_HD Moments moments_from_sums(int n, float c, float h, float s1, float s2, float pivot) {
+/// Moments of n values from the sums of a two-pass local computation: c is the local centre
+/// (plain mean of the values), s1 = sum(d) and s2 = h^2 * sum(d^2) over d = x - c, with
+/// h = 2^-k (k = deviation_shift(n); the caller scales each small group of squares, e.g. one
+/// vector's, before adding it). mean and var are relative to `pivot`.
+INSTNORM_HD Moments moments_from_sums(int n, float c, int k, float s1, float s2, float pivot) {
   Moments m;
   if (n <= 0) return m;
   const float inv_n = 1.f / static_cast<float>(n);
-  const float dm = s1 * inv_n;  // mean deviation, scaled by h
-  m.mean = (c - pivot) + dm / h;
-  // var = (s2 - s1*dm) / (n*h^2): divide by n first and by h twice, which stays finite.
-  const float v = (s2 - s1 * dm) * inv_n / h / h;
+  const float h = ldexpf(1.f, -k), inv_h2 = ldexpf(1.f, 2 * k);  // exact
+  const float dm = s1 * inv_n;
+  m.mean = (c - pivot) + dm;
+  // var = (sum(d^2) - s1*dm) / n, in the scaled domain: s1*dm <= sum(d^2), and (s1*h)*(dm*h)
+  // keeps each factor small.
+  const float v = (s2 - (s1 * h) * (dm * h)) * inv_n * inv_h2;
   m.var = v < 0.f ? 0.f : v;
   m.count = n;
   return m;
 }
 
-/// Moments of `n` values held by one thread, computed in two passes over them (mean, then scaled
-/// squared deviations from that mean), which keeps var accurate for any offset. `get(i)` returns
-/// value i already shifted by the pivot.
+/// Moments of `n` values held by one thread, computed in two passes over them (mean, then squared
+/// deviations from that mean), which keeps var accurate for any offset. `get(i)` returns value i
+/// already shifted by the pivot.
 template <class Get>
 INSTNORM_HD Moments local_moments(int n, Get get) {
   if (n <= 0) return Moments{};
   float sum = 0.f;
   for (int i = 0; i < n; ++i) sum += get(i);
   const float c = sum / static_cast<float>(n);
-  const float h = deviation_scale(n);
+  const int k = deviation_shift(n);
+  const float h2 = ldexpf(1.f, -2 * k);
   float s1 = 0.f, s2 = 0.f;
   for (int i = 0; i < n; ++i) {
-    const float d = (get(i) - c) * h;
+    const float d = get(i) - c;
     s1 += d;
-    s2 += d * d;
+    s2 = fmaf(d * d, h2, s2);
   }
-  return moments_from_sums(n, c, h, s1, s2, 0.f);
+  return moments_from_sums(n, c, k, s1, s2, 0.f);
 }
 
 }  // namespace instnorm

@@ -110,9 +110,9 @@ __device__ __forceinline__ void load_chunk(Vector<T, kVec> (&r)[kMaxItems], cons
 }
 
 /// Local moments in two passes over a thread's values, relative to the pivot: a plain sum gives a
-/// local centre c, then the deviations d = x - c, scaled by the power of two h =
-/// deviation_scale(n), give sum(h*d) and sum((h*d)^2) (moments_from_sums); accurate for any
-/// offset, since c is within rounding of the local mean, and finite for values up to +-1e18.
+/// local centre c, then the deviations d = x - c give sum(d) and sum(d^2) (moments_from_sums);
+/// accurate for any offset, since c is within rounding of the local mean. Each vector's squares
+/// join s2 scaled by 4^-k (4^k >= n), so s2 stays finite for |x| up to ~1e18.
 /// The helpers are shared by the register and shared-memory parts.
 template <class T, int kVec>
 __device__ __forceinline__ void add_values(const Vector<T, kVec>& v, float& sum) {
@@ -122,16 +122,23 @@ __device__ __forceinline__ void add_values(const Vector<T, kVec>& v, float& sum)
   for (int k = 0; k < kVec; ++k) sum += f[k];
 }
 template <class T, int kVec>
-__device__ __forceinline__ void add_deviations(const Vector<T, kVec>& v, float c, float h,
+__device__ __forceinline__ void add_deviations(const Vector<T, kVec>& v, float c, float h2,
                                                float& s1, float& s2) {
   float f[kVec];
   unpack(v, f);
+  float q = 0.f;  // this vector's squares, scaled once (h2 = 4^-k) before joining s2
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {
-    const float d = (f[k] - c) * h;
+    const float d = f[k] - c;
     s1 += d;
-    s2 = fmaf(d, d, s2);
+    q = fmaf(d, d, q);
   }
+  s2 = fmaf(q, h2, s2);
+}
+/// The scale of a thread's squares (see moments.cuh): 4^-k with 4^k >= n.
+__device__ __forceinline__ int square_shift(int n) {
+  const int bits = 32 - __clz(n > 1 ? n - 1 : 0);  // n <= 2^bits
+  return (bits + 1) >> 1;
 }
 
 /// This thread's moments of the valid vectors of a chunk held in registers.
@@ -145,12 +152,13 @@ __device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMax
   for (int j = 0; j < kMaxItems; ++j)
     if (j < valid) add_values(r[j], sum);
   const float c = sum / static_cast<float>(n);
-  const float h = deviation_scale(n);
+  const int k = square_shift(n);
+  const float h2 = ldexpf(1.f, -2 * k);
   float s1 = 0.f, s2 = 0.f;
 #pragma unroll
   for (int j = 0; j < kMaxItems; ++j)
-    if (j < valid) add_deviations(r[j], c, h, s1, s2);
-  return moments_from_sums(n, c, h, s1, s2, pivot);
+    if (j < valid) add_deviations(r[j], c, h2, s1, s2);
+  return moments_from_sums(n, c, k, s1, s2, pivot);
 }
 
 /// Position of a chunk's first element as (channel, offset in that channel): computed before the
@@ -253,10 +261,11 @@ __device__ __forceinline__ Moments smem_load_moments(Vector<T, kVec>* sm, const 
   float sum = 0.f;
   for (j = 0; j < valid; ++j) add_values(sm[j * lanes], sum);
   const float c = sum / static_cast<float>(n);
-  const float h = deviation_scale(n);
+  const int k = square_shift(n);
+  const float h2 = ldexpf(1.f, -2 * k);
   float s1 = 0.f, s2 = 0.f;
-  for (j = 0; j < valid; ++j) add_deviations(sm[j * lanes], c, h, s1, s2);
-  return moments_from_sums(n, c, h, s1, s2, pivot);
+  for (j = 0; j < valid; ++j) add_deviations(sm[j * lanes], c, h2, s1, s2);
+  return moments_from_sums(n, c, k, s1, s2, pivot);
 }
 
 template <Activation kAct, class T, int kVec>
