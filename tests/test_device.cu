@@ -409,3 +409,137 @@ TEST(ApiValidation, RunningStatisticsArgumentsAreRefused) {
 }
 
 }  // namespace
+
+namespace {
+using namespace instnorm_test;
+
+// Channels-last: every feature against the float64 reference in NHWC. mode 0: input
+// statistics (saved too), 1: plus the running-statistics update, 2: eval with running stats.
+template <class T>
+void nhwc_case(int64_t n, int64_t c, int64_t s, int64_t groups, bool affine, Activation act,
+               int mode, double offset = 0.0) {
+  const int64_t total = n * c * s, G = groups ? groups : c, planes = n * G;
+  std::mt19937_64 rng(c * 131 + s);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::vector<double> chan_mean(static_cast<size_t>(n * c));
+  for (auto& m : chan_mean) m = offset + nd(rng);
+  std::vector<T> hx(static_cast<size_t>(total));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t p = 0; p < s; ++p)
+      for (int64_t ch = 0; ch < c; ++ch)
+        hx[size_t((i * s + p) * c + ch)] = to_t<T>(float(chan_mean[size_t(i * c + ch)] + nd(rng)));
+  std::vector<float> gamma(static_cast<size_t>(c)), beta(static_cast<size_t>(c)),
+      rm0(static_cast<size_t>(c)), rv0(static_cast<size_t>(c));
+  for (int64_t ch = 0; ch < c; ++ch) {
+    gamma[size_t(ch)] = 1.f + 0.1f * float(ch % 5);
+    beta[size_t(ch)] = 0.2f * float(ch % 3) - 0.2f;
+    rm0[size_t(ch)] = 0.05f * float(ch % 7);
+    rv0[size_t(ch)] = 1.f + 0.1f * float(ch % 4);
+  }
+  DeviceBuffer<T> dx(static_cast<size_t>(total)), dy(static_cast<size_t>(total));
+  DeviceBuffer<float> dg(static_cast<size_t>(c)), db(static_cast<size_t>(c)),
+      drm(static_cast<size_t>(c)), drv(static_cast<size_t>(c)), dm(static_cast<size_t>(planes)),
+      dr(static_cast<size_t>(planes));
+  CUDA_OK(cudaMemcpy(dx.ptr, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(dg.ptr, gamma.data(), c * 4, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(db.ptr, beta.data(), c * 4, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(drm.ptr, rm0.data(), c * 4, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(drv.ptr, rv0.data(), c * 4, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemset(dy.ptr, 0xff, total * sizeof(T)));
+  Options opt;
+  opt.layout = Layout::kNHWC;
+  opt.groups = groups;
+  opt.activation = act;
+  opt.save_mean = dm.ptr;
+  opt.save_rstd = dr.ptr;
+  if (affine) {
+    opt.gamma = dg.ptr;
+    opt.beta = db.ptr;
+  }
+  if (mode > 0) {
+    opt.running_mean = drm.ptr;
+    opt.running_var = drv.ptr;
+    opt.use_input_stats = mode == 1;
+  }
+  CUDA_OK(forward(dx.ptr, dy.ptr, n, c, s, opt));
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<T> hy(static_cast<size_t>(total)), hy2(static_cast<size_t>(total));
+  CUDA_OK(cudaMemcpy(hy.data(), dy.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
+  Options host = opt;
+  host.gamma = affine ? gamma.data() : nullptr;
+  host.beta = affine ? beta.data() : nullptr;
+  host.running_mean = mode > 0 ? rm0.data() : nullptr;
+  host.running_var = mode > 0 ? rv0.data() : nullptr;
+  std::vector<double> ref(static_cast<size_t>(total));
+  std::vector<reference::PlaneStats> stats;
+  reference::forward<T, float>(hx.data(), ref.data(), n, c, s, host, &stats);
+  const std::string where = std::string(type_name<T>()) + " NHWC n=" + std::to_string(n) +
+                            " c=" + std::to_string(c) + " S=" + std::to_string(s) +
+                            " G=" + std::to_string(G) + " mode=" + std::to_string(mode);
+  for (int64_t i = 0; i < total; ++i) {
+    const double got = reference::to_double(hy[size_t(i)]), want = ref[size_t(i)];
+    const double tol = std::is_same<T, float>::value ? 2e-5 * std::max(1.0, std::fabs(want))
+                                                     : 2 * ulp_of<T>(want) + 0x1p-20;
+    ASSERT_NEAR(got, want, tol) << where << " index " << i;
+  }
+  std::vector<float> hm(static_cast<size_t>(planes)), hr(static_cast<size_t>(planes));
+  CUDA_OK(cudaMemcpy(hm.data(), dm.ptr, planes * 4, cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(hr.data(), dr.ptr, planes * 4, cudaMemcpyDeviceToHost));
+  for (int64_t p = 0; p < planes; ++p) {
+    const double rstd = 1 / std::sqrt(stats[size_t(p)].var + 1e-5);
+    ASSERT_NEAR(hm[size_t(p)], stats[size_t(p)].mean, 1e-5 * std::max(1.0, std::fabs(offset))) << where;
+    ASSERT_NEAR(hr[size_t(p)], rstd, 1e-5 * rstd) << where << " plane " << p;
+  }
+  if (mode == 1) {
+    std::vector<double> erm(rm0.begin(), rm0.end()), erv(rv0.begin(), rv0.end());
+    reference::update_running(stats, n, c, s, opt.momentum, erm.data(), erv.data());
+    std::vector<float> hrm(static_cast<size_t>(c)), hrv(static_cast<size_t>(c));
+    CUDA_OK(cudaMemcpy(hrm.data(), drm.ptr, c * 4, cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(hrv.data(), drv.ptr, c * 4, cudaMemcpyDeviceToHost));
+    for (int64_t ch = 0; ch < c; ++ch) {
+      ASSERT_NEAR(hrm[size_t(ch)], erm[size_t(ch)], 1e-5) << where;
+      ASSERT_NEAR(hrv[size_t(ch)], erv[size_t(ch)], 1e-5 * erv[size_t(ch)]) << where;
+    }
+  }
+  if (mode != 1) {  // bit-identical rerun (the running update would move the state)
+    CUDA_OK(forward(dx.ptr, dy.ptr, n, c, s, opt));
+    CUDA_OK(cudaDeviceSynchronize());
+    CUDA_OK(cudaMemcpy(hy2.data(), dy.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
+    EXPECT_EQ(std::memcmp(hy.data(), hy2.data(), total * sizeof(T)), 0) << where;
+  }
+}
+
+TEST(GpuNhwc, ChannelCountsAndPlaneLengths) {
+  REQUIRE_GPU();
+  for (int64_t c : {1, 3, 4, 5, 8, 32, 33, 64, 320, 1280}) {
+    for (int64_t s : {1, 7, 49, 1000, 4096}) {
+      if (c * s > (int64_t(1) << 21)) continue;
+      nhwc_case<float>(2, c, s, 0, c % 2 == 0, Activation::kNone, 0);
+      nhwc_case<__half>(2, c, s, 0, true, Activation::kNone, 0);
+      nhwc_case<__nv_bfloat16>(1, c, s, 0, false, Activation::kRelu, 0);
+    }
+  }
+  nhwc_case<float>(1, 8, 262144, 0, true, Activation::kNone, 0);  // many tiles per image
+  nhwc_case<__half>(3, 64, 65536, 0, false, Activation::kNone, 0);  // batches of images
+}
+
+TEST(GpuNhwc, OffsetMeanStaysAccurate) {
+  REQUIRE_GPU();
+  nhwc_case<float>(2, 16, 4096, 0, false, Activation::kNone, 0, 1e4);
+  nhwc_case<float>(2, 16, 4096, 4, false, Activation::kNone, 0, 1e4);
+}
+
+TEST(GpuNhwc, GroupNormAffineSiluAndRunningStatistics) {
+  REQUIRE_GPU();
+  nhwc_case<__half>(2, 320, 256, 32, true, Activation::kSilu, 0);
+  nhwc_case<__nv_bfloat16>(2, 64, 1024, 32, true, Activation::kSilu, 0);
+  nhwc_case<float>(2, 30, 99, 3, true, Activation::kRelu, 0);  // odd channels per group
+  nhwc_case<float>(2, 64, 49, 1, false, Activation::kNone, 0);  // G = 1
+  for (int mode : {1, 2}) {
+    nhwc_case<float>(3, 32, 1000, 0, true, Activation::kNone, mode);
+    nhwc_case<__half>(2, 64, 4096, 0, true, Activation::kSilu, mode);
+    nhwc_case<__nv_bfloat16>(2, 5, 49, 0, false, Activation::kNone, mode);
+  }
+}
+
+}  // namespace

@@ -490,10 +490,91 @@ TEST(Validate, PartialOverlapRefusedInPlaceAllowed) {
   EXPECT_EQ(check(1, 3, 4, {}, base + 48, base), Invalid::kOk);  // adjacent, no overlap
 }
 
-TEST(Validate, NhwcNotYetSupported) {
+TEST(Validate, NhwcVectorsFollowTheChannelCount) {
   Options opt;
   opt.layout = Layout::kNHWC;
+  Problem p;
+  ASSERT_EQ(validate(kX, kY, 2, 8, 3, 2, opt, &p), Invalid::kOk);
+  EXPECT_TRUE(p.nhwc);
+  EXPECT_TRUE(p.vector_ok);  // rows of 8 halves: 16 bytes, whatever S is
+  ASSERT_EQ(validate(kX, kY, 2, 12, 16, 2, opt, &p), Invalid::kOk);
+  EXPECT_FALSE(p.vector_ok);  // 12 % 8 != 0
+  opt.layout = static_cast<Layout>(7);
   EXPECT_EQ(check(1, 3, 4, opt), Invalid::kNotSupported);
+}
+
+TEST(NhwcPlan, CoversEveryShapeWithinLimits) {
+  for (const DeviceProps& d : {sm90(), sm89()}) {
+    for (int64_t c : {1, 3, 4, 8, 32, 64, 320, 1280, 4099}) {
+      for (int64_t s : {1, 7, 49, 4096, 262144}) {
+        for (int eb : {2, 4}) {
+          Options opt;
+          opt.layout = Layout::kNHWC;
+          Problem prob;
+          ASSERT_EQ(validate(kX, kY, 3, c, s, eb, opt, &prob), Invalid::kOk);
+          NhwcPlan p;
+          ASSERT_TRUE(make_nhwc_plan(prob, d, &p)) << c << " " << s;
+          EXPECT_EQ(p.vec, c % (16 / eb) == 0 ? 16 / eb : 1);
+          EXPECT_GE(p.col_chunks * p.cols_per_block * p.vec, c);
+          EXPECT_LT((p.col_chunks - 1) * p.cols_per_block * p.vec, c);  // no empty chunk
+          EXPECT_GE(p.tiles * p.tile_rows, s);
+          EXPECT_LT((p.tiles - 1) * p.tile_rows, s);  // no empty tile
+          EXPECT_EQ(p.row_lanes * p.cols_per_block <= kNhwcThreads, true);
+        }
+      }
+    }
+  }
+}
+
+TEST(NhwcPlan, BatchesStayInTheL2Budget) {
+  const DeviceProps d = sm90();
+  Options opt;
+  opt.layout = Layout::kNHWC;
+  Problem prob;
+  // 16 MB fp32 images: one per batch under the default budget (L2/2 = 25 MB), 3 under 50 MB.
+  ASSERT_EQ(validate(kX, kY, 16, 64, 256 * 256, 4, opt, &prob), Invalid::kOk);
+  NhwcPlan p;
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &p));
+  EXPECT_EQ(p.batch_images, 1);
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &p, int64_t(50) << 20));
+  EXPECT_EQ(p.batch_images, 3);
+  // 64 MB images never fit: the whole tensor is one batch.
+  ASSERT_EQ(validate(kX, kY, 112, 64, 512 * 512, 4, opt, &prob), Invalid::kOk);
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &p));
+  EXPECT_EQ(p.batch_images, 112);
+  // Small images: many per batch, never more than n.
+  ASSERT_EQ(validate(kX, kY, 128, 512, 49, 4, opt, &prob), Invalid::kOk);
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &p));
+  EXPECT_EQ(p.batch_images, 128);
+}
+
+TEST(Reference, NhwcIsTheTransposeOfNchw) {
+  const int64_t n = 2, c = 6, s = 10;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(3.f, 2.f);
+  std::vector<float> nchw(static_cast<size_t>(n * c * s)), nhwc(nchw.size());
+  std::vector<float> gamma(static_cast<size_t>(c)), beta(static_cast<size_t>(c));
+  for (auto& v : nchw) v = nd(rng);
+  for (auto& v : gamma) v = nd(rng);
+  for (auto& v : beta) v = nd(rng);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t ch = 0; ch < c; ++ch)
+      for (int64_t p = 0; p < s; ++p) nhwc[size_t((i * s + p) * c + ch)] = nchw[size_t((i * c + ch) * s + p)];
+  for (int64_t groups : {0, 2, 1}) {
+    Options opt;
+    opt.groups = groups;
+    opt.gamma = gamma.data();
+    opt.beta = beta.data();
+    opt.activation = Activation::kSilu;
+    std::vector<double> a(nchw.size()), b(nchw.size());
+    reference::forward(nchw.data(), a.data(), n, c, s, opt);
+    opt.layout = Layout::kNHWC;
+    reference::forward(nhwc.data(), b.data(), n, c, s, opt);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t ch = 0; ch < c; ++ch)
+        for (int64_t p = 0; p < s; ++p)
+          ASSERT_EQ(b[size_t((i * s + p) * c + ch)], a[size_t((i * c + ch) * s + p)]) << groups;
+  }
 }
 
 TEST(Validate, RunningStatistics) {

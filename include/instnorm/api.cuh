@@ -10,6 +10,7 @@
 
 #include "detail/convert.cuh"
 #include "detail/kernel.cuh"
+#include "detail/nhwc.cuh"
 #include "detail/running.cuh"
 #include "options.cuh"
 #include "plan.cuh"
@@ -144,13 +145,12 @@ inline KernelParams<T> make_params(const T* x, T* y, const Problem& prob, const 
 
 /// After a training forward: the per-channel running-statistics update from the per-plane
 /// statistics the forward kernel kept.
-template <class T>
-inline cudaError_t update_running(const KernelParams<T>& kp, const Problem& prob,
-                                  const Options& opt, cudaStream_t stream) {
+inline cudaError_t update_running(const float* stat_mean, const float* stat_var,
+                                  const Problem& prob, const Options& opt, cudaStream_t stream) {
   const int threads = 256;
   const int64_t blocks = (prob.c + threads - 1) / threads;
   running_stats_kernel<<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), threads, 0,
-                         stream>>>(kp.stat_mean, kp.stat_var, prob.n, prob.c, prob.spatial,
+                         stream>>>(stat_mean, stat_var, prob.n, prob.c, prob.spatial,
                                    opt.momentum, opt.running_mean, opt.running_var);
   return cudaGetLastError();
 }
@@ -204,7 +204,7 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
   if (!plan.cooperative) {
     kernel<<<grid, block, smem, stream>>>(kp);
     INSTNORM_RETURN_IF_ERROR(cudaGetLastError());
-    return kp.stat_mean ? update_running(kp, prob, opt, stream) : cudaSuccess;
+    return kp.stat_mean ? update_running(kp.stat_mean, kp.stat_var, prob, opt, stream) : cudaSuccess;
   }
   kp.partials = reinterpret_cast<Moments*>(bytes);
   kp.counters = reinterpret_cast<unsigned long long*>(
@@ -216,7 +216,89 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
   void* args[] = {&kp};
   INSTNORM_RETURN_IF_ERROR(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
                                                        grid, block, args, smem, stream));
-  return kp.stat_mean ? update_running(kp, prob, opt, stream) : cudaSuccess;
+  return kp.stat_mean ? update_running(kp.stat_mean, kp.stat_var, prob, opt, stream) : cudaSuccess;
+}
+
+// ---------------------------------------------------------------- channels-last
+
+inline cudaError_t current_nhwc_plan(const Problem& prob, NhwcPlan* plan) {
+  int dev = 0;
+  INSTNORM_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  DeviceProps d;
+  INSTNORM_RETURN_IF_ERROR(device_props(dev, &d));
+  return make_nhwc_plan(prob, d, plan) ? cudaSuccess : cudaErrorInvalidConfiguration;
+}
+
+/// NHWC workspace: [tile partials of a batch][per-(image, group) statistics][running-stat
+/// inputs]; nothing in eval mode.
+inline size_t nhwc_workspace_bytes(const NhwcPlan& p, const Problem& prob, const Options& opt) {
+  if (!opt.use_input_stats) return 0;
+  return align_up(size_t(p.batch_images) * size_t(p.tiles) * size_t(prob.c) * sizeof(Moments)) +
+         align_up(size_t(prob.planes) * sizeof(float4)) + stats_workspace_bytes(prob, opt);
+}
+
+template <class T>
+inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Options& opt,
+                               const NhwcPlan& plan, void* workspace, cudaStream_t stream) {
+  int dev = 0;
+  INSTNORM_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  DeviceProps d;
+  INSTNORM_RETURN_IF_ERROR(device_props(dev, &d));
+  NhwcParams<T> np{};
+  np.x = x;
+  np.y = y;
+  np.spatial = prob.spatial;
+  np.c = prob.c;
+  np.groups = prob.groups;
+  np.cpg = prob.channels_per_group;
+  np.tile_rows = plan.tile_rows;
+  np.tiles = plan.tiles;
+  np.cols_per_block = plan.cols_per_block;
+  np.row_lanes = plan.row_lanes;
+  np.eps = opt.eps;
+  np.gamma = opt.gamma;
+  np.beta = opt.beta;
+  np.params_float = opt.param_type == ParamType::kFloat;
+  np.save_mean = opt.save_mean;
+  np.save_rstd = opt.save_rstd;
+  np.activation = opt.activation;
+  const bool eval = !opt.use_input_stats;
+  if (eval) {
+    np.running_mean = opt.running_mean;
+    np.running_var = opt.running_var;
+  } else {
+    auto* bytes = static_cast<unsigned char*>(workspace);
+    np.partials = reinterpret_cast<Moments*>(bytes);
+    bytes += align_up(size_t(plan.batch_images) * size_t(plan.tiles) * size_t(prob.c) * sizeof(Moments));
+    np.group_stats = reinterpret_cast<float4*>(bytes);
+    bytes += align_up(size_t(prob.planes) * sizeof(float4));
+    if (updates_running_stats(opt)) {
+      np.stat_mean = reinterpret_cast<float*>(bytes);
+      np.stat_var = np.stat_mean + prob.planes;
+    }
+  }
+  constexpr int kFull = 16 / int(sizeof(T));
+  const bool full = plan.vec == kFull;
+  const int64_t batch = eval ? prob.n : plan.batch_images;
+  for (int64_t first = 0; first < prob.n; first += batch) {
+    np.img_first = first;
+    np.img_count = std::min(batch, prob.n - first);
+    const dim3 grid(static_cast<unsigned>(std::min(np.img_count * plan.tiles, d.max_grid_x)),
+                    static_cast<unsigned>(plan.col_chunks));
+    if (!eval) {
+      if (full) nhwc_partials<T, kFull><<<grid, kNhwcThreads, 0, stream>>>(np);
+      else nhwc_partials<T, 1><<<grid, kNhwcThreads, 0, stream>>>(np);
+      INSTNORM_RETURN_IF_ERROR(cudaGetLastError());
+      const int64_t units = np.img_count * prob.groups;
+      nhwc_finalize<T><<<static_cast<unsigned>(std::min<int64_t>((units + 255) / 256, 65535)), 256,
+                         0, stream>>>(np);
+      INSTNORM_RETURN_IF_ERROR(cudaGetLastError());
+    }
+    if (full) nhwc_normalize<T, kFull><<<grid, kNhwcThreads, 0, stream>>>(np);
+    else nhwc_normalize<T, 1><<<grid, kNhwcThreads, 0, stream>>>(np);
+    INSTNORM_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  return np.stat_mean ? update_running(np.stat_mean, np.stat_var, prob, opt, stream) : cudaSuccess;
 }
 
 }  // namespace detail
@@ -235,6 +317,12 @@ cudaError_t workspace_size(int64_t n, int64_t c, int64_t spatial, const Options&
   const T* py = y ? y : reinterpret_cast<const T*>(uintptr_t(256));
   const Invalid v = detail::prepare(px, py, n, c, spatial, opt, &prob);
   if (v != Invalid::kOk) return detail::to_cuda_error(v);
+  if (prob.nhwc) {
+    NhwcPlan np;
+    INSTNORM_RETURN_IF_ERROR(detail::current_nhwc_plan(prob, &np));
+    *bytes = detail::nhwc_workspace_bytes(np, prob, opt);
+    return cudaSuccess;
+  }
   if (!opt.use_input_stats) return cudaSuccess;
   Plan plan;
   INSTNORM_RETURN_IF_ERROR(detail::current_plan(prob, &plan));
@@ -250,6 +338,13 @@ cudaError_t forward(const T* x, T* y, int64_t n, int64_t c, int64_t spatial, con
   Problem prob;
   const Invalid v = detail::prepare(x, y, n, c, spatial, opt, &prob);
   if (v != Invalid::kOk) return detail::to_cuda_error(v);
+  if (prob.nhwc) {
+    NhwcPlan np;
+    INSTNORM_RETURN_IF_ERROR(detail::current_nhwc_plan(prob, &np));
+    const size_t need = detail::nhwc_workspace_bytes(np, prob, opt);
+    if (need > 0 && (workspace == nullptr || workspace_bytes < need)) return cudaErrorInvalidValue;
+    return detail::launch_nhwc(x, y, prob, opt, np, workspace, stream);
+  }
   if (!opt.use_input_stats) return detail::launch_inference(x, y, prob, opt, stream);
   Plan plan;
   INSTNORM_RETURN_IF_ERROR(detail::current_plan(prob, &plan));
@@ -269,6 +364,19 @@ cudaError_t forward_tuned(const T* x, T* y, int64_t n, int64_t c, int64_t spatia
   Problem prob;
   const Invalid v = prepare(x, y, n, c, spatial, opt, &prob);
   if (v != Invalid::kOk) return to_cuda_error(v);
+  if (prob.nhwc) {
+    NhwcPlan np;
+    INSTNORM_RETURN_IF_ERROR(current_nhwc_plan(prob, &np));
+    const size_t need = nhwc_workspace_bytes(np, prob, opt);
+    void* ws = nullptr;
+    if (need > 0) INSTNORM_RETURN_IF_ERROR(cudaMallocAsync(&ws, need, stream));
+    const cudaError_t err = launch_nhwc(x, y, prob, opt, np, ws, stream);
+    if (ws != nullptr) {
+      const cudaError_t free_err = cudaFreeAsync(ws, stream);
+      if (err == cudaSuccess) return free_err;
+    }
+    return err;
+  }
   if (!opt.use_input_stats) return launch_inference(x, y, prob, opt, stream);
   Plan plan;
   INSTNORM_RETURN_IF_ERROR(current_plan(prob, &plan, ov, policy));

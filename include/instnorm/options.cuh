@@ -11,7 +11,7 @@ namespace instnorm {
 /// Memory layout of x and y.
 enum class Layout : int {
   kNCHW = 0,  ///< plane (i, j) is x[(i*c + j)*spatial, ... + spatial)
-  kNHWC = 1,  ///< element (i, j, s) is x[(i*spatial + s)*c + j]  (not yet implemented)
+  kNHWC = 1,  ///< channels-last: element (i, j, s) is x[(i*spatial + s)*c + j]
 };
 
 /// Activation applied to the normalized (and affine-transformed) output.

@@ -320,4 +320,68 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
   return plan_is_valid(p, prob, d);
 }
 
+// ---------------------------------------------------------------- channels-last (NHWC)
+
+/// Threads of the NHWC kernels, and the rows each thread holds in registers per chunk.
+constexpr int kNhwcThreads = 256;
+constexpr int kNhwcRows = 8;
+
+/// A launch plan for NHWC: each image is an S x C matrix read along C in 16-byte vectors. Three
+/// kernels per batch of images: per-tile partial moments of every channel, a merge per (image,
+/// group), and the normalize. A batch is sized to stay in L2 between the first and the second
+/// read of x, so x comes from DRAM once where an image fits in L2.
+struct NhwcPlan {
+  int vec = 1;                   ///< channels per vector (16 bytes, or 1)
+  int cols_per_block = 0;        ///< column vectors a block covers
+  int row_lanes = 0;             ///< threads per column (kNhwcThreads / cols_per_block)
+  int64_t col_chunks = 0;        ///< blocks across the C columns (grid.y)
+  int64_t tile_rows = 0;         ///< spatial positions per block
+  int64_t tiles = 0;             ///< tiles per image
+  int64_t batch_images = 0;      ///< images per batch of the three kernels
+};
+
+/// Bytes of a batch that the second read of x expects to find in L2.
+inline int64_t nhwc_l2_budget(const DeviceProps& d) { return d.l2_bytes / 2; }
+
+inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const DeviceProps& d) {
+  if (p.vec != 1 && (p.vec * prob.elem_bytes != 16 || !prob.vector_ok)) return false;
+  if (prob.c % p.vec != 0) return false;
+  const int64_t cv = prob.c / p.vec;
+  if (p.cols_per_block < 1 || p.cols_per_block > kNhwcThreads) return false;
+  if (p.row_lanes != kNhwcThreads / p.cols_per_block) return false;
+  if (p.col_chunks < 1 || p.col_chunks * p.cols_per_block < cv || p.col_chunks > 65535) return false;
+  if (p.tile_rows < 1 || p.tiles < 1 || p.tiles * p.tile_rows < prob.spatial) return false;
+  if (p.batch_images < 1 || p.batch_images > prob.n) return false;
+  if (d.max_threads_per_block < kNhwcThreads) return false;
+  return resident_blocks_per_sm(d, kNhwcThreads) >= 1;
+}
+
+inline bool make_nhwc_plan(const Problem& prob, const DeviceProps& d, NhwcPlan* out,
+                           int64_t l2_budget = -1) {
+  using namespace detail;
+  NhwcPlan p;
+  p.vec = prob.vector_ok ? 16 / prob.elem_bytes : 1;
+  const int64_t cv = prob.c / p.vec;
+  p.cols_per_block = int(std::min<int64_t>(cv, kNhwcThreads));
+  p.row_lanes = kNhwcThreads / p.cols_per_block;
+  p.col_chunks = ceil_div(cv, p.cols_per_block);
+  const int64_t image_bytes = prob.spatial * prob.c * prob.elem_bytes;
+  const int64_t budget = l2_budget >= 0 ? l2_budget : nhwc_l2_budget(d);
+  // Images that fit the budget go in batches that do; larger ones gain nothing from L2, so the
+  // whole tensor is one batch (three launches in all).
+  p.batch_images = image_bytes <= budget ? clamp64(budget / std::max<int64_t>(1, image_bytes), 1, prob.n)
+                                         : prob.n;
+  // Enough blocks per batch to fill the GPU several times over, and at least a few chunks of
+  // kNhwcRows rows per thread.
+  const int64_t want_blocks = 4 * int64_t(std::max(1, d.sm_count)) *
+                              std::max(1, resident_blocks_per_sm(d, kNhwcThreads));
+  const int64_t min_rows = int64_t(p.row_lanes) * kNhwcRows;
+  const int64_t max_tiles = std::max<int64_t>(1, ceil_div(prob.spatial, min_rows));
+  p.tiles = clamp64(ceil_div(want_blocks, p.batch_images * p.col_chunks), 1, max_tiles);
+  p.tile_rows = ceil_div(prob.spatial, p.tiles);
+  p.tiles = ceil_div(prob.spatial, p.tile_rows);
+  *out = p;
+  return nhwc_plan_is_valid(p, prob, d);
+}
+
 }  // namespace instnorm

@@ -31,39 +31,46 @@ struct PlaneStats {
   double mean = 0, var = 0;
 };
 
-/// y[i] (float64) for NCHW x with `opt` (groups, gamma/beta of type P, activation; eps from opt).
-/// Returns the per-plane statistics in `stats` when it is non-null.
+/// y (float64) for x in opt.layout (NCHW or NHWC) with `opt` (groups, gamma/beta of type P,
+/// activation, eps, running statistics in eval mode). Returns the per-plane statistics in
+/// `stats` (n * G entries) when it is non-null.
 template <class T, class P = float>
 void forward(const T* x, double* y, int64_t n, int64_t c, int64_t spatial, const Options& opt,
              std::vector<PlaneStats>* stats = nullptr) {
   const int64_t groups = opt.groups == 0 ? c : opt.groups;
   const int64_t cpg = c / groups;
   const int64_t len = cpg * spatial;
+  const bool nhwc = opt.layout == Layout::kNHWC;
   const auto* gamma = static_cast<const P*>(opt.gamma);
   const auto* beta = static_cast<const P*>(opt.beta);
   if (stats) stats->assign(size_t(n * groups), PlaneStats{});
   for (int64_t plane = 0; plane < n * groups; ++plane) {
-    const T* xp = x + plane * len;
+    const int64_t i = plane / groups, g = plane % groups;
+    // Element k of the plane: channel g*cpg + k / spatial, position k % spatial.
+    auto index = [&](int64_t k) {
+      const int64_t ch = g * cpg + k / spatial, pos = k % spatial;
+      return nhwc ? (i * spatial + pos) * c + ch : (i * c + ch) * spatial + pos;
+    };
     double sum = 0;
-    for (int64_t i = 0; i < len; ++i) sum += to_double(xp[i]);
+    for (int64_t k = 0; k < len; ++k) sum += to_double(x[index(k)]);
     double mean = sum / double(len);
     double m2 = 0;
-    for (int64_t i = 0; i < len; ++i) {
-      const double d = to_double(xp[i]) - mean;
+    for (int64_t k = 0; k < len; ++k) {
+      const double d = to_double(x[index(k)]) - mean;
       m2 += d * d;
     }
     double var = m2 / double(len);
     if (!opt.use_input_stats) {  // eval mode: the running statistics of the plane's channel
-      mean = opt.running_mean[plane % c];
-      var = opt.running_var[plane % c];
+      mean = opt.running_mean[g];
+      var = opt.running_var[g];
     }
     const double rstd = 1.0 / std::sqrt(var + double(opt.eps));
     if (stats) (*stats)[size_t(plane)] = PlaneStats{mean, var};
-    for (int64_t i = 0; i < len; ++i) {
-      const int64_t ch = (plane % groups) * cpg + i / spatial;
-      const double g = gamma ? to_double(gamma[ch]) : 1.0;
+    for (int64_t k = 0; k < len; ++k) {
+      const int64_t ch = g * cpg + k / spatial;
+      const double gm = gamma ? to_double(gamma[ch]) : 1.0;
       const double b = beta ? to_double(beta[ch]) : 0.0;
-      y[plane * len + i] = activate((to_double(xp[i]) - mean) * rstd * g + b, opt.activation);
+      y[index(k)] = activate((to_double(x[index(k)]) - mean) * rstd * gm + b, opt.activation);
     }
   }
 }

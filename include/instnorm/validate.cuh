@@ -41,7 +41,8 @@ struct Problem {
   int64_t channels_per_group = 1;  ///< c / G
   int64_t plane_len = 0;           ///< channels_per_group * spatial
   int elem_bytes = 4;              ///< sizeof(T)
-  bool vector_ok = false;          ///< x, y and every plane/channel start aligned to 16 bytes
+  bool vector_ok = false;          ///< x, y and every plane/channel (NHWC: row) start aligned to 16 bytes
+  bool nhwc = false;               ///< channels-last: element (i, j, s) at x[(i*spatial + s)*c + j]
 };
 
 namespace detail {
@@ -68,7 +69,7 @@ inline Invalid validate(const void* x, const void* y, int64_t n, int64_t c, int6
   if (has_rm && (groups != c || (opt.use_input_stats && spatial == 1)))
     return Invalid::kBadRunningStats;
   if (!(opt.momentum >= 0.f && opt.momentum <= 1.f)) return Invalid::kBadMomentum;
-  if (opt.layout != Layout::kNCHW) return Invalid::kNotSupported;
+  if (opt.layout != Layout::kNCHW && opt.layout != Layout::kNHWC) return Invalid::kNotSupported;
   const auto xb = reinterpret_cast<uintptr_t>(x), yb = reinterpret_cast<uintptr_t>(y);
   const auto ub = static_cast<uintptr_t>(bytes);
   if (xb != yb && xb < yb + ub && yb < xb + ub) return Invalid::kOverlap;
@@ -84,7 +85,9 @@ inline Invalid validate(const void* x, const void* y, int64_t n, int64_t c, int6
   // 16-byte vectors need x and y aligned and every channel start (a multiple of spatial
   // elements) aligned too, so that a vector never straddles two channels or two planes.
   const int64_t vec = 16 / elem_bytes;
-  prob->vector_ok = (xb % 16 == 0) && (yb % 16 == 0) && (spatial % vec == 0);
+  prob->nhwc = opt.layout == Layout::kNHWC;
+  // NHWC: a vector holds vec channels of one position, so rows of c elements must stay aligned.
+  prob->vector_ok = (xb % 16 == 0) && (yb % 16 == 0) && ((prob->nhwc ? c : spatial) % vec == 0);
   return Invalid::kOk;
 }
 

@@ -1,0 +1,230 @@
+#pragma once
+/// \file detail/nhwc.cuh
+/// Channels-last (NHWC) kernels. An image is an S x C matrix; a thread owns one column vector
+/// (vec consecutive channels) and walks rows, so every load is a coalesced 16-byte vector along
+/// C. Per batch of images (sized by the planner to stay in L2):
+///   1. nhwc_partials: each block reduces a tile of rows to one Moments per channel,
+///   2. nhwc_finalize: one thread per (image, group) merges the tiles and channels of its group
+///      in a fixed order (bit-identical reruns) into (center, residual, rstd),
+///   3. nhwc_normalize: y = act((x - center) * rstd * gamma + (beta - residual * ...)), the second
+///      read of x hitting L2 where the batch fits.
+/// Moments are relative to a pivot per (image, group), the group's first element, as in NCHW.
+
+#include "kernel.cuh"
+
+namespace instnorm {
+namespace detail {
+
+template <class T>
+struct NhwcParams {
+  const T* x;
+  T* y;
+  int64_t spatial, c, groups, cpg;
+  int64_t img_first;   ///< first image of this batch
+  int64_t img_count;   ///< images in this batch
+  int64_t tile_rows, tiles;
+  int cols_per_block, row_lanes;
+  float eps;
+  const void* gamma;
+  const void* beta;
+  bool params_float;
+  float* save_mean;
+  float* save_rstd;
+  float* stat_mean;              ///< [n][c] (G == c) for the running-statistics update, or null
+  float* stat_var;
+  Activation activation;
+  const float* running_mean;     ///< eval mode: normalize with these (per channel)
+  const float* running_var;
+  Moments* partials;             ///< [img_count][tiles][c]
+  float4* group_stats;           ///< [n][groups]: center, residual, rstd
+};
+
+template <class T>
+__device__ __forceinline__ float group_pivot(const NhwcParams<T>& p, int64_t image, int64_t g) {
+  return to_float(p.x[image * p.spatial * p.c + g * p.cpg]);
+}
+
+/// Phase 1: per-tile, per-channel partial moments (two passes over kNhwcRows rows held in
+/// registers, merged chunk by chunk), then a fixed-order merge over the block's row lanes.
+template <class T, int kVec>
+__global__ void __launch_bounds__(kNhwcThreads) nhwc_partials(const NhwcParams<T> p) {
+  using V = Vector<T, kVec>;
+  __shared__ Moments sm[kNhwcThreads * kVec];
+  const int cpb = p.cols_per_block;
+  const int t = threadIdx.x;
+  const int rl = t / cpb;
+  const int64_t cv = p.c / kVec;
+  const int64_t col = blockIdx.y * int64_t(cpb) + t % cpb;
+  const bool active = rl < p.row_lanes && col < cv;
+  for (int64_t u = blockIdx.x; u < p.img_count * p.tiles; u += gridDim.x) {
+    const int64_t li = u / p.tiles, tile = u % p.tiles, image = p.img_first + li;
+    const int64_t r_begin = tile * p.tile_rows;
+    const int64_t r_end = r_begin + p.tile_rows < p.spatial ? r_begin + p.tile_rows : p.spatial;
+    Moments acc[kVec];
+    if (active) {
+      float pivot[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) pivot[k] = group_pivot(p, image, (col * kVec + k) / p.cpg);
+      const V* xs = reinterpret_cast<const V*>(p.x + image * p.spatial * p.c) + col;
+      const int64_t step = int64_t(p.row_lanes) * kNhwcRows;
+      for (int64_t r0 = r_begin + rl; r0 < r_end; r0 += step) {
+        V v[kNhwcRows];
+        int valid = 0;
+#pragma unroll
+        for (int q = 0; q < kNhwcRows; ++q) {
+          const int64_t r = r0 + int64_t(q) * p.row_lanes;
+          if (r < r_end) {
+            v[q] = load_vector(xs + r * cv);
+            valid = q + 1;
+          }
+        }
+        float f[kNhwcRows][kVec];
+#pragma unroll
+        for (int q = 0; q < kNhwcRows; ++q)
+          if (q < valid) unpack(v[q], f[q]);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          float sum = 0.f;
+#pragma unroll
+          for (int q = 0; q < kNhwcRows; ++q)
+            if (q < valid) sum += f[q][k];
+          const float cen = sum / float(valid);
+          float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+          for (int q = 0; q < kNhwcRows; ++q) {
+            if (q < valid) {
+              const float d = f[q][k] - cen;
+              s1 += d;
+              s2 = fmaf(d, d, s2);
+            }
+          }
+          acc[k] = merge(acc[k], moments_from_sums(valid, cen, 0, s1, s2, pivot[k]));
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) sm[t * kVec + k] = acc[k];
+    __syncthreads();
+    if (t < cpb * kVec) {
+      const int cl = t / kVec, k = t % kVec;
+      const int64_t ccol = blockIdx.y * int64_t(cpb) + cl;
+      if (ccol < cv) {
+        Moments m;
+        for (int r = 0; r < p.row_lanes; ++r) m = merge(m, sm[(r * cpb + cl) * kVec + k]);
+        p.partials[(li * p.tiles + tile) * p.c + ccol * kVec + k] = m;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+/// Phase 2: one thread per (image, group) of the batch.
+template <class T>
+__global__ void nhwc_finalize(const NhwcParams<T> p) {
+  const int64_t units = p.img_count * p.groups;
+  for (int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; u < units;
+       u += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t li = u / p.groups, g = u % p.groups, image = p.img_first + li;
+    Moments m;
+    for (int64_t tile = 0; tile < p.tiles; ++tile)
+      for (int64_t j = 0; j < p.cpg; ++j)
+        m = merge(m, p.partials[(li * p.tiles + tile) * p.c + g * p.cpg + j]);
+    const float pivot = group_pivot(p, image, g);
+    const float center = pivot + m.mean;
+    const float residual = (pivot - center) + m.mean;
+    const float var = variance(m);
+    const float rstd = 1.f / sqrtf(var + p.eps);
+    const int64_t plane = image * p.groups + g;
+    p.group_stats[plane] = make_float4(center, residual, rstd, 0.f);
+    if (p.save_mean) p.save_mean[plane] = center + residual;
+    if (p.save_rstd) p.save_rstd[plane] = rstd;
+    if (p.stat_mean) {
+      p.stat_mean[plane] = center + residual;
+      p.stat_var[plane] = var;
+    }
+  }
+}
+
+/// Phase 3: normalize; each thread keeps its column's kVec (center, scale, shift) for the tile.
+template <Activation kAct, class T, int kVec>
+__device__ __forceinline__ void nhwc_normalize_rows(const NhwcParams<T>& p, const Vector<T, kVec>* xs,
+                                                    Vector<T, kVec>* ys, int64_t cv, int64_t r_begin,
+                                                    int64_t r_end, int rl, const float (&cen)[kVec],
+                                                    const float (&scale)[kVec],
+                                                    const float (&shift)[kVec]) {
+  constexpr int kInFlight = 4;
+  const int64_t step = int64_t(p.row_lanes);
+  for (int64_t r0 = r_begin + rl; r0 < r_end; r0 += step * kInFlight) {
+    Vector<T, kVec> v[kInFlight];
+#pragma unroll
+    for (int q = 0; q < kInFlight; ++q) {
+      const int64_t r = r0 + q * step;
+      if (r < r_end) v[q] = load_vector(xs + r * cv);
+    }
+#pragma unroll
+    for (int q = 0; q < kInFlight; ++q) {
+      const int64_t r = r0 + q * step;
+      if (r < r_end) {
+        float f[kVec];
+        unpack(v[q], f);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) f[k] = activate<kAct>(fmaf(f[k] - cen[k], scale[k], shift[k]));
+        store_vector(ys + r * cv, pack<T, kVec>(f));
+      }
+    }
+  }
+}
+
+template <class T, int kVec>
+__global__ void __launch_bounds__(kNhwcThreads) nhwc_normalize(const NhwcParams<T> p) {
+  using V = Vector<T, kVec>;
+  const int cpb = p.cols_per_block;
+  const int t = threadIdx.x;
+  const int rl = t / cpb;
+  const int64_t cv = p.c / kVec;
+  const int64_t col = blockIdx.y * int64_t(cpb) + t % cpb;
+  if (rl >= p.row_lanes || col >= cv) return;
+  for (int64_t u = blockIdx.x; u < p.img_count * p.tiles; u += gridDim.x) {
+    const int64_t li = u / p.tiles, tile = u % p.tiles, image = p.img_first + li;
+    const int64_t r_begin = tile * p.tile_rows;
+    const int64_t r_end = r_begin + p.tile_rows < p.spatial ? r_begin + p.tile_rows : p.spatial;
+    float cen[kVec], scale[kVec], shift[kVec];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const int64_t ch = col * kVec + k;
+      float residual = 0.f, rstd;
+      if (p.running_mean) {
+        cen[k] = p.running_mean[ch];
+        rstd = 1.f / sqrtf(p.running_var[ch] + p.eps);
+        if (tile == 0 && rl == 0) {
+          if (p.save_mean) p.save_mean[image * p.c + ch] = cen[k];
+          if (p.save_rstd) p.save_rstd[image * p.c + ch] = rstd;
+        }
+      } else {
+        const float4 gs = p.group_stats[image * p.groups + ch / p.cpg];
+        cen[k] = gs.x;
+        residual = gs.y;
+        rstd = gs.z;
+      }
+      scale[k] = p.gamma ? rstd * load_param<T>(p.gamma, p.params_float, ch) : rstd;
+      const float beta = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
+      shift[k] = fmaf(-residual, scale[k], beta);
+    }
+    const V* xs = reinterpret_cast<const V*>(p.x + image * p.spatial * p.c) + col;
+    V* ys = reinterpret_cast<V*>(p.y + image * p.spatial * p.c) + col;
+    switch (p.activation) {
+      case Activation::kRelu:
+        nhwc_normalize_rows<Activation::kRelu>(p, xs, ys, cv, r_begin, r_end, rl, cen, scale, shift);
+        break;
+      case Activation::kSilu:
+        nhwc_normalize_rows<Activation::kSilu>(p, xs, ys, cv, r_begin, r_end, rl, cen, scale, shift);
+        break;
+      default:
+        nhwc_normalize_rows<Activation::kNone>(p, xs, ys, cv, r_begin, r_end, rl, cen, scale, shift);
+        break;
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace instnorm
