@@ -656,6 +656,8 @@ int main(int argc, char** argv) {
         return 1;
       }
       (a[2] == 's' ? shapes.push_back(s) : tunes.push_back(spec));
+    } else if (a.rfind("--nhwc-budget=", 0) == 0) {  // MB per batch of NHWC images
+      g_override.nhwc_l2_budget = int64_t(std::atof(a.c_str() + 14) * (1 << 20));
     } else if (a.rfind("--plan=", 0) == 0) {
       long long v[4] = {-1, 0, 0, 0};
       std::sscanf(a.c_str() + 7, "%lld,%lld,%lld,%lld", &v[0], &v[1], &v[2], &v[3]);

@@ -221,12 +221,13 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
 
 // ---------------------------------------------------------------- channels-last
 
-inline cudaError_t current_nhwc_plan(const Problem& prob, NhwcPlan* plan) {
+inline cudaError_t current_nhwc_plan(const Problem& prob, NhwcPlan* plan,
+                                     int64_t l2_budget = -1) {
   int dev = 0;
   INSTNORM_RETURN_IF_ERROR(cudaGetDevice(&dev));
   DeviceProps d;
   INSTNORM_RETURN_IF_ERROR(device_props(dev, &d));
-  return make_nhwc_plan(prob, d, plan) ? cudaSuccess : cudaErrorInvalidConfiguration;
+  return make_nhwc_plan(prob, d, plan, l2_budget) ? cudaSuccess : cudaErrorInvalidConfiguration;
 }
 
 /// NHWC workspace: [tile partials of a batch][per-(image, group) statistics][running-stat
@@ -290,8 +291,9 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
       else nhwc_partials<T, 1><<<grid, kNhwcThreads, 0, stream>>>(np);
       INSTNORM_RETURN_IF_ERROR(cudaGetLastError());
       const int64_t units = np.img_count * prob.groups;
-      nhwc_finalize<T><<<static_cast<unsigned>(std::min<int64_t>((units + 255) / 256, 65535)), 256,
-                         0, stream>>>(np);
+      const int64_t blocks = (units + kNhwcThreads / 32 - 1) / (kNhwcThreads / 32);
+      nhwc_finalize<T><<<static_cast<unsigned>(std::min(blocks, d.max_grid_x)), kNhwcThreads, 0,
+                         stream>>>(np);
       INSTNORM_RETURN_IF_ERROR(cudaGetLastError());
     }
     if (full) nhwc_normalize<T, kFull><<<grid, kNhwcThreads, 0, stream>>>(np);
@@ -366,7 +368,7 @@ cudaError_t forward_tuned(const T* x, T* y, int64_t n, int64_t c, int64_t spatia
   if (v != Invalid::kOk) return to_cuda_error(v);
   if (prob.nhwc) {
     NhwcPlan np;
-    INSTNORM_RETURN_IF_ERROR(current_nhwc_plan(prob, &np));
+    INSTNORM_RETURN_IF_ERROR(current_nhwc_plan(prob, &np, ov.nhwc_l2_budget));
     const size_t need = nhwc_workspace_bytes(np, prob, opt);
     void* ws = nullptr;
     if (need > 0) INSTNORM_RETURN_IF_ERROR(cudaMallocAsync(&ws, need, stream));

@@ -105,8 +105,8 @@ __global__ void __launch_bounds__(kNhwcThreads) nhwc_partials(const NhwcParams<T
 #pragma unroll
     for (int k = 0; k < kVec; ++k) sm[t * kVec + k] = acc[k];
     __syncthreads();
-    if (t < cpb * kVec) {
-      const int cl = t / kVec, k = t % kVec;
+    for (int e = t; e < cpb * kVec; e += kNhwcThreads) {  // cpb * kVec may exceed the block
+      const int cl = e / kVec, k = e % kVec;
       const int64_t ccol = blockIdx.y * int64_t(cpb) + cl;
       if (ccol < cv) {
         Moments m;
@@ -118,29 +118,46 @@ __global__ void __launch_bounds__(kNhwcThreads) nhwc_partials(const NhwcParams<T
   }
 }
 
-/// Phase 2: one thread per (image, group) of the batch.
+/// Phase 2: one warp per (image, group) of the batch, 8 per block. Lane l merges entries l,
+/// l + 32, ... of the group's tiles x channels (tile-major, 4 loads in flight), then the warp
+/// merges the lanes' partials in a fixed order: the same bits every run. A single thread per
+/// group walking the partials serially spent ~600 cycles of L2 latency per entry (0.18 ms per
+/// 16 MB image on the H100); a block per group left 65536 nearly empty blocks on 128x512x7x7.
 template <class T>
-__global__ void nhwc_finalize(const NhwcParams<T> p) {
+__global__ void __launch_bounds__(kNhwcThreads) nhwc_finalize(const NhwcParams<T> p) {
+  constexpr int kWarps = kNhwcThreads / 32;
+  const int lane = threadIdx.x & 31;
   const int64_t units = p.img_count * p.groups;
-  for (int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; u < units;
-       u += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t li = u / p.groups, g = u % p.groups, image = p.img_first + li;
+  const int64_t entries = p.tiles * p.cpg;
+  for (int64_t u0 = blockIdx.x * int64_t(kWarps); u0 < units; u0 += int64_t(gridDim.x) * kWarps) {
+    const int64_t u = u0 + (threadIdx.x >> 5);
+    const bool active = u < units;
+    const int64_t li = active ? u / p.groups : 0, g = active ? u % p.groups : 0;
+    const Moments* part = p.partials + li * p.tiles * p.c + g * p.cpg;
+    auto entry = [&](int64_t e) { return part[(e / p.cpg) * p.c + e % p.cpg]; };
     Moments m;
-    for (int64_t tile = 0; tile < p.tiles; ++tile)
-      for (int64_t j = 0; j < p.cpg; ++j)
-        m = merge(m, p.partials[(li * p.tiles + tile) * p.c + g * p.cpg + j]);
-    const float pivot = group_pivot(p, image, g);
-    const float center = pivot + m.mean;
-    const float residual = (pivot - center) + m.mean;
-    const float var = variance(m);
-    const float rstd = 1.f / sqrtf(var + p.eps);
-    const int64_t plane = image * p.groups + g;
-    p.group_stats[plane] = make_float4(center, residual, rstd, 0.f);
-    if (p.save_mean) p.save_mean[plane] = center + residual;
-    if (p.save_rstd) p.save_rstd[plane] = rstd;
-    if (p.stat_mean) {
-      p.stat_mean[plane] = center + residual;
-      p.stat_var[plane] = var;
+    int64_t e = lane;
+    for (; active && e + 96 < entries; e += 128) {
+      const Moments a = entry(e), b = entry(e + 32), c = entry(e + 64), d = entry(e + 96);
+      m = merge(merge(merge(merge(m, a), b), c), d);
+    }
+    for (; active && e < entries; e += 32) m = merge(m, entry(e));
+    m = warp_allreduce(m, 32);
+    if (active && lane == 0) {
+      const int64_t image = p.img_first + li;
+      const float pivot = group_pivot(p, image, g);
+      const float center = pivot + m.mean;
+      const float residual = (pivot - center) + m.mean;
+      const float var = variance(m);
+      const float rstd = 1.f / sqrtf(var + p.eps);
+      const int64_t plane = image * p.groups + g;
+      p.group_stats[plane] = make_float4(center, residual, rstd, 0.f);
+      if (p.save_mean) p.save_mean[plane] = center + residual;
+      if (p.save_rstd) p.save_rstd[plane] = rstd;
+      if (p.stat_mean) {
+        p.stat_mean[plane] = center + residual;
+        p.stat_var[plane] = var;
+      }
     }
   }
 }
