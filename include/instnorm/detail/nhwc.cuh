@@ -105,14 +105,20 @@ __global__ void __launch_bounds__(kNhwcThreads) nhwc_partials(const NhwcParams<T
 #pragma unroll
     for (int k = 0; k < kVec; ++k) sm[t * kVec + k] = acc[k];
     __syncthreads();
-    for (int e = t; e < cpb * kVec; e += kNhwcThreads) {  // cpb * kVec may exceed the block
-      const int cl = e / kVec, k = e % kVec;
-      const int64_t ccol = blockIdx.y * int64_t(cpb) + cl;
-      if (ccol < cv) {
-        Moments m;
-        for (int r = 0; r < p.row_lanes; ++r) m = merge(m, sm[(r * cpb + cl) * kVec + k]);
-        p.partials[(li * p.tiles + tile) * p.c + ccol * kVec + k] = m;
+    // Tree over the row lanes (slot rl * cpb + column), lower lane first: log2(row_lanes)
+    // merges deep instead of row_lanes (a serial walk made the block's tail dominate).
+    for (int stride = 1; stride < p.row_lanes; stride <<= 1) {
+      if (rl % (2 * stride) == 0 && rl + stride < p.row_lanes) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k)
+          sm[t * kVec + k] = merge(sm[t * kVec + k], sm[(t + stride * cpb) * kVec + k]);
       }
+      __syncthreads();
+    }
+    if (rl == 0 && col < cv) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k)
+        p.partials[(li * p.tiles + tile) * p.c + col * kVec + k] = sm[t * kVec + k];
     }
     __syncthreads();
   }
