@@ -256,6 +256,7 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
   np.tiles = plan.tiles;
   np.cols_per_block = plan.cols_per_block;
   np.row_lanes = plan.row_lanes;
+  np.finalize_lanes = int(std::min<int64_t>(32, pow2_ceil(plan.tiles * prob.channels_per_group)));
   np.eps = opt.eps;
   np.gamma = opt.gamma;
   np.beta = opt.beta;
@@ -291,7 +292,8 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
       else nhwc_partials<T, 1><<<grid, kNhwcThreads, 0, stream>>>(np);
       INSTNORM_RETURN_IF_ERROR(cudaGetLastError());
       const int64_t units = np.img_count * prob.groups;
-      const int64_t blocks = (units + kNhwcThreads / 32 - 1) / (kNhwcThreads / 32);
+      const int64_t per_block = kNhwcThreads / np.finalize_lanes;
+      const int64_t blocks = (units + per_block - 1) / per_block;
       nhwc_finalize<T><<<static_cast<unsigned>(std::min(blocks, d.max_grid_x)), kNhwcThreads, 0,
                          stream>>>(np);
       INSTNORM_RETURN_IF_ERROR(cudaGetLastError());

@@ -24,6 +24,7 @@ struct NhwcParams {
   int64_t img_count;   ///< images in this batch
   int64_t tile_rows, tiles;
   int cols_per_block, row_lanes;
+  int finalize_lanes;            ///< threads per (image, group) in nhwc_finalize: 1..32
   float eps;
   const void* gamma;
   const void* beta;
@@ -124,31 +125,33 @@ __global__ void __launch_bounds__(kNhwcThreads) nhwc_partials(const NhwcParams<T
   }
 }
 
-/// Phase 2: one warp per (image, group) of the batch, 8 per block. Lane l merges entries l,
-/// l + 32, ... of the group's tiles x channels (tile-major, 4 loads in flight), then the warp
-/// merges the lanes' partials in a fixed order: the same bits every run. A single thread per
+/// Phase 2: L lanes (a power of two <= 32 near the entry count) per (image, group). Lane l merges
+/// entries l, l + L, ... of the group's tiles x channels (tile-major, 4 loads in flight), then
+/// the lanes merge their partials in a fixed order: the same bits every run. A single thread per
 /// group walking the partials serially spent ~600 cycles of L2 latency per entry (0.18 ms per
 /// 16 MB image on the H100); a block per group left 65536 nearly empty blocks on 128x512x7x7.
 template <class T>
 __global__ void __launch_bounds__(kNhwcThreads) nhwc_finalize(const NhwcParams<T> p) {
-  constexpr int kWarps = kNhwcThreads / 32;
-  const int lane = threadIdx.x & 31;
+  const int L = p.finalize_lanes;  // power of two <= 32, about the entries per group
+  const int per_block = kNhwcThreads / L;
+  const int lane = threadIdx.x % L;
   const int64_t units = p.img_count * p.groups;
   const int64_t entries = p.tiles * p.cpg;
-  for (int64_t u0 = blockIdx.x * int64_t(kWarps); u0 < units; u0 += int64_t(gridDim.x) * kWarps) {
-    const int64_t u = u0 + (threadIdx.x >> 5);
+  for (int64_t u0 = blockIdx.x * int64_t(per_block); u0 < units;
+       u0 += int64_t(gridDim.x) * per_block) {
+    const int64_t u = u0 + threadIdx.x / L;
     const bool active = u < units;
     const int64_t li = active ? u / p.groups : 0, g = active ? u % p.groups : 0;
     const Moments* part = p.partials + li * p.tiles * p.c + g * p.cpg;
     auto entry = [&](int64_t e) { return part[(e / p.cpg) * p.c + e % p.cpg]; };
     Moments m;
     int64_t e = lane;
-    for (; active && e + 96 < entries; e += 128) {
-      const Moments a = entry(e), b = entry(e + 32), c = entry(e + 64), d = entry(e + 96);
+    for (; active && e + 3 * L < entries; e += 4 * L) {
+      const Moments a = entry(e), b = entry(e + L), c = entry(e + 2 * L), d = entry(e + 3 * L);
       m = merge(merge(merge(merge(m, a), b), c), d);
     }
-    for (; active && e < entries; e += 32) m = merge(m, entry(e));
-    m = warp_allreduce(m, 32);
+    for (; active && e < entries; e += L) m = merge(m, entry(e));
+    m = warp_allreduce(m, L);
     if (active && lane == 0) {
       const int64_t image = p.img_first + li;
       const float pivot = group_pivot(p, image, g);
