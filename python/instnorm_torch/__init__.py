@@ -1,0 +1,18 @@
+"""instnorm for PyTorch: instance norm and GroupNorm (+ fused ReLU/SiLU) on instnorm's kernels.
+
+    import instnorm_torch as it
+    y = it.instance_norm(x, weight, bias)                    # like F.instance_norm
+    y = it.group_norm(x, 32, weight, bias, activation="silu")
+    model = it.convert(model)                                # swap nn.InstanceNorm*d / nn.GroupNorm
+
+The forward is one instnorm kernel call on PyTorch's current stream (contiguous or channels-last
+input, no copy; fp32, fp16, bf16). It is registered as the custom op
+``torch.ops.instnorm_torch.forward`` with a fake implementation, so it runs under
+``torch.compile(fullgraph=True)`` and CUDA graphs. The backward is written with PyTorch ops from
+the saved mean and rstd: correct, not yet a fused kernel.
+"""
+from ._ops import group_norm, instance_norm  # noqa: F401
+from ._modules import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, convert  # noqa: F401
+
+__all__ = ["instance_norm", "group_norm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+           "GroupNorm", "convert"]

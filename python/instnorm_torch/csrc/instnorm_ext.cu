@@ -1,0 +1,120 @@
+// PyTorch binding of instnorm: one custom op, instnorm_torch::forward, registered with
+// torch.library (schema below) for CUDA tensors. Built with PyTorch's extension flags, which
+// define __CUDA_NO_HALF_OPERATORS__ and friends: the headers use conversion intrinsics only.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <instnorm/instnorm.cuh>
+
+#include <tuple>
+
+namespace {
+
+template <class T>
+cudaError_t run(const at::Tensor& x, at::Tensor& y, int64_t n, int64_t c, int64_t spatial,
+                instnorm::Options opt, cudaStream_t stream) {
+  size_t bytes = 0;
+  const T* px = static_cast<const T*>(x.data_ptr());
+  T* py = static_cast<T*>(y.data_ptr());
+  cudaError_t err = instnorm::workspace_size<T>(n, c, spatial, opt, &bytes, px, py);
+  if (err != cudaSuccess) return err;
+  at::Tensor ws;  // from PyTorch's caching allocator: graph-capturable, no cudaMalloc per call
+  if (bytes > 0) ws = at::empty({int64_t(bytes)}, x.options().dtype(at::kByte));
+  return instnorm::forward(px, py, n, c, spatial, opt, bytes > 0 ? ws.data_ptr() : nullptr, bytes,
+                           stream);
+}
+
+// Returns (y, mean, rstd): mean and rstd are (n, G) float32, the statistics the normalize used
+// (the running ones, per channel, in eval mode).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool use_input_stats, double momentum,
+    double eps, int64_t groups, int64_t activation) {
+  TORCH_CHECK(x_in.is_cuda(), "instnorm_torch: x must be a CUDA tensor");
+  TORCH_CHECK(x_in.dim() >= 2, "instnorm_torch: x must be (N, C, ...)");
+  const auto st = x_in.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+              "instnorm_torch: float32, float16 or bfloat16 input");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t n = x_in.size(0), c = x_in.size(1);
+  const int64_t spatial = n * c == 0 ? 0 : x_in.numel() / (n * c);
+  instnorm::Options opt;
+  at::Tensor x = x_in;
+  const auto cl = x.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                  : x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
+                                 : at::MemoryFormat::Contiguous;
+  if (x.is_contiguous()) {
+    opt.layout = instnorm::Layout::kNCHW;
+  } else if (cl != at::MemoryFormat::Contiguous && x.is_contiguous(cl)) {
+    opt.layout = instnorm::Layout::kNHWC;  // channels-last: no copy
+  } else {
+    x = x.contiguous();
+  }
+  at::Tensor y = at::empty_like(x);  // keeps x's memory format
+  const int64_t G = groups == 0 ? c : groups;
+  auto fopts = x.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty({n, G}, fopts), rstd = at::empty({n, G}, fopts);
+  opt.eps = static_cast<float>(eps);
+  opt.groups = groups;
+  opt.momentum = static_cast<float>(momentum);
+  opt.use_input_stats = use_input_stats;
+  opt.activation = static_cast<instnorm::Activation>(activation);
+  opt.save_mean = mean.data_ptr<float>();
+  opt.save_rstd = rstd.data_ptr<float>();
+  // gamma/beta: float32, or x's type; anything else is converted to float32.
+  at::Tensor w, b;
+  const bool same = (!weight || weight->scalar_type() == st) && (!bias || bias->scalar_type() == st);
+  if (weight && weight->defined()) w = (same ? *weight : weight->to(at::kFloat)).contiguous();
+  if (bias && bias->defined()) b = (same ? *bias : bias->to(at::kFloat)).contiguous();
+  opt.param_type = same && st != at::kFloat ? instnorm::ParamType::kSameAsInput
+                                            : instnorm::ParamType::kFloat;
+  if (w.defined()) {
+    TORCH_CHECK(w.numel() == c, "instnorm_torch: weight must have C elements");
+    opt.gamma = w.data_ptr();
+  }
+  if (b.defined()) {
+    TORCH_CHECK(b.numel() == c, "instnorm_torch: bias must have C elements");
+    opt.beta = b.data_ptr();
+  }
+  // Running statistics: float32 contiguous views, or float32 copies written back afterwards.
+  at::Tensor rm, rv;
+  const bool has_running = running_mean && running_mean->defined();
+  if (has_running) {
+    TORCH_CHECK(running_var && running_var->defined(), "instnorm_torch: running_var missing");
+    TORCH_CHECK(running_mean->numel() == c && running_var->numel() == c,
+                "instnorm_torch: running statistics must have C elements");
+    auto as_f32 = [](const at::Tensor& t) {
+      return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+    };
+    rm = as_f32(*running_mean);
+    rv = as_f32(*running_var);
+    opt.running_mean = rm.data_ptr<float>();
+    opt.running_var = rv.data_ptr<float>();
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaError_t err;
+  switch (st) {
+    case at::kHalf: err = run<__half>(x, y, n, c, spatial, opt, stream); break;
+    case at::kBFloat16: err = run<__nv_bfloat16>(x, y, n, c, spatial, opt, stream); break;
+    default: err = run<float>(x, y, n, c, spatial, opt, stream); break;
+  }
+  TORCH_CHECK(err == cudaSuccess, "instnorm_torch: ", cudaGetErrorString(err));
+  if (has_running && use_input_stats) {
+    if (!rm.is_same(*running_mean)) running_mean->copy_(rm);
+    if (!rv.is_same(*running_var)) running_var->copy_(rv);
+  }
+  return {y, mean, rstd};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(instnorm_torch, m) {
+  m.def(
+      "forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool use_input_stats, float momentum, float eps, int groups, "
+      "int activation) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(instnorm_torch, CUDA, m) { m.impl("forward", &forward); }
