@@ -1,6 +1,7 @@
 // PyTorch binding of instnorm: one custom op, instnorm_torch::forward, registered with
 // torch.library (schema below) for CUDA tensors. Built with PyTorch's extension flags, which
 // define __CUDA_NO_HALF_OPERATORS__ and friends: the headers use conversion intrinsics only.
+#include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
