@@ -15,10 +15,12 @@ timeout 60 "$bench" --arch=sm_89 --shape=112x64x512x512 --shape=112x64x512x512:b
   --benchmark_filter='copy|instnorm' > "$out/sm89.log" 2>&1
 grep -E "^instnorm" "$out/sm89.log" | grep -oE "^instnorm/[^/]+|of_copy=[0-9.]+" | paste - -
 if [ -f .peers/peers.py ]; then
-  (cd "$out" && timeout 280 python3 "$OLDPWD/.peers/peers.py" \
+  (cd "$out" && timeout 400 python3 "$OLDPWD/.peers/peers.py" \
       112x64x512x512 16x64x256x256 1x64x1024x1024 8x256x128x128 4x512x64x64 32x256x32x32 \
       128x512x7x7 112x64x512x512:fp16 112x64x512x512:bf16 8x512x64x64:bf16 \
       2x320x64x64:fp16:gn32:silu 2x640x32x32:fp16:gn32:silu 2x1280x16x16:fp16:gn32:silu \
-      8x512x64x64:bf16:gn32:silu 1x128x20x256x256:bf16:gn32:silu > peers.log 2>&1)
-  tail -17 "$out/peers.log"
+      8x512x64x64:bf16:gn32:silu 1x128x20x256x256:bf16:gn32:silu \
+      112x64x512x512:cl 16x64x256x256:cl 8x256x128x128:cl 32x256x32x32:cl 128x512x7x7:cl \
+      112x64x512x512:bf16:cl 8x512x64x64:bf16:cl > peers.log 2>&1)
+  tail -24 "$out/peers.log"
 fi

@@ -531,13 +531,16 @@ TEST(NhwcPlan, BatchesStayInTheL2Budget) {
   Options opt;
   opt.layout = Layout::kNHWC;
   Problem prob;
-  // 16 MB fp32 images: one per batch under the default budget (L2/2 = 25 MB), 3 under 50 MB.
+  // 16 MB fp32 images: two per batch under the default budget (0.8 x 50 MB), 3 under 50 MB,
+  // and the whole tensor at once under 25 MB (an image is more than half of it).
   ASSERT_EQ(validate(kX, kY, 16, 64, 256 * 256, 4, opt, &prob), Invalid::kOk);
   NhwcPlan p;
   ASSERT_TRUE(make_nhwc_plan(prob, d, &p));
-  EXPECT_EQ(p.batch_images, 1);
+  EXPECT_EQ(p.batch_images, 2);
   ASSERT_TRUE(make_nhwc_plan(prob, d, &p, int64_t(50) << 20));
   EXPECT_EQ(p.batch_images, 3);
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &p, int64_t(25) << 20));
+  EXPECT_EQ(p.batch_images, 16);
   // 64 MB images never fit: the whole tensor is one batch.
   ASSERT_EQ(validate(kX, kY, 112, 64, 512 * 512, 4, opt, &prob), Invalid::kOk);
   ASSERT_TRUE(make_nhwc_plan(prob, d, &p));
