@@ -372,7 +372,7 @@ inline bool make_nhwc_plan(const Problem& prob, const DeviceProps& d, NhwcPlan* 
   // Images of up to half the budget go in batches that fit it; larger ones gain less from L2
   // than the launches of one batch per image cost (112x64x512x512 bf16 NHWC, 32 MB images:
   // 11.2 ms in batches of one, 5.7 ms as one batch), so the whole tensor is one batch.
-  p.batch_images = 2 * image_bytes <= budget
+  p.batch_images = image_bytes <= budget / 2
                        ? clamp64(budget / std::max<int64_t>(1, image_bytes), 1, prob.n)
                        : prob.n;
   // Enough blocks per batch to fill every resident slot twice (fewer left SMs waiting on load

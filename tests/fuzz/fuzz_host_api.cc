@@ -8,6 +8,8 @@
 //  - make_plan() never crashes; a plan it accepts is within the device's limits (threads,
 //    registers, shared memory, grid, co-residency of cooperative grids) and covers the plane.
 //  - on a real device's properties with no override, every valid problem gets a plan.
+//  - NHWC problems get a channels-last plan that covers every channel and position within the
+//    grid limits (any L2 budget).
 //  - Chan's merge of arbitrary finite partials keeps the count exact and never makes the
 //    variance negative.
 #include <fuzzer/FuzzedDataProvider.h>
@@ -142,7 +144,21 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     REQUIRE(prob.planes == n * prob.groups);
     REQUIRE(prob.plane_len == prob.channels_per_group * spatial);
     REQUIRE(prob.planes * prob.plane_len == n * c * spatial);
-    if (prob.vector_ok) REQUIRE(xb % 16 == 0 && yb % 16 == 0 && spatial % (16 / elem_bytes) == 0);
+    if (prob.vector_ok)
+      REQUIRE(xb % 16 == 0 && yb % 16 == 0 && (prob.nhwc ? c : spatial) % (16 / elem_bytes) == 0);
+    REQUIRE(prob.nhwc == (opt.layout == Layout::kNHWC));
+
+    if (prob.nhwc) {
+      NhwcPlan q;
+      const bool ok = make_nhwc_plan(prob, d, &q, overridden ? ov.blocks_per_plane : -1);
+      if (ok) {
+        REQUIRE(nhwc_plan_is_valid(q, prob, d));
+        REQUIRE(q.col_chunks * q.cols_per_block * q.vec >= c && q.col_chunks <= 65535);
+        REQUIRE(q.tiles * q.tile_rows >= spatial && q.batch_images >= 1 && q.batch_images <= n);
+        REQUIRE(kNhwcThreads <= d.max_threads_per_block);
+      }
+      if (device_kind < 2 && c / std::max(1, q.vec) <= int64_t(65535) * kNhwcThreads) REQUIRE(ok);
+    }
 
     Plan p;
     const bool ok = make_plan(prob, d, pol, &p, ov);
