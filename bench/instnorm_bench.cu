@@ -656,6 +656,8 @@ int main(int argc, char** argv) {
         return 1;
       }
       (a[2] == 's' ? shapes.push_back(s) : tunes.push_back(spec));
+    } else if (a.rfind("--nhwc-chunks=", 0) == 0) {  // least row chunks per thread per tile
+      g_override.nhwc_chunks = std::atoi(a.c_str() + 14);
     } else if (a.rfind("--nhwc-budget=", 0) == 0) {  // MB per batch of NHWC images
       g_override.nhwc_l2_budget = int64_t(std::atof(a.c_str() + 14) * (1 << 20));
     } else if (a.rfind("--plan=", 0) == 0) {

@@ -222,12 +222,13 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
 // ---------------------------------------------------------------- channels-last
 
 inline cudaError_t current_nhwc_plan(const Problem& prob, NhwcPlan* plan,
-                                     int64_t l2_budget = -1) {
+                                     int64_t l2_budget = -1, int min_chunks = 0) {
   int dev = 0;
   INSTNORM_RETURN_IF_ERROR(cudaGetDevice(&dev));
   DeviceProps d;
   INSTNORM_RETURN_IF_ERROR(device_props(dev, &d));
-  return make_nhwc_plan(prob, d, plan, l2_budget) ? cudaSuccess : cudaErrorInvalidConfiguration;
+  return make_nhwc_plan(prob, d, plan, l2_budget, min_chunks) ? cudaSuccess
+                                                               : cudaErrorInvalidConfiguration;
 }
 
 /// NHWC workspace: [tile partials of a batch][per-(image, group) statistics][running-stat
@@ -370,7 +371,7 @@ cudaError_t forward_tuned(const T* x, T* y, int64_t n, int64_t c, int64_t spatia
   if (v != Invalid::kOk) return to_cuda_error(v);
   if (prob.nhwc) {
     NhwcPlan np;
-    INSTNORM_RETURN_IF_ERROR(current_nhwc_plan(prob, &np, ov.nhwc_l2_budget));
+    INSTNORM_RETURN_IF_ERROR(current_nhwc_plan(prob, &np, ov.nhwc_l2_budget, ov.nhwc_chunks));
     const size_t need = nhwc_workspace_bytes(np, prob, opt);
     void* ws = nullptr;
     if (need > 0) INSTNORM_RETURN_IF_ERROR(cudaMallocAsync(&ws, need, stream));

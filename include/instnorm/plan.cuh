@@ -102,7 +102,8 @@ struct PlanOverride {
   int items = 0;
   int vec = 0;
   int64_t blocks_per_plane = 0;
-  int64_t nhwc_l2_budget = -1;  ///< NHWC: bytes of a batch of images (-1: half the L2)
+  int64_t nhwc_l2_budget = -1;  ///< NHWC: bytes of a batch of images (-1: 0.8 of the L2)
+  int nhwc_chunks = 0;           ///< NHWC: least chunks of kNhwcRows rows per thread per tile
 };
 
 /// A launch plan.
@@ -326,6 +327,8 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
 /// Threads of the NHWC kernels, and the rows each thread holds in registers per chunk.
 constexpr int kNhwcThreads = 256;
 constexpr int kNhwcRows = 8;
+/// Least chunks of kNhwcRows rows per thread in a tile (see make_nhwc_plan).
+constexpr int kNhwcMinChunks = 4;
 
 /// A launch plan for NHWC: each image is an S x C matrix read along C in 16-byte vectors. Three
 /// kernels per batch of images: per-tile partial moments of every channel, a merge per (image,
@@ -359,7 +362,7 @@ inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const Dev
 }
 
 inline bool make_nhwc_plan(const Problem& prob, const DeviceProps& d, NhwcPlan* out,
-                           int64_t l2_budget = -1) {
+                           int64_t l2_budget = -1, int min_chunks = 0) {
   using namespace detail;
   NhwcPlan p;
   p.vec = prob.vector_ok ? 16 / prob.elem_bytes : 1;
@@ -375,12 +378,13 @@ inline bool make_nhwc_plan(const Problem& prob, const DeviceProps& d, NhwcPlan* 
   p.batch_images = image_bytes <= budget / 2
                        ? clamp64(budget / std::max<int64_t>(1, image_bytes), 1, prob.n)
                        : prob.n;
-  // Enough blocks per batch to fill every resident slot twice (fewer left SMs waiting on load
-  // latency: 16x64x256x256 NHWC ran at 0.41 of copy with 128 blocks per image), and at least
-  // one chunk of kNhwcRows rows per thread.
+  // Enough blocks per batch to fill every resident slot twice, but at least kNhwcMinChunks
+  // chunks of kNhwcRows rows per thread: a block's fixed cost (pivots, the reduction over row
+  // lanes, the partials' merge) must be spread over enough rows.
   const int64_t want_blocks = 2 * int64_t(std::max(1, d.sm_count)) *
                               std::max(1, resident_blocks_per_sm(d, kNhwcThreads));
-  const int64_t min_rows = int64_t(p.row_lanes) * kNhwcRows;
+  const int64_t min_rows =
+      int64_t(p.row_lanes) * kNhwcRows * (min_chunks > 0 ? min_chunks : kNhwcMinChunks);
   const int64_t max_tiles = std::max<int64_t>(1, ceil_div(prob.spatial, min_rows));
   p.tiles = clamp64(ceil_div(want_blocks, p.batch_images * p.col_chunks), 1, max_tiles);
   p.tile_rows = ceil_div(prob.spatial, p.tiles);
