@@ -58,6 +58,27 @@ inline cudaError_t device_props(int device, DeviceProps* out) {
 
 namespace detail {
 
+/// Properties of the current device (cached per device).
+inline cudaError_t current_device_props(DeviceProps* d) {
+  int dev = 0;
+  INSTNORM_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  return device_props(dev, d);
+}
+
+/// Runs `launch(workspace)` with `bytes` of stream-ordered scratch memory (none when 0), freed
+/// on the same stream: asynchronous and graph-capturable.
+template <class Launch>
+inline cudaError_t with_scratch(size_t bytes, cudaStream_t stream, Launch&& launch) {
+  void* ws = nullptr;
+  if (bytes > 0) INSTNORM_RETURN_IF_ERROR(cudaMallocAsync(&ws, bytes, stream));
+  const cudaError_t err = launch(ws);
+  if (ws != nullptr) {
+    const cudaError_t free_err = cudaFreeAsync(ws, stream);
+    if (err == cudaSuccess) return free_err;
+  }
+  return err;
+}
+
 constexpr size_t kWorkspaceAlign = 256;
 inline size_t align_up(size_t v) { return (v + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
 
@@ -94,10 +115,8 @@ inline Invalid prepare(const T* x, const T* y, int64_t n, int64_t c, int64_t spa
 
 inline cudaError_t current_plan(const Problem& prob, Plan* plan, const PlanOverride& ov = {},
                                 const ArchPolicy* policy = nullptr) {
-  int dev = 0;
-  INSTNORM_RETURN_IF_ERROR(cudaGetDevice(&dev));
   DeviceProps d;
-  INSTNORM_RETURN_IF_ERROR(device_props(dev, &d));
+  INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
   const ArchPolicy& pol = policy ? *policy : policy_for(d.cc_major, d.cc_minor);
   return make_plan(prob, d, pol, plan, ov) ? cudaSuccess : cudaErrorInvalidConfiguration;
 }
@@ -159,10 +178,8 @@ inline cudaError_t update_running(const float* stat_mean, const float* stat_var,
 template <class T>
 inline cudaError_t launch_inference(const T* x, T* y, const Problem& prob, const Options& opt,
                                     cudaStream_t stream) {
-  int dev = 0;
-  INSTNORM_RETURN_IF_ERROR(cudaGetDevice(&dev));
   DeviceProps d;
-  INSTNORM_RETURN_IF_ERROR(device_props(dev, &d));
+  INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
   const KernelParams<T> kp = make_params(x, y, prob, opt);
   constexpr int kFull = 16 / int(sizeof(T));
   const int vec = prob.vector_ok ? kFull : 1;
@@ -223,10 +240,8 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
 
 inline cudaError_t current_nhwc_plan(const Problem& prob, NhwcPlan* plan,
                                      int64_t l2_budget = -1, int min_chunks = 0) {
-  int dev = 0;
-  INSTNORM_RETURN_IF_ERROR(cudaGetDevice(&dev));
   DeviceProps d;
-  INSTNORM_RETURN_IF_ERROR(device_props(dev, &d));
+  INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
   return make_nhwc_plan(prob, d, plan, l2_budget, min_chunks) ? cudaSuccess
                                                                : cudaErrorInvalidConfiguration;
 }
@@ -242,10 +257,8 @@ inline size_t nhwc_workspace_bytes(const NhwcPlan& p, const Problem& prob, const
 template <class T>
 inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Options& opt,
                                const NhwcPlan& plan, void* workspace, cudaStream_t stream) {
-  int dev = 0;
-  INSTNORM_RETURN_IF_ERROR(cudaGetDevice(&dev));
   DeviceProps d;
-  INSTNORM_RETURN_IF_ERROR(device_props(dev, &d));
+  INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
   NhwcParams<T> np{};
   np.x = x;
   np.y = y;
@@ -372,29 +385,15 @@ cudaError_t forward_tuned(const T* x, T* y, int64_t n, int64_t c, int64_t spatia
   if (prob.nhwc) {
     NhwcPlan np;
     INSTNORM_RETURN_IF_ERROR(current_nhwc_plan(prob, &np, ov.nhwc_l2_budget, ov.nhwc_chunks));
-    const size_t need = nhwc_workspace_bytes(np, prob, opt);
-    void* ws = nullptr;
-    if (need > 0) INSTNORM_RETURN_IF_ERROR(cudaMallocAsync(&ws, need, stream));
-    const cudaError_t err = launch_nhwc(x, y, prob, opt, np, ws, stream);
-    if (ws != nullptr) {
-      const cudaError_t free_err = cudaFreeAsync(ws, stream);
-      if (err == cudaSuccess) return free_err;
-    }
-    return err;
+    return with_scratch(nhwc_workspace_bytes(np, prob, opt), stream,
+                        [&](void* ws) { return launch_nhwc(x, y, prob, opt, np, ws, stream); });
   }
   if (!opt.use_input_stats) return launch_inference(x, y, prob, opt, stream);
   Plan plan;
   INSTNORM_RETURN_IF_ERROR(current_plan(prob, &plan, ov, policy));
   if (used) *used = plan;
-  const size_t need = workspace_bytes(plan, prob, opt);
-  void* ws = nullptr;
-  if (need > 0) INSTNORM_RETURN_IF_ERROR(cudaMallocAsync(&ws, need, stream));
-  const cudaError_t err = launch(x, y, prob, opt, plan, ws, stream);
-  if (ws != nullptr) {
-    const cudaError_t free_err = cudaFreeAsync(ws, stream);
-    if (err == cudaSuccess) return free_err;
-  }
-  return err;
+  return with_scratch(workspace_bytes(plan, prob, opt), stream,
+                      [&](void* ws) { return launch(x, y, prob, opt, plan, ws, stream); });
 }
 }  // namespace detail
 
