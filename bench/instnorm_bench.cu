@@ -7,9 +7,12 @@
 //   instnorm_bench                                 # the standard shapes
 //   instnorm_bench --shape=8x512x64x64:bf16        # any N x C x H x W[...][:fp32|fp16|bf16]
 //                                                  #   [:gnG] GroupNorm + affine, [:silu]
+//                                                  #   [:relu] [:affine] [:save] [:running]
+//                                                  #   [:eval] [:cl] (channels-last, NHWC)
 //   instnorm_bench --arch=sm_89                    # force an architecture's table
 //   instnorm_bench --tune=112x64x512x512           # sweep the planner's knobs for a shape
 //   instnorm_bench --plan=2,512,0,0                # force strategy,threads,items,G (0: planner)
+//   instnorm_bench --nhwc-budget=40 --nhwc-chunks=4  # NHWC: MB per batch, row chunks per thread
 //   (plus any --benchmark_* flag, e.g. --benchmark_out=bench.json --benchmark_format=json)
 #include <benchmark/benchmark.h>
 #include <instnorm/instnorm.cuh>
