@@ -6,6 +6,8 @@
 #include <instnorm/reference.h>
 #include <instnorm/validate.cuh>
 
+#include "device_tables.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -229,35 +231,8 @@ TEST(Moments, NanOrInfMakesTheStatisticsNan) {
 
 // ---------------------------------------------------------------- planner
 
-DeviceProps sm90() {
-  DeviceProps d;
-  d.sm_count = 132;
-  d.cc_major = 9;
-  d.cc_minor = 0;
-  d.max_threads_per_sm = 2048;
-  d.max_threads_per_block = 1024;
-  d.max_blocks_per_sm = 32;
-  d.regs_per_sm = 65536;
-  d.smem_per_sm = 228 * 1024;
-  d.smem_per_block_optin = 227 * 1024 - 1024;
-  d.l2_bytes = 50 << 20;
-  d.max_grid_x = 2147483647;
-  d.cooperative = true;
-  return d;
-}
-
-DeviceProps sm89() {
-  DeviceProps d = sm90();
-  d.sm_count = 128;
-  d.cc_major = 8;
-  d.cc_minor = 9;
-  d.max_threads_per_sm = 1536;
-  d.max_blocks_per_sm = 24;
-  d.smem_per_sm = 100 * 1024;
-  d.smem_per_block_optin = 99 * 1024 - 1024;
-  d.l2_bytes = 72 << 20;
-  return d;
-}
+using instnorm_tables::sm89;
+using instnorm_tables::sm90;
 
 Problem problem(int64_t n, int64_t c, int64_t s, int elem_bytes = 4, bool aligned = true) {
   Problem p;

@@ -139,7 +139,7 @@ inline KernelFn<T> select_kernel(int vec, Strategy s) {
   }
 }
 
-/// Launches a validated problem with a plan and a workspace of plan_workspace_bytes(plan).
+/// The kernel parameters that come from the problem and the options (the plan adds the rest).
 template <class T>
 inline KernelParams<T> make_params(const T* x, T* y, const Problem& prob, const Options& opt) {
   KernelParams<T> kp{};
@@ -194,6 +194,7 @@ inline cudaError_t launch_inference(const T* x, T* y, const Problem& prob, const
   return cudaGetLastError();
 }
 
+/// Launches a validated problem with a plan and a workspace of workspace_bytes(plan, prob, opt).
 template <class T>
 inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& opt,
                           const Plan& plan, void* workspace, cudaStream_t stream) {

@@ -1,5 +1,4 @@
 """Drop-in modules (same constructor arguments and state_dict as torch.nn's) and convert()."""
-import torch
 from torch import nn
 
 from ._ops import group_norm, instance_norm
@@ -67,8 +66,9 @@ def convert(model, fuse_activation=True):
     instnorm modules, with the same state. With fuse_activation, a GroupNorm directly followed by
     nn.SiLU or nn.ReLU inside an nn.Sequential takes the activation into its kernel (the
     activation module becomes nn.Identity). Returns the model."""
-    if _replacement(model) is not None:
-        return _replacement(model)
+    top = _replacement(model)
+    if top is not None:
+        return top
     for name, child in list(model.named_children()):
         new = _replacement(child)
         if new is not None:

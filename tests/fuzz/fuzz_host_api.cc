@@ -18,6 +18,8 @@
 #include <instnorm/plan.cuh>
 #include <instnorm/validate.cuh>
 
+#include "../device_tables.h"
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -35,39 +37,6 @@ namespace {
   do {                \
     if (!(cond)) fail(#cond); \
   } while (0)
-
-DeviceProps h100() {
-  DeviceProps d;
-  d.sm_count = 132;
-  d.cc_major = 9;
-  d.max_threads_per_sm = 2048;
-  d.max_threads_per_block = 1024;
-  d.max_blocks_per_sm = 32;
-  d.regs_per_sm = 65536;
-  d.smem_per_sm = 233472;
-  d.smem_per_block_optin = 232448 - 1024;
-  d.l2_bytes = 50 << 20;
-  d.max_grid_x = 2147483647;
-  d.cooperative = true;
-  return d;
-}
-
-DeviceProps rtx4090() {
-  DeviceProps d;
-  d.sm_count = 128;
-  d.cc_major = 8;
-  d.cc_minor = 9;
-  d.max_threads_per_sm = 1536;
-  d.max_threads_per_block = 1024;
-  d.max_blocks_per_sm = 24;
-  d.regs_per_sm = 65536;
-  d.smem_per_sm = 102400;
-  d.smem_per_block_optin = 101376 - 1024;
-  d.l2_bytes = 72 << 20;
-  d.max_grid_x = 2147483647;
-  d.cooperative = true;
-  return d;
-}
 
 int64_t size_value(FuzzedDataProvider& in) {
   switch (in.ConsumeIntegralInRange<int>(0, 3)) {
@@ -103,7 +72,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   opt.layout = static_cast<Layout>(in.ConsumeIntegralInRange<int>(0, 2));
 
   const int device_kind = in.ConsumeIntegralInRange<int>(0, 2);
-  DeviceProps d = device_kind == 0 ? h100() : rtx4090();
+  DeviceProps d = device_kind == 0 ? instnorm_tables::sm90() : instnorm_tables::sm89();
   if (device_kind == 2) {
     d.sm_count = in.ConsumeIntegralInRange<int>(0, 1024);
     d.cc_major = in.ConsumeIntegralInRange<int>(0, 12);
