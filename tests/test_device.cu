@@ -99,6 +99,9 @@ void sweep_size(int64_t s) {
     ov.blocks_per_plane = 3;
     run_and_check<T>(2, 3, s, 0.0, ov);
     run_and_check<T>(1, 3, s, 1e3, ov);
+    // Many planes, so that groups walk several rounds and reuse both buffers of exchange slots.
+    const int64_t planes = std::max<int64_t>(6, std::min<int64_t>(600, (int64_t(1) << 23) / s));
+    run_and_check<T>(2, planes / 2, s, 0.0, ov);
     ov.strategy = int(Strategy::kSplitStream);
     ov.items = 1;
     ov.threads = 64;

@@ -371,22 +371,40 @@ TEST(Planner, OverridesAreHonouredOrRefused) {
 }
 
 TEST(Planner, CooperativePlansFitTheResidentBlocks) {
-  DeviceProps d = sm90();
+  DeviceProps d = sm89();
   Plan p;
-  ASSERT_TRUE(make_plan(problem(112, 64, 262144), d, kPolicySm90, &p));
+  ASSERT_TRUE(make_plan(problem(112, 64, 262144), d, kPolicySm89, &p));
+  EXPECT_TRUE(p.cooperative);
   EXPECT_EQ(p.blocks_per_sm, resident_blocks_per_sm(d, p.threads, p.smem_bytes));
-  EXPECT_LE(p.grid, int64_t(p.blocks_per_sm) * 132);
+  EXPECT_LE(p.grid, int64_t(p.blocks_per_sm) * d.sm_count);
   // Many 1 MB planes: register-only slices of 128 KB (shared memory measured slower there).
   EXPECT_EQ(p.blocks_per_plane, 8);
   EXPECT_EQ(p.smem_items, 0);
-  // 256 KB planes fit one block with shared memory: no exchange at all.
-  ASSERT_TRUE(make_plan(problem(16, 64, 65536), d, kPolicySm90, &p));
+  d.cooperative = false;  // without cooperative launch, a cooperative plan is invalid
+  EXPECT_FALSE(plan_is_valid(p, problem(112, 64, 262144), d));
+  // 256 KB planes fit one sm_90 block with shared memory: no exchange at all.
+  const DeviceProps h = sm90();
+  ASSERT_TRUE(make_plan(problem(16, 64, 65536), h, kPolicySm90, &p));
   EXPECT_EQ(p.blocks_per_plane, 1);
   EXPECT_GT(p.smem_items, 0);
-  EXPECT_LE(p.smem_bytes, d.smem_per_block_optin);
+  EXPECT_LE(p.smem_bytes, h.smem_per_block_optin);
   EXPECT_FALSE(p.cooperative);
-  d.cooperative = false;  // without cooperative launch, a split plan is invalid
-  EXPECT_FALSE(plan_is_valid(p, problem(112, 64, 262144), d));
+}
+
+TEST(Planner, CooperativeRoundsFitTheExchangeTag) {
+  const DeviceProps d = sm89();
+  Plan p;
+  ASSERT_TRUE(make_plan(problem(112, 64, 262144), d, kPolicySm89, &p));
+  ASSERT_TRUE(p.cooperative);
+  // 2^31 rounds would wrap the 32-bit tag of the exchange slots.
+  Problem huge = problem(112, 64, 262144);
+  huge.planes = int64_t(1) << 31;  // by hand: no address space holds such a tensor
+  Plan q = p;
+  q.block_groups = 1;
+  q.grid = q.blocks_per_plane;
+  EXPECT_FALSE(plan_is_valid(q, huge, d));
+  huge.planes = (int64_t(1) << 31) - 1;
+  EXPECT_TRUE(plan_is_valid(q, huge, d));
 }
 
 TEST(Planner, ResidentBlocksFollowTheLimits) {

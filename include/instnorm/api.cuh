@@ -82,11 +82,10 @@ inline cudaError_t with_scratch(size_t bytes, cudaStream_t stream, Launch&& laun
 constexpr size_t kWorkspaceAlign = 256;
 inline size_t align_up(size_t v) { return (v + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
 
-/// Scratch bytes a plan needs: block partials (double-buffered) and arrival counters.
+/// Scratch bytes a plan needs: the tagged block partials of cooperative plans (double-buffered).
 inline size_t plan_workspace_bytes(const Plan& p) {
   if (!p.cooperative) return 0;
-  return align_up(2 * size_t(p.grid) * sizeof(Moments)) +
-         align_up(size_t(p.block_groups) * sizeof(unsigned long long));
+  return align_up(2 * size_t(p.grid) * sizeof(TaggedSlot));
 }
 
 /// Per-plane mean and variance kept for a running-statistics update.
@@ -213,27 +212,25 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
     kp.stat_mean = reinterpret_cast<float*>(bytes + plan_workspace_bytes(plan));
     kp.stat_var = kp.stat_mean + prob.planes;
   }
-  const dim3 grid(static_cast<unsigned>(plan.grid)), block(static_cast<unsigned>(plan.threads));
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  const dim3 grid(static_cast<unsigned>(plan.grid));
+  const dim3 block(static_cast<unsigned>(plan.threads));
   const size_t smem = size_t(plan.smem_bytes);
   if (smem > 48 * 1024)
-    INSTNORM_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
-        int(smem)));
+    INSTNORM_RETURN_IF_ERROR(
+        cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   if (!plan.cooperative) {
     kernel<<<grid, block, smem, stream>>>(kp);
     INSTNORM_RETURN_IF_ERROR(cudaGetLastError());
-    return kp.stat_mean ? update_running(kp.stat_mean, kp.stat_var, prob, opt, stream) : cudaSuccess;
+  } else {
+    kp.slots = reinterpret_cast<TaggedSlot*>(bytes);
+    INSTNORM_RETURN_IF_ERROR(
+        cudaMemsetAsync(kp.slots, 0, 2 * size_t(plan.grid) * sizeof(TaggedSlot), stream));
+    // The blocks of a plane wait on each other: a cooperative launch guarantees they are
+    // co-resident (it fails rather than deadlocks if they cannot be).
+    void* args[] = {&kp};
+    INSTNORM_RETURN_IF_ERROR(cudaLaunchCooperativeKernel(fn, grid, block, args, smem, stream));
   }
-  kp.partials = reinterpret_cast<Moments*>(bytes);
-  kp.counters = reinterpret_cast<unsigned long long*>(
-      bytes + align_up(2 * size_t(plan.grid) * sizeof(Moments)));
-  INSTNORM_RETURN_IF_ERROR(cudaMemsetAsync(
-      kp.counters, 0, size_t(plan.block_groups) * sizeof(unsigned long long), stream));
-  // The blocks of a plane wait on each other: a cooperative launch guarantees they are
-  // co-resident (it fails rather than deadlocks if they cannot be).
-  void* args[] = {&kp};
-  INSTNORM_RETURN_IF_ERROR(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
-                                                       grid, block, args, smem, stream));
   return kp.stat_mean ? update_running(kp.stat_mean, kp.stat_var, prob, opt, stream) : cudaSuccess;
 }
 

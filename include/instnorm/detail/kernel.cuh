@@ -41,8 +41,8 @@ struct KernelParams {
   float* stat_var;             ///< planes floats: biased variance of each plane, or null
   const float* running_mean;   ///< c floats, used instead of the input's (use_input_stats false)
   const float* running_var;
-  Moments* partials;           ///< [2][grid] block partials (G > 1)
-  unsigned long long* counters;  ///< [block_groups] arrival counters, zeroed per launch (G > 1)
+  TaggedSlot* slots;           ///< [2][grid] tagged block partials, zeroed per launch
+                               ///< (cooperative plans)
 };
 
 template <Activation kAct>
@@ -313,6 +313,7 @@ __device__ __forceinline__ void normalize_slice(Vector<T, kVec> (&regs)[kMaxItem
 
 /// The forward kernel; see the file comment. kStream: slices larger than one chunk are read
 /// twice (moments, then normalize); otherwise the slice stays in registers between the two.
+/// G > 1 blocks of a plane exchange their partials through tagged global slots.
 /// Grid: block_groups * G blocks; each group of G consecutive blocks walks planes (or batches of
 /// planes, for sub-warp groups) in rounds.
 template <class T, int kVec, int kMaxItems, bool kStream>
@@ -331,7 +332,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
   const bool affine = p.gamma != nullptr || p.beta != nullptr;
   const bool per_channel = affine && p.channels_per_group > 1;
 
-  int round = 0;  // only its parity and the counter target use it
+  int round = 0;  // only its parity and the exchange tag use it
   for (int64_t unit = block_group; unit * per_block < p.planes; unit += block_groups, ++round) {
     const int64_t plane = unit * per_block + group;
     const bool active = plane < p.planes;
@@ -374,9 +375,18 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
       }
     }
     m = lanes <= 32 ? warp_allreduce(m, lanes) : block_allreduce(m, smem);
-    if (G > 1)
-      m = group_exchange(m, p.partials + (round & 1) * gridDim.x + block_group * G,
-                         p.counters + block_group, rank, G, round, smem);
+    if (G > 1) {
+      TaggedSlot* slots = p.slots + (round & 1) * gridDim.x + block_group * G;
+      const unsigned tag = unsigned(round) + 1u;
+      group_publish(m, slots, rank, tag);
+      const int64_t slice = p.slice_len, plane_len = p.plane_len;
+      m = group_wait(slots, G, tag,
+                     [=](int i) -> int64_t {
+                       const int64_t left = active ? plane_len - int64_t(i) * slice : 0;
+                       return left < 0 ? 0 : left < slice ? left : slice;
+                     },
+                     smem);
+    }
 
     Epilogue<T> ep = plane_epilogue(p, pivot, m, plane, active && rank == 0 && lane == 0);
     if (active) ep.set_channel(p, cc.channel);

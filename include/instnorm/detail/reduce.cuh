@@ -39,6 +39,7 @@ __device__ __forceinline__ Moments warp_allreduce(Moments m, int lanes) {
 struct BlockReduceStorage {
   Moments warp[32];
   Moments result;
+  Moments exchanged;  ///< group_wait's broadcast (apart from result, which threads may still read)
 };
 
 /// All-reduce over the whole block (blockDim.x a multiple of 32): warps, then warp 0 over the
@@ -58,60 +59,63 @@ __device__ __forceinline__ Moments block_allreduce(Moments m, BlockReduceStorage
 }
 
 /// Exchange of block partials among the G co-resident blocks of one plane (cooperative launch),
-/// in two halves so that a block can issue its next loads between them. publish: block `rank`
-/// stores its partial in `slots[rank]` (slots double-buffered by round parity by the caller) and
-/// bumps the group's arrival counter with release semantics. The counter counts arrivals over
-/// all rounds of the launch, so it is zeroed once per launch.
-__device__ __forceinline__ void group_publish(const Moments& m, Moments* slots,
-                                              unsigned long long* counter, int rank) {
+/// without atomics or fences: each 8-byte word of a slot carries the round's tag beside its
+/// value, so the data is its own arrival flag, and a block neither waits for its outstanding
+/// loads and stores (a release would) nor round-trips an atomic through L2. Slots are
+/// double-buffered by round parity (a block overwrites a slot of round r only after every block
+/// of the plane published round r + 1, hence finished reading round r) and zeroed once per
+/// launch (tags start at 1). The count of each partial is not sent: every block knows the slice
+/// lengths.
+struct TaggedSlot {
+  unsigned long long mean_word;
+  unsigned long long var_word;
+};
+
+__device__ __forceinline__ unsigned long long tag_word(float v, unsigned tag) {
+  return (static_cast<unsigned long long>(tag) << 32) | __float_as_uint(v);
+}
+
+/// Block `rank` publishes its partial (thread 0).
+__device__ __forceinline__ void group_publish(const Moments& m, TaggedSlot* slots, int rank,
+                                              unsigned tag) {
   if (threadIdx.x == 0) {
-    slots[rank] = m;
-    cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> arrived(*counter);
-    arrived.fetch_add(1ull, cuda::memory_order_release);
+    cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> a(slots[rank].mean_word);
+    cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> b(slots[rank].var_word);
+    a.store(tag_word(m.mean, tag), cuda::memory_order_relaxed);
+    b.store(tag_word(m.var, tag), cuda::memory_order_relaxed);
   }
 }
 
-/// wait: thread 0 spins until all G blocks of this round have arrived, then warp 0 merges the G
-/// partials in a fixed order, so every block of the plane computes the same bits.
-__device__ __forceinline__ Moments group_wait(const Moments* slots, unsigned long long* counter,
-                                              int blocks, unsigned long long round,
-                                              BlockReduceStorage& s) {
-  if (threadIdx.x == 0) {
-    cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> arrived(*counter);
-    const unsigned long long target = (round + 1) * static_cast<unsigned long long>(blocks);
-    // Back off while polling: G blocks spinning on the counter's L2 line slow down the very
-    // atomics they wait for.
-    unsigned sleep_ns = 32;
-    while (arrived.load(cuda::memory_order_acquire) < target) {
-      __nanosleep(sleep_ns);
-      sleep_ns = sleep_ns < 256 ? 2 * sleep_ns : sleep_ns;
-    }
-  }
-  __syncthreads();
+/// Warp 0 polls the G slots (lane i: slots i, i + 32, ...), merges them in a fixed order and
+/// broadcasts, so every block of the plane computes the same bits. `count_of(i)` is the number
+/// of values behind block i's partial.
+template <class CountOf>
+__device__ __forceinline__ Moments group_wait(TaggedSlot* slots, int blocks, unsigned tag,
+                                              CountOf count_of, BlockReduceStorage& s) {
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
     Moments v;
     for (int i = lane; i < blocks; i += 32) {
-      Moments q;  // L1 bypass: other blocks wrote these in L2
-      q.mean = __ldcg(&slots[i].mean);
-      q.var = __ldcg(&slots[i].var);
-      q.count = static_cast<int64_t>(__ldcg(reinterpret_cast<const long long*>(&slots[i].count)));
+      cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> a(slots[i].mean_word);
+      cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> b(slots[i].var_word);
+      unsigned long long wa = a.load(cuda::memory_order_relaxed);
+      unsigned long long wb = b.load(cuda::memory_order_relaxed);
+      while (unsigned(wa >> 32) != tag || unsigned(wb >> 32) != tag) {
+        __nanosleep(32);
+        wa = a.load(cuda::memory_order_relaxed);
+        wb = b.load(cuda::memory_order_relaxed);
+      }
+      Moments q;
+      q.mean = __uint_as_float(unsigned(wa));
+      q.var = __uint_as_float(unsigned(wb));
+      q.count = count_of(i);
       v = merge(v, q);
     }
     v = warp_allreduce(v, 32);
-    if (lane == 0) s.result = v;
+    if (lane == 0) s.exchanged = v;
   }
   __syncthreads();
-  return s.result;
-}
-
-/// Both halves at once.
-__device__ __forceinline__ Moments group_exchange(Moments m, Moments* slots,
-                                                  unsigned long long* counter, int rank,
-                                                  int blocks, unsigned long long round,
-                                                  BlockReduceStorage& s) {
-  group_publish(m, slots, counter, rank);
-  return group_wait(slots, counter, blocks, round, s);
+  return s.exchanged;
 }
 
 }  // namespace detail
