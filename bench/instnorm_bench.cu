@@ -13,6 +13,7 @@
 //   instnorm_bench --tune=112x64x512x512           # sweep the planner's knobs for a shape
 //   instnorm_bench --plan=2,512,0,0                # force strategy,threads,items,G (0: planner)
 //   instnorm_bench --nhwc-budget=40 --nhwc-chunks=4  # NHWC: MB per batch, row chunks per thread
+//   instnorm_bench --split-smem=0                  # split slices in registers only (1: table's)
 //   (plus any --benchmark_* flag, e.g. --benchmark_out=bench.json --benchmark_format=json)
 #include <benchmark/benchmark.h>
 #include <instnorm/instnorm.cuh>
@@ -663,6 +664,8 @@ int main(int argc, char** argv) {
       g_override.nhwc_chunks = std::atoi(a.c_str() + 14);
     } else if (a.rfind("--nhwc-budget=", 0) == 0) {  // MB per batch of NHWC images
       g_override.nhwc_l2_budget = int64_t(std::atof(a.c_str() + 14) * (1 << 20));
+    } else if (a.rfind("--split-smem=", 0) == 0) {  // split slices in shared memory: 0 or 1
+      g_override.split_smem = std::atoi(a.c_str() + 13);
     } else if (a.rfind("--plan=", 0) == 0) {
       long long v[4] = {-1, 0, 0, 0};
       std::sscanf(a.c_str() + 7, "%lld,%lld,%lld,%lld", &v[0], &v[1], &v[2], &v[3]);

@@ -377,18 +377,53 @@ TEST(Planner, CooperativePlansFitTheResidentBlocks) {
   EXPECT_TRUE(p.cooperative);
   EXPECT_EQ(p.blocks_per_sm, resident_blocks_per_sm(d, p.threads, p.smem_bytes));
   EXPECT_LE(p.grid, int64_t(p.blocks_per_sm) * d.sm_count);
-  // Many 1 MB planes: register-only slices of 128 KB (shared memory measured slower there).
-  EXPECT_EQ(p.blocks_per_plane, 8);
-  EXPECT_EQ(p.smem_items, 0);
+  // 1 MB planes: 128 KB of registers and up to 97 KB of shared memory per 4090 block, so 5
+  // blocks per plane (8 with registers alone), on 125 of the 128 SMs.
+  EXPECT_EQ(p.blocks_per_plane, 5);
+  EXPECT_GT(p.smem_items, 0);
+  EXPECT_LE(p.smem_bytes, d.smem_per_block_optin);
+  EXPECT_GE(p.grid * 20, int64_t(d.sm_count) * 19);
   d.cooperative = false;  // without cooperative launch, a cooperative plan is invalid
   EXPECT_FALSE(plan_is_valid(p, problem(112, 64, 262144), d));
-  // 256 KB planes fit one sm_90 block with shared memory: no exchange at all.
-  const DeviceProps h = sm90();
-  ASSERT_TRUE(make_plan(problem(16, 64, 65536), h, kPolicySm90, &p));
+}
+
+TEST(Planner, SplitPlansUseTheChipAndFillTheGpu) {
+  const DeviceProps d = sm90();
+  Plan p;
+  // 1 MB fp32 planes on the H100: two 256-thread blocks per SM, each with 64 KB of registers
+  // and 27 x 4 KB of shared memory: 6 blocks per plane, 44 groups on all 264 slots.
+  ASSERT_TRUE(make_plan(problem(112, 64, 262144), d, kPolicySm90, &p));
+  EXPECT_EQ(p.strategy, Strategy::kSplit);
+  EXPECT_EQ(p.threads, 256);
+  EXPECT_EQ(p.blocks_per_plane, 6);
+  EXPECT_EQ(p.smem_items, 27);
+  EXPECT_EQ(p.grid, 264);
+  // bf16: half the bytes, half the blocks.
+  ASSERT_TRUE(make_plan(problem(112, 64, 262144, 2), d, kPolicySm90, &p));
+  EXPECT_EQ(p.blocks_per_plane, 3);
+  // Registers only (the override): 16 blocks of 64 KB.
+  PlanOverride ov;
+  ov.split_smem = 0;
+  ASSERT_TRUE(make_plan(problem(112, 64, 262144), d, kPolicySm90, &p, ov));
+  EXPECT_EQ(p.smem_items, 0);
+  EXPECT_EQ(p.blocks_per_plane, 16);
+  // 256 KB planes fit one 512-thread block with shared memory: no exchange at all.
+  ASSERT_TRUE(make_plan(problem(16, 64, 65536), d, kPolicySm90, &p));
+  EXPECT_EQ(p.threads, 512);
   EXPECT_EQ(p.blocks_per_plane, 1);
   EXPECT_GT(p.smem_items, 0);
-  EXPECT_LE(p.smem_bytes, h.smem_per_block_optin);
+  EXPECT_LE(p.smem_bytes, d.smem_per_block_optin);
   EXPECT_FALSE(p.cooperative);
+  // Slices always fit what the blocks hold (no silent fall back to re-reading), and whole
+  // groups keep at least 95% of the resident blocks busy.
+  for (const DeviceProps& dev : {sm89(), sm90()})
+    for (int64_t s : {int64_t(262144), int64_t(1) << 20, int64_t(20) * 65536 * 4})
+      for (int eb : {4, 2}) {
+        ASSERT_TRUE(make_plan(problem(1, 64, s, eb), dev, policy_for(dev.cc_major, dev.cc_minor), &p));
+        EXPECT_EQ(p.strategy, Strategy::kSplit) << s;
+        EXPECT_LE(p.slice_len / p.vec, int64_t(p.threads) * (p.items + p.smem_items));
+        EXPECT_GE(p.grid * 20, int64_t(p.blocks_per_sm) * dev.sm_count * 19) << s << " " << eb;
+      }
 }
 
 TEST(Planner, CooperativeRoundsFitTheExchangeTag) {

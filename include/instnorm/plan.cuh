@@ -78,13 +78,17 @@ constexpr int kMaxRegsPerThread = 128;
 constexpr int kMaxThreads = 512;
 
 /// sm_90 (H100): chosen by the tuning sweep on the H100 (docs/perf-notes.md, "sm_90 table").
-constexpr ArchPolicy kPolicySm90{"sm_90", 256, 16, 16, 64, 512, true};
+/// split_threads 256: two blocks per SM, each with 64 KB of registers and ~110 KB of shared
+/// memory (112x64x512x512 bf16 0.918 of copy against 0.893 with one 512-thread block).
+constexpr ArchPolicy kPolicySm90{"sm_90", 256, 16, 16, 64, 256, true};
 /// sm_89 (RTX 4090): from its limits. 64K registers at 128 per thread give 512 resident
 /// threads per SM (not its 1536), so 256-thread blocks give 2 blocks (128 KB of data) per SM,
 /// the same on-chip bytes per SM as the H100; 72 MB of L2 changes nothing for register-resident
-/// plans; 24 blocks per SM at most never binds with blocks of >= 64 threads.
+/// plans; 24 blocks per SM at most never binds with blocks of >= 64 threads. Split slices take
+/// the 99 KB of shared memory a block may hold besides 128 KB of registers (512 threads).
 constexpr ArchPolicy kPolicySm89{"sm_89", 256, 16, 16, 64, 512, true};
-/// Any other GPU: the same sizes, valid on every CUDA device since sm_70.
+/// Any other GPU: the same sizes, valid on every CUDA device since sm_70 (no shared-memory
+/// slices: their copies use cp.async, sm_80 and later).
 constexpr ArchPolicy kPolicyGeneric{"generic", 256, 16, 16, 64, 256, false};
 
 /// The table for a compute capability.
@@ -104,6 +108,7 @@ struct PlanOverride {
   int64_t blocks_per_plane = 0;
   int64_t nhwc_l2_budget = -1;  ///< NHWC: bytes of a batch of images (-1: 0.8 of the L2)
   int nhwc_chunks = 0;           ///< NHWC: least chunks of kNhwcRows rows per thread per tile
+  int split_smem = -1;           ///< split slices extend into shared memory: -1 table, 0 no, 1 yes
 };
 
 /// A launch plan.
@@ -201,6 +206,16 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
   const int split_threads = ov.threads > 0 ? ov.threads : pol.split_threads;
   const int bps = std::max(1, resident_blocks_per_sm(d, split_threads));
   const int64_t resident = int64_t(bps) * d.sm_count;
+  // Shared-memory vectors per thread that extend a split block's slice (16-byte slots): the
+  // blocks that fit by registers share the SM's shared memory.
+  const bool use_smem = ov.split_smem >= 0 ? ov.split_smem != 0 : pol.split_smem;
+  const auto smem_cap_for = [&](int threads) -> int {
+    if (!use_smem || d.smem_per_block_optin <= 0) return 0;
+    const int by_regs = std::max(1, resident_blocks_per_sm(d, threads));
+    const int64_t budget =
+        std::min(d.smem_per_block_optin, d.smem_per_sm / by_regs - kSmemPerBlockOverhead);
+    return int(clamp64(budget / (int64_t(threads) * 16), 0, 32));
+  };
 
   Strategy s;
   if (ov.strategy >= 0) {
@@ -211,7 +226,8 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
     // Few planes leave SMs idle unless each plane is split across blocks (for problems large
     // enough to pay for the cooperative launch).
     const int64_t total_bytes = prob.planes * L * prob.elem_bytes;
-    const int64_t g_cap = ceil_div(vecs, int64_t(split_threads) * max_items(p.vec));
+    const int64_t g_cap =
+        ceil_div(vecs, int64_t(split_threads) * (max_items(p.vec) + smem_cap_for(split_threads)));
     const int64_t g_fill = prob.planes < resident && total_bytes >= kMinFillSplitBytes
                                ? ceil_div(resident, prob.planes) : 1;
     const int64_t g_min_work = std::max<int64_t>(1, vecs / (int64_t(split_threads) * 2));
@@ -247,32 +263,22 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
     case Strategy::kSplit:
     case Strategy::kSplitStream: {
       p.threads = split_threads;
-      if (ov.threads <= 0 && s == Strategy::kSplit && split_threads >= 128) {
-        // With fewer than 8 groups, every SM holds one block of few groups that all wait at the
-        // same time; half-size blocks put two groups on each SM, so one group's exchange
-        // overlaps the other's transfers (1x64x1024x1024 on the H100: 0.727 of copy with 256
-        // threads against 0.678 with 512).
-        const int64_t g_full = ceil_div(vecs, int64_t(split_threads) * max_i);
-        if (g_full > 0 && resident / g_full < 8) p.threads = split_threads / 2;
-      }
+      // A plane that one block of twice the size holds whole needs no exchange at all
+      // (16x64x256x256 fp32 on the H100: 512 threads, 128 KB of registers and 128 KB of shared
+      // memory).
+      if (ov.threads <= 0 && s == Strategy::kSplit &&
+          2 * split_threads <= std::min(kMaxThreads, d.max_threads_per_block) &&
+          vecs > int64_t(split_threads) * (max_i + smem_cap_for(split_threads)) &&
+          vecs <= int64_t(2 * split_threads) * (max_i + smem_cap_for(2 * split_threads)))
+        p.threads = 2 * split_threads;
       p.lanes = p.threads;
       // Shared memory extends each block's slice beyond its registers (split only): the
-      // blocks that fit by registers share the SM's shared memory.
-      int smem_cap = 0;
-      if (s == Strategy::kSplit && pol.split_smem && d.smem_per_block_optin > 0) {
-        const int by_regs = std::max(1, resident_blocks_per_sm(d, p.threads));
-        const int64_t budget = std::min(d.smem_per_block_optin,
-                                        d.smem_per_sm / by_regs - kSmemPerBlockOverhead);
-        smem_cap = int(clamp64(budget / (int64_t(p.threads) * 16), 0, 32));
-        // Measured on the H100: shared memory pays where it removes the exchange (G = 1:
-        // 16x64x256x256 0.98 of copy against 0.92) or where few groups fit (1x128x20x256x256
-        // GroupNorm 0.57 against 0.34), and costs on many-plane shapes that already have
-        // register-only groups (112x64x512x512 fp32: G 8 -> 3, 0.82 -> 0.71).
-        const int64_t g_regs = ceil_div(vecs, int64_t(p.threads) * max_i);
-        const int64_t g_smem = ceil_div(vecs, int64_t(p.threads) * (max_i + smem_cap));
-        const int64_t groups_regs = resident / std::max<int64_t>(1, g_regs);
-        if (!(g_smem == 1 || groups_regs < 8)) smem_cap = 0;
-      }
+      // blocks that fit by registers share the SM's shared memory. Fewer blocks per plane mean
+      // fewer, longer rounds per exchange, and the exchange's wait for the slowest block of the
+      // group is what split plans lose (without it, 0.94 of copy on 112x64x512x512): G 8 -> 3
+      // took that row from 0.82 to 0.91-0.92 on the H100 once the shared part was copied by
+      // cp.async (see smem_fill).
+      const int smem_cap = s == Strategy::kSplit ? smem_cap_for(p.threads) : 0;
       const int64_t resident_t =
           int64_t(std::max(1, resident_blocks_per_sm(
                                   d, p.threads,
@@ -288,7 +294,27 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
         const int64_t g_fill = prob.planes < resident_t && total_bytes >= kMinFillSplitBytes
                                    ? ceil_div(resident_t, prob.planes) : 1;
         const int64_t g_min_work = std::max<int64_t>(1, vecs / (int64_t(p.threads) * 2));
-        g = std::max(g_cap, std::min(g_fill, g_min_work));
+        // From the fewest blocks whose (512-byte rounded) slices fit on chip up to what filling
+        // the GPU asks for, the smallest G that keeps at least 95% of the resident blocks busy
+        // with whole groups: 1 MB fp32 planes on the H100 take G = 6 (44 groups on 264 slots),
+        // 4 MB planes on the 4090 G = 21 (126 of 128 SMs) rather than 19 (114).
+        const int64_t cap_vecs = int64_t(p.threads) * (max_items_for(s, p.vec) + smem_cap);
+        const auto fits = [&](int64_t c) {
+          return ceil_div(ceil_div(vecs, c), 32) * 32 <= cap_vecs;
+        };
+        int64_t lo = g_cap;
+        while (lo < resident_t && !fits(lo)) ++lo;
+        const int64_t hi = std::min(
+            {resident_t, lo + 4096, std::max(2 * lo, std::min(g_fill, g_min_work))});
+        const auto used = [&](int64_t c) { return std::min(prob.planes, resident_t / c) * c; };
+        int64_t best = 0;
+        for (int64_t c = lo; c <= hi; ++c) best = std::max(best, used(c));
+        g = lo;
+        for (int64_t c = lo; c <= hi; ++c)
+          if (fits(c) && used(c) * 20 >= best * 19) {
+            g = c;
+            break;
+          }
       } else {
         g = resident_t;
       }
