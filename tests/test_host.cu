@@ -306,6 +306,10 @@ TEST(Planner, StrategyByPlaneLength) {
   ASSERT_TRUE(make_plan(problem(128, 512, 49), d, pol, &p));
   EXPECT_EQ(p.strategy, Strategy::kSubWarp);
   EXPECT_EQ(p.vec, 1);  // 49 is not a multiple of 4
+  // Staged (scalar) planes: the fewest lanes that hold a plane, so 128 planes per block.
+  EXPECT_EQ(p.lanes, 2);
+  EXPECT_EQ(p.items, 25);
+  EXPECT_LE(p.threads, kStagedThreads);
   ASSERT_TRUE(make_plan(problem(32, 256, 1024), d, pol, &p));
   EXPECT_EQ(p.strategy, Strategy::kSubWarp);
   EXPECT_EQ(p.vec, 4);

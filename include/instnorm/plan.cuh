@@ -76,6 +76,9 @@ constexpr int64_t kMinFillSplitBytes = int64_t(16) << 20;
 constexpr int kMaxRegsPerThread = 128;
 /// Largest block the kernels are compiled for (__launch_bounds__).
 constexpr int kMaxThreads = 512;
+/// Block size of the staged kernel (sub-warp plans of scalar planes), whose shared buffer holds
+/// 32 values per thread.
+constexpr int kStagedThreads = 256;
 
 /// sm_90 (H100): chosen by the tuning sweep on the H100 (docs/perf-notes.md, "sm_90 table").
 /// split_threads 256: two blocks per SM, each with 64 KB of registers and ~110 KB of shared
@@ -239,7 +242,15 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
 
   switch (s) {
     case Strategy::kSubWarp: {
-      p.lanes = int(clamp64(pow2_ceil(ceil_div(vecs, std::min(pol.subwarp_items, max_i))), 1, 32));
+      // Scalar planes go through the staged kernel (threads <= kStagedThreads): there the
+      // fewest lanes that hold a plane (up to 32 values each) give each block the most planes,
+      // hence fewer blocks in one wave: 128x512x7x7 on the H100 0.740 of copy with 2 lanes (128
+      // planes per block, 512 blocks) against 0.633 with 4 (1024 blocks in 1.3 waves); fp16
+      // 0.525 against 0.442.
+      const int sub_threads = ov.threads > 0 ? ov.threads : pol.subwarp_threads;
+      const bool staged = p.vec == 1 && sub_threads <= kStagedThreads;
+      const int aim = staged ? max_i : std::min(pol.subwarp_items, max_i);
+      p.lanes = int(clamp64(pow2_ceil(ceil_div(vecs, aim)), 1, 32));
       if (ov.items > 0) p.lanes = int(clamp64(pow2_ceil(ceil_div(vecs, ov.items)), 1, 32));
       p.items = int(std::max<int64_t>(1, ceil_div(vecs, p.lanes)));
       p.threads = std::max(p.lanes, ov.threads > 0 ? ov.threads : pol.subwarp_threads);

@@ -441,8 +441,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
   }
 }
 
-/// Threads of the staged kernel, and the floats its shared buffer holds.
-constexpr int kStagedThreads = 256;
+/// Floats the staged kernel's shared buffer holds (kStagedThreads: plan.cuh).
 constexpr int kStagedCapacity = kStagedThreads * 32;
 
 /// Sub-warp plans whose planes are not 16-byte aligned (7x7, 3x3, odd lengths): the block moves
