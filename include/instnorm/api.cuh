@@ -193,6 +193,32 @@ inline cudaError_t launch_inference(const T* x, T* y, const Problem& prob, const
   return cudaGetLastError();
 }
 
+/// Lets `kernel` use `bytes` of dynamic shared memory on the current device: one
+/// cudaFuncSetAttribute per kernel, device and size increase, not one per launch.
+inline cudaError_t allow_dynamic_smem(const void* kernel, size_t bytes) {
+  struct Entry {
+    int device;
+    const void* kernel;
+    size_t bytes;
+  };
+  constexpr int kEntries = 64;
+  static std::mutex mu;
+  static Entry cache[kEntries];
+  static int used = 0;
+  int dev = 0;
+  INSTNORM_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  Entry* e = nullptr;
+  for (int i = 0; i < used && e == nullptr; ++i)
+    if (cache[i].device == dev && cache[i].kernel == kernel) e = &cache[i];
+  if (e != nullptr && e->bytes >= bytes) return cudaSuccess;
+  INSTNORM_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  if (e == nullptr && used < kEntries) e = &cache[used++];
+  if (e != nullptr) *e = Entry{dev, kernel, bytes};
+  return cudaSuccess;
+}
+
 /// Launches a validated problem with a plan and a workspace of workspace_bytes(plan, prob, opt).
 template <class T>
 inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& opt,
@@ -216,9 +242,7 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
   const dim3 grid(static_cast<unsigned>(plan.grid));
   const dim3 block(static_cast<unsigned>(plan.threads));
   const size_t smem = size_t(plan.smem_bytes);
-  if (smem > 48 * 1024)
-    INSTNORM_RETURN_IF_ERROR(
-        cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  if (smem > 48 * 1024) INSTNORM_RETURN_IF_ERROR(allow_dynamic_smem(fn, smem));
   if (!plan.cooperative) {
     kernel<<<grid, block, smem, stream>>>(kp);
     INSTNORM_RETURN_IF_ERROR(cudaGetLastError());
