@@ -395,6 +395,31 @@ void report_fraction(benchmark::State& state, const Shape& s, double ms) {
 }
 
 /// NHWC: the first and the last image against the float64 reference.
+/// Copies `count` elements of x and y from element `first` and returns the worst error of y
+/// against the float64 reference of that slice (one image of `ref_c` channels under `opt`), in
+/// units of the tolerance: above 1 is wrong.
+double worst_error(const Shape& s, int64_t first, int64_t count, int64_t ref_c, const Options& opt) {
+  const size_t off = size_t(first) * s.elem_bytes();
+  std::vector<char> hx(static_cast<size_t>(count) * s.elem_bytes()), hy(hx.size());
+  CHECK_CUDA(cudaMemcpy(hx.data(), static_cast<char*>(g_cur.x) + off, hx.size(), cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(hy.data(), static_cast<char*>(g_cur.y) + off, hy.size(), cudaMemcpyDeviceToHost));
+  std::vector<double> ref(static_cast<size_t>(count));
+  double worst = 0;
+  with_type(s.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* xs = reinterpret_cast<const T*>(hx.data());
+    const T* ys = reinterpret_cast<const T*>(hy.data());
+    reference::forward(xs, ref.data(), 1, ref_c, s.spatial(), opt);
+    for (int64_t k = 0; k < count; ++k) {
+      const double err = std::fabs(reference::to_double(ys[k]) - ref[size_t(k)]);
+      const double tol = sizeof(T) == 4 ? 1e-5 : 1.5e-2 * std::max(1.0, std::fabs(ref[size_t(k)]));
+      worst = std::max(worst, std::isnan(err) ? 1e30 : err / tol);
+    }
+    return cudaSuccess;
+  });
+  return worst;
+}
+
 bool verify_nhwc(const Shape& s, std::string* why) {
   const int64_t img = s.spatial() * s.c();
   std::vector<float> g(size_t(s.c())), b(size_t(s.c())), rs(size_t(2 * s.c()));
@@ -412,24 +437,7 @@ bool verify_nhwc(const Shape& s, std::string* why) {
     opt.running_var = rs.data() + s.c();
   }
   for (int64_t i : {int64_t(0), s.n() - 1}) {
-    const size_t off = size_t(i * img) * s.elem_bytes();
-    std::vector<char> hx(static_cast<size_t>(img) * s.elem_bytes()), hy(hx.size());
-    CHECK_CUDA(cudaMemcpy(hx.data(), static_cast<char*>(g_cur.x) + off, hx.size(), cudaMemcpyDeviceToHost));
-    CHECK_CUDA(cudaMemcpy(hy.data(), static_cast<char*>(g_cur.y) + off, hy.size(), cudaMemcpyDeviceToHost));
-    std::vector<double> ref(static_cast<size_t>(img));
-    double worst = 0;
-    with_type(s.dtype, [&](auto tag) {
-      using T = decltype(tag);
-      const T* xs = reinterpret_cast<const T*>(hx.data());
-      const T* ys = reinterpret_cast<const T*>(hy.data());
-      reference::forward(xs, ref.data(), 1, s.c(), s.spatial(), opt);
-      for (int64_t k = 0; k < img; ++k) {
-        const double err = std::fabs(reference::to_double(ys[k]) - ref[size_t(k)]);
-        const double tol = sizeof(T) == 4 ? 1e-5 : 1.5e-2 * std::max(1.0, std::fabs(ref[size_t(k)]));
-        worst = std::max(worst, std::isnan(err) ? 1e30 : err / tol);
-      }
-      return cudaSuccess;
-    });
+    const double worst = worst_error(s, i * img, img, s.c(), opt);
     if (worst > 1.0) {
       *why = "image " + std::to_string(i) + " off by " + std::to_string(worst) + " x tolerance";
       return false;
@@ -448,10 +456,6 @@ bool verify(const Shape& s, std::string* why) {
   CHECK_CUDA(cudaMemcpy(g.data(), g_cur.gamma, g.size() * 4, cudaMemcpyDeviceToHost));
   CHECK_CUDA(cudaMemcpy(b.data(), g_cur.beta, b.size() * 4, cudaMemcpyDeviceToHost));
   for (int64_t p : {int64_t(0), planes - 1}) {
-    const size_t off = size_t(p * len) * s.elem_bytes();
-    std::vector<char> hx(static_cast<size_t>(len) * s.elem_bytes()), hy(hx.size());
-    CHECK_CUDA(cudaMemcpy(hx.data(), static_cast<char*>(g_cur.x) + off, hx.size(), cudaMemcpyDeviceToHost));
-    CHECK_CUDA(cudaMemcpy(hy.data(), static_cast<char*>(g_cur.y) + off, hy.size(), cudaMemcpyDeviceToHost));
     Options opt;
     opt.groups = s.groups ? 1 : 0;  // one plane: its cpg channels form one group
     std::vector<float> pg(g.begin() + (p % groups) * cpg, g.begin() + (p % groups + 1) * cpg);
@@ -470,20 +474,7 @@ bool verify(const Shape& s, std::string* why) {
       opt.running_var = &rs[1];
       opt.use_input_stats = false;
     }
-    std::vector<double> ref(static_cast<size_t>(len));
-    double worst = 0;
-    with_type(s.dtype, [&](auto tag) {
-      using T = decltype(tag);
-      const T* xs = reinterpret_cast<const T*>(hx.data());
-      const T* ys = reinterpret_cast<const T*>(hy.data());
-      reference::forward(xs, ref.data(), 1, s.groups ? cpg : 1, s.spatial(), opt);
-      for (int64_t i = 0; i < len; ++i) {
-        const double err = std::fabs(reference::to_double(ys[i]) - ref[size_t(i)]);
-        const double tol = sizeof(T) == 4 ? 1e-5 : 1.5e-2 * std::max(1.0, std::fabs(ref[size_t(i)]));
-        worst = std::max(worst, std::isnan(err) ? 1e30 : err / tol);
-      }
-      return cudaSuccess;
-    });
+    const double worst = worst_error(s, p * len, len, s.groups ? cpg : 1, opt);
     if (worst > 1.0) {
       *why = "plane " + std::to_string(p) + " off by " + std::to_string(worst) + " x tolerance";
       return false;

@@ -54,11 +54,16 @@ INSTNORM_HD float variance(const Moments& m) { return m.count > 0 && m.var < 0.f
 
 /// k with 4^k >= n: a sum of n squares scaled by h^2 = 4^-k is no larger than the largest
 /// unscaled square, so it cannot overflow where the squares themselves do not; and scaling by a
-/// power of two adds no rounding.
+/// power of two adds no rounding. k = ceil(bits / 2) with n <= 2^bits; on the device bits comes
+/// from one count-leading-zeros (it sits between a plane's last load and its exchange).
 INSTNORM_HD int deviation_shift(int n) {
-  int k = 0;
-  while ((int64_t(1) << (2 * k)) < int64_t(n)) ++k;
-  return k;
+#if defined(__CUDA_ARCH__)
+  const int bits = 32 - __clz(n > 1 ? n - 1 : 0);
+#else
+  int bits = 0;
+  while (bits < 31 && (int64_t(1) << bits) < int64_t(n)) ++bits;
+#endif
+  return (bits + 1) >> 1;
 }
 
 /// Moments of n values from the sums of a two-pass local computation: c is the local centre

@@ -172,9 +172,6 @@ inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps&
   if (p.grid < 1 || p.grid > d.max_grid_x || p.grid != p.block_groups * p.blocks_per_plane)
     return false;
   if (p.cooperative != (p.blocks_per_plane > 1)) return false;
-  // The exchange slots are tagged with the round number (32 bits).
-  if (p.cooperative && detail::ceil_div(prob.planes, p.block_groups) >= (int64_t(1) << 31))
-    return false;
   if (p.smem_items < 0 || p.smem_bytes < 0) return false;
   if (p.smem_items > 0 && (p.strategy != Strategy::kSplit || p.lanes != p.threads ||
                            p.smem_bytes > d.smem_per_block_optin ||

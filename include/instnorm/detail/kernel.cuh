@@ -135,11 +135,6 @@ __device__ __forceinline__ void add_deviations(const Vector<T, kVec>& v, float c
   }
   s2 = fmaf(q, h2, s2);
 }
-/// The scale of a thread's squares (see moments.cuh): 4^-k with 4^k >= n.
-__device__ __forceinline__ int square_shift(int n) {
-  const int bits = 32 - __clz(n > 1 ? n - 1 : 0);  // n <= 2^bits
-  return (bits + 1) >> 1;
-}
 
 /// This thread's moments of the valid vectors of a chunk held in registers.
 template <class T, int kVec, int kMaxItems>
@@ -152,7 +147,7 @@ __device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMax
   for (int j = 0; j < kMaxItems; ++j)
     if (j < valid) add_values(r[j], sum);
   const float c = sum / static_cast<float>(n);
-  const int k = square_shift(n);
+  const int k = deviation_shift(n);
   const float h2 = ldexpf(1.f, -2 * k);
   float s1 = 0.f, s2 = 0.f;
 #pragma unroll
@@ -292,7 +287,7 @@ __device__ __forceinline__ Moments smem_moments(const Vector<T, kVec>* sm, int v
   float sum = 0.f;
   for (int j = 0; j < valid; ++j) add_values(sm[j * lanes], sum);
   const float c = sum / static_cast<float>(n);
-  const int k = square_shift(n);
+  const int k = deviation_shift(n);
   const float h2 = ldexpf(1.f, -2 * k);
   float s1 = 0.f, s2 = 0.f;
   for (int j = 0; j < valid; ++j) add_deviations(sm[j * lanes], c, h2, s1, s2);
@@ -363,7 +358,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
   const bool affine = p.gamma != nullptr || p.beta != nullptr;
   const bool per_channel = affine && p.channels_per_group > 1;
 
-  int round = 0;  // only its parity and the exchange tag use it
+  unsigned round = 0;  // only its parity and the exchange tag (which may wrap) use it
   for (int64_t unit = block_group; unit * per_block < p.planes; unit += block_groups, ++round) {
     const int64_t plane = unit * per_block + group;
     const bool active = plane < p.planes;
@@ -410,7 +405,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
     m = lanes <= 32 ? warp_allreduce(m, lanes) : block_allreduce(m, smem);
     if (G > 1) {
       TaggedSlot* slots = p.slots + (round & 1) * gridDim.x + block_group * G;
-      const unsigned tag = unsigned(round) + 1u;
+      const unsigned tag = round + 1u;
       group_publish(m, slots, rank, tag);
       const int64_t slice = p.slice_len, plane_len = p.plane_len;
       m = group_wait(slots, G, tag,

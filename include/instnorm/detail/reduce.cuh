@@ -64,7 +64,9 @@ __device__ __forceinline__ Moments block_allreduce(Moments m, BlockReduceStorage
 /// loads and stores (a release would) nor round-trips an atomic through L2. Slots are
 /// double-buffered by round parity (a block overwrites a slot of round r only after every block
 /// of the plane published round r + 1, hence finished reading round r) and zeroed once per
-/// launch (tags start at 1). The count of each partial is not sent: every block knows the slice
+/// launch (tags start at 1). A reader of round r finds in its slot either round r - 2's tag or
+/// round r's, which differ modulo 2^32, so the 32-bit tag may wrap: only the zero of the launch's
+/// first two rounds must differ from their tags (1 and 2). The count of each partial is not sent: every block knows the slice
 /// lengths.
 struct TaggedSlot {
   unsigned long long mean_word;
