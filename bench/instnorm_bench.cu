@@ -394,7 +394,6 @@ void report_fraction(benchmark::State& state, const Shape& s, double ms) {
   if (it != g_copy_ms.end() && ms > 0) state.counters["of_copy"] = it->second / ms;
 }
 
-/// NHWC: the first and the last image against the float64 reference.
 /// Copies `count` elements of x and y from element `first` and returns the worst error of y
 /// against the float64 reference of that slice (one image of `ref_c` channels under `opt`), in
 /// units of the tolerance: above 1 is wrong.
@@ -420,6 +419,7 @@ double worst_error(const Shape& s, int64_t first, int64_t count, int64_t ref_c, 
   return worst;
 }
 
+/// NHWC: the first and the last image against the float64 reference.
 bool verify_nhwc(const Shape& s, std::string* why) {
   const int64_t img = s.spatial() * s.c();
   std::vector<float> g(size_t(s.c())), b(size_t(s.c())), rs(size_t(2 * s.c()));

@@ -312,6 +312,7 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
         };
         int64_t lo = g_cap;
         while (lo < resident_t && !fits(lo)) ++lo;
+        // (At most 4096 candidates: the planner stays O(1) on made-up devices in the fuzz test.)
         const int64_t hi = std::min(
             {resident_t, lo + 4096, std::max(2 * lo, std::min(g_fill, g_min_work))});
         const auto used = [&](int64_t c) { return std::min(prob.planes, resident_t / c) * c; };
