@@ -12,7 +12,8 @@
 //   instnorm_bench --arch=sm_89                    # force an architecture's table
 //   instnorm_bench --tune=112x64x512x512           # sweep the planner's knobs for a shape
 //   instnorm_bench --plan=2,512,0,0                # force strategy,threads,items,G (0: planner)
-//   instnorm_bench --nhwc-budget=40 --nhwc-chunks=4  # NHWC: MB per batch, row chunks per thread
+//   instnorm_bench --nhwc-budget=40 --nhwc-chunks=4  # NHWC tiled: MB per batch, row chunks
+//   instnorm_bench --nhwc-fused=0|1 --nhwc-cols=8    # NHWC: tiled or on chip; slice width
 //   instnorm_bench --split-smem=0                  # split slices in registers only (1: table's)
 //   (plus any --benchmark_* flag, e.g. --benchmark_out=bench.json --benchmark_format=json)
 #include <benchmark/benchmark.h>
@@ -243,11 +244,13 @@ Options options_for(const Shape& s) {
   return opt;
 }
 
-cudaError_t run_instnorm(const Shape& s, const PlanOverride& ov, Plan* plan) {
+cudaError_t run_instnorm(const Shape& s, const PlanOverride& ov, Plan* plan,
+                         NhwcPlan* nhwc_plan = nullptr) {
   return with_type(s.dtype, [&](auto tag) {
     using T = decltype(tag);
     return detail::forward_tuned(static_cast<const T*>(g_cur.x), static_cast<T*>(g_cur.y), s.n(),
-                                 s.c(), s.spatial(), options_for(s), ov, g_policy, nullptr, plan);
+                                 s.c(), s.spatial(), options_for(s), ov, g_policy, nullptr, plan,
+                                 nhwc_plan);
   });
 }
 
@@ -486,8 +489,9 @@ bool verify(const Shape& s, std::string* why) {
 void bm_instnorm(benchmark::State& state, Shape s) {
   use_shape(s);
   Plan plan;
+  NhwcPlan nplan;
   double ms = 0;
-  time_loop(state, [&] { return run_instnorm(s, g_override, &plan); }, &ms);
+  time_loop(state, [&] { return run_instnorm(s, g_override, &plan, &nplan); }, &ms);
   CHECK_CUDA(cudaDeviceSynchronize());
   std::string why;
   if (!verify(s, &why)) state.SkipWithError(("wrong result: " + why).c_str());
@@ -498,7 +502,12 @@ void bm_instnorm(benchmark::State& state, Shape s) {
   state.counters["vec"] = plan.vec;
   state.counters["blocks_per_plane"] = double(plan.blocks_per_plane);
   if (s.nhwc) {
-    state.SetLabel("nhwc");
+    // On chip: "nhwc cols x rows/thread (+ shared) G"; tiled: "nhwc-tiled batch".
+    state.SetLabel(nplan.fused ? "nhwc " + std::to_string(nplan.cols_per_block) + "c x" +
+                                     std::to_string(nplan.items) + "+" +
+                                     std::to_string(nplan.smem_items) + " G" +
+                                     std::to_string(nplan.blocks_per_unit)
+                               : "nhwc-tiled b" + std::to_string(nplan.batch_images));
     return;
   }
   state.SetLabel(std::string(to_string(plan.strategy)) + " " + std::to_string(plan.threads) + "x" +
@@ -655,6 +664,10 @@ int main(int argc, char** argv) {
       g_override.nhwc_chunks = std::atoi(a.c_str() + 14);
     } else if (a.rfind("--nhwc-budget=", 0) == 0) {  // MB per batch of NHWC images
       g_override.nhwc_l2_budget = int64_t(std::atof(a.c_str() + 14) * (1 << 20));
+    } else if (a.rfind("--nhwc-fused=", 0) == 0) {  // NHWC: 0 tiled, 1 on chip only
+      g_override.nhwc_fused = std::atoi(a.c_str() + 13);
+    } else if (a.rfind("--nhwc-cols=", 0) == 0) {  // NHWC on chip: column vectors per slice
+      g_override.nhwc_cols = std::atoi(a.c_str() + 12);
     } else if (a.rfind("--split-smem=", 0) == 0) {  // split slices in shared memory: 0 or 1
       g_override.split_smem = std::atoi(a.c_str() + 13);
     } else if (a.rfind("--plan=", 0) == 0) {

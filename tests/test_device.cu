@@ -420,7 +420,7 @@ using namespace instnorm_test;
 // statistics (saved too), 1: plus the running-statistics update, 2: eval with running stats.
 template <class T>
 void nhwc_case(int64_t n, int64_t c, int64_t s, int64_t groups, bool affine, Activation act,
-               int mode, double offset = 0.0) {
+               int mode, double offset = 0.0, const PlanOverride& ov = {}) {
   const int64_t total = n * c * s, G = groups ? groups : c, planes = n * G;
   std::mt19937_64 rng(c * 131 + s);
   std::normal_distribution<double> nd(0.0, 1.0);
@@ -464,7 +464,7 @@ void nhwc_case(int64_t n, int64_t c, int64_t s, int64_t groups, bool affine, Act
     opt.running_var = drv.ptr;
     opt.use_input_stats = mode == 1;
   }
-  CUDA_OK(forward(dx.ptr, dy.ptr, n, c, s, opt));
+  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, n, c, s, opt, ov, nullptr, nullptr));
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<T> hy(static_cast<size_t>(total)), hy2(static_cast<size_t>(total));
   CUDA_OK(cudaMemcpy(hy.data(), dy.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
@@ -505,7 +505,7 @@ void nhwc_case(int64_t n, int64_t c, int64_t s, int64_t groups, bool affine, Act
     }
   }
   if (mode != 1) {  // bit-identical rerun (the running update would move the state)
-    CUDA_OK(forward(dx.ptr, dy.ptr, n, c, s, opt));
+    CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, n, c, s, opt, ov, nullptr, nullptr));
     CUDA_OK(cudaDeviceSynchronize());
     CUDA_OK(cudaMemcpy(hy2.data(), dy.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
     EXPECT_EQ(std::memcmp(hy.data(), hy2.data(), total * sizeof(T)), 0) << where;
@@ -524,6 +524,33 @@ TEST(GpuNhwc, ChannelCountsAndPlaneLengths) {
   }
   nhwc_case<float>(1, 8, 262144, 0, true, Activation::kNone, 0);  // many tiles per image
   nhwc_case<__half>(3, 64, 65536, 0, false, Activation::kNone, 0);  // batches of images
+}
+
+PlanOverride nhwc_plan(int fused, int cols = 0, int64_t g = 0) {
+  PlanOverride ov;
+  ov.nhwc_fused = fused;
+  ov.nhwc_cols = cols;
+  ov.blocks_per_plane = g;
+  return ov;
+}
+
+// The on-chip plan with forced slice widths and G: uneven rows per block, blocks with no rows
+// (G * slice_rows well beyond S), rows in shared memory, the two-hop exchange, GroupNorm groups
+// inside narrow slices, running statistics; and the tiled plan kept for when nothing fits.
+TEST(GpuNhwc, OnChipSlicesAndExchange) {
+  REQUIRE_GPU();
+  nhwc_case<float>(2, 64, 65536, 0, true, Activation::kNone, 0, 0.0, nhwc_plan(1, 4, 30));
+  nhwc_case<float>(2, 64, 65536, 0, false, Activation::kRelu, 0, 0.0, nhwc_plan(1, 16, 130));
+  nhwc_case<float>(1, 16, 30000, 0, false, Activation::kNone, 0, 1e4, nhwc_plan(1, 2, 8));
+  nhwc_case<float>(1, 16, 3000, 4, true, Activation::kNone, 0, 1e4, nhwc_plan(1, 1, 3));
+  nhwc_case<__half>(2, 320, 16384, 32, true, Activation::kSilu, 0);  // planner: G > 1
+  nhwc_case<__half>(2, 320, 16384, 32, true, Activation::kSilu, 0, 0.0, nhwc_plan(1, 20, 50));
+  nhwc_case<__nv_bfloat16>(2, 64, 20000, 0, true, Activation::kNone, 0, 0.0, nhwc_plan(1, 8, 25));
+  nhwc_case<__nv_bfloat16>(1, 8, 300000, 1, false, Activation::kNone, 0, 0.0, nhwc_plan(1));
+  nhwc_case<float>(2, 33, 20000, 0, true, Activation::kNone, 0, 0.0, nhwc_plan(1, 11, 60));
+  nhwc_case<float>(2, 32, 65536, 0, true, Activation::kNone, 1, 0.0, nhwc_plan(1, 4, 30));
+  nhwc_case<float>(2, 64, 4096, 0, true, Activation::kSilu, 0, 0.0, nhwc_plan(0));
+  nhwc_case<__half>(2, 320, 1024, 32, true, Activation::kSilu, 0, 0.0, nhwc_plan(0));
 }
 
 TEST(GpuNhwc, OffsetMeanStaysAccurate) {

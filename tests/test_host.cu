@@ -529,18 +529,87 @@ TEST(NhwcPlan, CoversEveryShapeWithinLimits) {
           opt.layout = Layout::kNHWC;
           Problem prob;
           ASSERT_EQ(validate(kX, kY, 3, c, s, eb, opt, &prob), Invalid::kOk);
+          PlanOverride tiled;
+          tiled.nhwc_fused = 0;
           NhwcPlan p;
-          ASSERT_TRUE(make_nhwc_plan(prob, d, &p)) << c << " " << s;
+          ASSERT_TRUE(make_nhwc_plan(prob, d, &p, tiled)) << c << " " << s;
+          EXPECT_FALSE(p.fused);
           EXPECT_EQ(p.vec, c % (16 / eb) == 0 ? 16 / eb : 1);
           EXPECT_GE(p.col_chunks * p.cols_per_block * p.vec, c);
           EXPECT_LT((p.col_chunks - 1) * p.cols_per_block * p.vec, c);  // no empty chunk
           EXPECT_GE(p.tiles * p.tile_rows, s);
           EXPECT_LT((p.tiles - 1) * p.tile_rows, s);  // no empty tile
           EXPECT_EQ(p.row_lanes * p.cols_per_block <= kNhwcThreads, true);
+          // The planner's own choice: on chip wherever a plan fits, covering C and S exactly.
+          ASSERT_TRUE(make_nhwc_plan(prob, d, &p)) << c << " " << s;
+          EXPECT_TRUE(nhwc_plan_is_valid(p, prob, d));
+          if (p.fused) {
+            EXPECT_EQ(p.col_chunks * p.cols_per_block * p.vec, c);
+            EXPECT_GE(p.blocks_per_unit * p.slice_rows, s);
+            EXPECT_LT((p.blocks_per_unit - 1) * p.slice_rows, s) << c << " " << s;
+            EXPECT_LE(p.slice_rows, p.row_lanes * (p.items + p.smem_items));
+            EXPECT_LE(p.items, nhwc_max_items(p.vec));
+            EXPECT_EQ(p.cooperative, p.blocks_per_unit > 1);
+            EXPECT_LE(p.grid, int64_t(resident_blocks_per_sm(
+                                  d, kNhwcFusedThreads,
+                                  p.smem_bytes + nhwc_fused_static_smem(p.vec))) *
+                                  d.sm_count);
+          }
         }
       }
     }
   }
+}
+
+TEST(NhwcPlan, StandardShapesRunOnChip) {
+  const DeviceProps d = sm90();
+  Options opt;
+  opt.layout = Layout::kNHWC;
+  Problem prob;
+  NhwcPlan p;
+  // 64 MB fp32 images are more than the chip holds (~40 MB in 264 blocks): cut into column
+  // slices of at least 64 bytes, each shared by G blocks that fill the GPU.
+  ASSERT_EQ(validate(kX, kY, 112, 64, 512 * 512, 4, opt, &prob), Invalid::kOk);
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &p));
+  EXPECT_TRUE(p.fused);
+  EXPECT_GT(p.col_chunks, 1);
+  EXPECT_GE(p.cols_per_block * p.vec * 4, kNhwcMinSliceBytes);
+  EXPECT_TRUE(p.cooperative);
+  EXPECT_GE(p.grid * 10, 264 * 9);  // >= 90% of the block slots busy
+  // 100 KB images (128x512x7x7): no exchange at all, one unit per block.
+  ASSERT_EQ(validate(kX, kY, 128, 512, 49, 4, opt, &prob), Invalid::kOk);
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &p));
+  EXPECT_TRUE(p.fused);
+  EXPECT_EQ(p.blocks_per_unit, 1);
+  EXPECT_FALSE(p.cooperative);
+  // GroupNorm(32) on 320 channels: slices hold whole groups of 10 channels.
+  ASSERT_EQ(validate(kX, kY, 2, 320, 64 * 64, 2, [] {
+              Options o;
+              o.layout = Layout::kNHWC;
+              o.groups = 32;
+              return o;
+            }(), &prob),
+            Invalid::kOk);
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &p));
+  EXPECT_TRUE(p.fused);
+  EXPECT_EQ(p.cols_per_block * p.vec % 10, 0);
+  // Without cooperative launch a unit is never split across blocks.
+  DeviceProps nc = d;
+  nc.cooperative = false;
+  ASSERT_EQ(validate(kX, kY, 16, 64, 256 * 256, 4, opt, &prob), Invalid::kOk);
+  ASSERT_TRUE(make_nhwc_plan(prob, nc, &p));
+  EXPECT_TRUE(!p.fused || p.blocks_per_unit == 1);
+  // Forcing the slice width and G.
+  PlanOverride ov;
+  ov.nhwc_cols = 4;
+  ov.blocks_per_plane = 100;
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &p, ov));
+  EXPECT_TRUE(p.fused);
+  EXPECT_EQ(p.cols_per_block, 4);
+  EXPECT_EQ(p.blocks_per_unit, 100);
+  ov.nhwc_fused = 0;
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &p, ov));
+  EXPECT_FALSE(p.fused);
 }
 
 TEST(NhwcPlan, BatchesStayInTheL2Budget) {
@@ -548,23 +617,30 @@ TEST(NhwcPlan, BatchesStayInTheL2Budget) {
   Options opt;
   opt.layout = Layout::kNHWC;
   Problem prob;
+  PlanOverride ov;
+  ov.nhwc_fused = 0;  // the tiled plan's batches
+  const auto budget = [&](int64_t bytes) {
+    PlanOverride o = ov;
+    o.nhwc_l2_budget = bytes;
+    return o;
+  };
   // 16 MB fp32 images: two per batch under the default budget (0.8 x 50 MB), 3 under 50 MB,
   // and the whole tensor at once under 25 MB (an image is more than half of it).
   ASSERT_EQ(validate(kX, kY, 16, 64, 256 * 256, 4, opt, &prob), Invalid::kOk);
   NhwcPlan p;
-  ASSERT_TRUE(make_nhwc_plan(prob, d, &p));
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &p, ov));
   EXPECT_EQ(p.batch_images, 2);
-  ASSERT_TRUE(make_nhwc_plan(prob, d, &p, int64_t(50) << 20));
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &p, budget(int64_t(50) << 20)));
   EXPECT_EQ(p.batch_images, 3);
-  ASSERT_TRUE(make_nhwc_plan(prob, d, &p, int64_t(25) << 20));
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &p, budget(int64_t(25) << 20)));
   EXPECT_EQ(p.batch_images, 16);
   // 64 MB images never fit: the whole tensor is one batch.
   ASSERT_EQ(validate(kX, kY, 112, 64, 512 * 512, 4, opt, &prob), Invalid::kOk);
-  ASSERT_TRUE(make_nhwc_plan(prob, d, &p));
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &p, ov));
   EXPECT_EQ(p.batch_images, 112);
   // Small images: many per batch, never more than n.
   ASSERT_EQ(validate(kX, kY, 128, 512, 49, 4, opt, &prob), Invalid::kOk);
-  ASSERT_TRUE(make_nhwc_plan(prob, d, &p));
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &p, ov));
   EXPECT_EQ(p.batch_images, 128);
 }
 

@@ -260,18 +260,28 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
 
 // ---------------------------------------------------------------- channels-last
 
-inline cudaError_t current_nhwc_plan(const Problem& prob, NhwcPlan* plan,
-                                     int64_t l2_budget = -1, int min_chunks = 0) {
+/// The NHWC plan for the current device. Eval mode (running statistics) is one elementwise pass
+/// of the tiled plan's normalize kernel.
+inline cudaError_t current_nhwc_plan(const Problem& prob, const Options& opt, NhwcPlan* plan,
+                                     PlanOverride ov = {}) {
   DeviceProps d;
   INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
-  return make_nhwc_plan(prob, d, plan, l2_budget, min_chunks) ? cudaSuccess
-                                                               : cudaErrorInvalidConfiguration;
+  if (!opt.use_input_stats) ov.nhwc_fused = 0;
+  return make_nhwc_plan(prob, d, plan, ov) ? cudaSuccess : cudaErrorInvalidConfiguration;
 }
 
-/// NHWC workspace: [tile partials of a batch][per-(image, group) statistics][running-stat
-/// inputs]; nothing in eval mode.
+/// Tagged partials of an on-chip NHWC plan that splits units (G > 1), double-buffered.
+inline size_t nhwc_slot_bytes(const NhwcPlan& p) {
+  if (!p.fused || !p.cooperative) return 0;
+  return align_up(2 * size_t(p.grid + p.block_groups) * size_t(p.cols_per_block) *
+                  size_t(p.vec) * sizeof(TaggedSlot));
+}
+
+/// NHWC workspace. On chip: [tagged partials][running-stat inputs]. Tiled: [tile partials of a
+/// batch][per-(image, group) statistics][running-stat inputs]. Nothing in eval mode.
 inline size_t nhwc_workspace_bytes(const NhwcPlan& p, const Problem& prob, const Options& opt) {
   if (!opt.use_input_stats) return 0;
+  if (p.fused) return nhwc_slot_bytes(p) + stats_workspace_bytes(prob, opt);
   return align_up(size_t(p.batch_images) * size_t(p.tiles) * size_t(prob.c) * sizeof(Moments)) +
          align_up(size_t(prob.planes) * sizeof(float4)) + stats_workspace_bytes(prob, opt);
 }
@@ -301,6 +311,41 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
   np.save_rstd = opt.save_rstd;
   np.activation = opt.activation;
   const bool eval = !opt.use_input_stats;
+  constexpr int kFull = 16 / int(sizeof(T));
+  const bool full = plan.vec == kFull;
+  if (plan.fused) {
+    if (eval) return cudaErrorInvalidConfiguration;  // eval runs the tiled normalize
+    np.img_first = 0;
+    np.img_count = prob.n;
+    np.col_slices = plan.col_chunks;
+    np.slice_rows = plan.slice_rows;
+    np.items = plan.items;
+    np.smem_items = plan.smem_items;
+    np.blocks_per_unit = int(plan.blocks_per_unit);
+    auto* bytes = static_cast<unsigned char*>(workspace);
+    np.slots = reinterpret_cast<TaggedSlot*>(bytes);
+    if (updates_running_stats(opt)) {
+      np.stat_mean = reinterpret_cast<float*>(bytes + nhwc_slot_bytes(plan));
+      np.stat_var = np.stat_mean + prob.planes;
+    }
+    void (*kernel)(NhwcParams<T>) = full ? nhwc_fused<T, kFull, nhwc_max_items(kFull)>
+                                         : nhwc_fused<T, 1, nhwc_max_items(1)>;
+    const void* fn = reinterpret_cast<const void*>(kernel);
+    const size_t smem = size_t(plan.smem_bytes);
+    if (smem + size_t(nhwc_fused_static_smem(plan.vec)) > 48 * 1024)
+      INSTNORM_RETURN_IF_ERROR(allow_dynamic_smem(fn, smem));
+    const dim3 grid(static_cast<unsigned>(plan.grid)), block(kNhwcFusedThreads);
+    if (!plan.cooperative) {
+      kernel<<<grid, block, smem, stream>>>(np);
+      INSTNORM_RETURN_IF_ERROR(cudaGetLastError());
+    } else {
+      INSTNORM_RETURN_IF_ERROR(cudaMemsetAsync(np.slots, 0, nhwc_slot_bytes(plan), stream));
+      void* args[] = {&np};
+      INSTNORM_RETURN_IF_ERROR(cudaLaunchCooperativeKernel(fn, grid, block, args, smem, stream));
+    }
+    return np.stat_mean ? update_running(np.stat_mean, np.stat_var, prob, opt, stream)
+                        : cudaSuccess;
+  }
   if (eval) {
     np.running_mean = opt.running_mean;
     np.running_var = opt.running_var;
@@ -315,8 +360,6 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
       np.stat_var = np.stat_mean + prob.planes;
     }
   }
-  constexpr int kFull = 16 / int(sizeof(T));
-  const bool full = plan.vec == kFull;
   const int64_t batch = eval ? prob.n : plan.batch_images;
   for (int64_t first = 0; first < prob.n; first += batch) {
     np.img_first = first;
@@ -359,7 +402,7 @@ cudaError_t workspace_size(int64_t n, int64_t c, int64_t spatial, const Options&
   if (v != Invalid::kOk) return detail::to_cuda_error(v);
   if (prob.nhwc) {
     NhwcPlan np;
-    INSTNORM_RETURN_IF_ERROR(detail::current_nhwc_plan(prob, &np));
+    INSTNORM_RETURN_IF_ERROR(detail::current_nhwc_plan(prob, opt, &np));
     *bytes = detail::nhwc_workspace_bytes(np, prob, opt);
     return cudaSuccess;
   }
@@ -380,7 +423,7 @@ cudaError_t forward(const T* x, T* y, int64_t n, int64_t c, int64_t spatial, con
   if (v != Invalid::kOk) return detail::to_cuda_error(v);
   if (prob.nhwc) {
     NhwcPlan np;
-    INSTNORM_RETURN_IF_ERROR(detail::current_nhwc_plan(prob, &np));
+    INSTNORM_RETURN_IF_ERROR(detail::current_nhwc_plan(prob, opt, &np));
     const size_t need = detail::nhwc_workspace_bytes(np, prob, opt);
     if (need > 0 && (workspace == nullptr || workspace_bytes < need)) return cudaErrorInvalidValue;
     return detail::launch_nhwc(x, y, prob, opt, np, workspace, stream);
@@ -396,17 +439,19 @@ cudaError_t forward(const T* x, T* y, int64_t n, int64_t c, int64_t spatial, con
 namespace detail {
 /// The full call with the planner's knobs exposed: `ov` forces strategy, block size, items,
 /// vector width or blocks per plane, `policy` forces an architecture's table (the benchmark's
-/// tuning mode and the tests use both); `used` receives the plan that ran.
+/// tuning mode and the tests use both); `used` / `used_nhwc` receive the plan that ran.
 template <class T>
 cudaError_t forward_tuned(const T* x, T* y, int64_t n, int64_t c, int64_t spatial,
                           const Options& opt, const PlanOverride& ov, const ArchPolicy* policy,
-                          cudaStream_t stream, Plan* used = nullptr) {
+                          cudaStream_t stream, Plan* used = nullptr,
+                          NhwcPlan* used_nhwc = nullptr) {
   Problem prob;
   const Invalid v = prepare(x, y, n, c, spatial, opt, &prob);
   if (v != Invalid::kOk) return to_cuda_error(v);
   if (prob.nhwc) {
     NhwcPlan np;
-    INSTNORM_RETURN_IF_ERROR(current_nhwc_plan(prob, &np, ov.nhwc_l2_budget, ov.nhwc_chunks));
+    INSTNORM_RETURN_IF_ERROR(current_nhwc_plan(prob, opt, &np, ov));
+    if (used_nhwc) *used_nhwc = np;
     return with_scratch(nhwc_workspace_bytes(np, prob, opt), stream,
                         [&](void* ws) { return launch_nhwc(x, y, prob, opt, np, ws, stream); });
   }

@@ -112,6 +112,8 @@ struct PlanOverride {
   int64_t nhwc_l2_budget = -1;  ///< NHWC: bytes of a batch of images (-1: 0.8 of the L2)
   int nhwc_chunks = 0;           ///< NHWC: least chunks of kNhwcRows rows per thread per tile
   int split_smem = -1;           ///< split slices extend into shared memory: -1 table, 0 no, 1 yes
+  int nhwc_fused = -1;           ///< NHWC: -1 planner, 0 tiled plan (x read twice), 1 on chip only
+  int nhwc_cols = 0;             ///< NHWC on chip: column vectors per image slice
 };
 
 /// A launch plan.
@@ -140,6 +142,34 @@ inline int64_t pow2_ceil(int64_t v) {
   return p;
 }
 inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return std::min(std::max(v, lo), hi); }
+
+/// G, the blocks that share one unit of work (a plane, or an NHWC image slice), for `units`
+/// units on `resident` co-resident blocks: from `lo` (fewest blocks whose slices might fit) up
+/// to what filling the GPU asks for (`want`), the smallest G whose slices fit and whose whole
+/// groups keep at least 95% of the best busy-slot count: 1 MB fp32 planes on the H100 take G = 6
+/// (44 groups on 264 slots), 4 MB planes on the 4090 G = 21 (126 of 128 SMs) rather than 19
+/// (114). Returns 0 if no G up to `resident` fits. (At most 4096 candidates: the planner stays
+/// O(1) on made-up devices in the fuzz test.)
+/// With `count_tail`, a G is judged by its busy slots averaged over all rounds, so that a last
+/// round with few units counts against it (NHWC: 64 units on 9 groups ran 8 rounds for 7.1 of
+/// work).
+template <class Fits>
+inline int64_t choose_group_size(int64_t units, int64_t resident, int64_t lo, int64_t want,
+                                 Fits fits, bool count_tail = false) {
+  lo = std::max<int64_t>(1, lo);
+  while (lo <= resident && !fits(lo)) ++lo;
+  if (lo > resident) return 0;
+  const int64_t hi = std::min({resident, lo + 4096, std::max(2 * lo, want)});
+  const auto used = [&](int64_t c) {
+    const int64_t groups = std::min(units, resident / c);
+    return count_tail ? units * c / ceil_div(units, groups) : groups * c;
+  };
+  int64_t best = 0;
+  for (int64_t c = lo; c <= hi; ++c) best = std::max(best, used(c));
+  for (int64_t c = lo; c <= hi; ++c)
+    if (fits(c) && used(c) * 20 >= best * 19) return c;
+  return lo;
+}
 }  // namespace detail
 
 /// Blocks of `threads` threads that fit on one SM, counting the worst-case register use the
@@ -302,28 +332,13 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
         const int64_t g_fill = prob.planes < resident_t && total_bytes >= kMinFillSplitBytes
                                    ? ceil_div(resident_t, prob.planes) : 1;
         const int64_t g_min_work = std::max<int64_t>(1, vecs / (int64_t(p.threads) * 2));
-        // From the fewest blocks whose (512-byte rounded) slices fit on chip up to what filling
-        // the GPU asks for, the smallest G that keeps at least 95% of the resident blocks busy
-        // with whole groups: 1 MB fp32 planes on the H100 take G = 6 (44 groups on 264 slots),
-        // 4 MB planes on the 4090 G = 21 (126 of 128 SMs) rather than 19 (114).
+        // Slices are rounded to 512 bytes (32 vectors) before they must fit on chip.
         const int64_t cap_vecs = int64_t(p.threads) * (max_items_for(s, p.vec) + smem_cap);
-        const auto fits = [&](int64_t c) {
-          return ceil_div(ceil_div(vecs, c), 32) * 32 <= cap_vecs;
-        };
-        int64_t lo = g_cap;
-        while (lo < resident_t && !fits(lo)) ++lo;
-        // (At most 4096 candidates: the planner stays O(1) on made-up devices in the fuzz test.)
-        const int64_t hi = std::min(
-            {resident_t, lo + 4096, std::max(2 * lo, std::min(g_fill, g_min_work))});
-        const auto used = [&](int64_t c) { return std::min(prob.planes, resident_t / c) * c; };
-        int64_t best = 0;
-        for (int64_t c = lo; c <= hi; ++c) best = std::max(best, used(c));
-        g = lo;
-        for (int64_t c = lo; c <= hi; ++c)
-          if (fits(c) && used(c) * 20 >= best * 19) {
-            g = c;
-            break;
-          }
+        g = choose_group_size(prob.planes, resident_t, g_cap, std::min(g_fill, g_min_work),
+                              [&](int64_t c) {
+                                return ceil_div(ceil_div(vecs, c), 32) * 32 <= cap_vecs;
+                              });
+        if (g == 0) g = resident_t;  // nothing fits: streamed below
       } else {
         g = resident_t;
       }
@@ -362,24 +377,57 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
 
 // ---------------------------------------------------------------- channels-last (NHWC)
 
-/// Threads of the NHWC kernels, and the rows each thread holds in registers per chunk.
+/// Threads of the tiled NHWC kernels, and the rows each thread holds in registers per chunk.
 constexpr int kNhwcThreads = 256;
 constexpr int kNhwcRows = 8;
-/// Least chunks of kNhwcRows rows per thread in a tile (see make_nhwc_plan).
+/// Least chunks of kNhwcRows rows per thread in a tile (see make_nhwc_tiled_plan).
 constexpr int kNhwcMinChunks = 4;
+/// Block of the on-chip NHWC kernel: two per SM at the 128 registers per thread it may use.
+constexpr int kNhwcFusedThreads = 256;
+/// Narrowest column slice of an on-chip NHWC plan that the planner picks by itself, in bytes of
+/// a row: a whole 128-byte line. On the H100 (exchange disabled, timing only), 112x64x512x512
+/// NHWC fp32 ran at 0.55 of copy with 64-byte slices and 0.85 with 128-byte ones.
+constexpr int64_t kNhwcMinSliceBytes = 128;
+/// Rows per thread the on-chip NHWC kernel keeps in registers: the most that ptxas fits in its
+/// 128 registers without spilling beside the per-channel sums (4 or 8 channels per thread) and
+/// the exchange's loads in flight, on sm_89 and sm_90 (nvcc 13.0).
+constexpr int nhwc_max_items(int vec) { return vec == 1 ? 16 : vec == 4 ? 11 : 8; }
+/// Static shared memory of the on-chip NHWC kernel: each thread's partial (two floats) of each of
+/// its `vec` channels, its row count, and a partial per warp.
+constexpr int64_t nhwc_fused_static_smem(int vec) {
+  return int64_t(kNhwcFusedThreads) * (8 * vec + 4) + 16 * (kNhwcFusedThreads / 32);
+}
 
-/// A launch plan for NHWC: each image is an S x C matrix read along C in 16-byte vectors. Three
-/// kernels per batch of images: per-tile partial moments of every channel, a merge per (image,
-/// group), and the normalize. A batch is sized to stay in L2 between the first and the second
-/// read of x, so x comes from DRAM once where an image fits in L2.
+/// A launch plan for NHWC, where each image is an S x C matrix read along C in 16-byte vectors.
+///
+/// On chip (`fused`): the unit of work is an image slice of `cols_per_block` column vectors by
+/// all S rows; G blocks share a unit, each holding `slice_rows` rows in registers and shared
+/// memory, and exchange per-channel partial moments (cooperative launch when G > 1) before they
+/// normalize what they hold: one DRAM read. Images too large for the chip are cut into narrower
+/// column slices.
+///
+/// Tiled (the fallback): three kernels per batch of images: per-tile partial moments of every
+/// channel, a merge per (image, group), and the normalize. A batch is sized to stay in L2
+/// between the first and the second read of x.
 struct NhwcPlan {
+  bool fused = false;
   int vec = 1;                   ///< channels per vector (16 bytes, or 1)
   int cols_per_block = 0;        ///< column vectors a block covers
-  int row_lanes = 0;             ///< threads per column (kNhwcThreads / cols_per_block)
-  int64_t col_chunks = 0;        ///< blocks across the C columns (grid.y)
+  int row_lanes = 0;             ///< threads per column (threads / cols_per_block)
+  int64_t col_chunks = 0;        ///< column slices of an image (tiled: grid.y)
+  // Tiled plans.
   int64_t tile_rows = 0;         ///< spatial positions per block
   int64_t tiles = 0;             ///< tiles per image
   int64_t batch_images = 0;      ///< images per batch of the three kernels
+  // On-chip plans.
+  int64_t blocks_per_unit = 1;   ///< G
+  int64_t slice_rows = 0;        ///< rows per block (a multiple of row_lanes)
+  int items = 0;                 ///< rows per thread in registers
+  int smem_items = 0;            ///< further rows per thread in dynamic shared memory
+  int64_t smem_bytes = 0;        ///< dynamic shared memory per block
+  int64_t block_groups = 0;      ///< groups of G blocks in the grid
+  int64_t grid = 0;
+  bool cooperative = false;
 };
 
 /// Bytes of a batch that the second read of x expects to find in L2: 0.8 of it, measured on the
@@ -390,18 +438,135 @@ inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const Dev
   if (p.vec != 1 && (p.vec * prob.elem_bytes != 16 || !prob.vector_ok)) return false;
   if (prob.c % p.vec != 0) return false;
   const int64_t cv = prob.c / p.vec;
-  if (p.cols_per_block < 1 || p.cols_per_block > kNhwcThreads) return false;
-  if (p.row_lanes != kNhwcThreads / p.cols_per_block) return false;
-  if (p.col_chunks < 1 || p.col_chunks * p.cols_per_block < cv || p.col_chunks > 65535) return false;
-  if (p.tile_rows < 1 || p.tiles < 1 || p.tiles * p.tile_rows < prob.spatial) return false;
-  if (p.batch_images < 1 || p.batch_images > prob.n) return false;
-  if (d.max_threads_per_block < kNhwcThreads) return false;
-  return resident_blocks_per_sm(d, kNhwcThreads) >= 1;
+  if (!p.fused) {
+    if (p.cols_per_block < 1 || p.cols_per_block > kNhwcThreads) return false;
+    if (p.row_lanes != kNhwcThreads / p.cols_per_block) return false;
+    if (p.col_chunks < 1 || p.col_chunks * p.cols_per_block < cv || p.col_chunks > 65535)
+      return false;
+    if (p.tile_rows < 1 || p.tiles < 1 || p.tiles * p.tile_rows < prob.spatial) return false;
+    if (p.batch_images < 1 || p.batch_images > prob.n) return false;
+    if (d.max_threads_per_block < kNhwcThreads) return false;
+    return resident_blocks_per_sm(d, kNhwcThreads) >= 1;
+  }
+  const int threads = kNhwcFusedThreads;
+  if (d.max_threads_per_block < threads) return false;
+  if (p.cols_per_block < 1 || p.cols_per_block > threads || cv % p.cols_per_block != 0)
+    return false;
+  if ((int64_t(p.cols_per_block) * p.vec) % prob.channels_per_group != 0) return false;
+  if (p.row_lanes != threads / p.cols_per_block || p.col_chunks != cv / p.cols_per_block)
+    return false;
+  if (p.items < 1 || p.items > nhwc_max_items(p.vec) || p.smem_items < 0) return false;
+  if (prob.c >= (int64_t(1) << 31) || p.slice_rows * prob.c >= (int64_t(1) << 31))
+    return false;  // the kernel's offsets inside a block's rows are 32-bit
+  if (p.smem_items > 0 &&
+      (p.vec * prob.elem_bytes != 16 || p.smem_bytes < int64_t(p.smem_items) * threads * 16))
+    return false;
+  if (p.smem_bytes < 0 || p.smem_bytes + nhwc_fused_static_smem(p.vec) > d.smem_per_block_optin)
+    return false;
+  if (p.slice_rows < 1 || p.slice_rows > int64_t(p.row_lanes) * (p.items + p.smem_items))
+    return false;
+  if (p.blocks_per_unit < 1 || p.slice_rows * p.blocks_per_unit < prob.spatial) return false;
+  if (p.block_groups < 1 || p.grid != p.block_groups * p.blocks_per_unit || p.grid > d.max_grid_x)
+    return false;
+  if (p.cooperative != (p.blocks_per_unit > 1)) return false;
+  const int per_sm = resident_blocks_per_sm(d, threads, p.smem_bytes + nhwc_fused_static_smem(p.vec));
+  if (per_sm < 1) return false;
+  if (p.cooperative && (!d.cooperative || p.grid > int64_t(per_sm) * d.sm_count)) return false;
+  return true;
 }
 
-inline bool make_nhwc_plan(const Problem& prob, const DeviceProps& d, NhwcPlan* out,
-                           int64_t l2_budget = -1, int min_chunks = 0) {
-  using namespace detail;
+namespace detail {
+
+/// The on-chip plan, or false where none fits (a unit larger than the chip at every slice
+/// width, no cooperative launch for a split, or no slice width that keeps groups whole).
+inline bool make_nhwc_fused_plan(const Problem& prob, const DeviceProps& d, const ArchPolicy& pol,
+                                 const PlanOverride& ov, NhwcPlan* out) {
+  NhwcPlan p;
+  p.fused = true;
+  p.vec = prob.vector_ok ? 16 / prob.elem_bytes : 1;
+  const int threads = kNhwcFusedThreads;
+  const int64_t cv = prob.c / p.vec, S = prob.spatial;
+  const int by_regs = resident_blocks_per_sm(d, threads);
+  if (d.max_threads_per_block < threads || by_regs < 1 || d.sm_count < 1) return false;
+  const int max_i = nhwc_max_items(p.vec);
+  const int64_t static_smem = nhwc_fused_static_smem(p.vec);
+  // Rows beyond the registers go to shared memory by cp.async (16-byte vectors, sm_80+), as in
+  // the NCHW split plans: the blocks that fit by registers share the SM's shared memory.
+  const bool use_smem = (ov.split_smem >= 0 ? ov.split_smem != 0 : pol.split_smem) &&
+                        p.vec * prob.elem_bytes == 16;
+  int smem_cap = 0;
+  if (use_smem) {
+    const int64_t budget = std::min(d.smem_per_block_optin - static_smem,
+                                    d.smem_per_sm / by_regs - kSmemPerBlockOverhead - static_smem);
+    smem_cap = int(clamp64(budget / (int64_t(threads) * 16), 0, 64));
+  }
+  const int64_t resident =
+      int64_t(std::max(1, resident_blocks_per_sm(d, threads,
+                                                 int64_t(smem_cap) * threads * 16 + static_smem))) *
+      d.sm_count;
+  const int64_t total_bytes = prob.n * S * prob.c * prob.elem_bytes;
+  // Every slice width that divides the row and keeps GroupNorm groups whole, widest first; the
+  // most busy block slots (within 5%) wins, then the smallest G (G = 1 needs no exchange at
+  // all), then the widest slice.
+  int64_t best_cs = 0, best_g = 0, best_used = 0;
+  struct Cand { int64_t cs, g, used; };
+  Cand cands[64];
+  int ncand = 0;
+  for (int64_t cs = std::min<int64_t>(cv, threads); cs >= 1 && ncand < 64; --cs) {
+    if (cv % cs != 0 || (cs * p.vec) % prob.channels_per_group != 0) continue;
+    if (ov.nhwc_cols > 0 ? cs != ov.nhwc_cols
+                         : cs < cv && cs * p.vec * prob.elem_bytes < kNhwcMinSliceBytes)
+      continue;
+    const int64_t row_lanes = threads / cs;
+    const int64_t cap_rows = row_lanes * (max_i + smem_cap);
+    const int64_t units = prob.n * (cv / cs);
+    const int64_t slots = d.cooperative ? resident : 1;
+    const int64_t want = units < resident && total_bytes >= kMinFillSplitBytes
+                             ? ceil_div(resident, units) : 1;
+    const int64_t min_work = std::max<int64_t>(1, S / (row_lanes * 2));
+    int64_t g = ov.blocks_per_plane > 0
+                    ? ov.blocks_per_plane
+                    : choose_group_size(units, slots, ceil_div(S, cap_rows), std::min(want, min_work),
+                                        [&](int64_t c) {
+                                          return ceil_div(ceil_div(S, c), row_lanes) * row_lanes <=
+                                                 cap_rows;
+                                        },
+                                        true);
+    if (g < 1 || g > slots || ceil_div(ceil_div(S, g), row_lanes) > max_i + smem_cap) continue;
+    const int64_t groups = std::min(units, resident / g);
+    cands[ncand++] = Cand{cs, g, units * g / ceil_div(units, groups)};
+    best_used = std::max(best_used, cands[ncand - 1].used);
+  }
+  for (int i = 0; i < ncand; ++i)
+    if (cands[i].used * 20 >= best_used * 19 && (best_g == 0 || cands[i].g < best_g)) {
+      best_cs = cands[i].cs;
+      best_g = cands[i].g;
+    }
+  if (best_g == 0) return false;
+  p.cols_per_block = int(best_cs);
+  p.row_lanes = threads / p.cols_per_block;
+  p.col_chunks = cv / best_cs;
+  const int64_t rows_per_thread = ceil_div(ceil_div(S, best_g), p.row_lanes);
+  p.slice_rows = rows_per_thread * p.row_lanes;
+  // Rounding slices up to whole row lanes can leave the last blocks without rows: drop them
+  // (a forced G keeps them, which the tests use).
+  if (ov.blocks_per_plane <= 0) best_g = ceil_div(S, p.slice_rows);
+  p.blocks_per_unit = best_g;
+  p.items = int(std::min<int64_t>(rows_per_thread, max_i));
+  p.smem_items = int(rows_per_thread - p.items);
+  p.smem_bytes = int64_t(p.smem_items) * threads * 16;
+  const int64_t per_sm = std::max(1, resident_blocks_per_sm(d, threads, p.smem_bytes + static_smem));
+  p.block_groups = std::max<int64_t>(
+      1, std::min({prob.n * p.col_chunks, per_sm * d.sm_count / best_g, d.max_grid_x / best_g}));
+  p.grid = p.block_groups * best_g;
+  p.cooperative = best_g > 1;
+  *out = p;
+  return nhwc_plan_is_valid(p, prob, d);
+}
+
+/// The tiled plan (x read twice, the second time from L2 where a batch fits).
+inline bool make_nhwc_tiled_plan(const Problem& prob, const DeviceProps& d, NhwcPlan* out,
+                                 int64_t l2_budget, int min_chunks) {
   NhwcPlan p;
   p.vec = prob.vector_ok ? 16 / prob.elem_bytes : 1;
   const int64_t cv = prob.c / p.vec;
@@ -429,6 +594,18 @@ inline bool make_nhwc_plan(const Problem& prob, const DeviceProps& d, NhwcPlan* 
   p.tiles = ceil_div(prob.spatial, p.tile_rows);
   *out = p;
   return nhwc_plan_is_valid(p, prob, d);
+}
+
+}  // namespace detail
+
+/// The NHWC plan: on chip where a plan fits (unless `ov` forbids it), else tiled.
+inline bool make_nhwc_plan(const Problem& prob, const DeviceProps& d, NhwcPlan* out,
+                           const PlanOverride& ov = {}) {
+  if (ov.nhwc_fused != 0 &&
+      detail::make_nhwc_fused_plan(prob, d, policy_for(d.cc_major, d.cc_minor), ov, out))
+    return true;
+  if (ov.nhwc_fused == 1) return false;
+  return detail::make_nhwc_tiled_plan(prob, d, out, ov.nhwc_l2_budget, ov.nhwc_chunks);
 }
 
 }  // namespace instnorm

@@ -101,6 +101,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     ov.vec = in.ConsumeIntegralInRange<int>(-1, 16);
     ov.blocks_per_plane = in.ConsumeBool() ? in.ConsumeIntegral<int64_t>()
                                            : in.ConsumeIntegralInRange<int64_t>(-1, 4096);
+    ov.nhwc_fused = in.ConsumeIntegralInRange<int>(-1, 1);
+    ov.nhwc_cols = in.ConsumeIntegralInRange<int>(0, 300);
   }
 
   Problem prob;
@@ -119,14 +121,23 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
     if (prob.nhwc) {
       NhwcPlan q;
-      const bool ok = make_nhwc_plan(prob, d, &q, overridden ? ov.blocks_per_plane : -1);
+      const bool ok = make_nhwc_plan(prob, d, &q, ov);
       if (ok) {
         REQUIRE(nhwc_plan_is_valid(q, prob, d));
-        REQUIRE(q.col_chunks * q.cols_per_block * q.vec >= c && q.col_chunks <= 65535);
-        REQUIRE(q.tiles * q.tile_rows >= spatial && q.batch_images >= 1 && q.batch_images <= n);
-        REQUIRE(kNhwcThreads <= d.max_threads_per_block);
+        REQUIRE(q.col_chunks * q.cols_per_block * q.vec >= c);
+        if (q.fused) {
+          REQUIRE(q.col_chunks * q.cols_per_block * q.vec == c);
+          REQUIRE(q.blocks_per_unit * q.slice_rows >= spatial && q.grid >= 1);
+          REQUIRE(q.cooperative == (q.blocks_per_unit > 1) && (!q.cooperative || d.cooperative));
+        } else {
+          REQUIRE(q.col_chunks <= 65535);
+          REQUIRE(q.tiles * q.tile_rows >= spatial && q.batch_images >= 1 && q.batch_images <= n);
+          REQUIRE(kNhwcThreads <= d.max_threads_per_block);
+        }
       }
-      if (device_kind < 2 && c / std::max(1, q.vec) <= int64_t(65535) * kNhwcThreads) REQUIRE(ok);
+      if (device_kind < 2 && ov.nhwc_fused != 1 &&
+          c / std::max(1, q.vec) <= int64_t(65535) * kNhwcThreads)
+        REQUIRE(ok);
     }
 
     Plan p;

@@ -10,6 +10,8 @@
 ///      read of x hitting L2 where the batch fits.
 /// Moments are relative to a pivot per (image, group), the group's first element, as in NCHW.
 
+#include <type_traits>
+
 #include "kernel.cuh"
 
 namespace instnorm {
@@ -38,6 +40,12 @@ struct NhwcParams {
   const float* running_var;
   Moments* partials;             ///< [img_count][tiles][c]
   float4* group_stats;           ///< [n][groups]: center, residual, rstd
+  // On-chip plans (nhwc_fused).
+  int64_t col_slices;            ///< column slices per image
+  int64_t slice_rows;            ///< rows per block of a unit
+  int items, smem_items;         ///< rows per thread in registers / in shared memory
+  int blocks_per_unit;           ///< G
+  TaggedSlot* slots;             ///< [2 parities][grid][channels of a slice] block partials
 };
 
 template <class T>
@@ -249,6 +257,332 @@ __global__ void __launch_bounds__(kNhwcThreads, 1) nhwc_normalize(const NhwcPara
         break;
       default:
         nhwc_normalize_rows<Activation::kNone>(p, xs, ys, cv, r_begin, r_end, rl, cen, scale, shift);
+        break;
+    }
+  }
+}
+
+
+/// y = act((x - center) * scale + shift) for a thread's rows: the `rvalid` first of its
+/// registers (unrolled: register arrays must not be indexed at run time), then `svalid` rows of
+/// shared memory. `dst(q)` is where row q goes.
+template <Activation kAct, class T, int kVec, int kMaxItems, class Dst>
+__device__ __forceinline__ void nhwc_store_rows(const Vector<T, kVec> (&regs)[kMaxItems],
+                                                int rvalid, const Vector<T, kVec>* smem,
+                                                int svalid, Dst dst, const float (&cen)[kVec],
+                                                const float (&scale)[kVec],
+                                                const float (&shift)[kVec]) {
+  const auto one = [&](const Vector<T, kVec>& v, Vector<T, kVec>* out) {
+    float f[kVec];
+    unpack(v, f);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) f[k] = activate<kAct>(fmaf(f[k] - cen[k], scale[k], shift[k]));
+    store_vector(out, pack<T, kVec>(f));
+  };
+#pragma unroll
+  for (int q = 0; q < kMaxItems; ++q)
+    if (q < rvalid) one(regs[q], dst(q));
+  for (int j = 0; j < svalid; ++j) one(smem[j * kNhwcFusedThreads], dst(kMaxItems + j));
+}
+
+using TaggedWord = cuda::atomic_ref<unsigned long long, cuda::thread_scope_device>;
+
+__device__ __forceinline__ void store_tagged(TaggedSlot& slot, float mean, float var,
+                                             unsigned tag) {
+  TaggedWord(slot.mean_word).store(tag_word(mean, tag), cuda::memory_order_relaxed);
+  TaggedWord(slot.var_word).store(tag_word(var, tag), cuda::memory_order_relaxed);
+}
+
+/// Waits until both words of `slot` carry `tag`; returns (mean, var).
+__device__ __forceinline__ float2 load_tagged(TaggedSlot& slot, unsigned tag) {
+  unsigned long long wa = TaggedWord(slot.mean_word).load(cuda::memory_order_relaxed);
+  unsigned long long wb = TaggedWord(slot.var_word).load(cuda::memory_order_relaxed);
+  while (unsigned(wa >> 32) != tag || unsigned(wb >> 32) != tag) {
+    __nanosleep(64);
+    wa = TaggedWord(slot.mean_word).load(cuda::memory_order_relaxed);
+    wb = TaggedWord(slot.var_word).load(cuda::memory_order_relaxed);
+  }
+  return make_float2(__uint_as_float(unsigned(wa)), __uint_as_float(unsigned(wb)));
+}
+
+/// Merges, for `n` channels j = first + i * step (i < n), the G tagged partials
+/// part[b * chs + j] (b = 0..G-1, rows_of(b) values each) in a fixed order: L lanes per channel
+/// (a power of two up to the whole block) take blocks sub, sub + L, ... with kBatch loads in
+/// flight, then a butterfly inside the warp and, for L > 32, the warps' results in order. The
+/// result of channel j goes to out[slot_of(j)] (Out = float2, shared memory) or is published as
+/// tagged out[j] (Out = TaggedSlot). Called by every thread of the block.
+template <int kBatch, class RowsOf, class Out, class SlotOf>
+__device__ __forceinline__ void merge_channels(TaggedSlot* part, int chs, int G, int first,
+                                               int step, int n, unsigned tag, RowsOf rows_of,
+                                               Out* out, SlotOf slot_of, Moments* wsm) {
+  constexpr int kThreads = kNhwcFusedThreads;
+  const int t = threadIdx.x;
+  int L = kThreads / n < kThreads ? kThreads / n : kThreads;
+  L = L < 1 ? 1 : 1 << (31 - __clz(L));
+  const int sub = t % L, per_pass = kThreads / L;
+  for (int i0 = 0; i0 < n; i0 += per_pass) {  // uniform: every thread reaches the barriers
+    const int i = i0 + t / L;
+    const int j = first + i * step;
+    Moments m;
+    for (int b0 = sub; i < n && b0 < G; b0 += L * kBatch) {
+      unsigned long long wa[kBatch], wb[kBatch];
+      bool ready;
+      do {  // the whole batch is reloaded until every word carries this round's tag
+        ready = true;
+#pragma unroll
+        for (int k = 0; k < kBatch; ++k) {
+          const int b = b0 + k * L < G ? b0 + k * L : b0;
+          wa[k] = TaggedWord(part[b * chs + j].mean_word).load(cuda::memory_order_relaxed);
+          wb[k] = TaggedWord(part[b * chs + j].var_word).load(cuda::memory_order_relaxed);
+        }
+#pragma unroll
+        for (int k = 0; k < kBatch; ++k)
+          ready = ready && unsigned(wa[k] >> 32) == tag && unsigned(wb[k] >> 32) == tag;
+        if (!ready) __nanosleep(64);
+      } while (!ready);
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int b = b0 + k * L;
+        if (b < G)
+          m = merge(m, Moments{__uint_as_float(unsigned(wa[k])), __uint_as_float(unsigned(wb[k])),
+                               rows_of(b)});
+      }
+    }
+    m = warp_allreduce(m, L < 32 ? L : 32);
+    if (L > 32) {
+      if ((t & 31) == 0) wsm[t >> 5] = m;
+      __syncthreads();
+      if (sub == 0)
+        for (int w = 1; w < L / 32; ++w) m = merge(m, wsm[(t >> 5) + w]);
+      __syncthreads();
+    }
+    if (sub == 0 && i < n) {
+      if constexpr (std::is_same<Out, TaggedSlot>::value)
+        store_tagged(out[j], m.mean, m.var, tag);
+      else
+        out[slot_of(j)] = make_float2(m.mean, m.var);
+    }
+  }
+}
+
+/// On chip: a unit is (image, column slice) x all rows, shared by G blocks that each hold
+/// `slice_rows` rows in registers (`items` per thread) and shared memory (`smem_items`, filled by
+/// cp.async). A thread owns one column vector (kVec channels) and rows rl, rl + row_lanes, ...
+/// of its block's rows; its per-channel moments (two passes, as chunk_moments) merge over the
+/// row lanes in a fixed tree in shared memory. With G > 1 the blocks exchange per-channel
+/// partials through tagged slots (as the NCHW split plans: reduce.cuh), double-buffered by
+/// round parity; every block merges all G in the same order. Deadlock-free: a block publishes
+/// before it waits, and the G blocks are co-resident (cooperative launch).
+template <class T, int kVec, int kMaxItems>
+__global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcParams<T> p) {
+  using V = Vector<T, kVec>;
+  constexpr int kThreads = kNhwcFusedThreads;
+  __shared__ float2 red[kVec * kThreads];  // [k][thread]: per-thread partial of channel k
+  __shared__ int cnt[kThreads];            // rows behind each partial
+  __shared__ Moments wsm[kThreads / 32];   // merge_channels' per-warp results
+  constexpr int kBatch = kVec == 8 ? 4 : 2;  // exchange loads in flight: the most without spills
+  extern __shared__ uint4 dyn_smem[];
+  V* sdata = reinterpret_cast<V*>(dyn_smem) + threadIdx.x;  // this thread's rows: [j * kThreads]
+  const int t = threadIdx.x;
+  const int cs = p.cols_per_block, row_lanes = p.row_lanes;
+  const int rl = t / cs, cl = t % cs;
+  const bool on = rl < row_lanes;
+  const int chs = cs * kVec;  // channels of a slice
+  // 32-bit offsets inside a block's rows and channel indices (the planner checks
+  // slice_rows * C < 2^31): 64-bit ones spilled registers.
+  const int64_t S = p.spatial;
+  const int C = int(p.c), cv = C / kVec, cpg = int(p.cpg);
+  const int G = p.blocks_per_unit;
+  const int rank = int(blockIdx.x) % G, block_group = int(blockIdx.x) / G;
+  const int block_groups = int(gridDim.x) / G;
+  const int64_t units = p.img_count * p.col_slices;
+  const int64_t row_begin = int64_t(rank) * p.slice_rows;
+  const int64_t block_rows =
+      row_begin < S ? (S - row_begin < p.slice_rows ? S - row_begin : p.slice_rows) : 0;
+  const int rows = on && block_rows > rl ? int((block_rows - rl + row_lanes - 1) / row_lanes) : 0;
+  const int rvalid = rows < p.items ? rows : p.items;
+  const int svalid = rows - rvalid;
+
+  unsigned round = 0;  // parity and exchange tag (which may wrap)
+  for (int64_t unit = block_group; unit < units; unit += block_groups, ++round) {
+    const int64_t image = p.img_first + unit / p.col_slices;
+    const int col = int(unit % p.col_slices) * cs + cl;
+    const T* ximg = p.x + image * S * C;
+    const int rstep = row_lanes * cv;
+    const V* xv = reinterpret_cast<const V*>(ximg + (row_begin + rl) * C) + col;
+
+    V regs[kMaxItems];
+#pragma unroll
+    for (int q = 0; q < kMaxItems; ++q)
+      if (q < rvalid) regs[q] = load_vector(xv + q * rstep);
+    if constexpr (sizeof(V) == 16) {
+#pragma unroll 1
+      for (int j = 0; j < svalid; ++j) copy_async16(sdata + j * kThreads, xv + (p.items + j) * rstep);
+    }
+
+    // Per-channel moments of this thread's rows: plain sums give local centres c, then the
+    // deviations from them (see chunk_moments).
+    float acc[kVec];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) acc[k] = 0.f;
+    const auto add = [&](const V& v) {
+      float f[kVec];
+      unpack(v, f);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) acc[k] += f[k];
+    };
+#pragma unroll
+    for (int q = 0; q < kMaxItems; ++q)
+      if (q < rvalid) add(regs[q]);
+    if constexpr (sizeof(V) == 16) {
+      if (svalid > 0) copy_async_wait_all();
+    }
+    for (int j = 0; j < svalid; ++j) add(sdata[j * kThreads]);
+    const float inv_n = rows > 0 ? 1.f / float(rows) : 0.f;
+    const int shift_k = deviation_shift(rows);
+    const float h2 = ldexpf(1.f, -2 * shift_k);
+    float c[kVec], s1[kVec], s2[kVec];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      c[k] = acc[k] * inv_n;
+      s1[k] = 0.f;
+      s2[k] = 0.f;
+    }
+    const auto dev = [&](const V& v) {
+      float f[kVec];
+      unpack(v, f);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const float d = f[k] - c[k];
+        s1[k] += d;
+        s2[k] = fmaf(d * d, h2, s2[k]);
+      }
+    };
+#pragma unroll
+    for (int q = 0; q < kMaxItems; ++q)
+      if (q < rvalid) dev(regs[q]);
+    for (int j = 0; j < svalid; ++j) dev(sdata[j * kThreads]);
+
+    // Pivot of each channel: its group's first element in the image (see group_pivot).
+    const int ch0 = col * kVec;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const float pivot = to_float(ximg[((ch0 + k) / cpg) * cpg]);
+      const Moments m = moments_from_sums(rows, c[k], shift_k, s1[k], s2[k], pivot);
+      red[k * kThreads + t] = make_float2(m.mean, m.var);
+    }
+    cnt[t] = rows;
+    __syncthreads();
+    // Tree over the row lanes (lower lane first): partial of column cl ends in slot cl.
+    for (int stride = 1; stride < row_lanes; stride <<= 1) {
+      if (on && rl % (2 * stride) == 0 && rl + stride < row_lanes) {
+        const int o = t + stride * cs;
+        const int na = cnt[t], nb = cnt[o];
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          const float2 a = red[k * kThreads + t], b = red[k * kThreads + o];
+          const Moments m = merge(Moments{a.x, a.y, na}, Moments{b.x, b.y, nb});
+          red[k * kThreads + t] = make_float2(m.mean, m.var);
+        }
+        cnt[t] = na + nb;
+      }
+      __syncthreads();
+    }
+    // Channel j = column * kVec + k of the slice lives at red[k * kThreads + column].
+    const auto slot_of = [&](int j) { return (j % kVec) * kThreads + j / kVec; };
+    int64_t count = block_rows;
+    if (G > 1) {
+      const unsigned tag = round + 1u;
+      TaggedSlot* part = p.slots + size_t(round & 1) * size_t(gridDim.x + block_groups) * chs;
+      TaggedSlot* merged = part + size_t(gridDim.x) * chs + size_t(block_group) * chs;
+      part += size_t(block_group) * G * chs;
+      for (int j = t; j < chs; j += kThreads) {
+        const float2 v = red[slot_of(j)];
+        store_tagged(part[rank * chs + j], v.x, v.y, tag);
+      }
+      __syncthreads();  // red is read above and rewritten below
+      const int64_t slice_rows = p.slice_rows;
+      const auto rows_of = [=](int b) -> int64_t {
+        const int64_t left = S - int64_t(b) * slice_rows;
+        return left < 0 ? 0 : left < slice_rows ? left : slice_rows;
+      };
+      if (G * chs <= kThreads * kBatch) {
+        // One hop: every block merges the G partials of every channel (at most kBatch loads
+        // per thread), in the same order, hence to the same bits.
+        merge_channels<kBatch>(part, chs, G, 0, 1, chs, tag, rows_of, red, slot_of, wsm);
+      } else {
+        // Two hops: block `rank` merges channels rank, rank + G, ... over all its threads and
+        // publishes them; then every block reads the merged values. Every block reading
+        // G x channels slots instead cost 21 us per round on 112x64x512x512 NHWC with G = 249
+        // (H100): 31 dependent loads per thread.
+        const int owned = rank < chs ? (chs - 1 - rank) / G + 1 : 0;
+        if (owned > 0)
+          merge_channels<kBatch>(part, chs, G, rank, G, owned, tag, rows_of, merged, 0, wsm);
+        for (int j = t; j < chs; j += kThreads) {
+          const float2 v = load_tagged(merged[j], tag);
+          red[slot_of(j)] = v;
+        }
+      }
+      count = S;
+      __syncthreads();
+    }
+    // GroupNorm: each group's channels merge in order into the group's first channel's slot.
+    if (cpg > 1) {
+      for (int g = t; g * cpg < chs; g += kThreads) {
+        Moments m;
+        for (int j = g * int(cpg); j < (g + 1) * int(cpg); ++j) {
+          const float2 v = red[slot_of(j)];
+          m = merge(m, Moments{v.x, v.y, count});
+        }
+        red[slot_of(g * int(cpg))] = make_float2(m.mean, m.var);
+      }
+      count *= cpg;
+      __syncthreads();
+    }
+
+    float cen[kVec], scale[kVec], shift[kVec];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const int ch = ch0 + k, g = ch / cpg;
+      const int j = cl * kVec + k;  // channel within the slice, whose groups are whole
+      const float2 v = red[slot_of(int((j / cpg) * cpg))];
+      const float pivot = to_float(ximg[g * cpg]);
+      const Moments m{v.x, v.y, count};
+      const float center = pivot + m.mean;
+      const float residual = (pivot - center) + m.mean;
+      const float var = variance(m);
+      const float rstd = 1.f / sqrtf(var + p.eps);
+      if (rank == 0 && rl == 0 && ch % cpg == 0) {
+        const int64_t plane = image * p.groups + g;
+        if (p.save_mean) p.save_mean[plane] = center + residual;
+        if (p.save_rstd) p.save_rstd[plane] = rstd;
+        if (p.stat_mean) {
+          p.stat_mean[plane] = center + residual;
+          p.stat_var[plane] = var;
+        }
+      }
+      cen[k] = center;
+      scale[k] = p.gamma ? rstd * load_param<T>(p.gamma, p.params_float, ch) : rstd;
+      const float beta = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
+      shift[k] = fmaf(-residual, scale[k], beta);
+    }
+    __syncthreads();  // red is rewritten by the next unit
+
+    V* yv = reinterpret_cast<V*>(p.y + image * S * C + (row_begin + rl) * C) + col;
+    // Row q < items is register q; row items + j is shared-memory row j (dst gets kMaxItems + j).
+    const int items = p.items;
+    const auto dst = [&](int q) {
+      return yv + (q < kMaxItems ? q : items + (q - kMaxItems)) * rstep;
+    };
+    switch (p.activation) {
+      case Activation::kRelu:
+        nhwc_store_rows<Activation::kRelu>(regs, rvalid, sdata, svalid, dst, cen, scale, shift);
+        break;
+      case Activation::kSilu:
+        nhwc_store_rows<Activation::kSilu>(regs, rvalid, sdata, svalid, dst, cen, scale, shift);
+        break;
+      default:
+        nhwc_store_rows<Activation::kNone>(regs, rvalid, sdata, svalid, dst, cen, scale, shift);
         break;
     }
   }
