@@ -550,10 +550,7 @@ TEST(NhwcPlan, CoversEveryShapeWithinLimits) {
             EXPECT_LE(p.slice_rows, p.row_lanes * (p.items + p.smem_items));
             EXPECT_LE(p.items, nhwc_max_items(p.vec));
             EXPECT_EQ(p.cooperative, p.blocks_per_unit > 1);
-            EXPECT_LE(p.grid, int64_t(resident_blocks_per_sm(
-                                  d, kNhwcFusedThreads,
-                                  p.smem_bytes + nhwc_fused_static_smem(p.vec))) *
-                                  d.sm_count);
+            EXPECT_LE(p.grid, int64_t(nhwc_fused_per_sm(d, p.smem_bytes, p.vec)) * d.sm_count);
           }
         }
       }

@@ -177,13 +177,18 @@ inline int64_t choose_group_size(int64_t units, int64_t resident, int64_t lo, in
 /// Shared memory the runtime reserves per block, plus the kernels' static reduction storage.
 constexpr int64_t kSmemPerBlockOverhead = 2048;
 
-inline int resident_blocks_per_sm(const DeviceProps& d, int threads, int64_t smem_bytes = 0) {
+/// What the runtime itself reserves per block (cudaDevAttrReservedSharedMemoryPerBlock: 1 KB on
+/// sm_80 to sm_90); kernels that count their static storage themselves add only this.
+constexpr int64_t kSmemRuntimeReserve = 1024;
+
+inline int resident_blocks_per_sm(const DeviceProps& d, int threads, int64_t smem_bytes = 0,
+                                  int64_t overhead = kSmemPerBlockOverhead) {
   const int by_threads = d.max_threads_per_sm / threads;
   const int by_regs = d.regs_per_sm / (threads * kMaxRegsPerThread);
   const int by_blocks = d.max_blocks_per_sm > 0 ? d.max_blocks_per_sm : by_threads;
   int r = std::min({by_threads, by_regs, by_blocks});
   if (smem_bytes > 0 && d.smem_per_sm > 0)
-    r = std::min<int64_t>(r, d.smem_per_sm / (smem_bytes + kSmemPerBlockOverhead));
+    r = std::min<int64_t>(r, d.smem_per_sm / (smem_bytes + overhead));
   return std::max(0, r);
 }
 
@@ -393,9 +398,15 @@ constexpr int64_t kNhwcMinSliceBytes = 128;
 /// the exchange's loads in flight, on sm_89 and sm_90 (nvcc 13.0).
 constexpr int nhwc_max_items(int vec) { return vec == 1 ? 16 : vec == 4 ? 11 : 8; }
 /// Static shared memory of the on-chip NHWC kernel: each thread's partial (two floats) of each of
-/// its `vec` channels, its row count, and a partial per warp.
+/// its `vec` channels, and a partial per warp.
 constexpr int64_t nhwc_fused_static_smem(int vec) {
-  return int64_t(kNhwcFusedThreads) * (8 * vec + 4) + 16 * (kNhwcFusedThreads / 32);
+  return int64_t(kNhwcFusedThreads) * 8 * vec + 16 * (kNhwcFusedThreads / 32);
+}
+/// Co-resident on-chip NHWC blocks per SM with `smem_bytes` of dynamic shared memory (its
+/// static storage is counted exactly, so only the runtime's reserve is added).
+inline int nhwc_fused_per_sm(const DeviceProps& d, int64_t smem_bytes, int vec) {
+  return resident_blocks_per_sm(d, kNhwcFusedThreads, smem_bytes + nhwc_fused_static_smem(vec),
+                                kSmemRuntimeReserve);
 }
 
 /// A launch plan for NHWC, where each image is an S x C matrix read along C in 16-byte vectors.
@@ -469,7 +480,7 @@ inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const Dev
   if (p.block_groups < 1 || p.grid != p.block_groups * p.blocks_per_unit || p.grid > d.max_grid_x)
     return false;
   if (p.cooperative != (p.blocks_per_unit > 1)) return false;
-  const int per_sm = resident_blocks_per_sm(d, threads, p.smem_bytes + nhwc_fused_static_smem(p.vec));
+  const int per_sm = nhwc_fused_per_sm(d, p.smem_bytes, p.vec);
   if (per_sm < 1) return false;
   if (p.cooperative && (!d.cooperative || p.grid > int64_t(per_sm) * d.sm_count)) return false;
   return true;
@@ -497,12 +508,11 @@ inline bool make_nhwc_fused_plan(const Problem& prob, const DeviceProps& d, cons
   int smem_cap = 0;
   if (use_smem) {
     const int64_t budget = std::min(d.smem_per_block_optin - static_smem,
-                                    d.smem_per_sm / by_regs - kSmemPerBlockOverhead - static_smem);
+                                    d.smem_per_sm / by_regs - kSmemRuntimeReserve - static_smem);
     smem_cap = int(clamp64(budget / (int64_t(threads) * 16), 0, 64));
   }
   const int64_t resident =
-      int64_t(std::max(1, resident_blocks_per_sm(d, threads,
-                                                 int64_t(smem_cap) * threads * 16 + static_smem))) *
+      int64_t(std::max(1, nhwc_fused_per_sm(d, int64_t(smem_cap) * threads * 16, p.vec))) *
       d.sm_count;
   const int64_t total_bytes = prob.n * S * prob.c * prob.elem_bytes;
   // Every slice width that divides the row and keeps GroupNorm groups whole, widest first; the
@@ -555,7 +565,7 @@ inline bool make_nhwc_fused_plan(const Problem& prob, const DeviceProps& d, cons
   p.items = int(std::min<int64_t>(rows_per_thread, max_i));
   p.smem_items = int(rows_per_thread - p.items);
   p.smem_bytes = int64_t(p.smem_items) * threads * 16;
-  const int64_t per_sm = std::max(1, resident_blocks_per_sm(d, threads, p.smem_bytes + static_smem));
+  const int64_t per_sm = std::max(1, nhwc_fused_per_sm(d, p.smem_bytes, p.vec));
   p.block_groups = std::max<int64_t>(
       1, std::min({prob.n * p.col_chunks, per_sm * d.sm_count / best_g, d.max_grid_x / best_g}));
   p.grid = p.block_groups * best_g;

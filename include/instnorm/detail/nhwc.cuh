@@ -378,7 +378,6 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
   using V = Vector<T, kVec>;
   constexpr int kThreads = kNhwcFusedThreads;
   __shared__ float2 red[kVec * kThreads];  // [k][thread]: per-thread partial of channel k
-  __shared__ int cnt[kThreads];            // rows behind each partial
   __shared__ Moments wsm[kThreads / 32];   // merge_channels' per-warp results
   constexpr int kBatch = kVec == 8 ? 4 : 2;  // exchange loads in flight: the most without spills
   extern __shared__ uint4 dyn_smem[];
@@ -471,20 +470,26 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
       const Moments m = moments_from_sums(rows, c[k], shift_k, s1[k], s2[k], pivot);
       red[k * kThreads + t] = make_float2(m.mean, m.var);
     }
-    cnt[t] = rows;
     __syncthreads();
-    // Tree over the row lanes (lower lane first): partial of column cl ends in slot cl.
+    // Tree over the row lanes (lower lane first): partial of column cl ends in slot cl. The
+    // rows behind lanes [a, a + len) are counted, not stored: row i of the block is on lane
+    // i % row_lanes.
+    const int full = int(block_rows / row_lanes), rem = int(block_rows % row_lanes);
+    const auto lanes_rows = [=](int a, int len) {
+      const int extra = rem - a < 0 ? 0 : rem - a < len ? rem - a : len;
+      return int64_t(full) * len + extra;
+    };
     for (int stride = 1; stride < row_lanes; stride <<= 1) {
       if (on && rl % (2 * stride) == 0 && rl + stride < row_lanes) {
         const int o = t + stride * cs;
-        const int na = cnt[t], nb = cnt[o];
+        const int64_t na = lanes_rows(rl, stride);
+        const int64_t nb = lanes_rows(rl + stride, min(stride, row_lanes - rl - stride));
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
           const float2 a = red[k * kThreads + t], b = red[k * kThreads + o];
           const Moments m = merge(Moments{a.x, a.y, na}, Moments{b.x, b.y, nb});
           red[k * kThreads + t] = make_float2(m.mean, m.var);
         }
-        cnt[t] = na + nb;
       }
       __syncthreads();
     }
