@@ -29,10 +29,14 @@ $(grep -hE "PASSED|FAILED" "$out/$2.log" | tr '\n' ' ')"
 }
 san memcheck memcheck "$dev" "$sizes:$features"
 san memcheck memcheck-hostile "$rel" "$hostile"
-san racecheck racecheck "$dev" 'S/GpuSizes.*/49:S/GpuSizes.*/4096:S/GpuSizes.*/65536:S/GpuSizes.*/65537:GpuOptions.GroupNormAffineSilu'
+san racecheck racecheck "$dev" 'S/GpuSizes.*/49:S/GpuSizes.*/4096:S/GpuSizes.*/65536:S/GpuSizes.*/65537:GpuOptions.GroupNormAffineSilu:GpuNhwc.OnChipSlicesAndExchange'
 san synccheck synccheck "$dev" "S/GpuSizes.*/49:S/GpuSizes.*/4096:S/GpuSizes.*/65537:$features"
 san initcheck initcheck "$dev" "S/GpuSizes.*/49:S/GpuSizes.*/4096:S/GpuSizes.*/65537:$features"
 timeout 120 ncu --clock-control none --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
   -k regex:forward_kernel --launch-skip 3 --launch-count 1 \
   build-dev/bench/instnorm_bench --shape=112x64x512x512 --benchmark_filter=instnorm > "$out/ncu.log" 2>&1
 grep -E "dram__bytes|gpu__time" "$out/ncu.log"
+timeout 120 ncu --clock-control none --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
+  -k regex:nhwc_fused --launch-skip 3 --launch-count 1 \
+  build-dev/bench/instnorm_bench --shape=112x64x512x512:cl --benchmark_filter=instnorm > "$out/ncu-nhwc.log" 2>&1
+grep -E "dram__bytes|gpu__time" "$out/ncu-nhwc.log"
