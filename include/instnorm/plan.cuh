@@ -150,6 +150,12 @@ inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return std::min(std:
 /// (44 groups on 264 slots), 4 MB planes on the 4090 G = 21 (126 of 128 SMs) rather than 19
 /// (114). Returns 0 if no G up to `resident` fits. (At most 4096 candidates: the planner stays
 /// O(1) on made-up devices in the fuzz test.)
+/// Block slots kept busy on average when `units` units run on `groups` groups of `g` blocks, the
+/// last round possibly part-full: units * g / rounds (in double: units may be near 2^63).
+inline int64_t busy_slots(int64_t units, int64_t groups, int64_t g) {
+  return int64_t(double(units) * double(g) / double(ceil_div(units, std::max<int64_t>(1, groups))));
+}
+
 /// With `count_tail`, a G is judged by its busy slots averaged over all rounds, so that a last
 /// round with few units counts against it (NHWC: 64 units on 9 groups ran 8 rounds for 7.1 of
 /// work).
@@ -162,7 +168,7 @@ inline int64_t choose_group_size(int64_t units, int64_t resident, int64_t lo, in
   const int64_t hi = std::min({resident, lo + 4096, std::max(2 * lo, want)});
   const auto used = [&](int64_t c) {
     const int64_t groups = std::min(units, resident / c);
-    return count_tail ? units * c / ceil_div(units, groups) : groups * c;
+    return count_tail ? busy_slots(units, groups, c) : groups * c;
   };
   int64_t best = 0;
   for (int64_t c = lo; c <= hi; ++c) best = std::max(best, used(c));
@@ -544,7 +550,7 @@ inline bool make_nhwc_fused_plan(const Problem& prob, const DeviceProps& d, cons
                                         true);
     if (g < 1 || g > slots || ceil_div(ceil_div(S, g), row_lanes) > max_i + smem_cap) continue;
     const int64_t groups = std::min(units, resident / g);
-    cands[ncand++] = Cand{cs, g, units * g / ceil_div(units, groups)};
+    cands[ncand++] = Cand{cs, g, busy_slots(units, groups, g)};
     best_used = std::max(best_used, cands[ncand - 1].used);
   }
   for (int i = 0; i < ncand; ++i)
