@@ -359,6 +359,8 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
   const bool per_channel = affine && p.channels_per_group > 1;
 
   unsigned round = 0;  // only its parity and the exchange tag (which may wrap) use it
+  if (G > 1 && (block_group & 1) != 0 && p.planes > block_groups)
+    wait_for_partner(&p.slots[(block_group - 1) * G + rank].var_word);
   for (int64_t unit = block_group; unit * per_block < p.planes; unit += block_groups, ++round) {
     const int64_t plane = unit * per_block + group;
     const bool active = plane < p.planes;
