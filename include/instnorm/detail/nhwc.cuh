@@ -2,7 +2,11 @@
 /// \file detail/nhwc.cuh
 /// Channels-last (NHWC) kernels. An image is an S x C matrix; a thread owns one column vector
 /// (vec consecutive channels) and walks rows, so every load is a coalesced 16-byte vector along
-/// C. Per batch of images (sized by the planner to stay in L2):
+/// C. Two plans (plan.cuh, NhwcPlan):
+/// - On chip, one kernel (nhwc_fused, at the end of this file): image slices held in registers
+///   and shared memory by G co-resident blocks that exchange per-channel partials; one read.
+/// - Tiled, three kernels per batch of images (sized by the planner to stay in L2), for eval
+///   mode and where nothing fits on chip:
 ///   1. nhwc_partials: each block reduces a tile of rows to one Moments per channel,
 ///   2. nhwc_finalize: one thread per (image, group) merges the tiles and channels of its group
 ///      in a fixed order (bit-identical reruns) into (center, residual, rstd),
