@@ -565,7 +565,7 @@ TEST(NhwcPlan, StandardShapesRunOnChip) {
   Problem prob;
   NhwcPlan p;
   // 64 MB fp32 images are more than the chip holds (~40 MB in 264 blocks): cut into column
-  // slices of at least 64 bytes, each shared by G blocks that fill the GPU.
+  // slices of at least kNhwcMinSliceBytes, each shared by G blocks that fill the GPU.
   ASSERT_EQ(validate(kX, kY, 112, 64, 512 * 512, 4, opt, &prob), Invalid::kOk);
   ASSERT_TRUE(make_nhwc_plan(prob, d, &p));
   EXPECT_TRUE(p.fused);

@@ -219,6 +219,23 @@ inline cudaError_t allow_dynamic_smem(const void* kernel, size_t bytes) {
   return cudaSuccess;
 }
 
+/// Launches `fn(params)` with `dyn_smem` bytes of dynamic shared memory (opted into where it and
+/// the kernel's `static_smem` pass 48 KB). With `slot_bytes` > 0 the blocks wait on each other
+/// through tagged slots at params.slots: those are zeroed first (tags start at 1), and the
+/// launch is cooperative, which guarantees the blocks are co-resident (it fails rather than
+/// deadlocks if they cannot be).
+template <class Params>
+inline cudaError_t launch_kernel(const void* fn, Params& params, dim3 grid, dim3 block,
+                                 size_t dyn_smem, size_t static_smem, size_t slot_bytes,
+                                 cudaStream_t stream) {
+  if (dyn_smem + static_smem > 48 * 1024)
+    INSTNORM_RETURN_IF_ERROR(allow_dynamic_smem(fn, dyn_smem));
+  void* args[] = {&params};
+  if (slot_bytes == 0) return cudaLaunchKernel(fn, grid, block, args, dyn_smem, stream);
+  INSTNORM_RETURN_IF_ERROR(cudaMemsetAsync(params.slots, 0, slot_bytes, stream));
+  return cudaLaunchCooperativeKernel(fn, grid, block, args, dyn_smem, stream);
+}
+
 /// Launches a validated problem with a plan and a workspace of workspace_bytes(plan, prob, opt).
 template <class T>
 inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& opt,
@@ -238,23 +255,11 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
     kp.stat_mean = reinterpret_cast<float*>(bytes + plan_workspace_bytes(plan));
     kp.stat_var = kp.stat_mean + prob.planes;
   }
-  const void* fn = reinterpret_cast<const void*>(kernel);
-  const dim3 grid(static_cast<unsigned>(plan.grid));
-  const dim3 block(static_cast<unsigned>(plan.threads));
-  const size_t smem = size_t(plan.smem_bytes);
-  if (smem > 48 * 1024) INSTNORM_RETURN_IF_ERROR(allow_dynamic_smem(fn, smem));
-  if (!plan.cooperative) {
-    kernel<<<grid, block, smem, stream>>>(kp);
-    INSTNORM_RETURN_IF_ERROR(cudaGetLastError());
-  } else {
-    kp.slots = reinterpret_cast<TaggedSlot*>(bytes);
-    INSTNORM_RETURN_IF_ERROR(
-        cudaMemsetAsync(kp.slots, 0, 2 * size_t(plan.grid) * sizeof(TaggedSlot), stream));
-    // The blocks of a plane wait on each other: a cooperative launch guarantees they are
-    // co-resident (it fails rather than deadlocks if they cannot be).
-    void* args[] = {&kp};
-    INSTNORM_RETURN_IF_ERROR(cudaLaunchCooperativeKernel(fn, grid, block, args, smem, stream));
-  }
+  if (plan.cooperative) kp.slots = reinterpret_cast<TaggedSlot*>(bytes);
+  INSTNORM_RETURN_IF_ERROR(launch_kernel(
+      reinterpret_cast<const void*>(kernel), kp, dim3(static_cast<unsigned>(plan.grid)),
+      dim3(static_cast<unsigned>(plan.threads)), size_t(plan.smem_bytes),
+      sizeof(BlockReduceStorage), plan.cooperative ? plan_workspace_bytes(plan) : 0, stream));
   return kp.stat_mean ? update_running(kp.stat_mean, kp.stat_var, prob, opt, stream) : cudaSuccess;
 }
 
@@ -330,19 +335,10 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
     }
     void (*kernel)(NhwcParams<T>) = full ? nhwc_fused<T, kFull, nhwc_max_items(kFull)>
                                          : nhwc_fused<T, 1, nhwc_max_items(1)>;
-    const void* fn = reinterpret_cast<const void*>(kernel);
-    const size_t smem = size_t(plan.smem_bytes);
-    if (smem + size_t(nhwc_fused_static_smem(plan.vec)) > 48 * 1024)
-      INSTNORM_RETURN_IF_ERROR(allow_dynamic_smem(fn, smem));
-    const dim3 grid(static_cast<unsigned>(plan.grid)), block(kNhwcFusedThreads);
-    if (!plan.cooperative) {
-      kernel<<<grid, block, smem, stream>>>(np);
-      INSTNORM_RETURN_IF_ERROR(cudaGetLastError());
-    } else {
-      INSTNORM_RETURN_IF_ERROR(cudaMemsetAsync(np.slots, 0, nhwc_slot_bytes(plan), stream));
-      void* args[] = {&np};
-      INSTNORM_RETURN_IF_ERROR(cudaLaunchCooperativeKernel(fn, grid, block, args, smem, stream));
-    }
+    INSTNORM_RETURN_IF_ERROR(launch_kernel(
+        reinterpret_cast<const void*>(kernel), np, dim3(static_cast<unsigned>(plan.grid)),
+        dim3(kNhwcFusedThreads), size_t(plan.smem_bytes),
+        size_t(nhwc_fused_static_smem(plan.vec)), nhwc_slot_bytes(plan), stream));
     return np.stat_mean ? update_running(np.stat_mean, np.stat_var, prob, opt, stream)
                         : cudaSuccess;
   }

@@ -289,26 +289,6 @@ __device__ __forceinline__ void nhwc_store_rows(const Vector<T, kVec> (&regs)[kM
   for (int j = 0; j < svalid; ++j) one(smem[j * kNhwcFusedThreads], dst(kMaxItems + j));
 }
 
-using TaggedWord = cuda::atomic_ref<unsigned long long, cuda::thread_scope_device>;
-
-__device__ __forceinline__ void store_tagged(TaggedSlot& slot, float mean, float var,
-                                             unsigned tag) {
-  TaggedWord(slot.mean_word).store(tag_word(mean, tag), cuda::memory_order_relaxed);
-  TaggedWord(slot.var_word).store(tag_word(var, tag), cuda::memory_order_relaxed);
-}
-
-/// Waits until both words of `slot` carry `tag`; returns (mean, var).
-__device__ __forceinline__ float2 load_tagged(TaggedSlot& slot, unsigned tag) {
-  unsigned long long wa = TaggedWord(slot.mean_word).load(cuda::memory_order_relaxed);
-  unsigned long long wb = TaggedWord(slot.var_word).load(cuda::memory_order_relaxed);
-  while (unsigned(wa >> 32) != tag || unsigned(wb >> 32) != tag) {
-    __nanosleep(64);
-    wa = TaggedWord(slot.mean_word).load(cuda::memory_order_relaxed);
-    wb = TaggedWord(slot.var_word).load(cuda::memory_order_relaxed);
-  }
-  return make_float2(__uint_as_float(unsigned(wa)), __uint_as_float(unsigned(wb)));
-}
-
 /// Merges, for `n` channels j = first + i * step (i < n), the G tagged partials
 /// part[b * chs + j] (b = 0..G-1, rows_of(b) values each) in a fixed order: L lanes per channel
 /// (a power of two up to the whole block) take blocks sub, sub + L, ... with kBatch loads in

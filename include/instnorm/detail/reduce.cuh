@@ -77,6 +77,27 @@ __device__ __forceinline__ unsigned long long tag_word(float v, unsigned tag) {
   return (static_cast<unsigned long long>(tag) << 32) | __float_as_uint(v);
 }
 
+using TaggedWord = cuda::atomic_ref<unsigned long long, cuda::thread_scope_device>;
+
+/// Publishes (mean, var) with round `tag` (one relaxed store per word).
+__device__ __forceinline__ void store_tagged(TaggedSlot& slot, float mean, float var,
+                                             unsigned tag) {
+  TaggedWord(slot.mean_word).store(tag_word(mean, tag), cuda::memory_order_relaxed);
+  TaggedWord(slot.var_word).store(tag_word(var, tag), cuda::memory_order_relaxed);
+}
+
+/// Waits until both words of `slot` carry `tag`; returns (mean, var).
+__device__ __forceinline__ float2 load_tagged(TaggedSlot& slot, unsigned tag) {
+  unsigned long long wa = TaggedWord(slot.mean_word).load(cuda::memory_order_relaxed);
+  unsigned long long wb = TaggedWord(slot.var_word).load(cuda::memory_order_relaxed);
+  while (unsigned(wa >> 32) != tag || unsigned(wb >> 32) != tag) {
+    __nanosleep(32);
+    wa = TaggedWord(slot.mean_word).load(cuda::memory_order_relaxed);
+    wb = TaggedWord(slot.var_word).load(cuda::memory_order_relaxed);
+  }
+  return make_float2(__uint_as_float(unsigned(wa)), __uint_as_float(unsigned(wb)));
+}
+
 /// Phase shift of split plans: with two or more rounds, the blocks of an odd group of blocks
 /// start once the block of the same rank in the even group before them has published its first
 /// partial (`word`: a tagged word of that slot, zero until then), so that one group loads while
@@ -88,8 +109,7 @@ __device__ __forceinline__ unsigned long long tag_word(float v, unsigned tag) {
 /// (inlined, it made two sm_89 kernels spill).
 __device__ __noinline__ void wait_for_partner(unsigned long long* word) {
   if (threadIdx.x == 0) {
-    cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> w(*word);
-    while (w.load(cuda::memory_order_relaxed) >> 32 == 0) __nanosleep(256);
+    while (TaggedWord(*word).load(cuda::memory_order_relaxed) >> 32 == 0) __nanosleep(256);
   }
   __syncthreads();
 }
@@ -97,12 +117,7 @@ __device__ __noinline__ void wait_for_partner(unsigned long long* word) {
 /// Block `rank` publishes its partial (thread 0).
 __device__ __forceinline__ void group_publish(const Moments& m, TaggedSlot* slots, int rank,
                                               unsigned tag) {
-  if (threadIdx.x == 0) {
-    cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> a(slots[rank].mean_word);
-    cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> b(slots[rank].var_word);
-    a.store(tag_word(m.mean, tag), cuda::memory_order_relaxed);
-    b.store(tag_word(m.var, tag), cuda::memory_order_relaxed);
-  }
+  if (threadIdx.x == 0) store_tagged(slots[rank], m.mean, m.var, tag);
 }
 
 /// Warp 0 polls the G slots (lane i: slots i, i + 32, ...), merges them in a fixed order and
@@ -115,18 +130,10 @@ __device__ __forceinline__ Moments group_wait(TaggedSlot* slots, int blocks, uns
     const int lane = threadIdx.x;
     Moments v;
     for (int i = lane; i < blocks; i += 32) {
-      cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> a(slots[i].mean_word);
-      cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> b(slots[i].var_word);
-      unsigned long long wa = a.load(cuda::memory_order_relaxed);
-      unsigned long long wb = b.load(cuda::memory_order_relaxed);
-      while (unsigned(wa >> 32) != tag || unsigned(wb >> 32) != tag) {
-        __nanosleep(32);
-        wa = a.load(cuda::memory_order_relaxed);
-        wb = b.load(cuda::memory_order_relaxed);
-      }
+      const float2 w = load_tagged(slots[i], tag);
       Moments q;
-      q.mean = __uint_as_float(unsigned(wa));
-      q.var = __uint_as_float(unsigned(wb));
+      q.mean = w.x;
+      q.var = w.y;
       q.count = count_of(i);
       v = merge(v, q);
     }
