@@ -387,6 +387,15 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
   const int svalid = rows - rvalid;
 
   unsigned round = 0;  // parity and exchange tag (which may wrap)
+  // Phase shift (reduce.cuh): odd groups of blocks start one load phase behind the even ones.
+  // Not in the 16-bit vector kernel on sm_89, where the wait made ptxas spill (128 registers).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 890
+  constexpr bool kPhaseShift = !(sizeof(T) == 2 && kVec == 8);
+#else
+  constexpr bool kPhaseShift = true;
+#endif
+  if (kPhaseShift && G > 1 && (block_group & 1) != 0 && units > block_groups)
+    wait_for_partner_inline(&p.slots[(size_t(block_group - 1) * G + rank) * chs].var_word);
   for (int64_t unit = block_group; unit < units; unit += block_groups, ++round) {
     const int64_t image = p.img_first + unit / p.col_slices;
     const int col = int(unit % p.col_slices) * cs + cl;

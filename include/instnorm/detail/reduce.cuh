@@ -105,13 +105,17 @@ __device__ __forceinline__ float2 load_tagged(TaggedSlot& slot, unsigned tag) {
 /// DRAM idles during each exchange. A fixed 8 us start delay of odd groups took
 /// 16x64x256x256 NHWC from 0.296 to 0.258 ms on the H100. Even groups never wait on odd ones
 /// and all groups are co-resident (cooperative launch), so this cannot deadlock. Called at the
-/// kernel's start by the whole block; not inlined, so that it costs the kernel no registers
-/// (inlined, it made two sm_89 kernels spill).
-__device__ __noinline__ void wait_for_partner(unsigned long long* word) {
+/// kernel's start by the whole block.
+__device__ __forceinline__ void wait_for_partner_inline(unsigned long long* word) {
   if (threadIdx.x == 0) {
     while (TaggedWord(*word).load(cuda::memory_order_relaxed) >> 32 == 0) __nanosleep(256);
   }
   __syncthreads();
+}
+/// The same as a call: costs the NCHW kernel no registers (inlined, it made two sm_89 kernels
+/// spill); in the NHWC kernel the call's stack frame is what spills, so that one inlines it.
+__device__ __noinline__ void wait_for_partner(unsigned long long* word) {
+  wait_for_partner_inline(word);
 }
 
 /// Block `rank` publishes its partial (thread 0).
