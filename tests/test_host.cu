@@ -310,7 +310,18 @@ TEST(Planner, StrategyByPlaneLength) {
   // Staged (scalar) planes: the fewest lanes that hold a plane, so 128 planes per block.
   EXPECT_EQ(p.lanes, 2);
   EXPECT_EQ(p.items, 25);
-  EXPECT_LE(p.threads, kStagedThreads);
+  EXPECT_EQ(p.threads, kStagedThreads);
+  // Two stages of one 128-plane unit; 512 units, one per block of a grid that fits at once.
+  EXPECT_EQ(p.smem_bytes, 2 * staged_stage_bytes(128, 49, 4));
+  EXPECT_EQ(p.smem_bytes, 2 * 25088);
+  EXPECT_EQ(p.grid, 512);
+  // Twice the planes: the persistent grid is what fits (4 blocks per SM), each walking units.
+  ASSERT_TRUE(make_plan(problem(256, 512, 49), d, pol, &p));
+  EXPECT_EQ(p.grid, kStagedBlocksPerSm * d.sm_count);
+  // A plan whose stages do not fit the block's shared memory is refused.
+  Plan bad = p;
+  bad.smem_bytes = 2 * staged_stage_bytes(128, 49, 4) - 16;
+  EXPECT_FALSE(plan_is_valid(bad, problem(256, 512, 49), d));
   ASSERT_TRUE(make_plan(problem(32, 256, 1024), d, pol, &p));
   EXPECT_EQ(p.strategy, Strategy::kSubWarp);
   EXPECT_EQ(p.vec, 4);

@@ -76,9 +76,18 @@ constexpr int64_t kMinFillSplitBytes = int64_t(16) << 20;
 constexpr int kMaxRegsPerThread = 128;
 /// Largest block the kernels are compiled for (__launch_bounds__).
 constexpr int kMaxThreads = 512;
-/// Block size of the staged kernel (sub-warp plans of scalar planes), whose shared buffer holds
-/// 32 values per thread.
+/// Block size of the staged kernel (sub-warp plans of scalar planes: detail/kernel.cuh), its
+/// blocks per SM (__launch_bounds__: 64 registers), and the values per lane it aims for when it
+/// chooses how many lanes share a plane. The planes of a block form one contiguous unit, so
+/// fewer lanes mean larger units: on the H100, 128x512x7x7 fp32 ran at 0.874 of copy with 2
+/// lanes (25 KB units), 0.59 with 4 and 0.52 with 8 (too few bytes in flight per SM).
 constexpr int kStagedThreads = 256;
+constexpr int kStagedBlocksPerSm = 4;
+constexpr int kStagedLaneItems = 32;
+/// Bytes of one stage of the staged kernel's two-stage buffer: its unit, rounded to 16 bytes.
+inline int64_t staged_stage_bytes(int planes_per_unit, int64_t plane_len, int elem_bytes) {
+  return (int64_t(planes_per_unit) * plane_len * elem_bytes + 15) / 16 * 16;
+}
 
 /// sm_90 (H100): chosen by the tuning sweep on the H100 (docs/perf-notes.md, "sm_90 table").
 /// split_threads 256: two blocks per SM, each with 64 KB of registers and ~110 KB of shared
@@ -213,7 +222,12 @@ inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps&
   if (p.grid < 1 || p.grid > d.max_grid_x || p.grid != p.block_groups * p.blocks_per_plane)
     return false;
   if (p.cooperative != (p.blocks_per_plane > 1)) return false;
-  if (p.smem_items < 0 || p.smem_bytes < 0) return false;
+  if (p.smem_items < 0 || p.smem_bytes < 0 || p.smem_bytes > d.smem_per_block_optin) return false;
+  // The staged kernel (scalar sub-warp plans): its block size, and its two stages of one unit.
+  if (p.strategy == Strategy::kSubWarp && p.vec == 1 &&
+      (p.threads != kStagedThreads ||
+       p.smem_bytes < 2 * staged_stage_bytes(p.threads / p.lanes, prob.plane_len, prob.elem_bytes)))
+    return false;
   if (p.smem_items > 0 && (p.strategy != Strategy::kSplit || p.lanes != p.threads ||
                            p.smem_bytes > d.smem_per_block_optin ||
                            p.smem_bytes < int64_t(p.smem_items) * p.threads * p.vec * prob.elem_bytes))
@@ -280,21 +294,33 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
 
   switch (s) {
     case Strategy::kSubWarp: {
-      // Scalar planes go through the staged kernel (threads <= kStagedThreads): there the
-      // fewest lanes that hold a plane (up to 32 values each) give each block the most planes,
-      // hence fewer blocks in one wave: 128x512x7x7 on the H100 0.740 of copy with 2 lanes (128
-      // planes per block, 512 blocks) against 0.633 with 4 (1024 blocks in 1.3 waves); fp16
-      // 0.525 against 0.442.
+      // Scalar planes (not 16-byte aligned: 7x7, 3x3, odd lengths) go through the staged
+      // kernel, whose block moves its planes as one contiguous unit; lanes per plane are chosen
+      // for kStagedLaneItems values each.
       const int sub_threads = ov.threads > 0 ? ov.threads : pol.subwarp_threads;
-      const bool staged = p.vec == 1 && sub_threads <= kStagedThreads;
-      const int aim = staged ? max_i : std::min(pol.subwarp_items, max_i);
+      const bool staged = p.vec == 1;
+      const int aim = staged ? kStagedLaneItems : std::min(pol.subwarp_items, max_i);
       p.lanes = int(clamp64(pow2_ceil(ceil_div(vecs, aim)), 1, 32));
       if (ov.items > 0) p.lanes = int(clamp64(pow2_ceil(ceil_div(vecs, ov.items)), 1, 32));
       p.items = int(std::max<int64_t>(1, ceil_div(vecs, p.lanes)));
-      p.threads = std::max(p.lanes, ov.threads > 0 ? ov.threads : pol.subwarp_threads);
+      p.threads = std::max(p.lanes, staged ? kStagedThreads : sub_threads);
       p.blocks_per_plane = 1;
       p.slice_len = vecs * p.vec;
-      p.block_groups = std::min(ceil_div(prob.planes, p.threads / p.lanes), d.max_grid_x);
+      const int64_t units = ceil_div(prob.planes, p.threads / p.lanes);
+      p.block_groups = std::min(units, d.max_grid_x);
+      if (staged) {
+        // Two stages of one unit (the block's planes) each, so the next unit's copy is in
+        // flight while this one is reduced and stored; a persistent grid of the blocks that
+        // fit walks the units.
+        p.smem_bytes =
+            2 * staged_stage_bytes(p.threads / p.lanes, prob.plane_len, prob.elem_bytes);
+        int bps = std::min(kStagedBlocksPerSm, d.max_threads_per_sm / p.threads);
+        if (d.max_blocks_per_sm > 0) bps = std::min(bps, d.max_blocks_per_sm);
+        if (d.smem_per_sm > 0)
+          bps = int(std::min<int64_t>(bps, d.smem_per_sm / (p.smem_bytes + kSmemRuntimeReserve)));
+        p.blocks_per_sm = bps;
+        p.block_groups = std::min(units, int64_t(std::max(1, bps)) * d.sm_count);
+      }
       break;
     }
     case Strategy::kBlock: {

@@ -248,6 +248,19 @@ __device__ __forceinline__ void copy_async_wait_all() {
   asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 #endif
 }
+/// Closes this thread's group of cp.async copies issued since the last commit.
+__device__ __forceinline__ void copy_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+/// Waits until at most kPending of this thread's committed cp.async groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
 
 /// The part of a slice beyond the registers, held in dynamic shared memory (lanes == block):
 /// each thread owns the slots j * lanes + lane, so no barrier is needed between its writes and
@@ -438,49 +451,95 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
   }
 }
 
-/// Floats the staged kernel's shared buffer holds (kStagedThreads: plan.cuh).
-constexpr int kStagedCapacity = kStagedThreads * 32;
-
-/// Sub-warp plans whose planes are not 16-byte aligned (7x7, 3x3, odd lengths): the block moves
-/// its planes, which are contiguous, between global and shared memory with coalesced loads (16
-/// in flight per thread), and each group of `lanes` threads works on its plane in shared memory.
-/// Loading them in place (lane-strided scalars within each plane) reached 0.44 of copy on
-/// 128x512x7x7 on the H100: every warp instruction touched 8-16 scattered plane fragments.
+/// Copies `n` elements of a staged unit from global to shared memory: 16-byte cp.async copies
+/// (none waited for here) where the unit is 16-byte aligned, and the remainder element by
+/// element; otherwise every element through registers, 8 loads in flight per thread.
 template <class T>
-__global__ void __launch_bounds__(kStagedThreads) staged_kernel(const KernelParams<T> p) {
-  __shared__ float buf[kStagedCapacity];
-  constexpr int kInFlight = 16;
+__device__ __forceinline__ void stage_in(T* dst, const T* src, int n, bool vec_ok) {
+  constexpr int kPer = 16 / int(sizeof(T));
+  int done = 0;
+  if (vec_ok) {
+    const int nv = n / kPer;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) copy_async16(dst + i * kPer, src + i * kPer);
+    done = nv * kPer;
+  }
+  constexpr int kInFlight = 8;
+  for (int base = done; base < n; base += kInFlight * blockDim.x) {
+    T v[kInFlight];
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      const int i = base + k * blockDim.x + threadIdx.x;
+      if (i < n) v[k] = src[i];
+    }
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      const int i = base + k * blockDim.x + threadIdx.x;
+      if (i < n) dst[i] = v[k];
+    }
+  }
+}
+
+/// Sub-warp plans whose planes are not 16-byte aligned (7x7, 3x3, odd lengths). A block's
+/// planes are one contiguous unit: it is copied into shared memory with coalesced (16-byte,
+/// where aligned) copies, each group of `lanes` threads normalizes its plane there in place, and
+/// the unit goes back out the same way. Two stages: the next unit's cp.async copy is in flight
+/// while this one is reduced and stored, and the persistent grid walks the units. Loading planes
+/// in place (lane-strided scalars within each plane) reached 0.44 of copy on 128x512x7x7 on the
+/// H100 (every warp instruction touched 8-16 scattered plane fragments); one unit per block
+/// without the pipeline 0.74 (all blocks loaded, then all stored).
+template <class T>
+__global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
+    staged_kernel(const KernelParams<T> p) {
+  extern __shared__ uint4 dyn_smem[];
   const int lanes = p.lanes;
   const int lane = threadIdx.x % lanes;
   const int group = threadIdx.x / lanes;
   const int per_block = blockDim.x / lanes;
   const int64_t L = p.plane_len;
+  const int64_t units = (p.planes + per_block - 1) / per_block;
   const bool affine = p.gamma != nullptr || p.beta != nullptr;
-  for (int64_t unit = blockIdx.x; unit * per_block < p.planes; unit += gridDim.x) {
+  // Full units are whole multiples of 16 bytes (per_block >= 8 planes of >= 2-byte elements).
+  const bool vec_ok =
+      ((reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.y)) & 15) == 0;
+  // Stage k at stage_bytes * k (plan.cuh's staged_stage_bytes); an array of the two pointers,
+  // indexed at run time, would live in local memory.
+  const int stage_bytes = int((per_block * L * int64_t(sizeof(T)) + 15) / 16 * 16);
+  const auto stage = [&](int k) {
+    return reinterpret_cast<T*>(reinterpret_cast<char*>(dyn_smem) + k * stage_bytes);
+  };
+  const auto unit_elems = [&](int64_t u) {
+    const int64_t first = u * per_block;
+    return int((p.planes - first < per_block ? p.planes - first : per_block) * L);
+  };
+  if (vec_ok && blockIdx.x < units)
+    stage_in(stage(0), p.x + int64_t(blockIdx.x) * per_block * L, unit_elems(blockIdx.x), true);
+  int s = 0;
+  for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x, s ^= 1) {
+    const int64_t next = unit + gridDim.x;
     const int64_t first_plane = unit * per_block;
-    const int64_t nplanes = p.planes - first_plane < per_block ? p.planes - first_plane : per_block;
-    const int n = int(nplanes * L);  // <= lanes * items * per_block <= kStagedCapacity
-    const T* src = p.x + first_plane * L;
-    for (int base = 0; base < n; base += kInFlight * blockDim.x) {
-      float v[kInFlight];
-#pragma unroll
-      for (int k = 0; k < kInFlight; ++k) {
-        const int i = base + k * blockDim.x + threadIdx.x;
-        v[k] = i < n ? to_float(src[i]) : 0.f;
+    const int n = unit_elems(unit);  // <= per_block * L: the plan's stage size
+    T* buf = stage(s);
+    if (vec_ok) {
+      if (next < units) {
+        copy_async_commit();
+        stage_in(stage(s ^ 1), p.x + next * per_block * L, unit_elems(next), true);
+        copy_async_commit();
+        copy_async_wait<1>();
+      } else {
+        copy_async_commit();
+        copy_async_wait<0>();
       }
-#pragma unroll
-      for (int k = 0; k < kInFlight; ++k) {
-        const int i = base + k * blockDim.x + threadIdx.x;
-        if (i < n) buf[i] = v[k];
-      }
+    } else {
+      stage_in(buf, p.x + first_plane * L, n, false);
     }
     __syncthreads();
 
+    const int64_t nplanes = n / L;
     const bool active = group < nplanes;
-    float* xp = buf + (active ? group : 0) * L;
-    const float pivot = active ? xp[0] : 0.f;
+    T* xp = buf + (active ? group : 0) * L;
+    const float pivot = active ? to_float(xp[0]) : 0.f;
     const int mine = active && lane < L ? int((L - lane + lanes - 1) / lanes) : 0;
-    Moments m = local_moments(mine, [&](int k) { return xp[lane + k * lanes] - pivot; });
+    Moments m = local_moments(mine, [&](int k) { return to_float(xp[lane + k * lanes]) - pivot; });
     m = warp_allreduce(m, lanes);  // also orders every lane's pivot read before any write
     if (active) {
       const int64_t plane = first_plane + group;
@@ -497,16 +556,24 @@ __global__ void __launch_bounds__(kStagedThreads) staged_kernel(const KernelPara
             loaded = ch;
           }
         }
-        const float t = fmaf(xp[i] - ep.center, ep.scale, ep.shift);
-        xp[i] = p.activation == Activation::kRelu   ? activate<Activation::kRelu>(t)
-                : p.activation == Activation::kSilu ? activate<Activation::kSilu>(t)
-                                                    : t;
+        const float t = fmaf(to_float(xp[i]) - ep.center, ep.scale, ep.shift);
+        xp[i] = from_float<T>(p.activation == Activation::kRelu   ? activate<Activation::kRelu>(t)
+                              : p.activation == Activation::kSilu ? activate<Activation::kSilu>(t)
+                                                                  : t);
       }
     }
     __syncthreads();
     T* dst = p.y + first_plane * L;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = from_float<T>(buf[i]);
-    __syncthreads();  // the next unit overwrites buf
+    int i0 = 0;
+    if (vec_ok) {
+      constexpr int kPer = 16 / int(sizeof(T));
+      const int nv = n / kPer;
+      for (int i = threadIdx.x; i < nv; i += blockDim.x)
+        reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(buf)[i];
+      i0 = nv * kPer;
+    }
+    for (int i = i0 + threadIdx.x; i < n; i += blockDim.x) dst[i] = buf[i];
+    __syncthreads();  // the next unit's prefetch overwrites this stage
   }
 }
 
