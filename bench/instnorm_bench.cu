@@ -614,7 +614,7 @@ int tune(const Shape& s) {
               t_def, copy / t_def);
   struct Row { Plan plan; double ms; };
   std::vector<Row> rows;
-  for (int strat = 0; strat < 4; ++strat)
+  for (int strat = 0; strat < 5; ++strat)
     for (int threads : {64, 128, 256, 512})
       for (int items : {0, 1, 2, 4, 8, 16, 32})
         for (int gmul : {0, 1, 2, 4}) {

@@ -93,6 +93,17 @@ void sweep_size(int64_t s) {
     ov.strategy = int(Strategy::kBlock);
     run_and_check<T>(1, 5, s, 0.0, ov);
   }
+  // Staged through shared memory (the planner's choice for scalar planes), also for aligned
+  // planes: 1..32 lanes per plane, several units per block.
+  if (s * int64_t(sizeof(T)) <= (int64_t(4) << 10)) {
+    PlanOverride ov;
+    ov.strategy = int(Strategy::kStaged);
+    const int64_t planes = std::max<int64_t>(6, std::min<int64_t>(2000, (int64_t(1) << 23) / s));
+    run_and_check<T>(2, planes / 2, s, 0.0, ov);
+    run_and_check<T>(1, 3, s, 1e3, ov);
+    ov.items = 1;  // the most lanes per plane
+    run_and_check<T>(1, planes - 1, s, 0.0, ov);
+  }
   if (s >= 64) {
     PlanOverride ov;
     ov.strategy = int(Strategy::kSplit);

@@ -267,7 +267,7 @@ TEST_P(PlannerThresholds, PlanIsValidAndCoversThePlane) {
   if (plan.strategy != Strategy::kSplitStream)
     EXPECT_LE(plan.slice_len / plan.vec, int64_t(plan.lanes) * (plan.items + plan.smem_items));
   if (vecs <= 32 * per_thread && prob.planes >= d.sm_count)
-    EXPECT_EQ(plan.strategy, Strategy::kSubWarp);
+    EXPECT_EQ(plan.strategy, plan.vec == 1 ? Strategy::kStaged : Strategy::kSubWarp);
   if (vecs > int64_t(kMaxThreads) * per_thread)
     EXPECT_TRUE(plan.strategy == Strategy::kSplit || plan.strategy == Strategy::kSplitStream);
   if (plan.cooperative) {
@@ -305,7 +305,7 @@ TEST(Planner, StrategyByPlaneLength) {
   const ArchPolicy& pol = kPolicySm90;
   Plan p;
   ASSERT_TRUE(make_plan(problem(128, 512, 49), d, pol, &p));
-  EXPECT_EQ(p.strategy, Strategy::kSubWarp);
+  EXPECT_EQ(p.strategy, Strategy::kStaged);
   EXPECT_EQ(p.vec, 1);  // 49 is not a multiple of 4
   // Staged (scalar) planes: the fewest lanes that hold a plane, so 128 planes per block.
   EXPECT_EQ(p.lanes, 2);

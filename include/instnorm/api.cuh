@@ -241,8 +241,7 @@ template <class T>
 inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& opt,
                           const Plan& plan, void* workspace, cudaStream_t stream) {
   KernelFn<T> kernel = select_kernel<T>(plan.vec, plan.strategy);
-  if (plan.strategy == Strategy::kSubWarp && plan.vec == 1)
-    kernel = staged_kernel<T>;  // unaligned short planes: staged through shared memory
+  if (plan.strategy == Strategy::kStaged) kernel = staged_kernel<T>;
   if (kernel == nullptr) return cudaErrorInvalidConfiguration;
   KernelParams<T> kp = make_params(x, y, prob, opt);
   kp.lanes = plan.lanes;

@@ -18,6 +18,8 @@ enum class Strategy : int {
   kSplit = 2,    ///< G co-resident blocks per plane (cooperative launch), slices in registers,
                  ///< partial moments exchanged through a small workspace: one DRAM read
   kSplitStream = 3,  ///< as kSplit, but slices too large for the chip: streamed twice
+  kStaged = 4,   ///< a block's planes move as one contiguous unit through shared memory,
+                 ///< two units in flight (any alignment; 1..32 lanes per plane)
 };
 
 inline const char* to_string(Strategy s) {
@@ -26,6 +28,7 @@ inline const char* to_string(Strategy s) {
     case Strategy::kBlock: return "block";
     case Strategy::kSplit: return "split";
     case Strategy::kSplitStream: return "split-stream";
+    case Strategy::kStaged: return "staged";
   }
   return "?";
 }
@@ -67,6 +70,7 @@ constexpr int max_items(int vec) { return vec > 1 ? 16 : 32; }
 constexpr int max_stream_items(int vec) { return vec > 1 ? max_items(vec) / 2 : max_items(vec); }
 /// Largest items per thread a strategy's kernel accepts.
 inline int max_items_for(Strategy s, int vec) {
+  if (s == Strategy::kStaged) return 1 << 30;  // values per lane live in shared memory
   return s == Strategy::kSplitStream ? max_stream_items(vec) : max_items(vec);
 }
 /// Problems smaller than this are not split across blocks just to fill the GPU: the cooperative
@@ -223,9 +227,9 @@ inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps&
     return false;
   if (p.cooperative != (p.blocks_per_plane > 1)) return false;
   if (p.smem_items < 0 || p.smem_bytes < 0 || p.smem_bytes > d.smem_per_block_optin) return false;
-  // The staged kernel (scalar sub-warp plans): its block size, and its two stages of one unit.
-  if (p.strategy == Strategy::kSubWarp && p.vec == 1 &&
-      (p.threads != kStagedThreads ||
+  // The staged kernel: its block size, whole planes per block, two stages of one unit.
+  if (p.strategy == Strategy::kStaged &&
+      (p.threads != kStagedThreads || p.vec != 1 || p.blocks_per_plane != 1 || p.lanes > 32 ||
        p.smem_bytes < 2 * staged_stage_bytes(p.threads / p.lanes, prob.plane_len, prob.elem_bytes)))
     return false;
   if (p.smem_items > 0 && (p.strategy != Strategy::kSplit || p.lanes != p.threads ||
@@ -276,7 +280,9 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
   if (ov.strategy >= 0) {
     s = static_cast<Strategy>(ov.strategy);
   } else if (vecs <= warp_cap && !(prob.planes < ceil_div(d.sm_count, 4) && vecs > 4 * 32)) {
-    s = Strategy::kSubWarp;
+    // Scalar planes (not 16-byte aligned: 7x7, 3x3, odd lengths) are staged: the block moves
+    // its planes as one contiguous unit, with 16-byte copies.
+    s = p.vec == 1 ? Strategy::kStaged : Strategy::kSubWarp;
   } else {
     // Few planes leave SMs idle unless each plane is split across blocks (for problems large
     // enough to pay for the cooperative launch).
@@ -294,33 +300,38 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
 
   switch (s) {
     case Strategy::kSubWarp: {
-      // Scalar planes (not 16-byte aligned: 7x7, 3x3, odd lengths) go through the staged
-      // kernel, whose block moves its planes as one contiguous unit; lanes per plane are chosen
-      // for kStagedLaneItems values each.
       const int sub_threads = ov.threads > 0 ? ov.threads : pol.subwarp_threads;
-      const bool staged = p.vec == 1;
-      const int aim = staged ? kStagedLaneItems : std::min(pol.subwarp_items, max_i);
+      const int aim = std::min(pol.subwarp_items, max_i);
       p.lanes = int(clamp64(pow2_ceil(ceil_div(vecs, aim)), 1, 32));
       if (ov.items > 0) p.lanes = int(clamp64(pow2_ceil(ceil_div(vecs, ov.items)), 1, 32));
       p.items = int(std::max<int64_t>(1, ceil_div(vecs, p.lanes)));
-      p.threads = std::max(p.lanes, staged ? kStagedThreads : sub_threads);
+      p.threads = std::max(p.lanes, sub_threads);
       p.blocks_per_plane = 1;
       p.slice_len = vecs * p.vec;
+      p.block_groups = std::min(ceil_div(prob.planes, p.threads / p.lanes), d.max_grid_x);
+      break;
+    }
+    case Strategy::kStaged: {
+      // Lanes per plane for kStagedLaneItems values each: a power of two up to a warp. Two
+      // stages of one unit (the block's planes) each, so the next unit's copy is in flight
+      // while this one is reduced and stored; a persistent grid of the blocks that fit walks
+      // the units. Aligned planes stay in registers (sub-warp and block plans): staged, on the
+      // H100, 4x512x64x64 ran at 0.64 of copy (block plan 0.87), 32x256x32x32 at 0.73 (0.93).
+      p.vec = 1;
+      p.threads = kStagedThreads;
+      const int64_t want = ceil_div(L, ov.items > 0 ? ov.items : kStagedLaneItems);
+      p.lanes = int(clamp64(pow2_ceil(want), 1, 32));
+      p.items = int(std::max<int64_t>(1, ceil_div(L, p.lanes)));
+      p.blocks_per_plane = 1;
+      p.slice_len = L;
       const int64_t units = ceil_div(prob.planes, p.threads / p.lanes);
-      p.block_groups = std::min(units, d.max_grid_x);
-      if (staged) {
-        // Two stages of one unit (the block's planes) each, so the next unit's copy is in
-        // flight while this one is reduced and stored; a persistent grid of the blocks that
-        // fit walks the units.
-        p.smem_bytes =
-            2 * staged_stage_bytes(p.threads / p.lanes, prob.plane_len, prob.elem_bytes);
-        int bps = std::min(kStagedBlocksPerSm, d.max_threads_per_sm / p.threads);
-        if (d.max_blocks_per_sm > 0) bps = std::min(bps, d.max_blocks_per_sm);
-        if (d.smem_per_sm > 0)
-          bps = int(std::min<int64_t>(bps, d.smem_per_sm / (p.smem_bytes + kSmemRuntimeReserve)));
-        p.blocks_per_sm = bps;
-        p.block_groups = std::min(units, int64_t(std::max(1, bps)) * d.sm_count);
-      }
+      p.smem_bytes = 2 * staged_stage_bytes(p.threads / p.lanes, L, prob.elem_bytes);
+      int bps = std::min(kStagedBlocksPerSm, d.max_threads_per_sm / p.threads);
+      if (d.max_blocks_per_sm > 0) bps = std::min(bps, d.max_blocks_per_sm);
+      if (d.smem_per_sm > 0)
+        bps = int(std::min<int64_t>(bps, d.smem_per_sm / (p.smem_bytes + kSmemRuntimeReserve)));
+      p.blocks_per_sm = bps;
+      p.block_groups = std::min({units, int64_t(std::max(1, bps)) * d.sm_count, d.max_grid_x});
       break;
     }
     case Strategy::kBlock: {

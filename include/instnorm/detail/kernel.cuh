@@ -479,9 +479,10 @@ __device__ __forceinline__ void stage_in(T* dst, const T* src, int n, bool vec_o
   }
 }
 
-/// Sub-warp plans whose planes are not 16-byte aligned (7x7, 3x3, odd lengths). A block's
-/// planes are one contiguous unit: it is copied into shared memory with coalesced (16-byte,
-/// where aligned) copies, each group of `lanes` threads normalizes its plane there in place, and
+/// Staged plans (Strategy::kStaged: planes that are not 16-byte aligned, such as 7x7, 3x3 and odd
+/// lengths). A block's planes are one contiguous unit: it is copied into shared memory with
+/// coalesced (16-byte, where aligned) copies, each group of `lanes` threads (up to a warp)
+/// normalizes its plane there in place, and
 /// the unit goes back out the same way. Two stages: the next unit's cp.async copy is in flight
 /// while this one is reduced and stored, and the persistent grid walks the units. Loading planes
 /// in place (lane-strided scalars within each plane) reached 0.44 of copy on 128x512x7x7 on the
