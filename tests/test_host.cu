@@ -562,6 +562,9 @@ TEST(NhwcPlan, CoversEveryShapeWithinLimits) {
             EXPECT_LE(p.items, nhwc_max_items(p.vec));
             EXPECT_EQ(p.cooperative, p.blocks_per_unit > 1);
             EXPECT_LE(p.grid, int64_t(nhwc_fused_per_sm(d, p.smem_bytes, p.vec)) * d.sm_count);
+            // Dynamic shared memory: the slice's pivots, then the shared-memory rows.
+            EXPECT_EQ(p.smem_bytes, int64_t(p.smem_items) * kNhwcFusedThreads * 16 +
+                                        nhwc_pivot_bytes(p.cols_per_block, p.vec));
           }
         }
       }

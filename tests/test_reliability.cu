@@ -411,6 +411,149 @@ TEST(Extreme, EpsZeroBehavesAsPyTorch) {
   for (int64_t i = s; i < 2 * s; ++i) ASSERT_NEAR(hy[static_cast<size_t>(i)], ref[static_cast<size_t>(i)], 1e-5) << i;
 }
 
+// ---------------------------------------------------------------- channels-last (NHWC)
+
+/// NHWC shapes the planner runs on chip with one block per slice, forced onto G = 6 blocks per
+/// slice (the exchange, and its phase shift over several rounds), forced onto the tiled plan,
+/// and GroupNorm (groups of 8 channels) on chip.
+struct NhwcCase {
+  const char* name;
+  int64_t n, c, s, groups;
+  PlanOverride ov;
+};
+
+std::vector<NhwcCase> nhwc_cases() {
+  PlanOverride tiled;
+  tiled.nhwc_fused = 0;
+  PlanOverride shared;
+  shared.nhwc_fused = 1;
+  shared.blocks_per_plane = 6;
+  return {{"on-chip", 2, 64, 1000, 0, {}},
+          {"on-chip-G6", 4, 64, 384, 0, shared},  // 64 rows per block: scalars fit too
+          {"tiled", 2, 64, 1000, 0, tiled},
+          {"groupnorm", 2, 64, 1000, 8, {}}};
+}
+
+Options nhwc_options(int64_t groups) {
+  Options opt;
+  opt.layout = Layout::kNHWC;
+  opt.groups = groups;
+  return opt;
+}
+
+// x and y offset by 1-3 elements from 16-byte alignment, NHWC: every plan stays exact and
+// leaves the elements around y untouched.
+template <class T>
+void nhwc_offsets_case(const NhwcCase& k) {
+  const int64_t total = k.n * k.c * k.s;
+  const Options opt = nhwc_options(k.groups);
+  const auto hx = random_planes<T>(k.n * k.s, k.c, 0.0, 17);  // rows of C values
+  std::vector<double> ref(static_cast<size_t>(total));
+  reference::forward(hx.data(), ref.data(), k.n, k.c, k.s, opt);
+  DeviceBuffer<T> dx(static_cast<size_t>(total + 8)), dy(static_cast<size_t>(total + 8));
+  const int pairs[][2] = {{0, 0}, {1, 1}, {2, 3}, {0, 1}};
+  for (const auto& pr : pairs) {
+    T* x = dx.ptr + pr[0];
+    T* y = dy.ptr + pr[1];
+    CUDA_OK(cudaMemcpy(x, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemset(dy.ptr, 0xff, (total + 8) * sizeof(T)));
+    CUDA_OK(detail::forward_tuned(x, y, k.n, k.c, k.s, opt, k.ov, nullptr, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    std::vector<T> hy(static_cast<size_t>(total));
+    CUDA_OK(cudaMemcpy(hy.data(), y, total * sizeof(T), cudaMemcpyDeviceToHost));
+    const CheckResult r = compare(hy, ref, k.c);
+    EXPECT_TRUE(r.first_bad.empty()) << type_name<T>() << " NHWC " << k.name << " offsets "
+                                     << pr[0] << "," << pr[1] << ": " << r.first_bad;
+    T guard[2];
+    CUDA_OK(cudaMemcpy(&guard[0], y - (pr[1] > 0 ? 1 : 0), sizeof(T), cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(&guard[1], y + total, sizeof(T), cudaMemcpyDeviceToHost));
+    if (pr[1] > 0) EXPECT_TRUE(std::isnan(reference::to_double(guard[0])));
+    EXPECT_TRUE(std::isnan(reference::to_double(guard[1])));
+  }
+}
+
+TEST(Alignment, NhwcOffsetsOf1To3ElementsEveryTypeAndPlan) {
+  REQUIRE_GPU();
+  for (const auto& k : nhwc_cases()) {
+    nhwc_offsets_case<float>(k);
+    nhwc_offsets_case<__half>(k);
+    nhwc_offsets_case<__nv_bfloat16>(k);
+  }
+}
+
+// y == x gives the bits of y != x, NHWC. In place, a block may overwrite the first row of an
+// image (where every channel's pivot lives) while another block of the slice still needs it.
+template <class T>
+void nhwc_in_place_case(const NhwcCase& k) {
+  const int64_t total = k.n * k.c * k.s;
+  const Options opt = nhwc_options(k.groups);
+  const auto hx = random_planes<T>(k.n * k.s, k.c, 3.0, 5);
+  DeviceBuffer<T> a(static_cast<size_t>(total)), b(static_cast<size_t>(total));
+  for (int rep = 0; rep < 3; ++rep) {  // the race, if any, depends on timing: several tries
+    CUDA_OK(cudaMemcpy(a.ptr, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
+    CUDA_OK(detail::forward_tuned(a.ptr, b.ptr, k.n, k.c, k.s, opt, k.ov, nullptr, nullptr));
+    CUDA_OK(detail::forward_tuned(a.ptr, a.ptr, k.n, k.c, k.s, opt, k.ov, nullptr, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    std::vector<T> ha(static_cast<size_t>(total)), hb(static_cast<size_t>(total));
+    CUDA_OK(cudaMemcpy(ha.data(), a.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(hb.data(), b.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
+    ASSERT_EQ(std::memcmp(ha.data(), hb.data(), total * sizeof(T)), 0)
+        << type_name<T>() << " NHWC " << k.name << " try " << rep;
+  }
+}
+
+TEST(Aliasing, NhwcInPlaceEqualsOutOfPlaceForEveryPlan) {
+  REQUIRE_GPU();
+  for (const auto& k : nhwc_cases()) {
+    nhwc_in_place_case<float>(k);
+    nhwc_in_place_case<__half>(k);
+    nhwc_in_place_case<__nv_bfloat16>(k);
+  }
+}
+
+/// NaN or +-Inf in one element of an NHWC image makes every output of its (image, group) NaN;
+/// every other output keeps the bits of the clean call.
+template <class T>
+void nhwc_poison_case(const NhwcCase& k) {
+  const int64_t total = k.n * k.c * k.s, groups = k.groups ? k.groups : k.c;
+  const int64_t cpg = k.c / groups;
+  const Options opt = nhwc_options(k.groups);
+  auto hx = random_planes<T>(k.n * k.s, k.c, 0.0, 8);
+  DeviceBuffer<T> dx(static_cast<size_t>(total)), dy(static_cast<size_t>(total));
+  CUDA_OK(cudaMemcpy(dx.ptr, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
+  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, k.n, k.c, k.s, opt, k.ov, nullptr, nullptr));
+  std::vector<T> clean(static_cast<size_t>(total)), hy(static_cast<size_t>(total));
+  CUDA_OK(cudaMemcpy(clean.data(), dy.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
+  const float poisons[] = {std::nanf(""), INFINITY, -INFINITY};
+  std::vector<bool> poisoned(static_cast<size_t>(k.n * groups), false);
+  for (int i = 0; i < 3; ++i) {
+    const int64_t image = i % k.n, row = (k.s * (i + 1)) / 4, ch = (i * 19 + 3) % k.c;
+    poisoned[static_cast<size_t>(image * groups + ch / cpg)] = true;
+    hx[static_cast<size_t>((image * k.s + row) * k.c + ch)] = to_t<T>(poisons[i]);
+  }
+  CUDA_OK(cudaMemcpy(dx.ptr, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
+  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, k.n, k.c, k.s, opt, k.ov, nullptr, nullptr));
+  CUDA_OK(cudaMemcpy(hy.data(), dy.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
+  for (int64_t i = 0; i < total; ++i) {
+    const int64_t image = i / (k.s * k.c), ch = i % k.c;
+    const double v = reference::to_double(hy[static_cast<size_t>(i)]);
+    if (poisoned[static_cast<size_t>(image * groups + ch / cpg)])
+      ASSERT_TRUE(std::isnan(v)) << type_name<T>() << " NHWC " << k.name << " index " << i;
+    else
+      ASSERT_EQ(std::memcmp(&hy[static_cast<size_t>(i)], &clean[static_cast<size_t>(i)], sizeof(T)), 0)
+          << type_name<T>() << " NHWC " << k.name << " clean index " << i << " changed";
+  }
+}
+
+TEST(Extreme, NhwcNanOrInfPoisonsOnlyItsOwnChannelOrGroup) {
+  REQUIRE_GPU();
+  for (const auto& k : nhwc_cases()) {
+    nhwc_poison_case<float>(k);
+    nhwc_poison_case<__half>(k);
+    nhwc_poison_case<__nv_bfloat16>(k);
+  }
+}
+
 // ---------------------------------------------------------------- concurrency
 
 /// Spins for about `ns` nanoseconds on every SM it lands on: other work on the GPU while the

@@ -440,6 +440,11 @@ constexpr int64_t kNhwcMinSliceBytes = 128;
 /// 128 registers without spilling beside the per-channel sums (4 or 8 channels per thread) and
 /// the exchange's loads in flight, on sm_89 and sm_90 (nvcc 13.0).
 constexpr int nhwc_max_items(int vec) { return vec == 1 ? 16 : vec == 4 ? 11 : 8; }
+/// Dynamic shared memory ahead of the on-chip NHWC kernel's rows: the pivot of each channel of a
+/// slice of `cols` column vectors (rounded to 16 bytes). Kept there, not re-read from x after
+/// the exchange: in place, the block holding an image's first row may already have overwritten
+/// it.
+constexpr int64_t nhwc_pivot_bytes(int64_t cols, int vec) { return (cols * vec * 4 + 15) / 16 * 16; }
 /// Static shared memory of the on-chip NHWC kernel: each thread's partial (two floats) of each of
 /// its `vec` channels, and a partial per warp.
 constexpr int64_t nhwc_fused_static_smem(int vec) {
@@ -513,7 +518,9 @@ inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const Dev
   if (prob.c >= (int64_t(1) << 31) || p.slice_rows * prob.c >= (int64_t(1) << 31))
     return false;  // the kernel's offsets inside a block's rows are 32-bit
   if (p.smem_items > 0 &&
-      (p.vec * prob.elem_bytes != 16 || p.smem_bytes < int64_t(p.smem_items) * threads * 16))
+      (p.vec * prob.elem_bytes != 16))
+    return false;
+  if (p.smem_bytes < int64_t(p.smem_items) * threads * 16 + nhwc_pivot_bytes(p.cols_per_block, p.vec))
     return false;
   if (p.smem_bytes < 0 || p.smem_bytes + nhwc_fused_static_smem(p.vec) > d.smem_per_block_optin)
     return false;
@@ -548,15 +555,13 @@ inline bool make_nhwc_fused_plan(const Problem& prob, const DeviceProps& d, cons
   // the NCHW split plans: the blocks that fit by registers share the SM's shared memory.
   const bool use_smem = (ov.split_smem >= 0 ? ov.split_smem != 0 : pol.split_smem) &&
                         p.vec * prob.elem_bytes == 16;
-  int smem_cap = 0;
-  if (use_smem) {
-    const int64_t budget = std::min(d.smem_per_block_optin - static_smem,
-                                    d.smem_per_sm / by_regs - kSmemRuntimeReserve - static_smem);
-    smem_cap = int(clamp64(budget / (int64_t(threads) * 16), 0, 64));
-  }
-  const int64_t resident =
-      int64_t(std::max(1, nhwc_fused_per_sm(d, int64_t(smem_cap) * threads * 16, p.vec))) *
-      d.sm_count;
+  // Shared-memory rows per thread next to a slice of `cs` columns' pivots.
+  const int64_t budget = std::min(d.smem_per_block_optin - static_smem,
+                                  d.smem_per_sm / by_regs - kSmemRuntimeReserve - static_smem);
+  const auto smem_cap_for = [&](int64_t cs) {
+    if (!use_smem) return 0;
+    return int(clamp64((budget - nhwc_pivot_bytes(cs, p.vec)) / (int64_t(threads) * 16), 0, 64));
+  };
   const int64_t total_bytes = prob.n * S * prob.c * prob.elem_bytes;
   // Every slice width that divides the row and keeps GroupNorm groups whole, widest first; the
   // most busy block slots (within 5%) wins, then the smallest G (G = 1 needs no exchange at
@@ -571,6 +576,12 @@ inline bool make_nhwc_fused_plan(const Problem& prob, const DeviceProps& d, cons
                          : cs < cv && cs * p.vec * prob.elem_bytes < kNhwcMinSliceBytes)
       continue;
     const int64_t row_lanes = threads / cs;
+    const int smem_cap = smem_cap_for(cs);
+    const int64_t resident =
+        int64_t(std::max(1, nhwc_fused_per_sm(d, int64_t(smem_cap) * threads * 16 +
+                                                     nhwc_pivot_bytes(cs, p.vec),
+                                              p.vec))) *
+        d.sm_count;
     const int64_t cap_rows = row_lanes * (max_i + smem_cap);
     const int64_t units = prob.n * (cv / cs);
     const int64_t slots = d.cooperative ? resident : 1;
@@ -607,7 +618,7 @@ inline bool make_nhwc_fused_plan(const Problem& prob, const DeviceProps& d, cons
   p.blocks_per_unit = best_g;
   p.items = int(std::min<int64_t>(rows_per_thread, max_i));
   p.smem_items = int(rows_per_thread - p.items);
-  p.smem_bytes = int64_t(p.smem_items) * threads * 16;
+  p.smem_bytes = int64_t(p.smem_items) * threads * 16 + nhwc_pivot_bytes(best_cs, p.vec);
   const int64_t per_sm = std::max(1, nhwc_fused_per_sm(d, p.smem_bytes, p.vec));
   p.block_groups = std::max<int64_t>(
       1, std::min({prob.n * p.col_chunks, per_sm * d.sm_count / best_g, d.max_grid_x / best_g}));

@@ -365,9 +365,11 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
   __shared__ Moments wsm[kThreads / 32];   // merge_channels' per-warp results
   constexpr int kBatch = kVec == 8 ? 4 : 2;  // exchange loads in flight: the most without spills
   extern __shared__ uint4 dyn_smem[];
-  V* sdata = reinterpret_cast<V*>(dyn_smem) + threadIdx.x;  // this thread's rows: [j * kThreads]
   const int t = threadIdx.x;
   const int cs = p.cols_per_block, row_lanes = p.row_lanes;
+  // Dynamic shared memory: the slice's pivots (plan.cuh's nhwc_pivot_bytes), then the rows.
+  float* pivots = reinterpret_cast<float*>(dyn_smem);
+  V* sdata = reinterpret_cast<V*>(dyn_smem + (cs * kVec + 3) / 4) + t;  // rows: [j * kThreads]
   const int rl = t / cs, cl = t % cs;
   const bool on = rl < row_lanes;
   const int chs = cs * kVec;  // channels of a slice
@@ -388,9 +390,9 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
 
   unsigned round = 0;  // parity and exchange tag (which may wrap)
   // Phase shift (reduce.cuh): odd groups of blocks start one load phase behind the even ones.
-  // Not in the 16-bit vector kernel on sm_89, where the wait made ptxas spill (128 registers).
+  // Not in the vector kernels on sm_89, where the wait made ptxas spill (128 registers).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 890
-  constexpr bool kPhaseShift = !(sizeof(T) == 2 && kVec == 8);
+  constexpr bool kPhaseShift = kVec == 1;
 #else
   constexpr bool kPhaseShift = true;
 #endif
@@ -460,6 +462,7 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const float pivot = to_float(ximg[((ch0 + k) / cpg) * cpg]);
+      if (rl == 0) pivots[cl * kVec + k] = pivot;
       const Moments m = moments_from_sums(rows, c[k], shift_k, s1[k], s2[k], pivot);
       red[k * kThreads + t] = make_float2(m.mean, m.var);
     }
@@ -544,7 +547,9 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
       const int ch = ch0 + k, g = ch / cpg;
       const int j = cl * kVec + k;  // channel within the slice, whose groups are whole
       const float2 v = red[slot_of(int((j / cpg) * cpg))];
-      const float pivot = to_float(ximg[g * cpg]);
+      // As read before the exchange: in place, the block holding the image's first row may
+      // have overwritten it since.
+      const float pivot = pivots[j];
       const Moments m{v.x, v.y, count};
       const float center = pivot + m.mean;
       const float residual = (pivot - center) + m.mean;
