@@ -80,11 +80,12 @@ constexpr int64_t kMinFillSplitBytes = int64_t(16) << 20;
 constexpr int kMaxRegsPerThread = 128;
 /// Largest block the kernels are compiled for (__launch_bounds__).
 constexpr int kMaxThreads = 512;
-/// Block size of the staged kernel (sub-warp plans of scalar planes: detail/kernel.cuh), its
+/// Block size of the staged kernel (Strategy::kStaged: detail/kernel.cuh), its
 /// blocks per SM (__launch_bounds__: 64 registers), and the values per lane it aims for when it
 /// chooses how many lanes share a plane. The planes of a block form one contiguous unit, so
 /// fewer lanes mean larger units: on the H100, 128x512x7x7 fp32 ran at 0.874 of copy with 2
-/// lanes (25 KB units), 0.59 with 4 and 0.52 with 8 (too few bytes in flight per SM).
+/// lanes (25 KB units), 0.74 with 4 and 0.52 with 8 (too few bytes in flight per SM), 0.77 with
+/// 1 (half the blocks per SM).
 constexpr int kStagedThreads = 256;
 constexpr int kStagedBlocksPerSm = 4;
 constexpr int kStagedLaneItems = 32;
@@ -517,9 +518,7 @@ inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const Dev
   if (p.items < 1 || p.items > nhwc_max_items(p.vec) || p.smem_items < 0) return false;
   if (prob.c >= (int64_t(1) << 31) || p.slice_rows * prob.c >= (int64_t(1) << 31))
     return false;  // the kernel's offsets inside a block's rows are 32-bit
-  if (p.smem_items > 0 &&
-      (p.vec * prob.elem_bytes != 16))
-    return false;
+  if (p.smem_items > 0 && p.vec * prob.elem_bytes != 16) return false;
   if (p.smem_bytes < int64_t(p.smem_items) * threads * 16 + nhwc_pivot_bytes(p.cols_per_block, p.vec))
     return false;
   if (p.smem_bytes < 0 || p.smem_bytes + nhwc_fused_static_smem(p.vec) > d.smem_per_block_optin)
