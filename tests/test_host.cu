@@ -322,6 +322,12 @@ TEST(Planner, StrategyByPlaneLength) {
   Plan bad = p;
   bad.smem_bytes = 2 * staged_stage_bytes(128, 49, 4) - 16;
   EXPECT_FALSE(plan_is_valid(bad, problem(256, 512, 49), d));
+  // Forced on planes too long for any shared memory: refused, the stage size saturated (the
+  // fuzzer found 2 * stage bytes overflowing int64 for a 2^62-element plane).
+  PlanOverride staged;
+  staged.strategy = int(Strategy::kStaged);
+  EXPECT_FALSE(make_plan(problem(1, 1, int64_t(1) << 40), d, pol, &p, staged));
+  EXPECT_EQ(staged_stage_bytes(8, int64_t(1) << 62, 2), int64_t(1) << 40);
   ASSERT_TRUE(make_plan(problem(32, 256, 1024), d, pol, &p));
   EXPECT_EQ(p.strategy, Strategy::kSubWarp);
   EXPECT_EQ(p.vec, 4);

@@ -89,9 +89,13 @@ constexpr int kMaxThreads = 512;
 constexpr int kStagedThreads = 256;
 constexpr int kStagedBlocksPerSm = 4;
 constexpr int kStagedLaneItems = 32;
-/// Bytes of one stage of the staged kernel's two-stage buffer: its unit, rounded to 16 bytes.
+/// Bytes of one stage of the staged kernel's two-stage buffer: its unit, rounded to 16 bytes;
+/// saturated at 2^40 (no device's shared memory), so that any plane length stays overflow-free.
 inline int64_t staged_stage_bytes(int planes_per_unit, int64_t plane_len, int elem_bytes) {
-  return (int64_t(planes_per_unit) * plane_len * elem_bytes + 15) / 16 * 16;
+  constexpr int64_t kCap = int64_t(1) << 40;
+  const int64_t per_plane = int64_t(std::max(1, planes_per_unit)) * std::max(1, elem_bytes);
+  if (plane_len > kCap / per_plane) return kCap;
+  return (plane_len * per_plane + 15) / 16 * 16;
 }
 
 /// sm_90 (H100): chosen by the tuning sweep on the H100 (docs/perf-notes.md, "sm_90 table").
@@ -321,8 +325,8 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
       p.vec = 1;
       p.threads = kStagedThreads;
       const int64_t want = ceil_div(L, ov.items > 0 ? ov.items : kStagedLaneItems);
-      p.lanes = int(clamp64(pow2_ceil(want), 1, 32));
-      p.items = int(std::max<int64_t>(1, ceil_div(L, p.lanes)));
+      p.lanes = int(pow2_ceil(clamp64(want, 1, 32)));
+      p.items = int(clamp64(ceil_div(L, p.lanes), 1, int64_t(1) << 30));
       p.blocks_per_plane = 1;
       p.slice_len = L;
       const int64_t units = ceil_div(prob.planes, p.threads / p.lanes);
