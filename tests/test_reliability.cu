@@ -565,20 +565,24 @@ __global__ void busy_kernel(long long ns) {
   }
 }
 
-// 8 host threads, each with its own stream, 1000 calls each over every strategy and all three
-// types (GroupNorm with affine too), while a ninth thread keeps launching spinning kernels on
-// its own stream; each thread's final output must have the bits of a direct call. A watchdog
-// turns a hang into a failure.
-TEST(Concurrency, EightThreadsThousandCallsUnderLoadNoHang) {
+// 10 host threads, each with its own stream, 1000 calls each over every strategy and all three
+// types (GroupNorm with affine too; channels-last on one block per slice and on 16 co-resident
+// blocks per slice), while another thread keeps launching spinning kernels on its own stream;
+// each thread's final output must have the bits of a direct call. A watchdog turns a hang into
+// a failure.
+TEST(Concurrency, TenThreadsThousandCallsUnderLoadNoHang) {
   REQUIRE_GPU();
   struct Case {
     int64_t n, c, s, groups;
     int type;  // 0 fp32, 1 fp16, 2 bf16
+    bool nhwc;
   };
-  const Case cases[] = {{64, 16, 49, 0, 0},      {8, 32, 1024, 0, 1},   {4, 16, 16384, 0, 2},
-                        {2, 8, 262144, 0, 0},    {1, 4, 1 << 20, 0, 1}, {1, 1, 1 << 24, 0, 0},
-                        {2, 64, 4096, 8, 2},     {1, 8, 1 << 20, 2, 0}};
-  constexpr int kThreads = 8, kCalls = 1000;
+  const Case cases[] = {{64, 16, 49, 0, 0, false},   {8, 32, 1024, 0, 1, false},
+                        {4, 16, 16384, 0, 2, false}, {2, 8, 262144, 0, 0, false},
+                        {1, 4, 1 << 20, 0, 1, false}, {1, 1, 1 << 24, 0, 0, false},
+                        {2, 64, 4096, 8, 2, false},  {1, 8, 1 << 20, 2, 0, false},
+                        {4, 64, 4096, 0, 0, true},   {2, 64, 65536, 8, 1, true}};
+  constexpr int kThreads = 10, kCalls = 1000;
   std::vector<float> gamma(64), beta(64);
   for (int i = 0; i < 64; ++i) {
     gamma[static_cast<size_t>(i)] = 1.f + 0.01f * float(i);
@@ -589,6 +593,7 @@ TEST(Concurrency, EightThreadsThousandCallsUnderLoadNoHang) {
   CUDA_OK(cudaMemcpy(db.ptr, beta.data(), 64 * 4, cudaMemcpyHostToDevice));
   auto options_of = [&](const Case& k) {
     Options opt;
+    opt.layout = k.nhwc ? Layout::kNHWC : Layout::kNCHW;
     opt.groups = k.groups;
     if (k.groups) {
       opt.gamma = dg.ptr;
@@ -718,6 +723,48 @@ TEST(Graph, CapturedCallsReplayBitIdenticalForEveryStrategy) {
       CUDA_OK(cudaMemcpy(hb.data(), b.ptr, total * 4, cudaMemcpyDeviceToHost));
       ASSERT_EQ(std::memcmp(ha.data(), hb.data(), total * 4), 0)
           << "S=" << k.s << " workspace " << ws << " replay " << rep;
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(st);
+  }
+}
+
+// Channels-last in a graph: the options call with its stream-ordered workspace (the exchange
+// slots of 16-63 co-resident blocks per slice), captured and replayed 20 times, with the bits of
+// a direct call; on chip with one block per slice and with several, and tiled.
+TEST(Graph, NhwcCapturedCallsReplayBitIdentical) {
+  REQUIRE_GPU();
+  struct Shape {
+    int64_t n, c, s;
+  };
+  for (const Shape& k : {Shape{4, 64, 4096}, Shape{2, 64, 65536}, Shape{1, 32, 1 << 18}}) {
+    const int64_t total = k.n * k.c * k.s;
+    DeviceBuffer<float> dx(static_cast<size_t>(total)), a(static_cast<size_t>(total)),
+        b(static_cast<size_t>(total)), m(static_cast<size_t>(k.n * k.c));
+    fill_hash<<<1024, 256>>>(dx.ptr, total, k.s, 11);
+    Options opt;
+    opt.layout = Layout::kNHWC;
+    opt.save_mean = m.ptr;
+    CUDA_OK(forward(dx.ptr, a.ptr, k.n, k.c, k.s, opt));
+    cudaStream_t st;
+    CUDA_OK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CUDA_OK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    ASSERT_EQ(forward(dx.ptr, b.ptr, k.n, k.c, k.s, opt, st), cudaSuccess);
+    CUDA_OK(cudaStreamEndCapture(st, &graph));
+    CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+    std::vector<float> ha(static_cast<size_t>(total)), hb(static_cast<size_t>(total));
+    CUDA_OK(cudaDeviceSynchronize());
+    CUDA_OK(cudaMemcpy(ha.data(), a.ptr, total * 4, cudaMemcpyDeviceToHost));
+    for (int rep = 0; rep < 20; ++rep) {
+      CUDA_OK(cudaMemsetAsync(b.ptr, 0xff, total * 4, st));
+      CUDA_OK(cudaGraphLaunch(exec, st));
+      CUDA_OK(cudaStreamSynchronize(st));
+      CUDA_OK(cudaMemcpy(hb.data(), b.ptr, total * 4, cudaMemcpyDeviceToHost));
+      ASSERT_EQ(std::memcmp(ha.data(), hb.data(), total * 4), 0)
+          << "NHWC S=" << k.s << " replay " << rep;
     }
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
