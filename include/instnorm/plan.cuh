@@ -205,10 +205,13 @@ constexpr int64_t kSmemPerBlockOverhead = 2048;
 /// sm_80 to sm_90); kernels that count their static storage themselves add only this.
 constexpr int64_t kSmemRuntimeReserve = 1024;
 
+/// Blocks of `threads` threads that fit on one SM by threads, registers (at `regs_per_thread`,
+/// the kernel's bound), the block limit and shared memory.
 inline int resident_blocks_per_sm(const DeviceProps& d, int threads, int64_t smem_bytes = 0,
-                                  int64_t overhead = kSmemPerBlockOverhead) {
+                                  int64_t overhead = kSmemPerBlockOverhead,
+                                  int regs_per_thread = kMaxRegsPerThread) {
   const int by_threads = d.max_threads_per_sm / threads;
-  const int by_regs = d.regs_per_sm / (threads * kMaxRegsPerThread);
+  const int by_regs = d.regs_per_sm / (threads * regs_per_thread);
   const int by_blocks = d.max_blocks_per_sm > 0 ? d.max_blocks_per_sm : by_threads;
   int r = std::min({by_threads, by_regs, by_blocks});
   if (smem_bytes > 0 && d.smem_per_sm > 0)
@@ -331,10 +334,11 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
       p.slice_len = L;
       const int64_t units = ceil_div(prob.planes, p.threads / p.lanes);
       p.smem_bytes = 2 * staged_stage_bytes(p.threads / p.lanes, L, prob.elem_bytes);
-      int bps = std::min(kStagedBlocksPerSm, d.max_threads_per_sm / p.threads);
-      if (d.max_blocks_per_sm > 0) bps = std::min(bps, d.max_blocks_per_sm);
-      if (d.smem_per_sm > 0)
-        bps = int(std::min<int64_t>(bps, d.smem_per_sm / (p.smem_bytes + kSmemRuntimeReserve)));
+      // __launch_bounds__(kStagedThreads, kStagedBlocksPerSm) caps the kernel's registers.
+      const int bps = std::min(
+          kStagedBlocksPerSm,
+          resident_blocks_per_sm(d, p.threads, p.smem_bytes, kSmemRuntimeReserve,
+                                 65536 / (kStagedThreads * kStagedBlocksPerSm)));
       p.blocks_per_sm = bps;
       p.block_groups = std::min({units, int64_t(std::max(1, bps)) * d.sm_count, d.max_grid_x});
       break;
