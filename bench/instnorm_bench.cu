@@ -493,6 +493,49 @@ bool verify(const Shape& s, std::string* why) {
   return true;
 }
 
+#ifdef INSTNORM_TRACE
+/// --trace=1 (builds with INSTNORM_TRACE): one more call after an L2 flush, then per round the
+/// blocks' phase boundaries (detail/trace.cuh) in us from the first block's entry:
+/// min / median / max over the blocks that ran the round.
+void print_trace(const std::function<cudaError_t()>& op, const std::string& name) {
+  using namespace instnorm::detail;
+  constexpr int kAll = kTraceBlocks * kTraceRounds * kTraceStamps;
+  void* addr = nullptr;
+  CHECK_CUDA(cudaGetSymbolAddress(&addr, g_trace));
+  CHECK_CUDA(cudaMemset(addr, 0, kAll * sizeof(unsigned long long)));
+  flush_l2();
+  CHECK_CUDA(op());
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<unsigned long long> t(kAll);
+  CHECK_CUDA(cudaMemcpy(t.data(), addr, t.size() * sizeof(t[0]), cudaMemcpyDeviceToHost));
+  const auto at = [&](int b, int r, int k) { return t[(size_t(b) * kTraceRounds + r) * kTraceStamps + k]; };
+  unsigned long long t0 = ~0ull;
+  for (int b = 0; b < kTraceBlocks; ++b)
+    if (at(b, 0, 0)) t0 = std::min(t0, at(b, 0, 0));
+  if (t0 == ~0ull) {
+    std::printf("trace %s: no stamps (not a traced kernel)\n", name.c_str());
+    return;
+  }
+  std::printf("trace %s (us from the first block's entry; min/median/max over blocks)\n", name.c_str());
+  std::printf("round blocks | start | loaded | reduced | exchanged | stored\n");
+  for (int r = 0; r < kTraceRounds; ++r) {
+    std::vector<double> v[kTraceStamps];
+    for (int b = 0; b < kTraceBlocks; ++b) {
+      if (!at(b, r, 1) || !at(b, r, 5)) continue;
+      for (int k = 1; k < kTraceStamps; ++k) v[k].push_back((double(at(b, r, k)) - double(t0)) * 1e-3);
+    }
+    if (v[1].empty()) continue;
+    std::printf("%5d %6zu", r, v[1].size());
+    for (int k = 1; k < kTraceStamps; ++k) {
+      std::sort(v[k].begin(), v[k].end());
+      std::printf(" | %6.1f %6.1f %6.1f", v[k].front(), v[k][v[k].size() / 2], v[k].back());
+    }
+    std::printf("\n");
+  }
+}
+#endif
+bool g_trace_on = false;
+
 void bm_instnorm(benchmark::State& state, Shape s) {
   use_shape(s);
   Plan plan;
@@ -518,6 +561,9 @@ void bm_instnorm(benchmark::State& state, Shape s) {
     time_loop(state, op, &ms);
   }
   CHECK_CUDA(cudaDeviceSynchronize());
+#ifdef INSTNORM_TRACE
+  if (g_trace_on) print_trace(op, s.name);
+#endif
   std::string why;
   if (!verify(s, &why)) state.SkipWithError(("wrong result: " + why).c_str());
   report_fraction(state, s, ms);
@@ -693,6 +739,10 @@ int main(int argc, char** argv) {
       g_override.nhwc_fused = std::atoi(a.c_str() + 13);
     } else if (a.rfind("--nhwc-cols=", 0) == 0) {  // NHWC on chip: column vectors per slice
       g_override.nhwc_cols = std::atoi(a.c_str() + 12);
+    } else if (a.rfind("--phases=", 0) == 0) {  // split plans: start phases of the groups
+      g_override.phases = std::atoi(a.c_str() + 9);
+    } else if (a.rfind("--trace=", 0) == 0) {  // phase timeline (INSTNORM_TRACE builds)
+      g_trace_on = std::atoi(a.c_str() + 8) != 0;
     } else if (a.rfind("--warm-code=", 0) == 0) {
       g_warm_code = std::atoi(a.c_str() + 12) != 0;
     } else if (a.rfind("--split-smem=", 0) == 0) {  // split slices in shared memory: 0 or 1

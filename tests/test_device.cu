@@ -113,6 +113,12 @@ void sweep_size(int64_t s) {
     // Many planes, so that groups walk several rounds and reuse both buffers of exchange slots.
     const int64_t planes = std::max<int64_t>(6, std::min<int64_t>(600, (int64_t(1) << 23) / s));
     run_and_check<T>(2, planes / 2, s, 0.0, ov);
+    // Start phases: all groups at once, and one chain (group g waits for group g - 1).
+    ov.phases = 1;
+    run_and_check<T>(1, planes - 1, s, 0.0, ov);
+    ov.phases = 1 << 30;
+    run_and_check<T>(1, planes - 1, s, 0.0, ov);
+    ov.phases = 0;
     ov.strategy = int(Strategy::kSplitStream);
     ov.items = 1;
     ov.threads = 64;
@@ -560,6 +566,11 @@ TEST(GpuNhwc, OnChipSlicesAndExchange) {
   nhwc_case<__nv_bfloat16>(1, 8, 300000, 1, false, Activation::kNone, 0, 0.0, nhwc_plan(1));
   nhwc_case<float>(2, 33, 20000, 0, true, Activation::kNone, 0, 0.0, nhwc_plan(1, 11, 60));
   nhwc_case<float>(2, 32, 65536, 0, true, Activation::kNone, 1, 0.0, nhwc_plan(1, 4, 30));
+  PlanOverride chain = nhwc_plan(1, 4, 100);  // 2 groups, 3 rounds, started as one chain
+  chain.phases = 1 << 30;
+  nhwc_case<float>(3, 32, 20000, 0, false, Activation::kNone, 0, 0.0, chain);
+  chain.phases = 1;
+  nhwc_case<__half>(3, 64, 20000, 0, false, Activation::kNone, 0, 0.0, chain);
   nhwc_case<float>(2, 64, 4096, 0, true, Activation::kSilu, 0, 0.0, nhwc_plan(0));
   nhwc_case<__half>(2, 320, 1024, 32, true, Activation::kSilu, 0, 0.0, nhwc_plan(0));
 }

@@ -392,6 +392,30 @@ TEST(Planner, OverridesAreHonouredOrRefused) {
   EXPECT_FALSE(make_plan(prob, d, kPolicySm90, &p, ov));
 }
 
+TEST(Planner, StartPhasesArePowersOfTwo) {
+  const DeviceProps d = sm90();
+  const Problem prob = problem(112, 64, 262144);
+  Plan p;
+  ASSERT_TRUE(make_plan(prob, d, kPolicySm90, &p));
+  EXPECT_EQ(p.phases, 2);  // the default, measured (docs/perf-notes.md)
+  PlanOverride ov;
+  for (int ph : {1, 4, 1 << 30}) {
+    ov.phases = ph;
+    ASSERT_TRUE(make_plan(prob, d, kPolicySm90, &p, ov)) << ph;
+    EXPECT_EQ(p.phases, ph);
+  }
+  ov.phases = 3;  // the kernels test a group's phase with a mask
+  EXPECT_FALSE(make_plan(prob, d, kPolicySm90, &p, ov));
+  NhwcPlan np;
+  ov.phases = 4;
+  ASSERT_TRUE(make_nhwc_plan(problem(16, 64, 65536), d, &np, ov));
+  EXPECT_EQ(np.phases, 4);
+  np.phases = 6;
+  EXPECT_FALSE(nhwc_plan_is_valid(np, problem(16, 64, 65536), d));
+  np.phases = 0;
+  EXPECT_FALSE(nhwc_plan_is_valid(np, problem(16, 64, 65536), d));
+}
+
 TEST(Planner, CooperativePlansFitTheResidentBlocks) {
   DeviceProps d = sm89();
   Plan p;

@@ -249,6 +249,7 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
   kp.smem_items = plan.smem_items;
   kp.blocks_per_plane = plan.blocks_per_plane;
   kp.slice_len = plan.slice_len;
+  kp.phases = plan.phases;
   auto* bytes = static_cast<unsigned char*>(workspace);
   if (updates_running_stats(opt)) {
     kp.stat_mean = reinterpret_cast<float*>(bytes + plan_workspace_bytes(plan));
@@ -326,6 +327,7 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
     np.items = plan.items;
     np.smem_items = plan.smem_items;
     np.blocks_per_unit = int(plan.blocks_per_unit);
+    np.phases = plan.phases;
     auto* bytes = static_cast<unsigned char*>(workspace);
     np.slots = reinterpret_cast<TaggedSlot*>(bytes);
     if (updates_running_stats(opt)) {

@@ -132,6 +132,7 @@ struct PlanOverride {
   int split_smem = -1;           ///< split slices extend into shared memory: -1 table, 0 no, 1 yes
   int nhwc_fused = -1;           ///< NHWC: -1 planner, 0 tiled plan (x read twice), 1 on chip only
   int nhwc_cols = 0;             ///< NHWC on chip: column vectors per image slice
+  int phases = 0;                ///< split plans: start phases of the groups of blocks (0: table)
 };
 
 /// A launch plan.
@@ -150,6 +151,10 @@ struct Plan {
   bool cooperative = false;      ///< blocks wait on each other: cooperative launch
   /// Co-resident blocks per SM this plan assumes (split plans), from registers and threads.
   int blocks_per_sm = 0;
+  /// Split plans with several rounds: group g of blocks starts when group g - 1 has published
+  /// its first partial, unless g is a multiple of `phases`, a power of two (1: every group starts
+  /// at once; 2^30: one chain).
+  int phases = 2;
 };
 
 namespace detail {
@@ -233,7 +238,8 @@ inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps&
   if (p.blocks_per_plane > 1 && p.lanes != p.threads) return false;
   if (p.grid < 1 || p.grid > d.max_grid_x || p.grid != p.block_groups * p.blocks_per_plane)
     return false;
-  if (p.cooperative != (p.blocks_per_plane > 1)) return false;
+  if (p.cooperative != (p.blocks_per_plane > 1) || p.phases < 1 || (p.phases & (p.phases - 1)) != 0)
+    return false;
   if (p.smem_items < 0 || p.smem_bytes < 0 || p.smem_bytes > d.smem_per_block_optin) return false;
   // The staged kernel: its block size, whole planes per block, two stages of one unit.
   if (p.strategy == Strategy::kStaged &&
@@ -427,6 +433,7 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
     }
   }
   p.cooperative = p.blocks_per_plane > 1;
+  if (ov.phases > 0) p.phases = ov.phases;
   p.grid = p.block_groups * p.blocks_per_plane;
   *out = p;
   return plan_is_valid(p, prob, d);
@@ -496,6 +503,7 @@ struct NhwcPlan {
   int64_t block_groups = 0;      ///< groups of G blocks in the grid
   int64_t grid = 0;
   bool cooperative = false;
+  int phases = 2;                ///< as Plan::phases
 };
 
 /// Bytes of a batch that the second read of x expects to find in L2: 0.8 of it, measured on the
@@ -536,7 +544,8 @@ inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const Dev
   if (p.blocks_per_unit < 1 || p.slice_rows * p.blocks_per_unit < prob.spatial) return false;
   if (p.block_groups < 1 || p.grid != p.block_groups * p.blocks_per_unit || p.grid > d.max_grid_x)
     return false;
-  if (p.cooperative != (p.blocks_per_unit > 1)) return false;
+  if (p.cooperative != (p.blocks_per_unit > 1) || p.phases < 1 || (p.phases & (p.phases - 1)) != 0)
+    return false;
   const int per_sm = nhwc_fused_per_sm(d, p.smem_bytes, p.vec);
   if (per_sm < 1) return false;
   if (p.cooperative && (!d.cooperative || p.grid > int64_t(per_sm) * d.sm_count)) return false;
@@ -631,6 +640,7 @@ inline bool make_nhwc_fused_plan(const Problem& prob, const DeviceProps& d, cons
       1, std::min({prob.n * p.col_chunks, per_sm * d.sm_count / best_g, d.max_grid_x / best_g}));
   p.grid = p.block_groups * best_g;
   p.cooperative = best_g > 1;
+  if (ov.phases > 0) p.phases = ov.phases;
   *out = p;
   return nhwc_plan_is_valid(p, prob, d);
 }

@@ -11,6 +11,7 @@
 #include "../plan.cuh"
 #include "convert.cuh"
 #include "reduce.cuh"
+#include "trace.cuh"
 
 namespace instnorm {
 namespace detail {
@@ -43,6 +44,7 @@ struct KernelParams {
   const float* running_var;
   TaggedSlot* slots;           ///< [2][grid] tagged block partials, zeroed per launch
                                ///< (cooperative plans)
+  int phases;                  ///< Plan::phases
 };
 
 template <Activation kAct>
@@ -372,9 +374,10 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
   const bool per_channel = affine && p.channels_per_group > 1;
 
   unsigned round = 0;  // only its parity and the exchange tag (which may wrap) use it
-  if (G > 1 && (block_group & 1) != 0 && p.planes > block_groups)
-    wait_for_partner(&p.slots[(block_group - 1) * G + rank].var_word);
+  trace_stamp(0, 0);
+  if (G > 1 && p.planes > block_groups) wait_for_partner(p.slots, block_group, rank, G, p.phases);
   for (int64_t unit = block_group; unit * per_block < p.planes; unit += block_groups, ++round) {
+    trace_stamp(round, 1);
     const int64_t plane = unit * per_block + group;
     const bool active = plane < p.planes;
     const int64_t begin = int64_t(rank) * p.slice_len;
@@ -417,7 +420,9 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
         m = merge(m, chunk_moments<T, kVec, kMaxItems>(regs, valid, pivot));
       }
     }
-    m = lanes <= 32 ? warp_allreduce(m, lanes) : block_allreduce(m, smem);
+    trace_stamp(round, 2);
+    m = lanes <= 32 ? warp_allreduce_shares(m, len, lanes) : block_allreduce_shares(m, len, smem);
+    trace_stamp(round, 3);
     if (G > 1) {
       TaggedSlot* slots = p.slots + (round & 1) * gridDim.x + block_group * G;
       const unsigned tag = round + 1u;
@@ -430,6 +435,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
                      },
                      smem);
     }
+    trace_stamp(round, 4);
 
     Epilogue<T> ep = plane_epilogue(p, pivot, m, plane, active && rank == 0 && lane == 0);
     if (active) ep.set_channel(p, cc.channel);
@@ -448,7 +454,9 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
                                                     per_channel, channel_base, begin, cc);
         break;
     }
+    trace_stamp(round, 5);
   }
+  trace_flush(round);
 }
 
 /// Copies `n` elements of a staged unit from global to shared memory: 16-byte cp.async copies

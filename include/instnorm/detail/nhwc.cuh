@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "kernel.cuh"
+#include "trace.cuh"
 
 namespace instnorm {
 namespace detail {
@@ -50,6 +51,7 @@ struct NhwcParams {
   int items, smem_items;         ///< rows per thread in registers / in shared memory
   int blocks_per_unit;           ///< G
   TaggedSlot* slots;             ///< [2 parities][grid][channels of a slice] block partials
+  int phases;                    ///< NhwcPlan::phases
 };
 
 template <class T>
@@ -396,9 +398,11 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
 #else
   constexpr bool kPhaseShift = true;
 #endif
-  if (kPhaseShift && G > 1 && (block_group & 1) != 0 && units > block_groups)
+  trace_stamp(0, 0);
+  if (kPhaseShift && G > 1 && (block_group & (p.phases - 1)) != 0 && units > block_groups)
     wait_for_partner_inline(&p.slots[(size_t(block_group - 1) * G + rank) * chs].var_word);
   for (int64_t unit = block_group; unit < units; unit += block_groups, ++round) {
+    trace_stamp(round, 1);
     const int64_t image = p.img_first + unit / p.col_slices;
     const int col = int(unit % p.col_slices) * cs + cl;
     const T* ximg = p.x + image * S * C;
@@ -467,28 +471,37 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
       red[k * kThreads + t] = make_float2(m.mean, m.var);
     }
     __syncthreads();
-    // Tree over the row lanes (lower lane first): partial of column cl ends in slot cl. The
-    // rows behind lanes [a, a + len) are counted, not stored: row i of the block is on lane
-    // i % row_lanes.
-    const int full = int(block_rows / row_lanes), rem = int(block_rows % row_lanes);
-    const auto lanes_rows = [=](int a, int len) {
-      const int extra = rem - a < 0 ? 0 : rem - a < len ? rem - a : len;
-      return int64_t(full) * len + extra;
-    };
-    for (int stride = 1; stride < row_lanes; stride <<= 1) {
-      if (on && rl % (2 * stride) == 0 && rl + stride < row_lanes) {
-        const int o = t + stride * cs;
-        const int64_t na = lanes_rows(rl, stride);
-        const int64_t nb = lanes_rows(rl + stride, min(stride, row_lanes - rl - stride));
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          const float2 a = red[k * kThreads + t], b = red[k * kThreads + o];
-          const Moments m = merge(Moments{a.x, a.y, na}, Moments{b.x, b.y, nb});
-          red[k * kThreads + t] = make_float2(m.mean, m.var);
+    trace_stamp(round, 2);
+    // The row lanes' partials of each (channel k, column) combine by shares of the block's rows
+    // (see warp_allreduce_shares): one thread per pair walks its column's lanes in order, for
+    // the mean and then the variance, and leaves the result in lane 0's slot. Row i of the block
+    // is on lane i % row_lanes. A tree of Chan merges here took 2.5-4 us per round on the H100
+    // (trace, detail/trace.cuh); this walk about 2.3. (Splitting the walk over several threads
+    // per pair made ptxas spill at the kernel's 128 registers.)
+    {
+      const int full = int(block_rows / row_lanes), rem = int(block_rows % row_lanes);
+      const float inv_rows = block_rows > 0 ? 1.f / float(block_rows) : 0.f;
+      const float f_full = float(full) * inv_rows, f_more = float(full + 1) * inv_rows;
+      const auto combine = [&](float2* lane0) {
+        float mean = 0.f, var = 0.f;
+#pragma unroll 1
+        for (int r = 0; r < row_lanes; ++r)
+          mean = fmaf(r < rem ? f_more : f_full, lane0[r * cs].x, mean);
+#pragma unroll 1
+        for (int r = 0; r < row_lanes; ++r) {
+          const float2 v = lane0[r * cs];
+          const float d = v.x - mean;
+          var = fmaf(r < rem ? f_more : f_full, fmaf(d, d, v.y), var);
         }
-      }
+        *lane0 = make_float2(mean, var);
+      };
+      // Pair j = k * cs + column: thread t < chs takes (rl, cl); wider slices loop.
+      if (t < chs) combine(red + rl * kThreads + cl);
+#pragma unroll 1
+      for (int j = t + kThreads; j < chs; j += kThreads) combine(red + (j / cs) * kThreads + j % cs);
       __syncthreads();
     }
+    trace_stamp(round, 3);
     // Channel j = column * kVec + k of the slice lives at red[k * kThreads + column].
     const auto slot_of = [&](int j) { return (j % kVec) * kThreads + j / kVec; };
     int64_t count = block_rows;
@@ -527,6 +540,7 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
       count = S;
       __syncthreads();
     }
+    trace_stamp(round, 4);
     // GroupNorm: each group's channels merge in order into the group's first channel's slot.
     if (cpg > 1) {
       for (int g = t; g * cpg < chs; g += kThreads) {
@@ -588,7 +602,9 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
         nhwc_store_rows<Activation::kNone>(regs, rvalid, sdata, svalid, dst, cen, scale, shift);
         break;
     }
+    trace_stamp(round, 5);
   }
+  trace_flush(round);
 }
 
 }  // namespace detail

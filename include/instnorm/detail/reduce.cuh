@@ -35,12 +35,66 @@ __device__ __forceinline__ Moments warp_allreduce(Moments m, int lanes) {
   return m;
 }
 
-/// Storage of block_allreduce: one partial per warp plus the broadcast slot.
+/// Storage of block_allreduce: one partial per warp plus the broadcast slot, and the warps' sums
+/// of block_allreduce_shares.
 struct BlockReduceStorage {
   Moments warp[32];
   Moments result;
   Moments exchanged;  ///< group_wait's broadcast (apart from result, which threads may still read)
+  float mean_sum[32] = {};
+  float var_sum[32] = {};
 };
+
+/// Sum over aligned groups of `lanes` (a power of two <= 32) lanes of a warp. Both partners of a
+/// step add the same two values and IEEE addition is commutative, so every lane of a group ends
+/// with the same bits. All 32 lanes must call it.
+__device__ __forceinline__ float butterfly_sum(float v, int lanes) {
+  for (int o = 1; o < lanes; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+/// A partial's share of `total` values (0 for an empty one).
+__device__ __forceinline__ float share_of(int64_t count, int64_t total) {
+  return count > 0 ? static_cast<float>(count) / static_cast<float>(total) : 0.f;
+}
+
+/// All-reduce of partials that together hold `total` values (every caller knows it), by their
+/// shares f = count / total instead of pairwise merges: mean = sum(f * mean_i), then var =
+/// sum(f * (var_i + (mean_i - mean)^2)); the same two-level formula as Chan's merge, as two
+/// butterfly sums of one float each. log2(lanes) Chan merges (64-bit counts and a division at
+/// every level) took 2.5-4 us per block reduction on the H100 (trace, detail/trace.cuh). Means
+/// are relative to the caller's pivot, so the weighted sum does not cancel; the shares add up to
+/// 1, so no sum exceeds the largest term (values up to 1e18 stay finite). Empty partials add 0.
+__device__ __forceinline__ Moments warp_allreduce_shares(const Moments& m, int64_t total,
+                                                         int lanes) {
+  const float f = share_of(m.count, total);
+  const float mean = butterfly_sum(f * m.mean, lanes);
+  const float d = m.mean - mean;
+  const float var = butterfly_sum(f * fmaf(d, d, m.var), lanes);
+  return Moments{mean, var, total > 0 ? total : 0};
+}
+
+/// The same over the whole block (blockDim.x a multiple of 32): warp sums, then every thread adds
+/// the warps' sums in order (two barriers, as block_allreduce).
+__device__ __forceinline__ Moments block_allreduce_shares(const Moments& m, int64_t total,
+                                                          BlockReduceStorage& s) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = int(blockDim.x >> 5);
+  const float f = share_of(m.count, total);
+  const float a = butterfly_sum(f * m.mean, 32);
+  if (lane == 0) s.mean_sum[warp] = a;
+  __syncthreads();
+  float mean = 0.f;
+#pragma unroll 1
+  for (int w = 0; w < warps; ++w) mean += s.mean_sum[w];
+  const float d = m.mean - mean;
+  const float b = butterfly_sum(f * fmaf(d, d, m.var), 32);
+  if (lane == 0) s.var_sum[warp] = b;
+  __syncthreads();
+  float var = 0.f;
+#pragma unroll 1
+  for (int w = 0; w < warps; ++w) var += s.var_sum[w];
+  return Moments{mean, var, total > 0 ? total : 0};
+}
 
 /// All-reduce over the whole block (blockDim.x a multiple of 32): warps, then warp 0 over the
 /// warp partials (absent warps are empty partials, which merge exactly), then a broadcast.
@@ -112,10 +166,13 @@ __device__ __forceinline__ void wait_for_partner_inline(unsigned long long* word
   }
   __syncthreads();
 }
-/// The same as a call: costs the NCHW kernel no registers (inlined, it made two sm_89 kernels
-/// spill); in the NHWC kernel the call's stack frame is what spills, so that one inlines it.
-__device__ __noinline__ void wait_for_partner(unsigned long long* word) {
-  wait_for_partner_inline(word);
+/// The NCHW kernel's start: group `block_group` of G-block groups waits for group
+/// block_group - 1 (block `rank`) unless it is a multiple of `phases` (a power of two). A call: costs the NCHW
+/// kernel no registers (inlined, it made two sm_89 kernels spill); in the NHWC kernel the
+/// call's stack frame is what spills, so that one inlines wait_for_partner_inline.
+__device__ __noinline__ void wait_for_partner(TaggedSlot* slots, int block_group, int rank, int G,
+                                              int phases) {
+  if ((block_group & (phases - 1)) != 0) wait_for_partner_inline(&slots[(block_group - 1) * G + rank].var_word);
 }
 
 /// Block `rank` publishes its partial (thread 0).
