@@ -300,7 +300,8 @@ __device__ __forceinline__ void nhwc_store_rows(const Vector<T, kVec> (&regs)[kM
 template <int kBatch, class RowsOf, class Out, class SlotOf>
 __device__ __forceinline__ void merge_channels(TaggedSlot* part, int chs, int G, int first,
                                                int step, int n, unsigned tag, RowsOf rows_of,
-                                               Out* out, SlotOf slot_of, Moments* wsm) {
+                                               int64_t total, Out* out, SlotOf slot_of,
+                                               Moments* wsm) {
   constexpr int kThreads = kNhwcFusedThreads;
   const int t = threadIdx.x;
   int L = kThreads / n < kThreads ? kThreads / n : kThreads;
@@ -334,14 +335,24 @@ __device__ __forceinline__ void merge_channels(TaggedSlot* part, int chs, int G,
                                rows_of(b)});
       }
     }
-    m = warp_allreduce(m, L < 32 ? L : 32);
-    if (L > 32) {
-      if ((t & 31) == 0) wsm[t >> 5] = m;
-      __syncthreads();
-      if (sub == 0)
-        for (int w = 1; w < L / 32; ++w) m = merge(m, wsm[(t >> 5) + w]);
-      __syncthreads();
-    }
+    // Across the lanes by shares of the unit's rows (see warp_allreduce_shares); for L > 32
+    // the channel's warps add their sums in order.
+    const float f = share_of(m.count, total);
+    const int wbase = (t - sub) >> 5;
+    const auto lanes_sum = [&](float v, bool second) {
+      v = butterfly_sum(v, L < 32 ? L : 32);
+      if (L > 32) {
+        if ((t & 31) == 0) (second ? wsm[t >> 5].var : wsm[t >> 5].mean) = v;
+        __syncthreads();
+        v = 0.f;
+        for (int w = 0; w < L / 32; ++w) v += second ? wsm[wbase + w].var : wsm[wbase + w].mean;
+        __syncthreads();
+      }
+      return v;
+    };
+    const float mean = lanes_sum(f * m.mean, false);
+    const float d = m.mean - mean;
+    m = Moments{mean, lanes_sum(f * fmaf(d, d, m.var), true), total};
     if (sub == 0 && i < n) {
       if constexpr (std::is_same<Out, TaggedSlot>::value)
         store_tagged(out[j], m.mean, m.var, tag);
@@ -523,7 +534,7 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
       if (G * chs <= kThreads * kBatch) {
         // One hop: every block merges the G partials of every channel (at most kBatch loads
         // per thread), in the same order, hence to the same bits.
-        merge_channels<kBatch>(part, chs, G, 0, 1, chs, tag, rows_of, red, slot_of, wsm);
+        merge_channels<kBatch>(part, chs, G, 0, 1, chs, tag, rows_of, S, red, slot_of, wsm);
       } else {
         // Two hops: block `rank` merges channels rank, rank + G, ... over all its threads and
         // publishes them; then every block reads the merged values. Every block reading
@@ -531,7 +542,7 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
         // (H100): 31 dependent loads per thread.
         const int owned = rank < chs ? (chs - 1 - rank) / G + 1 : 0;
         if (owned > 0)
-          merge_channels<kBatch>(part, chs, G, rank, G, owned, tag, rows_of, merged, 0, wsm);
+          merge_channels<kBatch>(part, chs, G, rank, G, owned, tag, rows_of, S, merged, 0, wsm);
         for (int j = t; j < chs; j += kThreads) {
           const float2 v = load_tagged(merged[j], tag);
           red[slot_of(j)] = v;
