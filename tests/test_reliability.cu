@@ -204,6 +204,154 @@ TEST(Large, PlaneBeyond2To31ElementsInPlace) {
   EXPECT_EQ(summarize(dx.ptr, 1, s).nans, 0u);
 }
 
+// ---------------------------------------------------------------- 64-bit sizes, NHWC
+
+/// Value i of an NHWC tensor with c channels: uniform in [-1, 1) plus 0.25 * (channel % 5).
+template <class T>
+__global__ void fill_hash_channels(T* x, int64_t total, int64_t c, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    uint64_t z = uint64_t(i) * 0x9e3779b97f4a7c15ull + seed;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    const float u = float(z >> 40) * 0x1p-23f - 1.f;
+    x[i] = detail::from_float<T>(u + 0.25f * float((i % c) % 5));
+  }
+}
+
+/// Float64 sum and sum of squares of each channel of an NHWC tensor (all images pooled), and the
+/// NaN count. The grid's stride is a multiple of c, so a thread stays on one channel.
+template <class T>
+__global__ void channel_sums(const T* y, int64_t total, int64_t c, double* acc,
+                             unsigned long long* nans) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;  // a multiple of c (checked by the caller)
+  const int64_t first = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  double a = 0, b = 0;
+  unsigned long long bad = 0;
+  for (int64_t i = first; i < total; i += stride) {
+    const double v = double(detail::to_float(y[i]));
+    if (v != v) ++bad;
+    a += v;
+    b += v * v;
+  }
+  atomicAdd(&acc[2 * (first % c)], a);
+  atomicAdd(&acc[2 * (first % c) + 1], b);
+  if (bad) atomicAdd(nans, bad);
+}
+
+template <class T>
+PlaneSummary summarize_channels(const T* d, int64_t total, int64_t c) {
+  PlaneSummary r;
+  const int blocks = 4096, threads = 256;
+  EXPECT_EQ((int64_t(blocks) * threads) % c, 0);
+  DeviceBuffer<double> acc(static_cast<size_t>(2 * c));
+  DeviceBuffer<unsigned long long> nans(1);
+  cudaMemset(acc.ptr, 0, 2 * c * sizeof(double));
+  cudaMemset(nans.ptr, 0, sizeof(unsigned long long));
+  channel_sums<T><<<blocks, threads>>>(d, total, c, acc.ptr, nans.ptr);
+  std::vector<double> h(static_cast<size_t>(2 * c));
+  cudaMemcpy(h.data(), acc.ptr, h.size() * sizeof(double), cudaMemcpyDeviceToHost);
+  cudaMemcpy(&r.nans, nans.ptr, sizeof(r.nans), cudaMemcpyDeviceToHost);
+  const double len = double(total / c);
+  for (int64_t j = 0; j < c; ++j) {
+    const double m = h[static_cast<size_t>(2 * j)] / len;
+    r.mean.push_back(m);
+    r.var.push_back(std::max(0.0, h[static_cast<size_t>(2 * j + 1)] / len - m * m));
+  }
+  return r;
+}
+
+/// Elements [first, first + count) of an NHWC y against (x - mean[j]) * rstd[j], j = i % c.
+template <class T>
+void expect_normalized_channels(const T* dx, const T* dy, int64_t first, int64_t count, int64_t c,
+                                const std::vector<double>& mean, const std::vector<double>& rstd,
+                                const char* what) {
+  std::vector<T> hx(static_cast<size_t>(count)), hy(static_cast<size_t>(count));
+  ASSERT_EQ(cudaMemcpy(hx.data(), dx + first, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(hy.data(), dy + first, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int64_t i = 0; i < count; ++i) {
+    const size_t j = static_cast<size_t>((first + i) % c);
+    const double want = (reference::to_double(hx[static_cast<size_t>(i)]) - mean[j]) * rstd[j];
+    const double got = reference::to_double(hy[static_cast<size_t>(i)]);
+    ASSERT_NEAR(got, want, 2 * ulp_of<T>(want) + 1e-4) << what << " element " << first + i;
+  }
+}
+
+// One NHWC image of 2^31 + 2^23 fp16 elements (8 channels of 2^28 + 2^20 rows: too large for
+// the chip, so the tiled plan): every channel comes out with mean 0 and variance 1 (float64
+// sums on the device), the saved statistics match the input's float64 moments, and rows at the
+// start, around element 2^31 and at the end match (x - mean) * rstd.
+TEST(Large, NhwcImageBeyond2To31Elements) {
+  REQUIRE_GPU();
+  using T = __half;
+  const int64_t c = 8, s = (int64_t(1) << 28) + (int64_t(1) << 20), total = c * s;
+  ASSERT_GT(total, int64_t(1) << 31);
+  if (!enough_memory(2 * static_cast<size_t>(total) * sizeof(T))) GTEST_SKIP() << "needs 10 GB of free GPU memory";
+  DeviceBuffer<T> dx(static_cast<size_t>(total)), dy(static_cast<size_t>(total));
+  DeviceBuffer<float> stats(static_cast<size_t>(2 * c));
+  ASSERT_NE(dx.ptr, nullptr);
+  ASSERT_NE(dy.ptr, nullptr);
+  fill_hash_channels<<<4096, 256>>>(dx.ptr, total, c, 3);
+  CUDA_OK(cudaMemset(dy.ptr, 0xff, total * sizeof(T)));
+  Options opt;
+  opt.layout = Layout::kNHWC;
+  opt.save_mean = stats.ptr;
+  opt.save_rstd = stats.ptr + c;
+  CUDA_OK(forward(dx.ptr, dy.ptr, 1, c, s, opt));
+  CUDA_OK(cudaDeviceSynchronize());
+  const auto in = summarize_channels(dx.ptr, total, c), out = summarize_channels(dy.ptr, total, c);
+  EXPECT_EQ(out.nans, 0u) << "elements left unwritten (or NaN)";
+  std::vector<float> h(static_cast<size_t>(2 * c));
+  CUDA_OK(cudaMemcpy(h.data(), stats.ptr, h.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  std::vector<double> rstd;
+  for (int64_t j = 0; j < c; ++j) {
+    const size_t u = static_cast<size_t>(j);
+    rstd.push_back(1 / std::sqrt(in.var[u] + 1e-5));
+    EXPECT_NEAR(out.mean[u], 0.0, 1e-3) << "channel " << j;
+    EXPECT_NEAR(out.var[u], 1.0, 2e-3) << "channel " << j;
+    EXPECT_NEAR(h[u], in.mean[u], 1e-5) << "saved mean, channel " << j;
+    EXPECT_NEAR(h[static_cast<size_t>(c) + u], rstd[u], 1e-5 * rstd[u]) << "saved rstd, channel " << j;
+  }
+  const int64_t edge = int64_t(1) << 31;
+  expect_normalized_channels(dx.ptr, dy.ptr, 0, 1 << 16, c, in.mean, rstd, "start");
+  expect_normalized_channels(dx.ptr, dy.ptr, edge - (1 << 16), 1 << 17, c, in.mean, rstd, "around 2^31");
+  expect_normalized_channels(dx.ptr, dy.ptr, total - (1 << 16), 1 << 16, c, in.mean, rstd, "end");
+}
+
+// 2049 NHWC images of 64 channels x 16384 rows (2^31 + 2^20 fp16 elements; the on-chip plan):
+// no element left unwritten, each pooled channel at mean 0 and variance 1, and three images
+// element by element against their own float64 channel moments.
+TEST(Large, NhwcTensorBeyond2To31Elements) {
+  REQUIRE_GPU();
+  using T = __half;
+  const int64_t n = 2049, c = 64, s = 16384, img = c * s, total = n * img;
+  ASSERT_GT(total, int64_t(1) << 31);
+  if (!enough_memory(2 * static_cast<size_t>(total) * sizeof(T))) GTEST_SKIP() << "needs 10 GB of free GPU memory";
+  DeviceBuffer<T> dx(static_cast<size_t>(total)), dy(static_cast<size_t>(total));
+  ASSERT_NE(dx.ptr, nullptr);
+  ASSERT_NE(dy.ptr, nullptr);
+  fill_hash_channels<<<4096, 256>>>(dx.ptr, total, c, 4);
+  CUDA_OK(cudaMemset(dy.ptr, 0xff, total * sizeof(T)));
+  Options opt;
+  opt.layout = Layout::kNHWC;
+  CUDA_OK(forward(dx.ptr, dy.ptr, n, c, s, opt));
+  CUDA_OK(cudaDeviceSynchronize());
+  const auto out = summarize_channels(dy.ptr, total, c);
+  EXPECT_EQ(out.nans, 0u) << "elements left unwritten (or NaN)";
+  for (int64_t j = 0; j < c; ++j) {
+    EXPECT_NEAR(out.mean[static_cast<size_t>(j)], 0.0, 1e-3) << "channel " << j;
+    EXPECT_NEAR(out.var[static_cast<size_t>(j)], 1.0, 2e-3) << "channel " << j;
+  }
+  for (int64_t i : {int64_t(0), int64_t(1024), n - 1}) {
+    const auto one = summarize_channels(dx.ptr + i * img, img, c);
+    std::vector<double> rstd;
+    for (double v : one.var) rstd.push_back(1 / std::sqrt(v + 1e-5));
+    expect_normalized_channels(dx.ptr + i * img, dy.ptr + i * img, 0, img, c, one.mean, rstd,
+                               i == 0 ? "image 0" : i == 1024 ? "image 1024" : "last image");
+  }
+}
+
 // ---------------------------------------------------------------- strategies
 
 /// A shape that the planner (or a forced plan) runs with each strategy.
@@ -544,6 +692,33 @@ void nhwc_poison_case(const NhwcCase& k) {
     else
       ASSERT_EQ(std::memcmp(&hy[static_cast<size_t>(i)], &clean[static_cast<size_t>(i)], sizeof(T)), 0)
           << type_name<T>() << " NHWC " << k.name << " clean index " << i << " changed";
+  }
+}
+
+/// NCHW planes (n x c planes of s values) laid out as NHWC images: (i, j, r) at (i*s + r)*c + j.
+template <class T>
+std::vector<T> nhwc_of(const std::vector<T>& planes, int64_t n, int64_t c, int64_t s) {
+  std::vector<T> h(planes.size());
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < c; ++j)
+      for (int64_t r = 0; r < s; ++r)
+        h[static_cast<size_t>((i * s + r) * c + j)] = planes[static_cast<size_t>((i * c + j) * s + r)];
+  return h;
+}
+
+// NHWC with values up to +-1e18 (squares near fp32's limit) and channels whose mean is 1e6 of
+// their std: finite statistics within fp32's 1e-6 of the float64 reference on every plan (the
+// on-chip kernel's row-lane sums and exchange, the tiled kernels' merges), bit-identical reruns.
+TEST(Extreme, NhwcFp32ValuesOf1e18AndMeanOf1e6TimesStdEveryPlan) {
+  REQUIRE_GPU();
+  for (const auto& k : nhwc_cases()) {
+    SCOPED_TRACE(k.name);
+    const Options opt = nhwc_options(k.groups);
+    check_input<float>(uniform_planes<float>(k.n * k.s, k.c, -1e18, 1e18, 3), k.n, k.c, k.s, k.ov, opt);
+    check_input<float>(uniform_planes<float>(k.n * k.s, k.c, 5e17, 1e18, 4), k.n, k.c, k.s, k.ov, opt);
+    if (k.groups == 0)  // one plane per (image, channel): each at +-1e6 std
+      check_input<float>(nhwc_of(random_planes<float>(k.n * k.c, k.s, 1e6, 9), k.n, k.c, k.s),
+                         k.n, k.c, k.s, k.ov, opt);
   }
 }
 
