@@ -497,7 +497,7 @@ bool verify(const Shape& s, std::string* why) {
 /// --trace=1 (builds with INSTNORM_TRACE): one more call after an L2 flush, then per round the
 /// blocks' phase boundaries (detail/trace.cuh) in us from the first block's entry:
 /// min / median / max over the blocks that ran the round.
-void print_trace(const std::function<cudaError_t()>& op, const std::string& name) {
+void print_trace(const std::function<cudaError_t()>& op, const std::string& name, int64_t G) {
   using namespace instnorm::detail;
   constexpr int kAll = kTraceBlocks * kTraceRounds * kTraceStamps;
   void* addr = nullptr;
@@ -517,7 +517,9 @@ void print_trace(const std::function<cudaError_t()>& op, const std::string& name
     return;
   }
   std::printf("trace %s (us from the first block's entry; min/median/max over blocks)\n", name.c_str());
-  std::printf("round blocks | start | loaded | reduced | exchanged | stored\n");
+  std::printf("round blocks | start | loaded | reduced | exchanged | stored || skew | exchange"
+              " (G = %lld: per group, last minus first block reduced, and first block done with"
+              " the exchange minus last reduced; medians over groups)\n", (long long)G);
   for (int r = 0; r < kTraceRounds; ++r) {
     std::vector<double> v[kTraceStamps];
     for (int b = 0; b < kTraceBlocks; ++b) {
@@ -529,6 +531,29 @@ void print_trace(const std::function<cudaError_t()>& op, const std::string& name
     for (int k = 1; k < kTraceStamps; ++k) {
       std::sort(v[k].begin(), v[k].end());
       std::printf(" | %6.1f %6.1f %6.1f", v[k].front(), v[k][v[k].size() / 2], v[k].back());
+    }
+    // Groups of G consecutive blocks: how far apart their blocks arrive, and how long the
+    // exchange takes once the last one has.
+    std::vector<double> skew, wait;
+    for (int64_t g0 = 0; G > 1 && g0 + G <= kTraceBlocks; g0 += G) {
+      double rmin = 1e300, rmax = -1e300, xmin = 1e300;
+      bool ok = true;
+      for (int64_t b = g0; b < g0 + G; ++b) {
+        if (!at(int(b), r, 3) || !at(int(b), r, 4)) { ok = false; break; }
+        const double rd = (double(at(int(b), r, 3)) - double(t0)) * 1e-3;
+        const double xd = (double(at(int(b), r, 4)) - double(t0)) * 1e-3;
+        rmin = std::min(rmin, rd);
+        rmax = std::max(rmax, rd);
+        xmin = std::min(xmin, xd);
+      }
+      if (!ok) continue;
+      skew.push_back(rmax - rmin);
+      wait.push_back(xmin - rmax);
+    }
+    if (!skew.empty()) {
+      std::sort(skew.begin(), skew.end());
+      std::sort(wait.begin(), wait.end());
+      std::printf(" || %5.1f | %5.1f", skew[skew.size() / 2], wait[wait.size() / 2]);
     }
     std::printf("\n");
   }
@@ -562,7 +587,7 @@ void bm_instnorm(benchmark::State& state, Shape s) {
   }
   CHECK_CUDA(cudaDeviceSynchronize());
 #ifdef INSTNORM_TRACE
-  if (g_trace_on) print_trace(op, s.name);
+  if (g_trace_on) print_trace(op, s.name, s.nhwc ? nplan.blocks_per_unit : plan.blocks_per_plane);
 #endif
   std::string why;
   if (!verify(s, &why)) state.SkipWithError(("wrong result: " + why).c_str());
