@@ -38,18 +38,24 @@ TEST(Aliasing, PartialOverlapIsRefusedBeforeAnyCudaCall) {
 
 // ---------------------------------------------------------------- device-side helpers
 
-/// Deterministic pseudo-random values in [-1, 1) (a 64-bit mix of the index), plus a per-plane
-/// offset, written on the device: the large tests would spend minutes generating on the host.
+/// Deterministic pseudo-random value in [-1, 1) for index i (a 64-bit mix of it).
+__device__ __forceinline__ float hash_unit(int64_t i, uint64_t seed) {
+  uint64_t z = uint64_t(i) * 0x9e3779b97f4a7c15ull + seed;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return float(z >> 40) * 0x1p-23f - 1.f;
+}
+
+/// hash_unit values written on the device (the large tests would spend minutes generating on
+/// the host), plus 0.25 * (i / len % 7): with len the plane length, an offset per NCHW plane;
+/// with `channels` > 0, 0.25 * (i % channels % 7) instead: an offset per NHWC channel.
 template <class T>
-__global__ void fill_hash(T* x, int64_t total, int64_t len, uint64_t seed) {
+__global__ void fill_hash(T* x, int64_t total, int64_t len, uint64_t seed, int64_t channels = 0) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    uint64_t z = uint64_t(i) * 0x9e3779b97f4a7c15ull + seed;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    const float u = float(z >> 40) * 0x1p-23f - 1.f;  // [-1, 1)
-    x[i] = detail::from_float<T>(u + 0.25f * float((i / len) % 7));
+    const int64_t k = channels > 0 ? i % channels : i / len;
+    x[i] = detail::from_float<T>(hash_unit(i, seed) + 0.25f * float(k % 7));
   }
 }
 
@@ -206,20 +212,6 @@ TEST(Large, PlaneBeyond2To31ElementsInPlace) {
 
 // ---------------------------------------------------------------- 64-bit sizes, NHWC
 
-/// Value i of an NHWC tensor with c channels: uniform in [-1, 1) plus 0.25 * (channel % 5).
-template <class T>
-__global__ void fill_hash_channels(T* x, int64_t total, int64_t c, uint64_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    uint64_t z = uint64_t(i) * 0x9e3779b97f4a7c15ull + seed;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    const float u = float(z >> 40) * 0x1p-23f - 1.f;
-    x[i] = detail::from_float<T>(u + 0.25f * float((i % c) % 5));
-  }
-}
-
 /// Float64 sum and sum of squares of each channel of an NHWC tensor (all images pooled), and the
 /// NaN count. The grid's stride is a multiple of c, so a thread stays on one channel.
 template <class T>
@@ -292,7 +284,7 @@ TEST(Large, NhwcImageBeyond2To31Elements) {
   DeviceBuffer<float> stats(static_cast<size_t>(2 * c));
   ASSERT_NE(dx.ptr, nullptr);
   ASSERT_NE(dy.ptr, nullptr);
-  fill_hash_channels<<<4096, 256>>>(dx.ptr, total, c, 3);
+  fill_hash<<<4096, 256>>>(dx.ptr, total, 1, 3, c);
   CUDA_OK(cudaMemset(dy.ptr, 0xff, total * sizeof(T)));
   Options opt;
   opt.layout = Layout::kNHWC;
@@ -331,7 +323,7 @@ TEST(Large, NhwcTensorBeyond2To31Elements) {
   DeviceBuffer<T> dx(static_cast<size_t>(total)), dy(static_cast<size_t>(total));
   ASSERT_NE(dx.ptr, nullptr);
   ASSERT_NE(dy.ptr, nullptr);
-  fill_hash_channels<<<4096, 256>>>(dx.ptr, total, c, 4);
+  fill_hash<<<4096, 256>>>(dx.ptr, total, 1, 4, c);
   CUDA_OK(cudaMemset(dy.ptr, 0xff, total * sizeof(T)));
   Options opt;
   opt.layout = Layout::kNHWC;
