@@ -402,7 +402,8 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
   const int svalid = rows - rvalid;
 
   unsigned round = 0;  // parity and exchange tag (which may wrap)
-  // Phase shift (reduce.cuh): odd groups of blocks start one load phase behind the even ones.
+  // Phase shift (reduce.cuh): with the default two phases, odd groups of blocks start one load
+  // phase behind the even ones.
   // Not in the vector kernels on sm_89, where the wait made ptxas spill (128 registers).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 890
   constexpr bool kPhaseShift = kVec == 1;

@@ -35,14 +35,12 @@ __device__ __forceinline__ Moments warp_allreduce(Moments m, int lanes) {
   return m;
 }
 
-/// Storage of block_allreduce: one partial per warp plus the broadcast slot, and the warps' sums
-/// of block_allreduce_shares.
+/// Shared storage of a block's reductions: the warps' sums of block_allreduce_shares and
+/// group_wait's broadcast.
 struct BlockReduceStorage {
-  Moments warp[32];
-  Moments result;
-  Moments exchanged;  ///< group_wait's broadcast (apart from result, which threads may still read)
   float mean_sum[32] = {};
   float var_sum[32] = {};
+  Moments exchanged;
 };
 
 /// Sum over aligned groups of `lanes` (a power of two <= 32) lanes of a warp. Both partners of a
@@ -75,7 +73,7 @@ __device__ __forceinline__ Moments warp_allreduce_shares(const Moments& m, int64
 }
 
 /// The same over the whole block (blockDim.x a multiple of 32): warp sums, then every thread adds
-/// the warps' sums in order (two barriers, as block_allreduce).
+/// the warps' sums in order (two barriers).
 __device__ __forceinline__ Moments block_allreduce_shares(const Moments& m, int64_t total,
                                                           BlockReduceStorage& s) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = int(blockDim.x >> 5);
@@ -94,22 +92,6 @@ __device__ __forceinline__ Moments block_allreduce_shares(const Moments& m, int6
 #pragma unroll 1
   for (int w = 0; w < warps; ++w) var += s.var_sum[w];
   return Moments{mean, var, total > 0 ? total : 0};
-}
-
-/// All-reduce over the whole block (blockDim.x a multiple of 32): warps, then warp 0 over the
-/// warp partials (absent warps are empty partials, which merge exactly), then a broadcast.
-__device__ __forceinline__ Moments block_allreduce(Moments m, BlockReduceStorage& s) {
-  m = warp_allreduce(m, 32);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane == 0) s.warp[warp] = m;
-  __syncthreads();
-  if (warp == 0) {
-    Moments v = lane < int(blockDim.x >> 5) ? s.warp[lane] : Moments{};
-    v = warp_allreduce(v, 32);
-    if (lane == 0) s.result = v;
-  }
-  __syncthreads();
-  return s.result;
 }
 
 /// Exchange of block partials among the G co-resident blocks of one plane (cooperative launch),
@@ -152,14 +134,16 @@ __device__ __forceinline__ float2 load_tagged(TaggedSlot& slot, unsigned tag) {
   return make_float2(__uint_as_float(unsigned(wa)), __uint_as_float(unsigned(wb)));
 }
 
-/// Phase shift of split plans: with two or more rounds, the blocks of an odd group of blocks
-/// start once the block of the same rank in the even group before them has published its first
-/// partial (`word`: a tagged word of that slot, zero until then), so that one group loads while
-/// the other waits in its exchange; otherwise every group runs in step with all the others and
-/// DRAM idles during each exchange. A fixed 8 us start delay of odd groups took
-/// 16x64x256x256 NHWC from 0.296 to 0.258 ms on the H100. Even groups never wait on odd ones
-/// and all groups are co-resident (cooperative launch), so this cannot deadlock. Called at the
-/// kernel's start by the whole block.
+/// Phase shift of split plans: with two or more rounds, the blocks of a group of blocks that is
+/// not a multiple of the plan's `phases` (2 by default: the odd groups) start once the block of
+/// the same rank in the group before them has published its first partial (`word`: a tagged
+/// word of that slot, zero until then), so that one group loads while the other waits in its
+/// exchange; otherwise every group runs in step with all the others and DRAM idles during each
+/// exchange. A fixed 8 us start delay of odd groups took 16x64x256x256 NHWC from 0.296 to 0.258
+/// ms on the H100; 1, 4, 16 phases and one chain were slower than 2 (docs/perf-notes.md). A
+/// group waits only on a lower one, down to a multiple of `phases`, which waits on none, and all
+/// groups are co-resident (cooperative launch), so this cannot deadlock. Called at the kernel's
+/// start by the whole block.
 __device__ __forceinline__ void wait_for_partner_inline(unsigned long long* word) {
   if (threadIdx.x == 0) {
     while (TaggedWord(*word).load(cuda::memory_order_relaxed) >> 32 == 0) __nanosleep(256);
@@ -167,12 +151,13 @@ __device__ __forceinline__ void wait_for_partner_inline(unsigned long long* word
   __syncthreads();
 }
 /// The NCHW kernel's start: group `block_group` of G-block groups waits for group
-/// block_group - 1 (block `rank`) unless it is a multiple of `phases` (a power of two). A call: costs the NCHW
-/// kernel no registers (inlined, it made two sm_89 kernels spill); in the NHWC kernel the
-/// call's stack frame is what spills, so that one inlines wait_for_partner_inline.
+/// block_group - 1 (block `rank`) unless it is a multiple of `phases` (a power of two). A call:
+/// costs the NCHW kernel no registers (inlined, it made two sm_89 kernels spill); in the NHWC
+/// kernel the call's stack frame is what spills, so that one inlines wait_for_partner_inline.
 __device__ __noinline__ void wait_for_partner(TaggedSlot* slots, int block_group, int rank, int G,
                                               int phases) {
-  if ((block_group & (phases - 1)) != 0) wait_for_partner_inline(&slots[(block_group - 1) * G + rank].var_word);
+  if ((block_group & (phases - 1)) != 0)
+    wait_for_partner_inline(&slots[(block_group - 1) * G + rank].var_word);
 }
 
 /// Block `rank` publishes its partial (thread 0).
