@@ -488,24 +488,36 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
     // (see warp_allreduce_shares): one thread per pair walks its column's lanes in order, for
     // the mean and then the variance, and leaves the result in lane 0's slot. Row i of the block
     // is on lane i % row_lanes. A tree of Chan merges here took 2.5-4 us per round on the H100
-    // (trace, detail/trace.cuh); this walk about 2.3. (Splitting the walk over several threads
-    // per pair made ptxas spill at the kernel's 128 registers.)
+    // (trace, detail/trace.cuh); one chain per walk 2.3, two chains 1.8. (Splitting the walk
+    // over several threads per pair made ptxas spill at the kernel's 128 registers.)
     {
       const int full = int(block_rows / row_lanes), rem = int(block_rows % row_lanes);
       const float inv_rows = block_rows > 0 ? 1.f / float(block_rows) : 0.f;
       const float f_full = float(full) * inv_rows, f_more = float(full + 1) * inv_rows;
       const auto combine = [&](float2* lane0) {
-        float mean = 0.f, var = 0.f;
+        // Even and odd lanes in two chains (two loads in flight), added at the end.
+        float m0 = 0.f, m1 = 0.f, v0 = 0.f, v1 = 0.f;
+        int r = 0;
 #pragma unroll 1
-        for (int r = 0; r < row_lanes; ++r)
-          mean = fmaf(r < rem ? f_more : f_full, lane0[r * cs].x, mean);
-#pragma unroll 1
-        for (int r = 0; r < row_lanes; ++r) {
-          const float2 v = lane0[r * cs];
-          const float d = v.x - mean;
-          var = fmaf(r < rem ? f_more : f_full, fmaf(d, d, v.y), var);
+        for (; r + 1 < row_lanes; r += 2) {
+          m0 = fmaf(r < rem ? f_more : f_full, lane0[r * cs].x, m0);
+          m1 = fmaf(r + 1 < rem ? f_more : f_full, lane0[(r + 1) * cs].x, m1);
         }
-        *lane0 = make_float2(mean, var);
+        if (r < row_lanes) m0 = fmaf(r < rem ? f_more : f_full, lane0[r * cs].x, m0);
+        const float mean = m0 + m1;
+#pragma unroll 1
+        for (r = 0; r + 1 < row_lanes; r += 2) {
+          const float2 a = lane0[r * cs], b = lane0[(r + 1) * cs];
+          const float da = a.x - mean, db = b.x - mean;
+          v0 = fmaf(r < rem ? f_more : f_full, fmaf(da, da, a.y), v0);
+          v1 = fmaf(r + 1 < rem ? f_more : f_full, fmaf(db, db, b.y), v1);
+        }
+        if (r < row_lanes) {
+          const float2 a = lane0[r * cs];
+          const float da = a.x - mean;
+          v0 = fmaf(r < rem ? f_more : f_full, fmaf(da, da, a.y), v0);
+        }
+        *lane0 = make_float2(mean, v0 + v1);
       };
       // Pair j = k * cs + column: thread t < chs takes (rl, cl); wider slices loop.
       if (t < chs) combine(red + rl * kThreads + cl);
