@@ -131,18 +131,28 @@ PlaneSummary summarize(const T* d, int64_t planes, int64_t len) {
   return r;
 }
 
-/// Compares downloaded elements [first, first + count) of y with (x - mean) * rstd in float64.
+/// Compares downloaded elements [first, first + count) of y with (x - mean[j]) * rstd[j] in
+/// float64, j = element % c: the channel of an NHWC tensor (c = 1: one plane).
 template <class T>
-void expect_normalized(const T* dx, const T* dy, int64_t first, int64_t count, double mean,
-                       double rstd, const char* what) {
+void expect_normalized_channels(const T* dx, const T* dy, int64_t first, int64_t count, int64_t c,
+                                const std::vector<double>& mean, const std::vector<double>& rstd,
+                                const char* what) {
   std::vector<T> hx(static_cast<size_t>(count)), hy(static_cast<size_t>(count));
   ASSERT_EQ(cudaMemcpy(hx.data(), dx + first, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
   ASSERT_EQ(cudaMemcpy(hy.data(), dy + first, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
   for (int64_t i = 0; i < count; ++i) {
-    const double want = (reference::to_double(hx[static_cast<size_t>(i)]) - mean) * rstd;
+    const size_t j = static_cast<size_t>((first + i) % c);
+    const double want = (reference::to_double(hx[static_cast<size_t>(i)]) - mean[j]) * rstd[j];
     const double got = reference::to_double(hy[static_cast<size_t>(i)]);
     ASSERT_NEAR(got, want, 2 * ulp_of<T>(want) + 1e-4) << what << " element " << first + i;
   }
+}
+
+/// The same for one plane's mean and rstd.
+template <class T>
+void expect_normalized(const T* dx, const T* dy, int64_t first, int64_t count, double mean,
+                       double rstd, const char* what) {
+  expect_normalized_channels(dx, dy, first, count, 1, {mean}, {rstd}, what);
 }
 
 bool enough_memory(size_t bytes) {
@@ -151,6 +161,17 @@ bool enough_memory(size_t bytes) {
 }
 
 // ---------------------------------------------------------------- 64-bit sizes
+
+/// The input and output of a large test: x from fill_hash (len, seed, channels as there), y
+/// filled with NaN, so that an element left unwritten shows.
+template <class T>
+void fill_large_pair(DeviceBuffer<T>& dx, DeviceBuffer<T>& dy, int64_t total, int64_t len,
+                     uint64_t seed, int64_t channels = 0) {
+  ASSERT_NE(dx.ptr, nullptr);
+  ASSERT_NE(dy.ptr, nullptr);
+  fill_hash<<<4096, 256>>>(dx.ptr, total, len, seed, channels);
+  CUDA_OK(cudaMemset(dy.ptr, 0xff, total * sizeof(T)));
+}
 
 // 2^31 + 2^20 fp16 elements in one call (2049 planes of 2^20): every plane is checked through
 // its float64 moments on the device (mean 0, variance 1 up to fp16 rounding, no NaN left of
@@ -162,10 +183,8 @@ TEST(Large, TensorBeyond2To31Elements) {
   ASSERT_GT(total, int64_t(1) << 31);
   if (!enough_memory(2 * static_cast<size_t>(total) * sizeof(T))) GTEST_SKIP() << "needs 9 GB of free GPU memory";
   DeviceBuffer<T> dx(static_cast<size_t>(total)), dy(static_cast<size_t>(total));
-  ASSERT_NE(dx.ptr, nullptr);
-  ASSERT_NE(dy.ptr, nullptr);
-  fill_hash<<<4096, 256>>>(dx.ptr, total, s, 1);
-  CUDA_OK(cudaMemset(dy.ptr, 0xff, total * sizeof(T)));
+  fill_large_pair(dx, dy, total, s, 1);
+  if (HasFatalFailure()) return;
   CUDA_OK(forward(dx.ptr, dy.ptr, n, c, s));
   CUDA_OK(cudaDeviceSynchronize());
   const auto in = summarize(dx.ptr, c, s), out = summarize(dy.ptr, c, s);
@@ -254,22 +273,6 @@ PlaneSummary summarize_channels(const T* d, int64_t total, int64_t c) {
   return r;
 }
 
-/// Elements [first, first + count) of an NHWC y against (x - mean[j]) * rstd[j], j = i % c.
-template <class T>
-void expect_normalized_channels(const T* dx, const T* dy, int64_t first, int64_t count, int64_t c,
-                                const std::vector<double>& mean, const std::vector<double>& rstd,
-                                const char* what) {
-  std::vector<T> hx(static_cast<size_t>(count)), hy(static_cast<size_t>(count));
-  ASSERT_EQ(cudaMemcpy(hx.data(), dx + first, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(hy.data(), dy + first, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-  for (int64_t i = 0; i < count; ++i) {
-    const size_t j = static_cast<size_t>((first + i) % c);
-    const double want = (reference::to_double(hx[static_cast<size_t>(i)]) - mean[j]) * rstd[j];
-    const double got = reference::to_double(hy[static_cast<size_t>(i)]);
-    ASSERT_NEAR(got, want, 2 * ulp_of<T>(want) + 1e-4) << what << " element " << first + i;
-  }
-}
-
 // One NHWC image of 2^31 + 2^23 fp16 elements (8 channels of 2^28 + 2^20 rows: too large for
 // the chip, so the tiled plan): every channel comes out with mean 0 and variance 1 (float64
 // sums on the device), the saved statistics match the input's float64 moments, and rows at the
@@ -282,10 +285,8 @@ TEST(Large, NhwcImageBeyond2To31Elements) {
   if (!enough_memory(2 * static_cast<size_t>(total) * sizeof(T))) GTEST_SKIP() << "needs 10 GB of free GPU memory";
   DeviceBuffer<T> dx(static_cast<size_t>(total)), dy(static_cast<size_t>(total));
   DeviceBuffer<float> stats(static_cast<size_t>(2 * c));
-  ASSERT_NE(dx.ptr, nullptr);
-  ASSERT_NE(dy.ptr, nullptr);
-  fill_hash<<<4096, 256>>>(dx.ptr, total, 1, 3, c);
-  CUDA_OK(cudaMemset(dy.ptr, 0xff, total * sizeof(T)));
+  fill_large_pair(dx, dy, total, 1, 3, c);
+  if (HasFatalFailure()) return;
   Options opt;
   opt.layout = Layout::kNHWC;
   opt.save_mean = stats.ptr;
@@ -321,10 +322,8 @@ TEST(Large, NhwcTensorBeyond2To31Elements) {
   ASSERT_GT(total, int64_t(1) << 31);
   if (!enough_memory(2 * static_cast<size_t>(total) * sizeof(T))) GTEST_SKIP() << "needs 10 GB of free GPU memory";
   DeviceBuffer<T> dx(static_cast<size_t>(total)), dy(static_cast<size_t>(total));
-  ASSERT_NE(dx.ptr, nullptr);
-  ASSERT_NE(dy.ptr, nullptr);
-  fill_hash<<<4096, 256>>>(dx.ptr, total, 1, 4, c);
-  CUDA_OK(cudaMemset(dy.ptr, 0xff, total * sizeof(T)));
+  fill_large_pair(dx, dy, total, 1, 4, c);
+  if (HasFatalFailure()) return;
   Options opt;
   opt.layout = Layout::kNHWC;
   CUDA_OK(forward(dx.ptr, dy.ptr, n, c, s, opt));
@@ -372,6 +371,17 @@ std::vector<StrategyCase> strategy_cases() {
 
 // ---------------------------------------------------------------- alignment
 
+/// The element just after y[0, total) (and with `before`, the one just before it) still holds
+/// the NaN the buffer was filled with.
+template <class T>
+void expect_untouched_around(const T* y, int64_t total, bool before) {
+  T guard[2];
+  CUDA_OK(cudaMemcpy(&guard[0], y - (before ? 1 : 0), sizeof(T), cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(&guard[1], y + total, sizeof(T), cudaMemcpyDeviceToHost));
+  if (before) EXPECT_TRUE(std::isnan(reference::to_double(guard[0])));
+  EXPECT_TRUE(std::isnan(reference::to_double(guard[1])));
+}
+
 // x and y offset by 1, 2, 3 elements (independently) from any 16-byte alignment: the scalar or
 // staged path, checked against the reference; aligned buffers keep 16-byte vectors.
 template <class T>
@@ -398,12 +408,7 @@ void offsets_case(int64_t n, int64_t c, int64_t s) {
     const CheckResult r = compare(hy, ref, s);
     EXPECT_TRUE(r.first_bad.empty()) << type_name<T>() << " S=" << s << " offsets " << pr[0]
                                      << "," << pr[1] << ": " << r.first_bad;
-    // The elements just outside y stay untouched.
-    T guard[2];
-    CUDA_OK(cudaMemcpy(&guard[0], y - (pr[1] > 0 ? 1 : 0), sizeof(T), cudaMemcpyDeviceToHost));
-    CUDA_OK(cudaMemcpy(&guard[1], y + total, sizeof(T), cudaMemcpyDeviceToHost));
-    if (pr[1] > 0) EXPECT_TRUE(std::isnan(reference::to_double(guard[0])));
-    EXPECT_TRUE(std::isnan(reference::to_double(guard[1])));
+    expect_untouched_around<T>(y, total, pr[1] > 0);
   }
 }
 
@@ -614,11 +619,7 @@ void nhwc_offsets_case(const NhwcCase& k) {
     const CheckResult r = compare(hy, ref, k.c);
     EXPECT_TRUE(r.first_bad.empty()) << type_name<T>() << " NHWC " << k.name << " offsets "
                                      << pr[0] << "," << pr[1] << ": " << r.first_bad;
-    T guard[2];
-    CUDA_OK(cudaMemcpy(&guard[0], y - (pr[1] > 0 ? 1 : 0), sizeof(T), cudaMemcpyDeviceToHost));
-    CUDA_OK(cudaMemcpy(&guard[1], y + total, sizeof(T), cudaMemcpyDeviceToHost));
-    if (pr[1] > 0) EXPECT_TRUE(std::isnan(reference::to_double(guard[0])));
-    EXPECT_TRUE(std::isnan(reference::to_double(guard[1])));
+    expect_untouched_around<T>(y, total, pr[1] > 0);
   }
 }
 
