@@ -14,22 +14,26 @@ step=${1:-all}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 source bench/device_env.sh
+run_ctest() {  # build dir: the whole suite, its log in $OUT, its summary printed; ctest's status
+  (cd "$1" && timeout 420 ctest -j 4 --output-on-failure > "$out/ctest.log" 2>&1)
+  local rc=$?
+  grep -E "tests passed|tests failed|Failed|\*\*\*|Timeout" "$out/ctest.log" | tail -12
+  return $rc
+}
 if [ "$step" = carried ]; then
   here=$(pwd)
   src=$(sed -n 's/^CMAKE_HOME_DIRECTORY:INTERNAL=//p' build-carry/CMakeCache.txt)
   cm=$(sed -n 's/^CMAKE_COMMAND:INTERNAL=//p' build-carry/CMakeCache.txt)
   [ "$src" = "$here" ] || grep -rlI "$src" build-carry | xargs sed -i "s#$src#$here#g"
   [ "$cm" = "$(command -v cmake)" ] || grep -rlI "$cm" build-carry | xargs sed -i "s#$cm#$(command -v cmake)#g"
-  (cd build-carry && timeout 420 ctest -j 4 --output-on-failure > "$out/ctest.log" 2>&1)
-  grep -E "tests passed|tests failed|Failed|\*\*\*|Timeout" "$out/ctest.log" | tail -12
-  exit 0
+  run_ctest build-carry
+  exit
 fi
 if [ "$step" = test ] || [ "$step" = all ]; then
   cmake -S . -B build-dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
     > "$out/configure.log" 2>&1 || { tail -20 "$out/configure.log"; exit 1; }
   cmake --build build-dev -j 16 > "$out/build.log" 2>&1 || { grep -m 20 error "$out/build.log"; exit 1; }
-  (cd build-dev && timeout 420 ctest -j 4 --output-on-failure > "$out/ctest.log" 2>&1)
-  grep -E "tests passed|tests failed|Failed|\*\*\*|Timeout" "$out/ctest.log" | tail -12
+  run_ctest build-dev
 fi
 [ "$step" = sanitize ] || [ "$step" = all ] || exit 0
 dev=build-dev/tests/test_device
