@@ -46,6 +46,12 @@ TEST(ApiValidation, InvalidArgumentsAreRefused) {
   Options opt;
   opt.groups = 3;
   EXPECT_EQ(forward<float>(x, y, 1, 4, 8, opt), cudaErrorInvalidValue);
+  Options act;
+  act.activation = static_cast<Activation>(3);  // out of range: refused, not run as none
+  EXPECT_EQ(forward<float>(x, y, 1, 4, 8, act), cudaErrorInvalidValue);
+  Options param;
+  param.param_type = static_cast<ParamType>(-1);
+  EXPECT_EQ(forward<float>(x, y, 1, 4, 8, param), cudaErrorInvalidValue);
 }
 
 TEST(ApiValidation, WorkspaceCallsValidateToo) {

@@ -1,8 +1,13 @@
 #pragma once
 /// \file validate.cuh
 /// Argument checks that run before any CUDA call, so that they hold on a machine with no GPU.
-/// Each rule has its own reason code (for the tests and the docs); the public call maps every
-/// reason but kOk/kEmpty to cudaErrorInvalidValue.
+/// Each rule has its own reason code and a sentence for it (to_string); the public calls map
+/// every reason but kOk/kEmpty to cudaErrorInvalidValue (kNotSupported: cudaErrorNotSupported).
+/// A caller that wants the reason for a refused call runs the same checks itself:
+///
+///     const instnorm::Invalid why = instnorm::validate<float>(x, y, n, c, hw, opt);
+///     if (why != instnorm::Invalid::kOk && why != instnorm::Invalid::kEmpty)
+///       fprintf(stderr, "instnorm: %s\n", instnorm::to_string(why));
 
 #include <cmath>
 #include <cstdint>
@@ -25,7 +30,32 @@ enum class Invalid : int {
   kBadRunningStats, ///< only one of running_mean/running_var, none with use_input_stats=false,
                     ///< running statistics with GroupNorm, or an update with spatial == 1
   kBadMomentum,     ///< momentum outside [0, 1] or NaN
+  kBadActivation,   ///< activation is not one of the Activation values
+  kBadParamType,    ///< param_type is not one of the ParamType values
 };
+
+/// One sentence per reason, for error messages (never null; "unknown reason" for values outside
+/// the enum).
+inline const char* to_string(Invalid v) {
+  switch (v) {
+    case Invalid::kOk: return "the arguments are valid";
+    case Invalid::kEmpty: return "n, c or spatial is 0: there is nothing to compute";
+    case Invalid::kNegativeSize: return "n, c, spatial and groups must be >= 0";
+    case Invalid::kNullPointer: return "x and y must not be null when there is work to do";
+    case Invalid::kBadEps: return "eps must be finite and >= 0";
+    case Invalid::kOverflow: return "n * c * spatial elements (in bytes) overflow int64";
+    case Invalid::kBadGroups: return "groups must divide c";
+    case Invalid::kOverlap: return "x and y must be the same buffer or not overlap at all";
+    case Invalid::kNotSupported: return "layout must be Layout::kNCHW or Layout::kNHWC";
+    case Invalid::kBadRunningStats:
+      return "running_mean and running_var go together, are required when use_input_stats is "
+             "false, exist only for instance norm (groups 0 or c), and an update needs spatial > 1";
+    case Invalid::kBadMomentum: return "momentum must be in [0, 1]";
+    case Invalid::kBadActivation: return "activation must be kNone, kRelu or kSilu";
+    case Invalid::kBadParamType: return "param_type must be kFloat or kSameAsInput";
+  }
+  return "unknown reason";
+}
 
 /// Whether the call updates running statistics (and so needs the per-plane mean and variance).
 inline bool updates_running_stats(const Options& opt) {
@@ -70,6 +100,11 @@ inline Invalid validate(const void* x, const void* y, int64_t n, int64_t c, int6
     return Invalid::kBadRunningStats;
   if (!(opt.momentum >= 0.f && opt.momentum <= 1.f)) return Invalid::kBadMomentum;
   if (opt.layout != Layout::kNCHW && opt.layout != Layout::kNHWC) return Invalid::kNotSupported;
+  if (opt.activation != Activation::kNone && opt.activation != Activation::kRelu &&
+      opt.activation != Activation::kSilu)
+    return Invalid::kBadActivation;
+  if (opt.param_type != ParamType::kFloat && opt.param_type != ParamType::kSameAsInput)
+    return Invalid::kBadParamType;
   const auto xb = reinterpret_cast<uintptr_t>(x), yb = reinterpret_cast<uintptr_t>(y);
   const auto ub = static_cast<uintptr_t>(bytes);
   if (xb != yb && xb < yb + ub && yb < xb + ub) return Invalid::kOverlap;
@@ -89,6 +124,15 @@ inline Invalid validate(const void* x, const void* y, int64_t n, int64_t c, int6
   // NHWC: a vector holds vec channels of one position, so rows of c elements must stay aligned.
   prob->vector_ok = (xb % 16 == 0) && (yb % 16 == 0) && ((prob->nhwc ? c : spatial) % vec == 0);
   return Invalid::kOk;
+}
+
+/// The checks of forward<T> on their own: kOk (a launch follows), kEmpty (nothing to do, the call
+/// returns cudaSuccess) or the reason the call is refused. No CUDA call; x and y are only compared.
+template <class T>
+inline Invalid validate(const T* x, const T* y, int64_t n, int64_t c, int64_t spatial,
+                        const Options& opt) {
+  Problem prob;
+  return validate(x, y, n, c, spatial, int(sizeof(T)), opt, &prob);
 }
 
 }  // namespace instnorm
