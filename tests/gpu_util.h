@@ -81,10 +81,11 @@ struct CheckResult {
   std::string first_bad;
 };
 
-/// Compares y with the float64 reference: fp32 by relative norm and max abs error, 16-bit
-/// types element by element within one ulp of T at the reference's magnitude, plus 2^-20: fp32
-/// math has an absolute error of ~1e-7 (outputs are in units of the std), which exceeds the
-/// ulp of T only for outputs within ~1e-3 of zero.
+/// Compares y with the float64 reference: fp32 element by element within 1e-5 absolute plus
+/// 1e-6 relative (an output of 500 std, an outlier's, has an fp32 ulp of 3e-5) and by relative
+/// norm; 16-bit types element by element within one ulp of T at the reference's magnitude,
+/// plus 2^-20: fp32 math has an absolute error of ~1e-7 (outputs are in units of the std),
+/// which exceeds the ulp of T only for outputs within ~1e-3 of zero.
 template <class T>
 CheckResult compare(const std::vector<T>& y, const std::vector<double>& ref, int64_t len) {
   CheckResult r;
@@ -95,7 +96,7 @@ CheckResult compare(const std::vector<T>& y, const std::vector<double>& ref, int
     num += err * err;
     den += ref[i] * ref[i];
     r.max_abs = std::max(r.max_abs, std::isnan(got) ? INFINITY : err);
-    const bool bad = std::is_same<T, float>::value ? !(err <= 1e-5)
+    const bool bad = std::is_same<T, float>::value ? !(err <= 1e-5 + 1e-6 * std::fabs(ref[i]))
                                                    : !(err <= ulp_of<T>(ref[i]) + 0x1p-20);
     if (bad && r.first_bad.empty())
       r.first_bad = "plane " + std::to_string(int64_t(i) / len) + " index " +
@@ -106,11 +107,16 @@ CheckResult compare(const std::vector<T>& y, const std::vector<double>& ref, int
   return r;
 }
 
-/// Runs forward (optionally with a forced plan), checks every element against the reference,
-/// reruns and checks the bits are identical.
+/// The plans a checked call ran (NCHW or NHWC, per opt.layout).
+struct PlansRun {
+  Plan plan;
+  NhwcPlan nhwc;
+};
+
+/// check_input's body (gtest's ASSERTs need a void function).
 template <class T>
-void check_input(const std::vector<T>& hx, int64_t n, int64_t c, int64_t s,
-                 const PlanOverride& ov, const Options& opt = Options{}) {
+void check_input_into(const std::vector<T>& hx, int64_t n, int64_t c, int64_t s,
+                      const PlanOverride& ov, const Options& opt, PlansRun* run) {
   const int64_t groups = opt.groups ? opt.groups : c;
   const int64_t len = (c / groups) * s;
   const size_t total = size_t(n * c * s);
@@ -119,8 +125,9 @@ void check_input(const std::vector<T>& hx, int64_t n, int64_t c, int64_t s,
   ASSERT_NE(dy.ptr, nullptr);
   CUDA_OK(cudaMemcpy(dx.ptr, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
   CUDA_OK(cudaMemset(dy.ptr, 0xff, total * sizeof(T)));  // NaN in every type
-  Plan plan;
-  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, n, c, s, opt, ov, nullptr, nullptr, &plan));
+  Plan& plan = run->plan;
+  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, n, c, s, opt, ov, nullptr, nullptr, &plan,
+                                &run->nhwc));
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<T> hy(total), hy2(total);
   CUDA_OK(cudaMemcpy(hy.data(), dy.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
@@ -134,16 +141,24 @@ void check_input(const std::vector<T>& hx, int64_t n, int64_t c, int64_t s,
                             "v" + std::to_string(plan.vec) + " G=" +
                             std::to_string(plan.blocks_per_plane);
   EXPECT_TRUE(r.first_bad.empty()) << where << ": " << r.first_bad;
-  if (std::is_same<T, float>::value) {
-    EXPECT_LE(r.rel, 1e-6) << where;
-    EXPECT_LE(r.max_abs, 1e-5) << where;
-  }
+  if (std::is_same<T, float>::value) EXPECT_LE(r.rel, 1e-6) << where;
   // Bit-identical rerun.
   CUDA_OK(cudaMemset(dy.ptr, 0xff, total * sizeof(T)));
   CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, n, c, s, opt, ov, nullptr, nullptr));
   CUDA_OK(cudaDeviceSynchronize());
   CUDA_OK(cudaMemcpy(hy2.data(), dy.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
   EXPECT_EQ(std::memcmp(hy.data(), hy2.data(), total * sizeof(T)), 0) << where << ": rerun differs";
+}
+
+/// Runs forward (optionally with a forced plan), checks every element against the reference,
+/// reruns and checks the bits are identical. Returns the plan that ran (a failed launch fails
+/// the test and returns default plans).
+template <class T>
+PlansRun check_input(const std::vector<T>& hx, int64_t n, int64_t c, int64_t s,
+                     const PlanOverride& ov, const Options& opt = Options{}) {
+  PlansRun run;
+  check_input_into(hx, n, c, s, ov, opt, &run);
+  return run;
 }
 
 template <class T>

@@ -7,12 +7,14 @@
 #include <instnorm/validate.cuh>
 
 #include "device_tables.h"
+#include "hostile_data.h"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace {
@@ -102,7 +104,7 @@ TEST(Reference, HalfAndBfloat16Inputs) {
 // ---------------------------------------------------------------- moments
 
 Moments moments_of(const std::vector<float>& v, size_t lo, size_t hi, float pivot) {
-  return local_moments(int(hi - lo), [&](int i) { return v[lo + size_t(i)] - pivot; });
+  return local_moments(int(hi - lo), [&](int i) { return v[lo + size_t(i)]; }, pivot);
 }
 
 TEST(Moments, MergeOfAnyPartitionInAnyOrderEqualsWhole) {
@@ -184,7 +186,7 @@ TEST(Moments, PivotKeepsFp32AccurateAtMean1e4TimesStd) {
   double m2 = 0;
   for (float x : v) m2 += (x - mean) * (x - mean);
   const Moments m = moments_of(v, 0, v.size(), v[0]);
-  EXPECT_NEAR(double(v[0]) + m.mean, mean, 1e-6 * 1e4);
+  EXPECT_NEAR(double(v[0]) + m.mean + m.mean_lo, mean, 1e-6);
   EXPECT_NEAR(variance(m), m2 / v.size(), 1e-5 * (m2 / v.size()));
 }
 
@@ -228,6 +230,208 @@ TEST(Moments, NanOrInfMakesTheStatisticsNan) {
       all = merge(all, moments_of(v, lo, std::min(v.size(), lo + 64), v[0]));
     EXPECT_TRUE(std::isnan(all.mean) || std::isnan(variance(all))) << bad;
   }
+}
+
+// ---------------------------------------------------------------- moments algebra on hostile data
+
+using instnorm_test::Hostile;
+using instnorm_test::HostileCase;
+
+/// How the kernels combine a plane's partials, replayed on the CPU with the same functions.
+enum class Combine {
+  kShares,  ///< threads -> block by shares (block_allreduce_shares), blocks by shares (group_wait)
+  kChan,    ///< Chan merges in index order, in runs of 32 (nhwc_finalize, GroupNorm channels)
+  kTree,    ///< Chan merges in a butterfly tree (warp_allreduce, the tiled NHWC row-lane tree)
+};
+
+/// The sums of SharesCombine over `parts`, added pairwise as the kernels' butterflies do.
+Moments combine_by_shares(const std::vector<Moments>& parts, int64_t total) {
+  const auto pairwise = [](auto&& term, size_t n) {
+    std::vector<ShareSums> v(n);
+    for (size_t i = 0; i < n; ++i) v[i] = term(i);
+    for (size_t w = 1; w < n; w *= 2)
+      for (size_t i = 0; i + w < n; i += 2 * w) {
+        v[i].res += v[i + w].res;
+        v[i].sq += v[i + w].sq;
+      }
+    return n ? v[0] : ShareSums{};
+  };
+  const float a = pairwise([&](size_t i) {
+    return ShareSums{SharesCombine(parts[i], total).first(), 0.f};
+  }, parts.size()).res;
+  const ShareSums rq = pairwise([&](size_t i) { return SharesCombine(parts[i], total).second(a); },
+                                parts.size());
+  return SharesCombine::result(a, rq, total);
+}
+
+/// y of one plane through the kernels' algebra: thread partials of `per_thread` values (two
+/// passes, relative to the pivot x[0]), `blocks` slices combined as `how` says, then the
+/// epilogue (center_of, rstd, y = (x - center) * rstd - residual * rstd).
+std::vector<float> normalize_like_kernels(const std::vector<float>& x, int per_thread, int blocks,
+                                          Combine how, float eps) {
+  const int64_t n = int64_t(x.size());
+  const float pivot = x[0];
+  const int64_t slice = (n + blocks - 1) / blocks;
+  std::vector<Moments> block_parts;
+  for (int b = 0; b < blocks; ++b) {
+    const int64_t lo = std::min(n, b * slice), hi = std::min(n, lo + slice);
+    std::vector<Moments> threads;
+    for (int64_t t = lo; t < hi; t += per_thread)
+      threads.push_back(moments_of(x, size_t(t), size_t(std::min(hi, t + per_thread)), pivot));
+    Moments m;
+    if (how == Combine::kShares) {
+      m = combine_by_shares(threads, hi - lo);
+    } else if (how == Combine::kChan) {
+      // Runs of 32 in index order (as a finalize lane or a GroupNorm channel merge walks
+      // its partials), then the runs in a tree (the lanes' butterfly).
+      std::vector<Moments> runs;
+      for (size_t r = 0; r < threads.size(); r += 32) {
+        Moments run;
+        for (size_t i = r; i < std::min(threads.size(), r + 32); ++i) run = merge(run, threads[i]);
+        runs.push_back(run);
+      }
+      threads.swap(runs);
+    }
+    if (how != Combine::kShares) {
+      while (threads.size() > 1) {
+        std::vector<Moments> next;
+        for (size_t i = 0; i < threads.size(); i += 2)
+          next.push_back(i + 1 < threads.size() ? merge(threads[i], threads[i + 1]) : threads[i]);
+        threads.swap(next);
+      }
+      m = threads.empty() ? Moments{} : threads[0];
+    }
+    block_parts.push_back(m);
+  }
+  Moments all;
+  if (how == Combine::kShares) {
+    all = combine_by_shares(block_parts, n);
+  } else {
+    for (const auto& q : block_parts) all = merge(all, q);
+  }
+  const CenterResidual cr = center_of(pivot, all);
+  const float rstd = 1.f / std::sqrt(variance(all) + eps);
+  const float shift = std::fma(-cr.residual, rstd, 0.f);
+  std::vector<float> y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) y[i] = std::fma(x[i] - cr.center, rstd, shift);
+  return y;
+}
+
+/// Largest error of y against the float64 normalize of x in units of the fp32 bound
+/// (1e-5 + 1e-6 * |ref|: an output of 500 has an ulp of 3e-5), and the relative norm.
+std::pair<double, double> error_of(const std::vector<float>& x, const std::vector<float>& y,
+                                   double eps) {
+  double s = 0;
+  for (float v : x) s += v;
+  const double mean = s / double(x.size());
+  double m2 = 0;
+  for (float v : x) m2 += (v - mean) * (v - mean);
+  const double rstd = 1 / std::sqrt(m2 / double(x.size()) + eps);
+  double worst = 0, num = 0, den = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double ref = (x[i] - mean) * rstd, err = std::fabs(y[i] - ref);
+    worst = std::max(worst, std::isnan(y[i]) ? INFINITY : err / (1e-5 + 1e-6 * std::fabs(ref)));
+    num += err * err;
+    den += ref * ref;
+  }
+  return {worst, den > 0 ? std::sqrt(num / den) : std::sqrt(num)};
+}
+
+// Every hostile kind, through every way the kernels combine partials: within fp32's bounds
+// (1e-5 + 1e-6 |ref| per element, 1e-6 relative norm). With a single-float mean relative to
+// the pivot, an outlier of 1e6 std as the first element put 6e-2 std of error into every output.
+TEST(MomentsAlgebra, HostileDataStaysWithinFp32Bounds) {
+  auto cases = instnorm_test::hostile_cases(true);
+  for (Hostile h : {Hostile::kOutlierFirst, Hostile::kOutliersSeveral})
+    for (double m : {1e4, 1e5}) cases.push_back({h, m});
+  for (const auto& k : cases) {
+    for (int64_t len : {int64_t(49), int64_t(4096), int64_t(1) << 18}) {
+      const std::vector<double> d = instnorm_test::hostile_planes(k, 1, len, 17 + uint64_t(len));
+      std::vector<float> x(d.begin(), d.end());
+      for (Combine how : {Combine::kShares, Combine::kChan, Combine::kTree}) {
+        for (int blocks : {1, 7}) {
+          const auto y = normalize_like_kernels(x, 16, blocks, how, 1e-5f);
+          const auto e = error_of(x, y, 1e-5);
+          SCOPED_TRACE(k.name() + " S=" + std::to_string(len) + " combine=" +
+                       std::to_string(int(how)) + " blocks=" + std::to_string(blocks));
+          EXPECT_LE(e.first, 1.0);
+          EXPECT_LE(e.second, 1e-6);
+        }
+      }
+    }
+  }
+}
+
+// A constant plane normalizes to exactly 0 (eps > 0, no affine), whatever the constant and
+// however the partials combine.
+TEST(MomentsAlgebra, ConstantPlanesGiveExactZeros) {
+  for (float c : {0.f, 0.1f, -7.77f, 1e4f + 0.3f, 3.14159e-20f, 1.234567e17f}) {
+    for (int64_t len : {int64_t(1), int64_t(49), int64_t(5000)}) {
+      const std::vector<float> x(size_t(len), c);
+      for (Combine how : {Combine::kShares, Combine::kChan, Combine::kTree}) {
+        for (int blocks : {1, 3}) {
+          const auto y = normalize_like_kernels(x, 13, blocks, how, 1e-5f);
+          for (float v : y) ASSERT_EQ(v, 0.f) << c << " S=" << len << " combine=" << int(how);
+        }
+      }
+    }
+  }
+}
+
+// A thread's centre c need not equal a constant x (the kernels take it as sum * (1 / n)): the
+// deviations d = x - c are then all equal, and s1 / n must come back as exactly d so that the
+// mean relative to the pivot x is exactly 0.
+TEST(MomentsAlgebra, EqualDeviationsGiveAnExactMean) {
+  for (float x : {0.1f, -7.77f, 1e4f + 0.3f, 3.3e-7f}) {
+    for (int n : {3, 7, 13, 31, 33, 100, 1000}) {
+      const float c = std::nextafter(x, 2 * x + 1);
+      const float d = x - c;
+      const int k = deviation_shift(n);
+      const float s1 = float(n) * d, s2 = float(n) * (d * d) * std::ldexp(1.f, -2 * k);
+      const Moments m = moments_from_sums(n, c, k, s1, s2, x);
+      EXPECT_EQ(m.mean, 0.f) << x << " n=" << n;
+      EXPECT_EQ(m.mean_lo, 0.f) << x << " n=" << n;
+      EXPECT_EQ(m.var, 0.f) << x << " n=" << n;
+    }
+  }
+}
+
+// The float-float mean: the low part holds what the high part rounds away, so the mean of a
+// plane with one huge value beside many small ones is exact to fp32's resolution of the std.
+TEST(MomentsAlgebra, MergeKeepsTheLowPartOfTheMean) {
+  // {3000} and 65535 values of 0: mean 3000/65536 relative to any pivot.
+  Moments big{0.f, 0.f, 65535};
+  Moments one{0.f, 0.f, 1};
+  one = moments_from_sums(1, 3000.f, 0, 0.f, 0.f, 3000.f);  // its own pivot: mean 0
+  big = moments_from_sums(65535, 0.f, deviation_shift(65535), 0.f, 0.f, 3000.f);
+  EXPECT_EQ(big.mean, -3000.f);
+  const Moments m = merge(one, big);
+  const double want = 3000.0 / 65536.0 - 3000.0;
+  EXPECT_NEAR(double(m.mean) + double(m.mean_lo), want, 1e-10);
+  const Moments r = merge(big, one);  // the roles swap exactly
+  EXPECT_EQ(r.mean, m.mean);
+  EXPECT_EQ(r.mean_lo, m.mean_lo);
+  EXPECT_EQ(r.var, m.var);
+  const CenterResidual cr = center_of(3000.f, m);
+  EXPECT_NEAR(double(cr.center) + double(cr.residual), 3000.0 / 65536.0, 1e-12);
+}
+
+// Shares that do not add up to exactly 1 (here 3 x 1/3) leave no error in the mean: the
+// second stage's sum of deviations carries it.
+TEST(MomentsAlgebra, SharesCombineCorrectsTheRoundingOfItsShares) {
+  std::vector<Moments> parts(3);
+  for (auto& p : parts) p = moments_from_sums(1, 1e6f + 0.5f, 0, 0.f, 0.f, 0.f);
+  float a = 0.f;
+  for (const auto& q : parts) a += SharesCombine(q, 3).first();
+  ShareSums rq;
+  for (const auto& q : parts) {
+    const ShareSums t = SharesCombine(q, 3).second(a);
+    rq.res += t.res;
+    rq.sq += t.sq;
+  }
+  const Moments m = SharesCombine::result(a, rq, 3);
+  EXPECT_NEAR(double(m.mean) + double(m.mean_lo), 1e6 + 0.5, 1e-6);
+  EXPECT_NEAR(variance(m), 0.0, 1e-9);
 }
 
 // ---------------------------------------------------------------- planner
@@ -561,6 +765,60 @@ TEST(Validate, NhwcVectorsFollowTheChannelCount) {
   EXPECT_EQ(check(1, 3, 4, opt), Invalid::kNotSupported);
 }
 
+TEST(Validate, ActivationAndParamTypeOutOfRangeAreRefused) {
+  for (int a : {-1, 3, 100}) {
+    Options opt;
+    opt.activation = static_cast<Activation>(a);
+    EXPECT_EQ(check(1, 3, 4, opt), Invalid::kBadActivation) << a;
+  }
+  for (int t : {-1, 2}) {
+    Options opt;
+    opt.param_type = static_cast<ParamType>(t);
+    EXPECT_EQ(check(1, 3, 4, opt), Invalid::kBadParamType) << t;
+  }
+  Options ok;
+  ok.activation = Activation::kSilu;
+  ok.param_type = ParamType::kSameAsInput;
+  EXPECT_EQ(check(1, 3, 4, ok), Invalid::kOk);
+}
+
+// Every reason has its own sentence, which names what it checks.
+TEST(Validate, EveryReasonHasItsOwnSentence) {
+  const std::pair<Invalid, const char*> reasons[] = {
+      {Invalid::kOk, "valid"},           {Invalid::kEmpty, "nothing"},
+      {Invalid::kNegativeSize, ">= 0"},  {Invalid::kNullPointer, "null"},
+      {Invalid::kBadEps, "eps"},         {Invalid::kOverflow, "overflow"},
+      {Invalid::kBadGroups, "groups"},   {Invalid::kOverlap, "overlap"},
+      {Invalid::kNotSupported, "layout"}, {Invalid::kBadRunningStats, "running_mean"},
+      {Invalid::kBadMomentum, "momentum"}, {Invalid::kBadActivation, "activation"},
+      {Invalid::kBadParamType, "param_type"}};
+  std::vector<std::string> seen;
+  for (const auto& r : reasons) {
+    const std::string s = to_string(r.first);
+    EXPECT_NE(s.find(r.second), std::string::npos) << s;
+    EXPECT_EQ(std::count(seen.begin(), seen.end(), s), 0) << "shared sentence: " << s;
+    seen.push_back(s);
+  }
+  EXPECT_EQ(std::string(to_string(static_cast<Invalid>(99))), "unknown reason");
+}
+
+// The typed validate<T> is the check forward<T> runs: the same reason for the same arguments.
+TEST(Validate, TypedOverloadMatchesTheCallsChecks) {
+  const auto* x = static_cast<const float*>(kX);
+  const auto* y = static_cast<const float*>(kY);
+  Options opt;
+  EXPECT_EQ(validate(x, y, 2, 3, 4, opt), Invalid::kOk);
+  EXPECT_EQ(validate(x, x + 1, 2, 3, 4, opt), Invalid::kOverlap);
+  EXPECT_EQ(validate<float>(nullptr, y, 2, 3, 4, opt), Invalid::kNullPointer);
+  EXPECT_EQ(validate<float>(nullptr, nullptr, 0, 3, 4, opt), Invalid::kEmpty);
+  opt.eps = -1.f;
+  EXPECT_EQ(validate(x, y, 2, 3, 4, opt), Invalid::kBadEps);
+  opt = Options{};
+  opt.momentum = 2.f;
+  opt.running_mean = opt.running_var = reinterpret_cast<float*>(uintptr_t(1) << 30);
+  EXPECT_EQ(validate(x, y, 2, 3, 4, opt), Invalid::kBadMomentum);
+}
+
 TEST(NhwcPlan, CoversEveryShapeWithinLimits) {
   for (const DeviceProps& d : {sm90(), sm89()}) {
     for (int64_t c : {1, 3, 4, 8, 32, 64, 320, 1280, 4099}) {
@@ -594,7 +852,7 @@ TEST(NhwcPlan, CoversEveryShapeWithinLimits) {
             EXPECT_LE(p.grid, int64_t(nhwc_fused_per_sm(d, p.smem_bytes, p.vec)) * d.sm_count);
             // Dynamic shared memory: the slice's pivots, then the shared-memory rows.
             EXPECT_EQ(p.smem_bytes, int64_t(p.smem_items) * kNhwcFusedThreads * 16 +
-                                        nhwc_pivot_bytes(p.cols_per_block, p.vec));
+                                        nhwc_prefix_bytes(p.cols_per_block, p.vec));
           }
         }
       }

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "gpu_util.h"
+#include "hostile_data.h"
 
 namespace {
 using namespace instnorm_test;
@@ -929,6 +930,146 @@ TEST(Graph, NhwcCapturedCallsReplayBitIdentical) {
     expect_graph_replays(
         [&](cudaStream_t st) { return forward(dx.ptr, b.ptr, k.n, k.c, k.s, opt, st); }, a.ptr,
         b.ptr, total, 20, "NHWC S=" + std::to_string(k.s));
+  }
+}
+
+// ---------------------------------------------------------------- accuracy on hostile data
+
+template <class T>
+std::vector<T> to_type(const std::vector<double>& d) {
+  std::vector<T> h(d.size());
+  for (size_t i = 0; i < d.size(); ++i) h[i] = to_t<T>(float(d[i]));
+  return h;
+}
+
+/// Largest magnitude the hostile data of T may take (fp16 overflows at 65504).
+template <class T>
+double limit_of() {
+  return std::is_same<T, __half>::value ? 6e4 : 1e30;
+}
+
+/// NCHW plans for the accuracy suite: every strategy forced (the split-with-shared-memory plan
+/// sized so that a slice of T extends past the registers), and GroupNorm on the block and
+/// staged plans. `strategy` is what must run.
+struct AccuracyCase {
+  const char* name;
+  int64_t n, c, s, groups;
+  PlanOverride ov;
+  Strategy strategy;
+  bool smem;  ///< the split plan must hold part of its slice in shared memory
+};
+
+template <class T>
+std::vector<AccuracyCase> accuracy_cases() {
+  const auto forced = [](Strategy s, int64_t g = 0, int smem = -1) {
+    PlanOverride ov;
+    ov.strategy = int(s);
+    ov.blocks_per_plane = g;
+    ov.split_smem = smem;
+    return ov;
+  };
+  PlanOverride stream = forced(Strategy::kSplitStream, 2);
+  stream.items = 1;
+  stream.threads = 64;
+  // 128 KB slices of a 2^18-element plane: past a 256-thread block's registers, within its
+  // registers and shared memory (the sm_90 table's split blocks).
+  const int64_t g_smem = 2 * int64_t(sizeof(T));
+  return {{"subwarp", 64, 8, 49, 0, forced(Strategy::kSubWarp), Strategy::kSubWarp, false},
+          {"subwarp-aligned", 16, 8, 1024, 0, forced(Strategy::kSubWarp), Strategy::kSubWarp, false},
+          {"staged", 64, 8, 49, 0, forced(Strategy::kStaged), Strategy::kStaged, false},
+          {"block", 4, 4, 16384, 0, forced(Strategy::kBlock), Strategy::kBlock, false},
+          {"split", 2, 3, 65536, 0, forced(Strategy::kSplit, 3), Strategy::kSplit, false},
+          {"split-smem", 1, 2, 1 << 18, 0, forced(Strategy::kSplit, g_smem, 1), Strategy::kSplit, true},
+          {"split-stream", 1, 3, 65536, 0, stream, Strategy::kSplitStream, false},
+          {"groupnorm-block", 2, 32, 4096, 4, forced(Strategy::kBlock), Strategy::kBlock, false},
+          {"groupnorm-staged", 4, 64, 49, 16, forced(Strategy::kStaged), Strategy::kStaged, false},
+          {"groupnorm-split", 1, 8, 65536, 2, forced(Strategy::kSplit, 8), Strategy::kSplit, false}};
+}
+
+template <class T>
+void accuracy_nchw() {
+  for (const auto& k : accuracy_cases<T>()) {
+    for (const auto& h : hostile_cases(std::is_same<T, float>::value)) {
+      SCOPED_TRACE(std::string(type_name<T>()) + " " + k.name + " " + h.name());
+      const int64_t groups = k.groups ? k.groups : k.c;
+      Options opt;
+      opt.groups = k.groups;
+      const auto x = to_type<T>(hostile_planes(h, k.n * groups, (k.c / groups) * k.s, 5, limit_of<T>()));
+      const PlansRun run = check_input<T>(x, k.n, k.c, k.s, k.ov, opt);
+      ASSERT_EQ(run.plan.strategy, k.strategy);
+      if (k.smem) ASSERT_GT(run.plan.smem_items, 0);
+    }
+  }
+}
+
+// Outliers of 1e3 to 1e6 std at the first, last, a random or several positions, Student-t with
+// 1 and 2 degrees of freedom, two far-apart clusters, a small far cluster, and (fp32) means of
+// 1e4 and 1e6 std: every strategy, every type, GroupNorm, within the bounds (fp32 1e-5
+// absolute and 1e-6 relative; 16-bit one ulp plus 2^-20) and bit-identical on a rerun.
+TEST(Accuracy, HostileDataEveryStrategyAndType) {
+  REQUIRE_GPU();
+  accuracy_nchw<float>();
+  accuracy_nchw<__half>();
+  accuracy_nchw<__nv_bfloat16>();
+}
+
+template <class T>
+void accuracy_nhwc() {
+  for (const auto& k : nhwc_cases()) {
+    for (const auto& h : hostile_cases(std::is_same<T, float>::value)) {
+      SCOPED_TRACE(std::string(type_name<T>()) + " " + k.name + " " + h.name());
+      const auto planes = to_type<T>(hostile_planes(h, k.n * k.c, k.s, 6, limit_of<T>()));
+      const PlansRun run =
+          check_input<T>(nhwc_of(planes, k.n, k.c, k.s), k.n, k.c, k.s, k.ov, nhwc_options(k.groups));
+      ASSERT_EQ(run.nhwc.fused, k.ov.nhwc_fused != 0) << "on-chip plan expected: " << k.name;
+      if (k.ov.blocks_per_plane > 0) ASSERT_EQ(run.nhwc.blocks_per_unit, k.ov.blocks_per_plane);
+    }
+  }
+}
+
+// The same data channels-last: the on-chip plan (one block, and G = 6 blocks exchanging
+// per-channel partials), the tiled plan and GroupNorm.
+TEST(Accuracy, NhwcHostileDataEveryPlanAndType) {
+  REQUIRE_GPU();
+  accuracy_nhwc<float>();
+  accuracy_nhwc<__half>();
+  accuracy_nhwc<__nv_bfloat16>();
+}
+
+template <class T>
+void constant_case(int64_t n, int64_t c, int64_t s, const PlanOverride& ov, const Options& opt,
+                   float value) {
+  const size_t total = size_t(n * c * s);
+  const T v = to_t<T>(value);
+  std::vector<T> h(total, v);
+  DeviceBuffer<T> dx(total), dy(total);
+  ASSERT_NE(dx.ptr, nullptr);
+  CUDA_OK(cudaMemcpy(dx.ptr, h.data(), total * sizeof(T), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemset(dy.ptr, 0xff, total * sizeof(T)));
+  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, n, c, s, opt, ov, nullptr, nullptr));
+  CUDA_OK(cudaMemcpy(h.data(), dy.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
+  for (size_t i = 0; i < total; ++i)
+    ASSERT_EQ(reference::to_double(h[i]), 0.0) << type_name<T>() << " constant " << value
+                                                << " element " << i;
+}
+
+// A constant plane (eps > 0, no affine) gives exactly 0 on every plan and layout.
+TEST(Accuracy, ConstantPlanesGiveExactZerosEveryPlan) {
+  REQUIRE_GPU();
+  for (float value : {0.1f, -7.77f, 1e4f + 0.3f, 3e4f}) {
+    for (const auto& k : accuracy_cases<float>()) {
+      SCOPED_TRACE(k.name);
+      Options opt;
+      opt.groups = k.groups;
+      constant_case<float>(k.n, k.c, k.s, k.ov, opt, value);
+      constant_case<__half>(k.n, k.c, k.s, k.ov, opt, value);
+      constant_case<__nv_bfloat16>(k.n, k.c, k.s, k.ov, opt, value);
+    }
+    for (const auto& k : nhwc_cases()) {
+      SCOPED_TRACE(k.name);
+      constant_case<float>(k.n, k.c, k.s, k.ov, nhwc_options(k.groups), value);
+      constant_case<__half>(k.n, k.c, k.s, k.ov, nhwc_options(k.groups), value);
+    }
   }
 }
 

@@ -20,33 +20,111 @@
 
 namespace instnorm {
 
-/// Partial moments of `count` values, relative to a shift (pivot) chosen by the caller: `mean` is
-/// the mean of (x - pivot), `var` the mean of (x - mean)^2 (the biased variance). The count is
-/// 64-bit and exact far beyond 2^24; mean and var are fp32, which is accurate because the pivot
-/// removes the large common offset before anything is summed.
+/// Partial moments of `count` values, relative to a shift (pivot) chosen by the caller: the mean
+/// of (x - pivot) is the unevaluated sum mean + mean_lo (a float-float pair), `var` the mean of
+/// (x - mean)^2 (the biased variance). The count is 64-bit and exact far beyond 2^24.
+///
+/// Why two floats for the mean: the pivot (a value of the plane) removes a large common offset,
+/// but it can itself lie far from the mean (an outlier; by Samuelson's inequality at most
+/// sqrt(count - 1) standard deviations), and a single fp32 mean relative to it would then carry
+/// |mean - pivot| * 2^-24 of error into every output. The low part keeps what the high part
+/// rounds away, at every step (thread, block, exchange), so the error of the mean stays a few
+/// ulps of the standard deviation for any data. mean_lo is last so that {mean, var, count}
+/// initializers keep their meaning.
 struct Moments {
   float mean = 0.f;
   float var = 0.f;
   int64_t count = 0;
+  float mean_lo = 0.f;
 };
 
-/// Chan et al.'s pairwise merge, in variance form: var = fa*var_a + fb*var_b + fa*fb*delta^2
-/// with fa, fb the two shares of the count. Empty partials are skipped, so a thread, warp or
-/// block that saw no values contributes nothing. Not symmetric in rounding: callers that need
-/// bit-identical results everywhere merge in a fixed order (lower index first).
-INSTNORM_HD Moments merge(const Moments& a, const Moments& b) {
+/// s + e == a + b exactly, s = fl(a + b) (Knuth's TwoSum; no ordering of |a|, |b| needed).
+INSTNORM_HD void two_sum(float a, float b, float& s, float& e) {
+  s = a + b;
+  const float bb = s - a;
+  e = (a - (s - bb)) + (b - bb);
+}
+
+/// Chan et al.'s pairwise merge, in variance form, where `a` holds at least as many values as
+/// `b` (a running accumulation of pieces that do not grow, e.g. a thread's chunks):
+/// var = fa*var_a + fb*var_b + fa*fb*delta^2 with fa, fb the two shares of the count, and the
+/// mean moves from a by fb * delta, so the rounding of that step is at most
+/// 2^-24 * fb * |delta| <= 2^-24 * sqrt(fa * fb) * |delta| <= 2^-24 * std of the merged set;
+/// TwoSum keeps the rest in mean_lo. Empty partials are skipped. `Count` converts the counts:
+/// int where the caller knows they fit (a thread's chunks; the 64-bit conversions made the
+/// streamed kernels spill), int64_t otherwise.
+template <class Count = int64_t>
+INSTNORM_HD Moments merge_into(const Moments& a, const Moments& b) {
   if (b.count == 0) return a;
   if (a.count == 0) return b;
   Moments r;
   r.count = a.count + b.count;
-  const float fb = static_cast<float>(b.count) / static_cast<float>(r.count);
-  const float fa = 1.f - fb;  // one division: merges sit on the exchange's critical path
-  const float delta = b.mean - a.mean;
-  r.mean = a.mean + delta * fb;
+  // Each share from its own count: fa = 1 - fb would carry fb's rounding as a large relative
+  // error when fa is small. One reciprocal, correctly rounded on both sides (the same bits):
+  // __frcp_rn has no slow path, where a division's made the streamed kernels spill.
+#if defined(__CUDA_ARCH__)
+  const float inv = __frcp_rn(static_cast<float>(static_cast<Count>(r.count)));
+#else
+  const float inv = 1.f / static_cast<float>(static_cast<Count>(r.count));
+#endif
+  const float fa = static_cast<float>(static_cast<Count>(a.count)) * inv;
+  const float fb = static_cast<float>(static_cast<Count>(b.count)) * inv;
+  const float delta = (b.mean - a.mean) + (b.mean_lo - a.mean_lo);
+  float e;
+  two_sum(a.mean, delta * fb, r.mean, e);
+  r.mean_lo = a.mean_lo + e;
   // (delta*fa)*(delta*fb): never larger than delta^2, so no intermediate overflow.
   r.var = fa * a.var + fb * b.var + (delta * fa) * (delta * fb);
   return r;
 }
+
+/// Chan's merge of any two partials: from the larger one (merge_into), so the mean's step is
+/// rounded at most 2^-24 std. The roles swap exactly (negated delta, commuted sums and
+/// products), so the result depends only on the order in which callers pass the partials:
+/// callers that need bit-identical results everywhere merge in a fixed order (lower index
+/// first). Empty partials are skipped, so a thread, warp or block that saw no values
+/// contributes nothing.
+INSTNORM_HD Moments merge(const Moments& a, const Moments& b) {
+  return b.count > a.count ? merge_into(b, a) : merge_into(a, b);
+}
+
+/// A partial's share of `total` values (0 for an empty one).
+INSTNORM_HD float share_of(int64_t count, int64_t total) {
+  // A correctly rounded reciprocal times the count (the same bits on both sides): a division's
+  // slow path made the exchange's registers spill.
+#if defined(__CUDA_ARCH__)
+  const float inv = __frcp_rn(static_cast<float>(total));
+#else
+  const float inv = 1.f / static_cast<float>(total);
+#endif
+  return count > 0 ? static_cast<float>(count) * inv : 0.f;
+}
+
+/// The two stages of a combine by shares f_i = count_i / total (the same two-level formula as
+/// Chan's merge, as sums instead of pairwise merges): first a = sum(f_i * mean_i) (high parts),
+/// then, from each partial's deviation d_i = (mean_i - a) + mean_lo_i, r = sum(f_i * d_i) and
+/// q = sum(f_i * (var_i + d_i^2)); the result is mean a + r and var q - r^2. The deviations
+/// are small next to the means (the same offset is in a and mean_i), so r carries what a
+/// rounds away, including the error of shares that do not add up to exactly 1; and r is the
+/// rounding of a, so r^2 is negligible next to q (no cancellation). Empty partials add 0.
+/// The second stage's two sums of SharesCombine.
+struct ShareSums {
+  float res = 0.f;  ///< sum(f_i * d_i)
+  float sq = 0.f;   ///< sum(f_i * (var_i + d_i^2))
+};
+struct SharesCombine {
+  float f, hi, lo, var;
+  INSTNORM_HD SharesCombine(const Moments& m, int64_t total)
+      : f(share_of(m.count, total)), hi(m.mean), lo(m.mean_lo), var(m.var) {}
+  INSTNORM_HD float first() const { return f * hi; }
+  INSTNORM_HD ShareSums second(float a) const {
+    const float d = (hi - a) + lo;
+    return ShareSums{f * d, f * fmaf(d, d, var)};
+  }
+  static INSTNORM_HD Moments result(float a, ShareSums s, int64_t total) {
+    return Moments{a, s.sq - s.res * s.res, total > 0 ? total : 0, s.res};
+  }
+};
 
 /// Biased variance of the merged set, clamped at 0 (NaN stays NaN: a plane holding NaN or Inf
 /// must come out NaN).
@@ -69,14 +147,22 @@ INSTNORM_HD int deviation_shift(int n) {
 /// Moments of n values from the sums of a two-pass local computation: c is the local centre
 /// (plain mean of the values), s1 = sum(d) and s2 = h^2 * sum(d^2) over d = x - c, with
 /// h = 2^-k (k = deviation_shift(n); the caller scales each small group of squares, e.g. one
-/// vector's, before adding it). mean and var are relative to `pivot`.
+/// vector's, before adding it). The mean is relative to `pivot`, as the exact pair
+/// (c - pivot) + s1 / n rounded once into mean + mean_lo: values all equal to the pivot give
+/// exactly 0 (a constant plane normalizes to exactly 0).
 INSTNORM_HD Moments moments_from_sums(int n, float c, int k, float s1, float s2, float pivot) {
   Moments m;
   if (n <= 0) return m;
   const float inv_n = 1.f / static_cast<float>(n);
   const float h = ldexpf(1.f, -k), inv_h2 = ldexpf(1.f, 2 * k);  // exact
-  const float dm = s1 * inv_n;
-  m.mean = (c - pivot) + dm;
+  // s1 / n, correctly rounded by one Newton step on the reciprocal's quotient (a division's
+  // slow path costs registers): exact where the deviations are all equal, as on a constant
+  // plane, so that its mean relative to a pivot of its own value is exactly 0.
+  const float q0 = s1 * inv_n;
+  const float dm = fmaf(fmaf(-q0, static_cast<float>(n), s1), inv_n, q0);
+  float hi, e;
+  two_sum(c, -pivot, hi, e);  // c - pivot exactly
+  two_sum(hi, e + dm, m.mean, m.mean_lo);
   // var = (sum(d^2) - s1*dm) / n, in the scaled domain: s1*dm <= sum(d^2), and (s1*h)*(dm*h)
   // keeps each factor small.
   const float v = (s2 - (s1 * h) * (dm * h)) * inv_n * inv_h2;
@@ -85,11 +171,11 @@ INSTNORM_HD Moments moments_from_sums(int n, float c, int k, float s1, float s2,
   return m;
 }
 
-/// Moments of `n` values held by one thread, computed in two passes over them (mean, then squared
-/// deviations from that mean), which keeps var accurate for any offset. `get(i)` returns value i
-/// already shifted by the pivot.
+/// Moments of `n` values held by one thread, relative to `pivot`, computed in two passes over
+/// them (local mean, then deviations from it), which keeps var accurate for any offset. `get(i)`
+/// returns value i (not shifted).
 template <class Get>
-INSTNORM_HD Moments local_moments(int n, Get get) {
+INSTNORM_HD Moments local_moments(int n, Get get, float pivot) {
   if (n <= 0) return Moments{};
   float sum = 0.f;
   for (int i = 0; i < n; ++i) sum += get(i);
@@ -102,7 +188,22 @@ INSTNORM_HD Moments local_moments(int n, Get get) {
     s1 += d;
     s2 = fmaf(d * d, h2, s2);
   }
-  return moments_from_sums(n, c, k, s1, s2, 0.f);
+  return moments_from_sums(n, c, k, s1, s2, pivot);
+}
+
+/// The statistics a normalize uses, from moments relative to `pivot`: center is the mean
+/// rounded to fp32 and residual the rest (pivot + mean + mean_lo - center, to fp32), so that
+/// x - center is exact where x is near the mean and y = (x - center - residual) * rstd keeps
+/// the residual when |mean| >> std.
+struct CenterResidual {
+  float center, residual;
+};
+INSTNORM_HD CenterResidual center_of(float pivot, const Moments& m) {
+  float hi, e;
+  two_sum(pivot, m.mean, hi, e);
+  CenterResidual r;
+  two_sum(hi, e + m.mean_lo, r.center, r.residual);
+  return r;
 }
 
 }  // namespace instnorm

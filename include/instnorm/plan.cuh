@@ -246,8 +246,10 @@ inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps&
       (p.threads != kStagedThreads || p.vec != 1 || p.blocks_per_plane != 1 || p.lanes > 32 ||
        p.smem_bytes < 2 * staged_stage_bytes(p.threads / p.lanes, prob.plane_len, prob.elem_bytes)))
     return false;
+  // smem_items <= 2 * items: the register part's mean centres the whole slice's moments
+  // (chunk_moments in detail/kernel.cuh), accurate while it holds at least a third of it.
   if (p.smem_items > 0 && (p.strategy != Strategy::kSplit || p.lanes != p.threads ||
-                           p.smem_bytes > d.smem_per_block_optin ||
+                           p.smem_items > 2 * p.items || p.smem_bytes > d.smem_per_block_optin ||
                            p.smem_bytes < int64_t(p.smem_items) * p.threads * p.vec * prob.elem_bytes))
     return false;
   if (p.slice_len > int64_t(p.items + p.smem_items) * p.threads * p.vec &&
@@ -456,16 +458,31 @@ constexpr int64_t kNhwcMinSliceBytes = 128;
 /// 128 registers without spilling beside the per-channel sums (4 or 8 channels per thread) and
 /// the exchange's loads in flight, on sm_89 and sm_90 (nvcc 13.0).
 constexpr int nhwc_max_items(int vec) { return vec == 1 ? 16 : vec == 4 ? 11 : 8; }
-/// Dynamic shared memory ahead of the on-chip NHWC kernel's rows: the pivot of each channel of a
-/// slice of `cols` column vectors (rounded to 16 bytes). Kept there, not re-read from x after
-/// the exchange: in place, the block holding an image's first row may already have overwritten
-/// it.
-constexpr int64_t nhwc_pivot_bytes(int64_t cols, int vec) { return (cols * vec * 4 + 15) / 16 * 16; }
-/// Static shared memory of the on-chip NHWC kernel: each thread's partial (two floats) of each of
-/// its `vec` channels, and a partial per warp.
-constexpr int64_t nhwc_fused_static_smem(int vec) {
-  return int64_t(kNhwcFusedThreads) * 8 * vec + 16 * (kNhwcFusedThreads / 32);
+/// Row lanes of one column that the on-chip NHWC kernel combines inside a warp before its
+/// shared-memory walk: 32 / cs where a slice's cs column vectors are a power of two below 32
+/// (lane i and lane i ^ (cs * 2^j) then hold the same column), else 1.
+constexpr int nhwc_warp_row_lanes(int64_t cols) {
+  return cols < 32 && (cols & (cols - 1)) == 0 ? int(32 / cols) : 1;
 }
+/// Entries per channel of a thread's column vector in the on-chip NHWC kernel's table of
+/// partials: one per (row-lane group, column).
+constexpr int64_t nhwc_partial_entries(int64_t cols) {
+  return (kNhwcFusedThreads / cols) / nhwc_warp_row_lanes(cols) * cols;
+}
+/// Dynamic shared memory ahead of the on-chip NHWC kernel's rows, for a slice of `cols` column
+/// vectors: the pivot of each channel (kept there, not re-read from x after the exchange: in
+/// place, the block holding an image's first row may already have overwritten it), then the
+/// partials' table, three floats (the mean's two parts and the variance) per entry and channel.
+/// With the in-warp combine a slice of 8 columns of bf16 needs 6 KB of partials where one entry
+/// per thread of two floats took 16 KB.
+constexpr int64_t nhwc_pivot_bytes(int64_t cols, int vec) {
+  return (cols * vec * 4 + 15) / 16 * 16;
+}
+constexpr int64_t nhwc_prefix_bytes(int64_t cols, int vec) {
+  return nhwc_pivot_bytes(cols, vec) + (12 * vec * nhwc_partial_entries(cols) + 15) / 16 * 16;
+}
+/// Static shared memory of the on-chip NHWC kernel: a Moments per warp.
+constexpr int64_t nhwc_fused_static_smem(int) { return 24 * (kNhwcFusedThreads / 32); }
 /// Co-resident on-chip NHWC blocks per SM with `smem_bytes` of dynamic shared memory (its
 /// static storage is counted exactly, so only the runtime's reserve is added).
 inline int nhwc_fused_per_sm(const DeviceProps& d, int64_t smem_bytes, int vec) {
@@ -535,7 +552,7 @@ inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const Dev
   if (prob.c >= (int64_t(1) << 31) || p.slice_rows * prob.c >= (int64_t(1) << 31))
     return false;  // the kernel's offsets inside a block's rows are 32-bit
   if (p.smem_items > 0 && p.vec * prob.elem_bytes != 16) return false;
-  if (p.smem_bytes < int64_t(p.smem_items) * threads * 16 + nhwc_pivot_bytes(p.cols_per_block, p.vec))
+  if (p.smem_bytes < int64_t(p.smem_items) * threads * 16 + nhwc_prefix_bytes(p.cols_per_block, p.vec))
     return false;
   if (p.smem_bytes < 0 || p.smem_bytes + nhwc_fused_static_smem(p.vec) > d.smem_per_block_optin)
     return false;
@@ -571,12 +588,12 @@ inline bool make_nhwc_fused_plan(const Problem& prob, const DeviceProps& d, cons
   // the NCHW split plans: the blocks that fit by registers share the SM's shared memory.
   const bool use_smem = (ov.split_smem >= 0 ? ov.split_smem != 0 : pol.split_smem) &&
                         p.vec * prob.elem_bytes == 16;
-  // Shared-memory rows per thread next to a slice of `cs` columns' pivots.
+  // Shared-memory rows per thread next to a slice of `cs` columns' pivots and partials.
   const int64_t budget = std::min(d.smem_per_block_optin - static_smem,
                                   d.smem_per_sm / by_regs - kSmemRuntimeReserve - static_smem);
   const auto smem_cap_for = [&](int64_t cs) {
     if (!use_smem) return 0;
-    return int(clamp64((budget - nhwc_pivot_bytes(cs, p.vec)) / (int64_t(threads) * 16), 0, 64));
+    return int(clamp64((budget - nhwc_prefix_bytes(cs, p.vec)) / (int64_t(threads) * 16), 0, 64));
   };
   const int64_t total_bytes = prob.n * S * prob.c * prob.elem_bytes;
   // Every slice width that divides the row and keeps GroupNorm groups whole, widest first; the
@@ -595,7 +612,7 @@ inline bool make_nhwc_fused_plan(const Problem& prob, const DeviceProps& d, cons
     const int smem_cap = smem_cap_for(cs);
     const int64_t resident =
         int64_t(std::max(1, nhwc_fused_per_sm(d, int64_t(smem_cap) * threads * 16 +
-                                                     nhwc_pivot_bytes(cs, p.vec),
+                                                     nhwc_prefix_bytes(cs, p.vec),
                                               p.vec))) *
         d.sm_count;
     const int64_t cap_rows = row_lanes * (max_i + smem_cap);
@@ -634,7 +651,7 @@ inline bool make_nhwc_fused_plan(const Problem& prob, const DeviceProps& d, cons
   p.blocks_per_unit = best_g;
   p.items = int(std::min<int64_t>(rows_per_thread, max_i));
   p.smem_items = int(rows_per_thread - p.items);
-  p.smem_bytes = int64_t(p.smem_items) * threads * 16 + nhwc_pivot_bytes(best_cs, p.vec);
+  p.smem_bytes = int64_t(p.smem_items) * threads * 16 + nhwc_prefix_bytes(best_cs, p.vec);
   const int64_t per_sm = std::max(1, nhwc_fused_per_sm(d, p.smem_bytes, p.vec));
   p.block_groups = std::max<int64_t>(
       1, std::min({prob.n * p.col_chunks, per_sm * d.sm_count / best_g, d.max_grid_x / best_g}));

@@ -60,8 +60,8 @@ __device__ __forceinline__ float load_param(const void* p, bool is_float, int64_
 }
 
 /// The plane's statistics folded into y = act((x - center) * scale + shift): `center` is the mean
-/// rounded to fp32 and `residual` the rest of it (mean - center, from the pivoted moments), so
-/// that x - center is exact when |mean| >> std and the residual is not lost.
+/// rounded to fp32 and `residual` the rest of it (center_of, moments.cuh), so that x - center is
+/// exact when |mean| >> std and the residual is not lost.
 template <class T>
 struct Epilogue {
   float center, residual, rstd, scale, shift;
@@ -79,8 +79,9 @@ __device__ __forceinline__ Epilogue<T> plane_epilogue(const KernelParams<T>& p, 
                                                       const Moments& m, int64_t plane,
                                                       bool writer) {
   Epilogue<T> ep;
-  ep.center = pivot + m.mean;
-  ep.residual = (pivot - ep.center) + m.mean;
+  const CenterResidual cr = center_of(pivot, m);
+  ep.center = cr.center;
+  ep.residual = cr.residual;
   ep.rstd = 1.f / sqrtf(variance(m) + p.eps);
   if (writer) {
     if (p.save_mean) p.save_mean[plane] = ep.center + ep.residual;
@@ -111,6 +112,35 @@ __device__ __forceinline__ void load_chunk(Vector<T, kVec> (&r)[kMaxItems], cons
     if (j < valid) r[j] = load_vector(s + j * lanes);
 }
 
+/// Asynchronous 16-byte copy global -> shared (cp.async, sm_80 and later), bypassing L1.
+__device__ __forceinline__ void copy_async16(void* smem_dst, const void* gmem_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
+#else
+  *static_cast<uint4*>(smem_dst) = *static_cast<const uint4*>(gmem_src);
+#endif
+}
+/// Waits for all of this thread's cp.async copies.
+__device__ __forceinline__ void copy_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+/// Closes this thread's group of cp.async copies issued since the last commit.
+__device__ __forceinline__ void copy_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+/// Waits until at most kPending of this thread's committed cp.async groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
 /// Local moments in two passes over a thread's values, relative to the pivot: a plain sum gives a
 /// local centre c, then the deviations d = x - c give sum(d) and sum(d^2) (moments_from_sums);
 /// accurate for any offset, since c is within rounding of the local mean. Each vector's squares
@@ -138,23 +168,35 @@ __device__ __forceinline__ void add_deviations(const Vector<T, kVec>& v, float c
   s2 = fmaf(q, h2, s2);
 }
 
-/// This thread's moments of the valid vectors of a chunk held in registers.
+/// This thread's moments of the valid vectors of a chunk held in registers and, when `svalid`
+/// > 0, of its shared-memory part (sm[j * lanes], j < svalid, filled by smem_fill), without a
+/// merge: the register part's mean c is the centre of both (its two passes run while the
+/// shared-memory copies are in flight). The register part holds at least a third of the values
+/// (plan_is_valid: smem_items <= 2 * items), so c lies within sqrt(2) standard deviations of
+/// the whole (a subset of share q is within sqrt((1 - q) / q) of the mean), and s2 - s1 * dm
+/// carries at most 3 times the rounding of the variance (s2 / n <= 3 var).
 template <class T, int kVec, int kMaxItems>
 __device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMaxItems],
-                                                 int valid, float pivot) {
-  const int n = valid * kVec;
-  if (n == 0) return Moments{};
+                                                 int valid, float pivot,
+                                                 const Vector<T, kVec>* sm = nullptr,
+                                                 int svalid = 0, int lanes = 0) {
+  if (valid == 0) return Moments{};  // the shared-memory part follows a full register part
+  const int n = (valid + svalid) * kVec;
   float sum = 0.f;
 #pragma unroll
   for (int j = 0; j < kMaxItems; ++j)
     if (j < valid) add_values(r[j], sum);
-  const float c = sum / static_cast<float>(n);
+  const float c = sum / static_cast<float>(valid * kVec);
   const int k = deviation_shift(n);
   const float h2 = ldexpf(1.f, -2 * k);
   float s1 = 0.f, s2 = 0.f;
 #pragma unroll
   for (int j = 0; j < kMaxItems; ++j)
     if (j < valid) add_deviations(r[j], c, h2, s1, s2);
+  if (svalid > 0) {
+    if constexpr (sizeof(Vector<T, kVec>) == 16) copy_async_wait_all();
+    for (int j = 0; j < svalid; ++j) add_deviations(sm[j * lanes], c, h2, s1, s2);
+  }
   return moments_from_sums(n, c, k, s1, s2, pivot);
 }
 
@@ -235,35 +277,6 @@ __device__ __forceinline__ void store_chunk(const Vector<T, kVec> (&r)[kMaxItems
   }
 }
 
-/// Asynchronous 16-byte copy global -> shared (cp.async, sm_80 and later), bypassing L1.
-__device__ __forceinline__ void copy_async16(void* smem_dst, const void* gmem_src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
-#else
-  *static_cast<uint4*>(smem_dst) = *static_cast<const uint4*>(gmem_src);
-#endif
-}
-/// Waits for all of this thread's cp.async copies.
-__device__ __forceinline__ void copy_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-#endif
-}
-/// Closes this thread's group of cp.async copies issued since the last commit.
-__device__ __forceinline__ void copy_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-/// Waits until at most kPending of this thread's committed cp.async groups are in flight.
-template <int kPending>
-__device__ __forceinline__ void copy_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-#endif
-}
-
 /// The part of a slice beyond the registers, held in dynamic shared memory (lanes == block):
 /// each thread owns the slots j * lanes + lane, so no barrier is needed between its writes and
 /// its reads. Lets a block hold up to 227 KB more on sm_90, so fewer blocks share a plane.
@@ -290,23 +303,6 @@ __device__ __forceinline__ void smem_fill(Vector<T, kVec>* sm, const T* src, int
     }
     for (; j < valid; ++j) sm[j * lanes] = load_vector(s + j * lanes);
   }
-}
-
-/// This thread's moments of its shared-memory part, once its copies have landed.
-template <class T, int kVec>
-__device__ __forceinline__ Moments smem_moments(const Vector<T, kVec>* sm, int valid, int lanes,
-                                                float pivot) {
-  if constexpr (sizeof(Vector<T, kVec>) == 16) copy_async_wait_all();
-  const int n = valid * kVec;
-  if (n == 0) return Moments{};
-  float sum = 0.f;
-  for (int j = 0; j < valid; ++j) add_values(sm[j * lanes], sum);
-  const float c = sum / static_cast<float>(n);
-  const int k = deviation_shift(n);
-  const float h2 = ldexpf(1.f, -2 * k);
-  float s1 = 0.f, s2 = 0.f;
-  for (int j = 0; j < valid; ++j) add_deviations(sm[j * lanes], c, h2, s1, s2);
-  return moments_from_sums(n, c, k, s1, s2, pivot);
 }
 
 template <Activation kAct, class T, int kVec>
@@ -408,16 +404,18 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
                              : 0;
       if (svalid > 0)
         smem_fill<T, kVec>(reinterpret_cast<V*>(dyn_smem) + lane, xs + chunk, svalid, lane, lanes);
-      m = chunk_moments<T, kVec, kMaxItems>(regs, valid, pivot);
-      if (p.smem_items > 0)
-        m = merge(m, smem_moments<T, kVec>(reinterpret_cast<const V*>(dyn_smem) + lane, svalid,
-                                           lanes, pivot));
+      m = chunk_moments<T, kVec, kMaxItems>(regs, valid, pivot,
+                                            reinterpret_cast<const V*>(dyn_smem) + lane, svalid,
+                                            lanes);
     } else {
       for (int64_t off = 0; off < len; off += chunk) {
         const int clen = int(len - off < chunk ? len - off : chunk);
         const int valid = valid_items<kVec>(clen, lane, lanes, p.items);
         load_chunk<T, kVec, kMaxItems>(regs, xs + off, valid, lane, lanes);
-        m = merge(m, chunk_moments<T, kVec, kMaxItems>(regs, valid, pivot));
+        // Chunks do not grow (only the last is shorter), so m is the larger partial; a
+        // thread's count fits in an int (a block's slice over at least 32 threads: 2^36
+        // elements, more than any GPU holds, would still fit).
+        m = merge_into<int>(m, chunk_moments<T, kVec, kMaxItems>(regs, valid, pivot));
       }
     }
     trace_stamp(round, 2);
@@ -433,7 +431,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
                        const int64_t left = active ? plane_len - int64_t(i) * slice : 0;
                        return left < 0 ? 0 : left < slice ? left : slice;
                      },
-                     smem);
+                     active ? plane_len : 0, smem);
     }
     trace_stamp(round, 4);
 
@@ -548,8 +546,10 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
     T* xp = buf + (active ? group : 0) * L;
     const float pivot = active ? to_float(xp[0]) : 0.f;
     const int mine = active && lane < L ? int((L - lane + lanes - 1) / lanes) : 0;
-    Moments m = local_moments(mine, [&](int k) { return to_float(xp[lane + k * lanes]) - pivot; });
-    m = warp_allreduce(m, lanes);  // also orders every lane's pivot read before any write
+    Moments m = local_moments(mine, [&](int k) { return to_float(xp[lane + k * lanes]); }, pivot);
+    // By shares of the plane's length (SharesCombine); the shuffles also order every lane's
+    // pivot read before any write.
+    m = warp_allreduce_shares(m, active ? L : 0, lanes);
     if (active) {
       const int64_t plane = first_plane + group;
       Epilogue<T> ep = plane_epilogue(p, pivot, m, plane, lane == 0);

@@ -64,7 +64,10 @@ __device__ __forceinline__ float group_pivot(const NhwcParams<T>& p, int64_t ima
 template <class T, int kVec>
 __global__ void __launch_bounds__(kNhwcThreads) nhwc_partials(const NhwcParams<T> p) {
   using V = Vector<T, kVec>;
-  __shared__ Moments sm[kNhwcThreads * kVec];
+  // The row lanes' partials: (mean, var, mean_lo) per channel and one count per thread (the same
+  // for its kVec channels), 12 * kVec + 8 bytes a thread instead of 24 * kVec.
+  __shared__ float3 sm[kNhwcThreads * kVec];
+  __shared__ int64_t sm_count[kNhwcThreads];
   const int cpb = p.cols_per_block;
   const int t = threadIdx.x;
   const int rl = t / cpb;
@@ -117,23 +120,32 @@ __global__ void __launch_bounds__(kNhwcThreads) nhwc_partials(const NhwcParams<T
         }
       }
     }
+    const auto from_smem = [&](int i, int k) {
+      const float3 v = sm[i * kVec + k];
+      return Moments{v.x, v.y, sm_count[i], v.z};
+    };
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) sm[t * kVec + k] = acc[k];
+    for (int k = 0; k < kVec; ++k) sm[t * kVec + k] = make_float3(acc[k].mean, acc[k].var, acc[k].mean_lo);
+    sm_count[t] = acc[0].count;
     __syncthreads();
     // Tree over the row lanes (slot rl * cpb + column), lower lane first: log2(row_lanes)
     // merges deep instead of row_lanes (a serial walk made the block's tail dominate).
     for (int stride = 1; stride < p.row_lanes; stride <<= 1) {
       if (rl % (2 * stride) == 0 && rl + stride < p.row_lanes) {
+        const int o = t + stride * cpb;
 #pragma unroll
-        for (int k = 0; k < kVec; ++k)
-          sm[t * kVec + k] = merge(sm[t * kVec + k], sm[(t + stride * cpb) * kVec + k]);
+        for (int k = 0; k < kVec; ++k) {
+          const Moments m = merge(from_smem(t, k), from_smem(o, k));
+          sm[t * kVec + k] = make_float3(m.mean, m.var, m.mean_lo);
+        }
+        sm_count[t] += sm_count[o];
       }
       __syncthreads();
     }
     if (rl == 0 && col < cv) {
 #pragma unroll
       for (int k = 0; k < kVec; ++k)
-        p.partials[(li * p.tiles + tile) * p.c + col * kVec + k] = sm[t * kVec + k];
+        p.partials[(li * p.tiles + tile) * p.c + col * kVec + k] = from_smem(t, k);
     }
     __syncthreads();
   }
@@ -168,9 +180,8 @@ __global__ void __launch_bounds__(kNhwcThreads) nhwc_finalize(const NhwcParams<T
     m = warp_allreduce(m, L);
     if (active && lane == 0) {
       const int64_t image = p.img_first + li;
-      const float pivot = group_pivot(p, image, g);
-      const float center = pivot + m.mean;
-      const float residual = (pivot - center) + m.mean;
+      const CenterResidual cr = center_of(group_pivot(p, image, g), m);
+      const float center = cr.center, residual = cr.residual;
       const float var = variance(m);
       const float rstd = 1.f / sqrtf(var + p.eps);
       const int64_t plane = image * p.groups + g;
@@ -291,16 +302,34 @@ __device__ __forceinline__ void nhwc_store_rows(const Vector<T, kVec> (&regs)[kM
   for (int j = 0; j < svalid; ++j) one(smem[j * kNhwcFusedThreads], dst(kMaxItems + j));
 }
 
+/// Per-channel partials of the on-chip NHWC kernel in shared memory, [k][row-lane group][column]
+/// for channel k of a column vector: the mean's two parts and the variance (the counts follow
+/// from the block's rows, which every thread knows).
+struct ChannelPartials {
+  float* mean;
+  float* lo;
+  float* var;
+  __device__ __forceinline__ Moments get(int i, int64_t count) const {
+    return Moments{mean[i], var[i], count, lo[i]};
+  }
+  __device__ __forceinline__ void set(int i, const Moments& m) const {
+    mean[i] = m.mean;
+    lo[i] = m.mean_lo;
+    var[i] = m.var;
+  }
+};
+
 /// Merges, for `n` channels j = first + i * step (i < n), the G tagged partials
 /// part[b * chs + j] (b = 0..G-1, rows_of(b) values each) in a fixed order: L lanes per channel
 /// (a power of two up to the whole block) take blocks sub, sub + L, ... with kBatch loads in
-/// flight, then a butterfly inside the warp and, for L > 32, the warps' results in order. The
-/// result of channel j goes to out[slot_of(j)] (Out = float2, shared memory) or is published as
-/// tagged out[j] (Out = TaggedSlot). Called by every thread of the block.
+/// flight, then combine by shares (SharesCombine) in a butterfly inside the warp and, for L > 32,
+/// the warps' sums in order. The result of channel j goes to out.set(slot_of(j)) (Out =
+/// ChannelPartials, shared memory) or is published as tagged out[j] (Out = TaggedSlot*). Called
+/// by every thread of the block.
 template <int kBatch, class RowsOf, class Out, class SlotOf>
 __device__ __forceinline__ void merge_channels(TaggedSlot* part, int chs, int G, int first,
                                                int step, int n, unsigned tag, RowsOf rows_of,
-                                               int64_t total, Out* out, SlotOf slot_of,
+                                               int64_t total, Out out, SlotOf slot_of,
                                                Moments* wsm) {
   constexpr int kThreads = kNhwcFusedThreads;
   const int t = threadIdx.x;
@@ -312,52 +341,54 @@ __device__ __forceinline__ void merge_channels(TaggedSlot* part, int chs, int G,
     const int j = first + i * step;
     Moments m;
     for (int b0 = sub; i < n && b0 < G; b0 += L * kBatch) {
-      unsigned long long wa[kBatch], wb[kBatch];
+      TaggedWords w[kBatch];
       bool ready;
       do {  // the whole batch is reloaded until every word carries this round's tag
         ready = true;
 #pragma unroll
-        for (int k = 0; k < kBatch; ++k) {
-          const int b = b0 + k * L < G ? b0 + k * L : b0;
-          wa[k] = TaggedWord(part[b * chs + j].mean_word).load(cuda::memory_order_relaxed);
-          wb[k] = TaggedWord(part[b * chs + j].var_word).load(cuda::memory_order_relaxed);
-        }
+        for (int k = 0; k < kBatch; ++k) w[k].load(part[(b0 + k * L < G ? b0 + k * L : b0) * chs + j]);
 #pragma unroll
-        for (int k = 0; k < kBatch; ++k)
-          ready = ready && unsigned(wa[k] >> 32) == tag && unsigned(wb[k] >> 32) == tag;
+        for (int k = 0; k < kBatch; ++k) ready = ready && w[k].carry(tag);
         if (!ready) __nanosleep(64);
       } while (!ready);
 #pragma unroll
       for (int k = 0; k < kBatch; ++k) {
         const int b = b0 + k * L;
-        if (b < G)
-          m = merge(m, Moments{__uint_as_float(unsigned(wa[k])), __uint_as_float(unsigned(wb[k])),
-                               rows_of(b)});
+        if (b < G) m = merge(m, w[k].moments(rows_of(b)));
       }
     }
-    // Across the lanes by shares of the unit's rows (see warp_allreduce_shares); for L > 32
-    // the channel's warps add their sums in order.
-    const float f = share_of(m.count, total);
+    // Across the lanes by shares of the unit's rows; for L > 32 the channel's warps add their
+    // sums in order (wsm[warp]: mean for the first sum, var and mean_lo for the second).
+    const SharesCombine sc(m, total);
     const int wbase = (t - sub) >> 5;
-    const auto lanes_sum = [&](float v, bool second) {
-      v = butterfly_sum(v, L < 32 ? L : 32);
-      if (L > 32) {
-        if ((t & 31) == 0) (second ? wsm[t >> 5].var : wsm[t >> 5].mean) = v;
-        __syncthreads();
-        v = 0.f;
-        for (int w = 0; w < L / 32; ++w) v += second ? wsm[wbase + w].var : wsm[wbase + w].mean;
-        __syncthreads();
+    float a = butterfly_sum(sc.first(), L < 32 ? L : 32);
+    if (L > 32) {
+      if ((t & 31) == 0) wsm[t >> 5].mean = a;
+      __syncthreads();
+      a = 0.f;
+      for (int w = 0; w < L / 32; ++w) a += wsm[wbase + w].mean;
+      __syncthreads();
+    }
+    ShareSums rq = butterfly_sum2(sc.second(a), L < 32 ? L : 32);
+    if (L > 32) {
+      if ((t & 31) == 0) {
+        wsm[t >> 5].mean_lo = rq.res;
+        wsm[t >> 5].var = rq.sq;
       }
-      return v;
-    };
-    const float mean = lanes_sum(f * m.mean, false);
-    const float d = m.mean - mean;
-    m = Moments{mean, lanes_sum(f * fmaf(d, d, m.var), true), total};
+      __syncthreads();
+      rq = ShareSums{};
+      for (int w = 0; w < L / 32; ++w) {
+        rq.res += wsm[wbase + w].mean_lo;
+        rq.sq += wsm[wbase + w].var;
+      }
+      __syncthreads();
+    }
+    m = SharesCombine::result(a, rq, total);
     if (sub == 0 && i < n) {
-      if constexpr (std::is_same<Out, TaggedSlot>::value)
-        store_tagged(out[j], m.mean, m.var, tag);
+      if constexpr (std::is_same<Out, TaggedSlot*>::value)
+        store_tagged(out[j], m, tag);
       else
-        out[slot_of(j)] = make_float2(m.mean, m.var);
+        out.set(slot_of(j), m);
     }
   }
 }
@@ -374,15 +405,22 @@ template <class T, int kVec, int kMaxItems>
 __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcParams<T> p) {
   using V = Vector<T, kVec>;
   constexpr int kThreads = kNhwcFusedThreads;
-  __shared__ float2 red[kVec * kThreads];  // [k][thread]: per-thread partial of channel k
   __shared__ Moments wsm[kThreads / 32];   // merge_channels' per-warp results
   constexpr int kBatch = kVec == 8 ? 4 : 2;  // exchange loads in flight: the most without spills
   extern __shared__ uint4 dyn_smem[];
   const int t = threadIdx.x;
   const int cs = p.cols_per_block, row_lanes = p.row_lanes;
-  // Dynamic shared memory: the slice's pivots (plan.cuh's nhwc_pivot_bytes), then the rows.
+  // Row lanes of a column combined inside a warp (plan.cuh's nhwc_warp_row_lanes), and entries
+  // per channel of the partials' table, [k][row-lane group][column] (nhwc_partial_entries).
+  const int wl = cs < 32 && (cs & (cs - 1)) == 0 ? 32 / cs : 1;
+  const int entries = (kThreads / cs) / wl * cs;
+  // Dynamic shared memory (plan.cuh's nhwc_prefix_bytes): the slice's pivots, the partials'
+  // table, then the rows.
   float* pivots = reinterpret_cast<float*>(dyn_smem);
-  V* sdata = reinterpret_cast<V*>(dyn_smem + (cs * kVec + 3) / 4) + t;  // rows: [j * kThreads]
+  float* table = pivots + (cs * kVec + 3) / 4 * 4;
+  const ChannelPartials red{table, table + kVec * entries, table + 2 * kVec * entries};
+  V* sdata = reinterpret_cast<V*>(dyn_smem + (cs * kVec + 3) / 4 + (3 * kVec * entries + 3) / 4) +
+             t;  // rows: [j * kThreads]
   const int rl = t / cs, cl = t % cs;
   const bool on = rl < row_lanes;
   const int chs = cs * kVec;  // channels of a slice
@@ -473,71 +511,92 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
       if (q < rvalid) dev(regs[q]);
     for (int j = 0; j < svalid; ++j) dev(sdata[j * kThreads]);
 
-    // Pivot of each channel: its group's first element in the image (see group_pivot).
+    // Pivot of each channel: its group's first element in the image (see group_pivot). Row i of
+    // the block is on lane i % row_lanes; the wl row lanes of a column in one warp combine by
+    // shares of their rows (butterflies over lanes cs, 2 cs, ... apart) into the table's entry
+    // of their group.
     const int ch0 = col * kVec;
+    const int full = int(block_rows / row_lanes), rem = int(block_rows % row_lanes);
+    const auto group_rows = [&](int g) {
+      const int extra = rem - g * wl;
+      return int64_t(wl) * full + (extra < 0 ? 0 : extra < wl ? extra : wl);
+    };
+    const int64_t my_group_rows = group_rows(rl / wl);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const float pivot = to_float(ximg[((ch0 + k) / cpg) * cpg]);
       if (rl == 0) pivots[cl * kVec + k] = pivot;
-      const Moments m = moments_from_sums(rows, c[k], shift_k, s1[k], s2[k], pivot);
-      red[k * kThreads + t] = make_float2(m.mean, m.var);
+      Moments m = moments_from_sums(rows, c[k], shift_k, s1[k], s2[k], pivot);
+      if (wl > 1) {
+        const SharesCombine sc(m, my_group_rows);
+        float a = sc.first();
+        for (int o = cs; o < 32; o <<= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+        ShareSums rq = sc.second(a);
+        for (int o = cs; o < 32; o <<= 1) {
+          rq.res += __shfl_xor_sync(0xffffffffu, rq.res, o);
+          rq.sq += __shfl_xor_sync(0xffffffffu, rq.sq, o);
+        }
+        m = SharesCombine::result(a, rq, my_group_rows);
+      }
+      if (on && rl % wl == 0) red.set(k * entries + (rl / wl) * cs + cl, m);
     }
     __syncthreads();
     trace_stamp(round, 2);
-    // The row lanes' partials of each (channel k, column) combine by shares of the block's rows
-    // (see warp_allreduce_shares): one thread per pair walks its column's lanes in order, for
-    // the mean and then the variance, and leaves the result in lane 0's slot. Row i of the block
-    // is on lane i % row_lanes. A tree of Chan merges here took 2.5-4 us per round on the H100
-    // (trace, detail/trace.cuh); one chain per walk 2.3, two chains 1.8. (Splitting the walk
-    // over several threads per pair made ptxas spill at the kernel's 128 registers.)
+    // The row-lane groups' partials of each (channel k, column) combine by shares of the block's
+    // rows (see warp_allreduce_shares): one thread per pair walks its column's groups in order,
+    // for the high parts of the means and then the deviations from their sum, and leaves the
+    // result in group 0's entry. A tree of Chan merges here took 2.5-4 us per round on the H100
+    // (trace, detail/trace.cuh); one chain per walk over 32 row lanes 2.3, two chains 1.8; the
+    // in-warp combine leaves 8 groups to walk where a slice has fewer than 32 columns.
+    // (Splitting the walk over several threads per pair made ptxas spill at the kernel's 128
+    // registers.)
     {
-      const int full = int(block_rows / row_lanes), rem = int(block_rows % row_lanes);
+      const int groups = entries / cs;
       const float inv_rows = block_rows > 0 ? 1.f / float(block_rows) : 0.f;
-      const float f_full = float(full) * inv_rows, f_more = float(full + 1) * inv_rows;
-      const auto combine = [&](float2* lane0) {
-        // Even and odd lanes in two chains (two loads in flight), added at the end.
-        float m0 = 0.f, m1 = 0.f, v0 = 0.f, v1 = 0.f;
-        int r = 0;
+      const auto combine = [&](int lane0) {
+        // Even and odd groups in two chains (two loads in flight), added at the end.
+        const auto f_of = [&](int g) { return float(group_rows(g)) * inv_rows; };
+        float a0 = 0.f, a1 = 0.f;
+        int g = 0;
 #pragma unroll 1
-        for (; r + 1 < row_lanes; r += 2) {
-          m0 = fmaf(r < rem ? f_more : f_full, lane0[r * cs].x, m0);
-          m1 = fmaf(r + 1 < rem ? f_more : f_full, lane0[(r + 1) * cs].x, m1);
+        for (; g + 1 < groups; g += 2) {
+          a0 = fmaf(f_of(g), red.mean[lane0 + g * cs], a0);
+          a1 = fmaf(f_of(g + 1), red.mean[lane0 + (g + 1) * cs], a1);
         }
-        if (r < row_lanes) m0 = fmaf(r < rem ? f_more : f_full, lane0[r * cs].x, m0);
-        const float mean = m0 + m1;
+        if (g < groups) a0 = fmaf(f_of(g), red.mean[lane0 + g * cs], a0);
+        const float a = a0 + a1;
+        ShareSums rq0, rq1;
+        const auto add = [&](ShareSums& acc, int g) {
+          const int i = lane0 + g * cs;
+          const float d = (red.mean[i] - a) + red.lo[i];
+          acc.res = fmaf(f_of(g), d, acc.res);
+          acc.sq = fmaf(f_of(g), fmaf(d, d, red.var[i]), acc.sq);
+        };
 #pragma unroll 1
-        for (r = 0; r + 1 < row_lanes; r += 2) {
-          const float2 a = lane0[r * cs], b = lane0[(r + 1) * cs];
-          const float da = a.x - mean, db = b.x - mean;
-          v0 = fmaf(r < rem ? f_more : f_full, fmaf(da, da, a.y), v0);
-          v1 = fmaf(r + 1 < rem ? f_more : f_full, fmaf(db, db, b.y), v1);
+        for (g = 0; g + 1 < groups; g += 2) {
+          add(rq0, g);
+          add(rq1, g + 1);
         }
-        if (r < row_lanes) {
-          const float2 a = lane0[r * cs];
-          const float da = a.x - mean;
-          v0 = fmaf(r < rem ? f_more : f_full, fmaf(da, da, a.y), v0);
-        }
-        *lane0 = make_float2(mean, v0 + v1);
+        if (g < groups) add(rq0, g);
+        red.set(lane0, SharesCombine::result(a, ShareSums{rq0.res + rq1.res, rq0.sq + rq1.sq},
+                                             block_rows));
       };
-      // Pair j = k * cs + column: thread t < chs takes (rl, cl); wider slices loop.
-      if (t < chs) combine(red + rl * kThreads + cl);
+      // Pair j = k * cs + column: thread t < chs takes (k = rl, cl); wider slices loop.
+      if (t < chs) combine(rl * entries + cl);
 #pragma unroll 1
-      for (int j = t + kThreads; j < chs; j += kThreads) combine(red + (j / cs) * kThreads + j % cs);
+      for (int j = t + kThreads; j < chs; j += kThreads) combine((j / cs) * entries + j % cs);
       __syncthreads();
     }
     trace_stamp(round, 3);
-    // Channel j = column * kVec + k of the slice lives at red[k * kThreads + column].
-    const auto slot_of = [&](int j) { return (j % kVec) * kThreads + j / kVec; };
+    // Channel j = column * kVec + k of the slice lives at entry k * entries + column.
+    const auto slot_of = [&](int j) { return (j % kVec) * entries + j / kVec; };
     int64_t count = block_rows;
     if (G > 1) {
       const unsigned tag = round + 1u;
       TaggedSlot* part = p.slots + size_t(round & 1) * size_t(gridDim.x + block_groups) * chs;
       TaggedSlot* merged = part + size_t(gridDim.x) * chs + size_t(block_group) * chs;
       part += size_t(block_group) * G * chs;
-      for (int j = t; j < chs; j += kThreads) {
-        const float2 v = red[slot_of(j)];
-        store_tagged(part[rank * chs + j], v.x, v.y, tag);
-      }
+      for (int j = t; j < chs; j += kThreads) store_tagged(part[rank * chs + j], red.get(slot_of(j), 0), tag);
       __syncthreads();  // red is read above and rewritten below
       const int64_t slice_rows = p.slice_rows;
       const auto rows_of = [=](int b) -> int64_t {
@@ -556,10 +615,7 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
         const int owned = rank < chs ? (chs - 1 - rank) / G + 1 : 0;
         if (owned > 0)
           merge_channels<kBatch>(part, chs, G, rank, G, owned, tag, rows_of, S, merged, 0, wsm);
-        for (int j = t; j < chs; j += kThreads) {
-          const float2 v = load_tagged(merged[j], tag);
-          red[slot_of(j)] = v;
-        }
+        for (int j = t; j < chs; j += kThreads) red.set(slot_of(j), load_tagged(merged[j], tag, S));
       }
       count = S;
       __syncthreads();
@@ -569,11 +625,8 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
     if (cpg > 1) {
       for (int g = t; g * cpg < chs; g += kThreads) {
         Moments m;
-        for (int j = g * int(cpg); j < (g + 1) * int(cpg); ++j) {
-          const float2 v = red[slot_of(j)];
-          m = merge(m, Moments{v.x, v.y, count});
-        }
-        red[slot_of(g * int(cpg))] = make_float2(m.mean, m.var);
+        for (int j = g * int(cpg); j < (g + 1) * int(cpg); ++j) m = merge(m, red.get(slot_of(j), count));
+        red.set(slot_of(g * int(cpg)), m);
       }
       count *= cpg;
       __syncthreads();
@@ -584,13 +637,11 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
     for (int k = 0; k < kVec; ++k) {
       const int ch = ch0 + k, g = ch / cpg;
       const int j = cl * kVec + k;  // channel within the slice, whose groups are whole
-      const float2 v = red[slot_of(int((j / cpg) * cpg))];
-      // As read before the exchange: in place, the block holding the image's first row may
-      // have overwritten it since.
-      const float pivot = pivots[j];
-      const Moments m{v.x, v.y, count};
-      const float center = pivot + m.mean;
-      const float residual = (pivot - center) + m.mean;
+      const Moments m = red.get(slot_of(int((j / cpg) * cpg)), count);
+      // The pivot as read before the exchange: in place, the block holding the image's first
+      // row may have overwritten it since.
+      const CenterResidual cr = center_of(pivots[j], m);
+      const float center = cr.center, residual = cr.residual;
       const float var = variance(m);
       const float rstd = 1.f / sqrtf(var + p.eps);
       if (rank == 0 && rl == 0 && ch % cpg == 0) {

@@ -20,6 +20,7 @@ __device__ __forceinline__ Moments shfl_xor(const Moments& m, int offset) {
   r.var = __shfl_xor_sync(0xffffffffu, m.var, offset);
   r.count = static_cast<int64_t>(
       __shfl_xor_sync(0xffffffffu, static_cast<long long>(m.count), offset));
+  r.mean_lo = __shfl_xor_sync(0xffffffffu, m.mean_lo, offset);
   return r;
 }
 
@@ -39,6 +40,7 @@ __device__ __forceinline__ Moments warp_allreduce(Moments m, int lanes) {
 /// group_wait's broadcast.
 struct BlockReduceStorage {
   float mean_sum[32] = {};
+  float res_sum[32] = {};
   float var_sum[32] = {};
   Moments exchanged;
 };
@@ -50,48 +52,52 @@ __device__ __forceinline__ float butterfly_sum(float v, int lanes) {
   for (int o = 1; o < lanes; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
-
-/// A partial's share of `total` values (0 for an empty one).
-__device__ __forceinline__ float share_of(int64_t count, int64_t total) {
-  return count > 0 ? static_cast<float>(count) / static_cast<float>(total) : 0.f;
+/// Two independent sums in one butterfly (their shuffles overlap).
+__device__ __forceinline__ ShareSums butterfly_sum2(ShareSums v, int lanes) {
+  for (int o = 1; o < lanes; o <<= 1) {
+    v.res += __shfl_xor_sync(0xffffffffu, v.res, o);
+    v.sq += __shfl_xor_sync(0xffffffffu, v.sq, o);
+  }
+  return v;
 }
 
-/// All-reduce of partials that together hold `total` values (every caller knows it), by their
-/// shares f = count / total instead of pairwise merges: mean = sum(f * mean_i), then var =
-/// sum(f * (var_i + (mean_i - mean)^2)); the same two-level formula as Chan's merge, as two
-/// butterfly sums of one float each. log2(lanes) Chan merges (64-bit counts and a division at
-/// every level) took 2.5-4 us per block reduction on the H100 (trace, detail/trace.cuh). Means
-/// are relative to the caller's pivot, so the weighted sum does not cancel; the shares add up to
-/// 1, so no sum exceeds the largest term (values up to 1e18 stay finite). Empty partials add 0.
+/// All-reduce of partials that together hold `total` values (every caller knows it), by shares
+/// (SharesCombine): one butterfly of one float, then one of two. log2(lanes) Chan merges (64-bit
+/// counts and a division at every level) took 2.5-4 us per block reduction on the H100 (trace,
+/// detail/trace.cuh). Means are relative to the caller's pivot; the shares add up to 1, so no
+/// sum exceeds the largest term (values up to 1e18 stay finite).
 __device__ __forceinline__ Moments warp_allreduce_shares(const Moments& m, int64_t total,
                                                          int lanes) {
-  const float f = share_of(m.count, total);
-  const float mean = butterfly_sum(f * m.mean, lanes);
-  const float d = m.mean - mean;
-  const float var = butterfly_sum(f * fmaf(d, d, m.var), lanes);
-  return Moments{mean, var, total > 0 ? total : 0};
+  const SharesCombine s(m, total);
+  const float a = butterfly_sum(s.first(), lanes);
+  return SharesCombine::result(a, butterfly_sum2(s.second(a), lanes), total);
 }
 
 /// The same over the whole block (blockDim.x a multiple of 32): warp sums, then every thread adds
 /// the warps' sums in order (two barriers).
 __device__ __forceinline__ Moments block_allreduce_shares(const Moments& m, int64_t total,
-                                                          BlockReduceStorage& s) {
+                                                          BlockReduceStorage& st) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = int(blockDim.x >> 5);
-  const float f = share_of(m.count, total);
-  const float a = butterfly_sum(f * m.mean, 32);
-  if (lane == 0) s.mean_sum[warp] = a;
+  const SharesCombine s(m, total);
+  const float wa = butterfly_sum(s.first(), 32);
+  if (lane == 0) st.mean_sum[warp] = wa;
   __syncthreads();
-  float mean = 0.f;
+  float a = 0.f;
 #pragma unroll 1
-  for (int w = 0; w < warps; ++w) mean += s.mean_sum[w];
-  const float d = m.mean - mean;
-  const float b = butterfly_sum(f * fmaf(d, d, m.var), 32);
-  if (lane == 0) s.var_sum[warp] = b;
+  for (int w = 0; w < warps; ++w) a += st.mean_sum[w];
+  const ShareSums wrq = butterfly_sum2(s.second(a), 32);
+  if (lane == 0) {
+    st.res_sum[warp] = wrq.res;
+    st.var_sum[warp] = wrq.sq;
+  }
   __syncthreads();
-  float var = 0.f;
+  ShareSums rq;
 #pragma unroll 1
-  for (int w = 0; w < warps; ++w) var += s.var_sum[w];
-  return Moments{mean, var, total > 0 ? total : 0};
+  for (int w = 0; w < warps; ++w) {
+    rq.res += st.res_sum[w];
+    rq.sq += st.var_sum[w];
+  }
+  return SharesCombine::result(a, rq, total);
 }
 
 /// Exchange of block partials among the G co-resident blocks of one plane (cooperative launch),
@@ -101,37 +107,59 @@ __device__ __forceinline__ Moments block_allreduce_shares(const Moments& m, int6
 /// double-buffered by round parity (a block overwrites a slot of round r only after every block
 /// of the plane published round r + 1, hence finished reading round r) and zeroed once per
 /// launch (tags start at 1). A reader of round r finds in its slot either round r - 2's tag or
-/// round r's, which differ modulo 2^32, so the 32-bit tag may wrap: only the zero of the launch's
-/// first two rounds must differ from their tags (1 and 2). The count of each partial is not sent: every block knows the slice
-/// lengths.
+/// round r's, which differ modulo 2^16, so the 16-bit tag may wrap: only the zero of the
+/// launch's first two rounds must differ from their tags (1 and 2). The count of each partial
+/// is not sent: every block knows the slice lengths.
+/// A word is [tag: 16 bits][a float: 32][half of mean_lo: 16]: the mean, the variance and the
+/// mean's low part (Moments) in two words, so a poll is two loads, as with one float a word.
 struct TaggedSlot {
-  unsigned long long mean_word;
-  unsigned long long var_word;
+  unsigned long long mean_word;  ///< [tag][mean][high half of mean_lo]
+  unsigned long long var_word;   ///< [tag][var][low half of mean_lo]
 };
 
-__device__ __forceinline__ unsigned long long tag_word(float v, unsigned tag) {
-  return (static_cast<unsigned long long>(tag) << 32) | __float_as_uint(v);
+/// The 16 bits of a round's tag that a word carries.
+__device__ __forceinline__ unsigned word_tag(unsigned long long w) { return unsigned(w >> 48); }
+__device__ __forceinline__ unsigned long long tag_word(unsigned tag, float v, unsigned half) {
+  return (static_cast<unsigned long long>(tag & 0xffffu) << 48) |
+         (static_cast<unsigned long long>(__float_as_uint(v)) << 16) | (half & 0xffffu);
 }
 
 using TaggedWord = cuda::atomic_ref<unsigned long long, cuda::thread_scope_device>;
 
-/// Publishes (mean, var) with round `tag` (one relaxed store per word).
-__device__ __forceinline__ void store_tagged(TaggedSlot& slot, float mean, float var,
-                                             unsigned tag) {
-  TaggedWord(slot.mean_word).store(tag_word(mean, tag), cuda::memory_order_relaxed);
-  TaggedWord(slot.var_word).store(tag_word(var, tag), cuda::memory_order_relaxed);
+/// Publishes m's mean, mean_lo and var with round `tag` (one relaxed store per word).
+__device__ __forceinline__ void store_tagged(TaggedSlot& slot, const Moments& m, unsigned tag) {
+  const unsigned lo = __float_as_uint(m.mean_lo);
+  TaggedWord(slot.mean_word).store(tag_word(tag, m.mean, lo >> 16), cuda::memory_order_relaxed);
+  TaggedWord(slot.var_word).store(tag_word(tag, m.var, lo), cuda::memory_order_relaxed);
 }
 
-/// Waits until both words of `slot` carry `tag`; returns (mean, var).
-__device__ __forceinline__ float2 load_tagged(TaggedSlot& slot, unsigned tag) {
-  unsigned long long wa = TaggedWord(slot.mean_word).load(cuda::memory_order_relaxed);
-  unsigned long long wb = TaggedWord(slot.var_word).load(cuda::memory_order_relaxed);
-  while (unsigned(wa >> 32) != tag || unsigned(wb >> 32) != tag) {
-    __nanosleep(32);
-    wa = TaggedWord(slot.mean_word).load(cuda::memory_order_relaxed);
-    wb = TaggedWord(slot.var_word).load(cuda::memory_order_relaxed);
+/// The two words of a slot as loaded (relaxed).
+struct TaggedWords {
+  unsigned long long mean, var;
+  __device__ __forceinline__ void load(TaggedSlot& slot) {
+    mean = TaggedWord(slot.mean_word).load(cuda::memory_order_relaxed);
+    var = TaggedWord(slot.var_word).load(cuda::memory_order_relaxed);
   }
-  return make_float2(__uint_as_float(unsigned(wa)), __uint_as_float(unsigned(wb)));
+  __device__ __forceinline__ bool carry(unsigned tag) const {
+    return word_tag(mean) == (tag & 0xffffu) && word_tag(var) == (tag & 0xffffu);
+  }
+  /// The partial they hold, of `count` values.
+  __device__ __forceinline__ Moments moments(int64_t count) const {
+    const unsigned lo = (unsigned(mean & 0xffffu) << 16) | unsigned(var & 0xffffu);
+    return Moments{__uint_as_float(unsigned(mean >> 16)), __uint_as_float(unsigned(var >> 16)),
+                   count, __uint_as_float(lo)};
+  }
+};
+
+/// Waits until every word of `slot` carries `tag`; returns the partial (of `count` values).
+__device__ __forceinline__ Moments load_tagged(TaggedSlot& slot, unsigned tag, int64_t count) {
+  TaggedWords w;
+  w.load(slot);
+  while (!w.carry(tag)) {
+    __nanosleep(32);
+    w.load(slot);
+  }
+  return w.moments(count);
 }
 
 /// Phase shift of split plans: with two or more rounds, the blocks of a group of blocks that is
@@ -146,7 +174,7 @@ __device__ __forceinline__ float2 load_tagged(TaggedSlot& slot, unsigned tag) {
 /// start by the whole block.
 __device__ __forceinline__ void wait_for_partner_inline(unsigned long long* word) {
   if (threadIdx.x == 0) {
-    while (TaggedWord(*word).load(cuda::memory_order_relaxed) >> 32 == 0) __nanosleep(256);
+    while (word_tag(TaggedWord(*word).load(cuda::memory_order_relaxed)) == 0) __nanosleep(256);
   }
   __syncthreads();
 }
@@ -163,28 +191,42 @@ __device__ __noinline__ void wait_for_partner(TaggedSlot* slots, int block_group
 /// Block `rank` publishes its partial (thread 0).
 __device__ __forceinline__ void group_publish(const Moments& m, TaggedSlot* slots, int rank,
                                               unsigned tag) {
-  if (threadIdx.x == 0) store_tagged(slots[rank], m.mean, m.var, tag);
+  if (threadIdx.x == 0) store_tagged(slots[rank], m, tag);
 }
 
-/// Warp 0 polls the G slots (lane i: slots i, i + 32, ...), merges them in a fixed order and
-/// broadcasts, so every block of the plane computes the same bits. `count_of(i)` is the number
-/// of values behind block i's partial.
+/// Warp 0 polls the G slots (lane i: slots i, i + 32, ...) and combines them by shares of
+/// `total` (SharesCombine) in a fixed order, then broadcasts, so every block of the plane
+/// computes the same bits. The first stage sums each lane's high parts as its slots arrive; the
+/// second reuses the lane's first slot from registers and reloads the others (groups of more
+/// than 32 blocks), which are stable until every block of the group has read them (the slots
+/// are double-buffered by round parity). Chan merges in the polling loop made the streamed
+/// kernels spill (128 registers). `count_of(i)` is the number of values behind block i's
+/// partial; they add up to `total`.
 template <class CountOf>
 __device__ __forceinline__ Moments group_wait(TaggedSlot* slots, int blocks, unsigned tag,
-                                              CountOf count_of, BlockReduceStorage& s) {
+                                              CountOf count_of, int64_t total,
+                                              BlockReduceStorage& s) {
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
-    Moments v;
-    for (int i = lane; i < blocks; i += 32) {
-      const float2 w = load_tagged(slots[i], tag);
-      Moments q;
-      q.mean = w.x;
-      q.var = w.y;
-      q.count = count_of(i);
-      v = merge(v, q);
+    const SharesCombine first(lane < blocks ? load_tagged(slots[lane], tag, count_of(lane))
+                                            : Moments{},
+                              total);
+    float a = first.first();
+#pragma unroll 1
+    for (int i = lane + 32; i < blocks; i += 32)
+      a += SharesCombine(load_tagged(slots[i], tag, count_of(i)), total).first();
+    a = butterfly_sum(a, 32);
+    ShareSums rq = first.second(a);
+#pragma unroll 1
+    for (int i = lane + 32; i < blocks; i += 32) {
+      TaggedWords w;
+      w.load(slots[i]);
+      const ShareSums t = SharesCombine(w.moments(count_of(i)), total).second(a);
+      rq.res += t.res;
+      rq.sq += t.sq;
     }
-    v = warp_allreduce(v, 32);
-    if (lane == 0) s.exchanged = v;
+    rq = butterfly_sum2(rq, 32);
+    if (lane == 0) s.exchanged = SharesCombine::result(a, rq, total);
   }
   __syncthreads();
   return s.exchanged;
