@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# On the device machine: same-run A/B of two instnorm_bench binaries over the standard rows (or
+# the --shape arguments given after the two binaries), alternating A, B, A, B, ... `runs` times
+# each; prints each row's median time of A and B and B/A, and writes them to $OUT/ab.txt.
+# Usage: bash bench/device_ab.sh <bench A> <bench B> [runs] [bench args...]
+# AB_BUDGET (seconds, default 400): no new A/B round starts after it; the summary then covers
+# the rounds that ran.
+set -u
+a=$1 b=$2 runs=${3:-5}
+shift 3 2> /dev/null || shift $#
+out=${OUT:-/tmp/out}
+tmp=$(mktemp -d)
+mkdir -p "$out"
+start=$SECONDS
+done_runs=0
+for i in $(seq 1 "$runs"); do
+  [ $((SECONDS - start)) -lt "${AB_BUDGET:-400}" ] || break
+  done_runs=$i
+  for side in A B; do
+    bin=$a
+    [ "$side" = B ] && bin=$b
+    timeout 200 "$bin" --benchmark_filter='^instnorm/' --benchmark_format=json "$@" \
+      > "$tmp/$side.$i.json" 2> /dev/null || echo "run $side $i failed" >&2
+  done
+done
+echo "A/B: $done_runs rounds in $((SECONDS - start)) s"
+python3 - "$tmp" "$done_runs" << 'PY' | tee "$out/ab.txt"
+import json, statistics, sys
+tmp, runs = sys.argv[1], int(sys.argv[2])
+times = {}
+for side in "AB":
+    for i in range(1, runs + 1):
+        try:
+            data = json.load(open(f"{tmp}/{side}.{i}.json"))
+        except Exception:
+            continue
+        for bm in data["benchmarks"]:
+            scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[bm.get("time_unit", "ns")]
+            times.setdefault(bm["name"], {}).setdefault(side, []).append(bm["real_time"] * scale)
+print(f"{'row':58s} {'A ms':>9s} {'B ms':>9s} {'B/A':>7s}")
+worst = 0.0
+for name, t in times.items():
+    if "A" not in t or "B" not in t:
+        continue
+    ma, mb = statistics.median(t["A"]), statistics.median(t["B"])
+    worst = max(worst, mb / ma)
+    print(f"{name[:58]:58s} {ma:9.4f} {mb:9.4f} {mb / ma:7.3f}")
+print(f"slowest row B/A: {worst:.3f} (medians of {runs} alternating runs each)")
+PY
