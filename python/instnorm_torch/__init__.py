@@ -10,6 +10,14 @@ input, no copy; fp32, fp16, bf16). It is registered as the custom op
 ``torch.ops.instnorm_torch.forward`` with a fake implementation, so it runs under
 ``torch.compile(fullgraph=True)`` and CUDA graphs. The backward is written with PyTorch ops from
 the saved mean and rstd: correct, not yet a fused kernel.
+
+Arguments are checked before anything runs: a tensor argument on another device than x, of an
+integer, bool or complex dtype, or not 1-D with C elements raises RuntimeError; a bad eps,
+momentum or activation ValueError; and every call PyTorch's op refuses raises as PyTorch does.
+CPU, float64 and empty input (and parameter dtypes the kernel does not take) run PyTorch's own
+F.instance_norm / F.group_norm plus the activation, so modules work on the CPU and in double.
+Under CUDA autocast, group_norm computes and returns float32 (as autocast does for
+F.group_norm); instance_norm keeps x's dtype (as F.instance_norm).
 """
 from ._ops import group_norm, instance_norm  # noqa: F401
 from ._modules import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, convert  # noqa: F401

@@ -1,45 +1,45 @@
 """Drop-in modules (same constructor arguments and state_dict as torch.nn's) and convert()."""
 from torch import nn
 
-from ._ops import group_norm, instance_norm
+from ._ops import _activation, group_norm, instance_norm
 
 
 class _InstanceNormMixin:
-    _dims = 2
-
-    def forward(self, x):
-        unbatched = x.dim() == self._dims + 1
-        if unbatched:
-            x = x.unsqueeze(0)
-        use_input_stats = self.training or not self.track_running_stats
-        y = instance_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
-                          use_input_stats, self.momentum if self.momentum is not None else 0.0,
-                          self.eps)
-        return y.squeeze(0) if unbatched else y
+    # nn's forward keeps its own checks (input rank, num_features) and unbatched handling, and
+    # calls this for the normalize itself.
+    def _apply_instance_norm(self, x):
+        return instance_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
+                             self.training or not self.track_running_stats,
+                             self.momentum if self.momentum is not None else 0.0, self.eps)
 
 
 class InstanceNorm1d(_InstanceNormMixin, nn.InstanceNorm1d):
-    _dims = 1
+    pass
 
 
 class InstanceNorm2d(_InstanceNormMixin, nn.InstanceNorm2d):
-    _dims = 2
+    pass
 
 
 class InstanceNorm3d(_InstanceNormMixin, nn.InstanceNorm3d):
-    _dims = 3
+    pass
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm, plus activation=None|"relu"|"silu" fused into the same kernel."""
+    """nn.GroupNorm, plus activation=None|"relu"|"silu" fused into the same kernel (another
+    name raises ValueError here already)."""
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None,
                  activation=None):
+        _activation("instnorm_torch.GroupNorm", activation)
         super().__init__(num_groups, num_channels, eps, affine, device, dtype)
         self.activation = activation
 
     def forward(self, x):
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", activation={self.activation!r}"
 
 
 _SWAP = {nn.InstanceNorm1d: InstanceNorm1d, nn.InstanceNorm2d: InstanceNorm2d,
@@ -53,9 +53,10 @@ def _replacement(m):
         new = GroupNorm(m.num_groups, m.num_channels, m.eps, m.affine)
     else:
         return None
-    ref = next(iter(list(m.parameters()) + list(m.buffers())), None)
-    if ref is not None:
-        new = new.to(device=ref.device)
+    ref = next((t for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()),
+               None)
+    if ref is not None:  # same device and dtype (a .half() model stays half)
+        new = new.to(device=ref.device, dtype=ref.dtype)
     new.load_state_dict(m.state_dict())
     new.train(m.training)
     return new

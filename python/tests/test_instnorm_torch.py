@@ -13,6 +13,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import instnorm_torch as it  # noqa: E402
 
 DEV = "cuda"
+try:  # under pytest: skip on a machine without CUDA
+    import pytest
+    pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+except ImportError:
+    pass
 # The convolutions of the convert() test must give the same bits on both sides: no TF32, and a
 # deterministic cuDNN algorithm (TF32 convolutions differed by ~1e-4 between calls, which the
 # following normalization magnified past the tolerance).
@@ -84,7 +89,8 @@ def test_group_norm_and_silu_match_torch():
              ((1, 128, 4, 8, 8), "cl")], DTYPES, [None, "silu", "relu"]):
         x = make(shape, dtype, layout, seed=5)
         c = shape[1]
-        w, b = torch.randn(c, device=DEV), torch.randn(c, device=DEV)
+        # weight and bias of x's dtype, as F.group_norm on CUDA wants them outside autocast
+        w, b = torch.randn(c, device=DEV).to(dtype), torch.randn(c, device=DEV).to(dtype)
         y = it.group_norm(x, 32, w, b, activation=act)
         ref = F.group_norm(x.double(), 32, w.double(), b.double())
         ref = F.silu(ref) if act == "silu" else F.relu(ref) if act == "relu" else ref
@@ -166,8 +172,9 @@ def test_modules_state_dict_and_convert():
 
 
 def test_torch_compile_fullgraph():
-    def fn(x, w, b):
-        return it.group_norm(x, 32, w, b, activation="silu") + it.instance_norm(x, w, b)
+    def fn(x, w, b):  # group_norm with parameters of x's dtype, instance_norm with float32 ones
+        return it.group_norm(x, 32, w.to(x.dtype), b.to(x.dtype), activation="silu") + \
+            it.instance_norm(x, w, b)
 
     x = make((2, 64, 16, 16), torch.float16, "nchw", seed=10)
     w, b = torch.randn(64, device=DEV), torch.randn(64, device=DEV)
@@ -206,9 +213,10 @@ def test_cuda_graph_replay():
 
 
 def test_bad_arguments_raise():
+    # More in test_package_edges.py; CPU input is no error (PyTorch's implementation runs it).
     x = make((2, 6, 4, 4), torch.float32, "nchw")
     for call in [lambda: it.group_norm(x, 4), lambda: it.instance_norm(x, use_input_stats=False),
-                 lambda: it.instance_norm(x.cpu())]:
+                 lambda: it.instance_norm(x, torch.ones(6))]:
         try:
             call()
         except (ValueError, RuntimeError):

@@ -12,18 +12,40 @@
 
 namespace {
 
+// Validates (no CUDA call), then runs. A refusal reports instnorm's reason and the values it
+// judged; a failing CUDA call reports its error.
 template <class T>
-cudaError_t run(const at::Tensor& x, at::Tensor& y, int64_t n, int64_t c, int64_t spatial,
-                instnorm::Options opt, cudaStream_t stream) {
-  size_t bytes = 0;
+void run(const at::Tensor& x, at::Tensor& y, int64_t n, int64_t c, int64_t spatial,
+         instnorm::Options opt, cudaStream_t stream) {
   const T* px = static_cast<const T*>(x.data_ptr());
   T* py = static_cast<T*>(y.data_ptr());
+  const instnorm::Invalid why = instnorm::validate<T>(px, py, n, c, spatial, opt);
+  TORCH_CHECK(why == instnorm::Invalid::kOk || why == instnorm::Invalid::kEmpty,
+              "instnorm_torch: ", instnorm::to_string(why), " (n = ", n, ", c = ", c,
+              ", spatial = ", spatial, ", groups = ", opt.groups, ", eps = ", opt.eps,
+              ", momentum = ", opt.momentum, ", activation = ", static_cast<int>(opt.activation),
+              ", use_input_stats = ", opt.use_input_stats, ")");
+  size_t bytes = 0;
   cudaError_t err = instnorm::workspace_size<T>(n, c, spatial, opt, &bytes, px, py);
-  if (err != cudaSuccess) return err;
+  TORCH_CHECK(err == cudaSuccess, "instnorm_torch: workspace_size: ", cudaGetErrorString(err));
   at::Tensor ws;  // from PyTorch's caching allocator: graph-capturable, no cudaMalloc per call
   if (bytes > 0) ws = at::empty({int64_t(bytes)}, x.options().dtype(at::kByte));
-  return instnorm::forward(px, py, n, c, spatial, opt, bytes > 0 ? ws.data_ptr() : nullptr, bytes,
-                           stream);
+  err = instnorm::forward(px, py, n, c, spatial, opt, bytes > 0 ? ws.data_ptr() : nullptr, bytes,
+                          stream);
+  TORCH_CHECK(err == cudaSuccess, "instnorm_torch: forward: ", cudaGetErrorString(err));
+}
+
+// The Python wrapper makes these checks too; here they keep a direct call of the op from handing
+// the kernel a host pointer, another GPU's memory, integer data or a short buffer.
+void check_param(const char* name, const c10::optional<at::Tensor>& t, const at::Tensor& x,
+                 int64_t c) {
+  if (!t || !t->defined()) return;
+  TORCH_CHECK(t->device() == x.device(), "instnorm_torch: ", name, " must be on x's device ",
+              x.device(), " (got ", t->device(), ")");
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "instnorm_torch: ", name,
+              " must have a floating-point dtype (got ", t->scalar_type(), ")");
+  TORCH_CHECK(t->numel() == c, "instnorm_torch: ", name, " must have C = ", c,
+              " elements (got ", t->numel(), ")");
 }
 
 // Returns (y, mean, rstd): mean and rstd are (n, G) float32, the statistics the normalize used
@@ -33,13 +55,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool use_input_stats, double momentum,
     double eps, int64_t groups, int64_t activation) {
-  TORCH_CHECK(x_in.is_cuda(), "instnorm_torch: x must be a CUDA tensor");
-  TORCH_CHECK(x_in.dim() >= 2, "instnorm_torch: x must be (N, C, ...)");
+  TORCH_CHECK(x_in.is_cuda(), "instnorm_torch: x must be a CUDA tensor (got ", x_in.device(), ")");
+  TORCH_CHECK(x_in.dim() >= 2, "instnorm_torch: x must be (N, C, ...) (got ", x_in.dim(),
+              " dimensions)");
   const auto st = x_in.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-              "instnorm_torch: float32, float16 or bfloat16 input");
+              "instnorm_torch: x must be float32, float16 or bfloat16 (got ", st, ")");
   c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t n = x_in.size(0), c = x_in.size(1);
+  check_param("weight", weight, x_in, c);
+  check_param("bias", bias, x_in, c);
+  check_param("running_mean", running_mean, x_in, c);
+  check_param("running_var", running_var, x_in, c);
+  const bool has_running = running_mean && running_mean->defined();
+  TORCH_CHECK(has_running == (running_var && running_var->defined()),
+              "instnorm_torch: running_mean and running_var must both be given or both be None");
   const int64_t spatial = n * c == 0 ? 0 : x_in.numel() / (n * c);
   instnorm::Options opt;
   at::Tensor x = x_in;
@@ -71,21 +101,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   if (bias && bias->defined()) b = (same ? *bias : bias->to(at::kFloat)).contiguous();
   opt.param_type = same && st != at::kFloat ? instnorm::ParamType::kSameAsInput
                                             : instnorm::ParamType::kFloat;
-  if (w.defined()) {
-    TORCH_CHECK(w.numel() == c, "instnorm_torch: weight must have C elements");
-    opt.gamma = w.data_ptr();
-  }
-  if (b.defined()) {
-    TORCH_CHECK(b.numel() == c, "instnorm_torch: bias must have C elements");
-    opt.beta = b.data_ptr();
-  }
+  if (w.defined()) opt.gamma = w.data_ptr();
+  if (b.defined()) opt.beta = b.data_ptr();
   // Running statistics: float32 contiguous views, or float32 copies written back afterwards.
   at::Tensor rm, rv;
-  const bool has_running = running_mean && running_mean->defined();
   if (has_running) {
-    TORCH_CHECK(running_var && running_var->defined(), "instnorm_torch: running_var missing");
-    TORCH_CHECK(running_mean->numel() == c && running_var->numel() == c,
-                "instnorm_torch: running statistics must have C elements");
     auto as_f32 = [](const at::Tensor& t) {
       return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
     };
@@ -95,13 +115,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     opt.running_var = rv.data_ptr<float>();
   }
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cudaError_t err;
   switch (st) {
-    case at::kHalf: err = run<__half>(x, y, n, c, spatial, opt, stream); break;
-    case at::kBFloat16: err = run<__nv_bfloat16>(x, y, n, c, spatial, opt, stream); break;
-    default: err = run<float>(x, y, n, c, spatial, opt, stream); break;
+    case at::kHalf: run<__half>(x, y, n, c, spatial, opt, stream); break;
+    case at::kBFloat16: run<__nv_bfloat16>(x, y, n, c, spatial, opt, stream); break;
+    default: run<float>(x, y, n, c, spatial, opt, stream); break;
   }
-  TORCH_CHECK(err == cudaSuccess, "instnorm_torch: ", cudaGetErrorString(err));
   if (has_running && use_input_stats) {
     if (!rm.is_same(*running_mean)) running_mean->copy_(rm);
     if (!rv.is_same(*running_var)) running_var->copy_(rv);
