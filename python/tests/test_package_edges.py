@@ -171,31 +171,58 @@ def test_pytorchs_refusals_raise_the_same_exception_type(dev):
         it.instance_norm(x, running_mean=p["running_mean"])
 
 
+# Each case of the direct op call runs in its own process: on the H200 (2026-12-03) one of them
+# ended the process with a segmentation fault, which took the rest of the suite with it.
+_DIRECT_CASES = [
+    ("weight on the CPU", "dict(weight=w.cpu())", "weight must be on x's device"),
+    ("integer bias", "dict(bias=b.to(torch.int64))", "bias must have a floating-point dtype"),
+    ("short running statistics", "dict(running_mean=torch.zeros(5, device='cuda'), "
+     "running_var=torch.ones(5, device='cuda'))", "running_mean must have C = 6"),
+    ("eps -1", "dict(eps=-1.0)", "eps must be"),
+    ("momentum 2", "dict(running_mean=rm, running_var=rv, momentum=2.0)", "momentum must be"),
+    ("groups not dividing C", "dict(groups=4)", "groups must divide"),
+    ("activation 7", "dict(activation=7)", "activation must be"),
+    ("eval without running statistics", "dict(use_input_stats=False)", "use_input_stats"),
+]
+
+_DIRECT_CHILD = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import instnorm_torch
+g = torch.Generator().manual_seed(0)
+c = 6
+x = torch.randn(2, c, 5, 6, generator=g).cuda()
+w, b = torch.randn(c, generator=g).cuda(), torch.randn(c, generator=g).cuda()
+rm, rv = torch.randn(c, generator=g).cuda(), (torch.rand(c, generator=g) + 0.5).cuda()
+kw = dict(weight=None, bias=None, running_mean=None, running_var=None, use_input_stats=True,
+          momentum=0.1, eps=1e-5, groups=0, activation=0)
+kw.update({change})
+try:
+    torch.ops.instnorm_torch.forward(x, kw["weight"], kw["bias"], kw["running_mean"],
+        kw["running_var"], kw["use_input_stats"], kw["momentum"], kw["eps"], kw["groups"],
+        kw["activation"])
+    print("NO EXCEPTION")
+except RuntimeError as e:
+    print("RAISED", str(e).splitlines()[0])
+torch.cuda.synchronize()
+assert torch.ones(1, device="cuda").sum().item() == 1.0
+print("HEALTHY")
+"""
+
+
 @needs_cuda
-def test_direct_op_call_reports_instnorms_reason():
+@pytest.mark.parametrize("name,change,msg", _DIRECT_CASES, ids=[c[0] for c in _DIRECT_CASES])
+def test_direct_op_call_reports_instnorms_reason(name, change, msg):
     """The op itself (no Python checks): a host pointer is refused, and a refused call names
-    instnorm's reason (validate/to_string) instead of 'invalid argument'."""
-    x, p = args("cuda", c=6)
-    op = torch.ops.instnorm_torch.forward
-    base = dict(weight=None, bias=None, running_mean=None, running_var=None, use_input_stats=True,
-                momentum=0.1, eps=1e-5, groups=0, activation=0)
-    for change, msg in [({"weight": p["weight"].cpu()}, "weight must be on x's device"),
-                        ({"bias": p["bias"].to(torch.int64)},
-                         "bias must have a floating-point dtype"),
-                        ({"running_mean": torch.zeros(5, device="cuda"),
-                          "running_var": torch.ones(5, device="cuda")},
-                         "running_mean must have C = 6"),
-                        ({"eps": -1.0}, "eps must be"),
-                        ({"running_mean": p["running_mean"], "running_var": p["running_var"],
-                          "momentum": 2.0}, "momentum must be"),
-                        ({"groups": 4}, "groups must divide"),
-                        ({"activation": 7}, "activation must be"),
-                        ({"use_input_stats": False}, "use_input_stats")]:
-        kw = dict(base, **change)
-        with pytest.raises(RuntimeError, match=msg):
-            op(x, kw["weight"], kw["bias"], kw["running_mean"], kw["running_var"],
-               kw["use_input_stats"], kw["momentum"], kw["eps"], kw["groups"], kw["activation"])
-    healthy()
+    instnorm's reason (validate/to_string) instead of 'invalid argument'; the process and its
+    CUDA context survive."""
+    import subprocess
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    code = _DIRECT_CHILD.format(root=root, change=change)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{name}: the process ended with {r.returncode}:\n{r.stderr[-2000:]}"
+    assert "RAISED" in r.stdout and re.search(msg, r.stdout), r.stdout
+    assert "HEALTHY" in r.stdout
 
 
 # ---- PyTorch's implementation for what the kernel does not take --------------------------------
