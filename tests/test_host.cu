@@ -251,8 +251,7 @@ Moments combine_by_shares(const std::vector<Moments>& parts, int64_t total) {
     for (size_t i = 0; i < n; ++i) v[i] = term(i);
     for (size_t w = 1; w < n; w *= 2)
       for (size_t i = 0; i + w < n; i += 2 * w) {
-        v[i].res += v[i + w].res;
-        v[i].sq += v[i + w].sq;
+        v[i] += v[i + w];
       }
     return n ? v[0] : ShareSums{};
   };
@@ -425,9 +424,7 @@ TEST(MomentsAlgebra, SharesCombineCorrectsTheRoundingOfItsShares) {
   for (const auto& q : parts) a += SharesCombine(q, 3).first();
   ShareSums rq;
   for (const auto& q : parts) {
-    const ShareSums t = SharesCombine(q, 3).second(a);
-    rq.res += t.res;
-    rq.sq += t.sq;
+    rq += SharesCombine(q, 3).second(a);
   }
   const Moments m = SharesCombine::result(a, rq, 3);
   EXPECT_NEAR(double(m.mean) + double(m.mean_lo), 1e6 + 0.5, 1e-6);

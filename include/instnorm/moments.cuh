@@ -111,6 +111,11 @@ INSTNORM_HD float share_of(int64_t count, int64_t total) {
 struct ShareSums {
   float res = 0.f;  ///< sum(f_i * d_i)
   float sq = 0.f;   ///< sum(f_i * (var_i + d_i^2))
+  INSTNORM_HD ShareSums& operator+=(const ShareSums& o) {
+    res += o.res;
+    sq += o.sq;
+    return *this;
+  }
 };
 struct SharesCombine {
   float f, hi, lo, var;

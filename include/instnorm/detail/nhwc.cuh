@@ -377,10 +377,7 @@ __device__ __forceinline__ void merge_channels(TaggedSlot* part, int chs, int G,
       }
       __syncthreads();
       rq = ShareSums{};
-      for (int w = 0; w < L / 32; ++w) {
-        rq.res += wsm[wbase + w].mean_lo;
-        rq.sq += wsm[wbase + w].var;
-      }
+      for (int w = 0; w < L / 32; ++w) rq += ShareSums{wsm[wbase + w].mean_lo, wsm[wbase + w].var};
       __syncthreads();
     }
     m = SharesCombine::result(a, rq, total);
@@ -529,14 +526,8 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
       Moments m = moments_from_sums(rows, c[k], shift_k, s1[k], s2[k], pivot);
       if (wl > 1) {
         const SharesCombine sc(m, my_group_rows);
-        float a = sc.first();
-        for (int o = cs; o < 32; o <<= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
-        ShareSums rq = sc.second(a);
-        for (int o = cs; o < 32; o <<= 1) {
-          rq.res += __shfl_xor_sync(0xffffffffu, rq.res, o);
-          rq.sq += __shfl_xor_sync(0xffffffffu, rq.sq, o);
-        }
-        m = SharesCombine::result(a, rq, my_group_rows);
+        const float a = butterfly_sum(sc.first(), 32, cs);
+        m = SharesCombine::result(a, butterfly_sum2(sc.second(a), 32, cs), my_group_rows);
       }
       if (on && rl % wl == 0) red.set(k * entries + (rl / wl) * cs + cl, m);
     }
@@ -578,8 +569,7 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
           add(rq1, g + 1);
         }
         if (g < groups) add(rq0, g);
-        red.set(lane0, SharesCombine::result(a, ShareSums{rq0.res + rq1.res, rq0.sq + rq1.sq},
-                                             block_rows));
+        red.set(lane0, SharesCombine::result(a, rq0 += rq1, block_rows));
       };
       // Pair j = k * cs + column: thread t < chs takes (k = rl, cl); wider slices loop.
       if (t < chs) combine(rl * entries + cl);

@@ -45,16 +45,17 @@ struct BlockReduceStorage {
   Moments exchanged;
 };
 
-/// Sum over aligned groups of `lanes` (a power of two <= 32) lanes of a warp. Both partners of a
-/// step add the same two values and IEEE addition is commutative, so every lane of a group ends
-/// with the same bits. All 32 lanes must call it.
-__device__ __forceinline__ float butterfly_sum(float v, int lanes) {
-  for (int o = 1; o < lanes; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+/// Sum over aligned groups of `lanes` (a power of two <= 32) lanes of a warp, or, with `stride`
+/// (a power of two), over the lanes of such a group that are a multiple of `stride` apart. Both
+/// partners of a step add the same two values and IEEE addition is commutative, so every lane of
+/// a group ends with the same bits. All 32 lanes must call it.
+__device__ __forceinline__ float butterfly_sum(float v, int lanes, int stride = 1) {
+  for (int o = stride; o < lanes; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 /// Two independent sums in one butterfly (their shuffles overlap).
-__device__ __forceinline__ ShareSums butterfly_sum2(ShareSums v, int lanes) {
-  for (int o = 1; o < lanes; o <<= 1) {
+__device__ __forceinline__ ShareSums butterfly_sum2(ShareSums v, int lanes, int stride = 1) {
+  for (int o = stride; o < lanes; o <<= 1) {
     v.res += __shfl_xor_sync(0xffffffffu, v.res, o);
     v.sq += __shfl_xor_sync(0xffffffffu, v.sq, o);
   }
@@ -93,10 +94,7 @@ __device__ __forceinline__ Moments block_allreduce_shares(const Moments& m, int6
   __syncthreads();
   ShareSums rq;
 #pragma unroll 1
-  for (int w = 0; w < warps; ++w) {
-    rq.res += st.res_sum[w];
-    rq.sq += st.var_sum[w];
-  }
+  for (int w = 0; w < warps; ++w) rq += ShareSums{st.res_sum[w], st.var_sum[w]};
   return SharesCombine::result(a, rq, total);
 }
 
@@ -221,9 +219,7 @@ __device__ __forceinline__ Moments group_wait(TaggedSlot* slots, int blocks, uns
     for (int i = lane + 32; i < blocks; i += 32) {
       TaggedWords w;
       w.load(slots[i]);
-      const ShareSums t = SharesCombine(w.moments(count_of(i)), total).second(a);
-      rq.res += t.res;
-      rq.sq += t.sq;
+      rq += SharesCombine(w.moments(count_of(i)), total).second(a);
     }
     rq = butterfly_sum2(rq, 32);
     if (lane == 0) s.exchanged = SharesCombine::result(a, rq, total);
