@@ -9,8 +9,9 @@
 //                                                  #   [:gnG] GroupNorm + affine, [:silu]
 //                                                  #   [:relu] [:affine] [:save] [:running]
 //                                                  #   [:eval] [:cl] (channels-last, NHWC)
-//   instnorm_bench --arch=sm_89                    # force an architecture's table
+//   instnorm_bench --arch=sm_89                    # force a row of the architecture table
 //   instnorm_bench --tune=112x64x512x512           # sweep the planner's knobs for a shape
+//   instnorm_bench --tune=A --tune=B --emit-row=my_gpu.h  # write the tuned row as a header
 //   instnorm_bench --plan=2,512,0,0                # force strategy,threads,items,G (0: planner)
 //   instnorm_bench --nhwc-budget=40 --nhwc-chunks=4  # NHWC tiled: MB per batch, row chunks
 //   instnorm_bench --nhwc-fused=0|1 --nhwc-cols=8    # NHWC: tiled or on chip; slice width
@@ -673,6 +674,31 @@ double time_median(const std::function<cudaError_t()>& op, int reps) {
   return ms[ms.size() / 2];
 }
 
+/// A table row as the C++ expression that builds it (every field, named), for the tuning
+/// mode's output and --emit-row's header.
+void print_row(std::FILE* f, const ArchPolicy& r) {
+  std::fprintf(f, "[] {\n  ArchPolicy p;\n");
+  std::fprintf(f, "  p.name = \"%s\";\n  p.cc = %d;\n  p.min_bus_bits = %d;\n", r.name, r.cc,
+               r.min_bus_bits);
+  std::fprintf(f, "  p.subwarp_threads = %d;\n  p.subwarp_items = %d;\n", r.subwarp_threads,
+               r.subwarp_items);
+  std::fprintf(f, "  p.block_items = %d;\n  p.min_block_threads = %d;\n", r.block_items,
+               r.min_block_threads);
+  std::fprintf(f, "  p.split_threads = %d;\n  p.split_smem = %s;\n  p.phases = %d;\n",
+               r.split_threads, r.split_smem ? "true" : "false", r.phases);
+  std::fprintf(f, "  p.nhwc_min_slice_bytes = %lld;\n  p.nhwc_min_chunks = %d;\n",
+               (long long)r.nhwc_min_slice_bytes, r.nhwc_min_chunks);
+  std::fprintf(f, "  p.nhwc_l2_percent = %d;\n  p.nhwc_vector_phase_shift = %s;\n",
+               r.nhwc_l2_percent, r.nhwc_vector_phase_shift ? "true" : "false");
+  std::fprintf(f, "  p.source = \"%s\";\n  return p;\n}()", r.source);
+}
+
+/// The row the tuning mode builds: the device's (or --arch's) row with the fields each --tune
+/// shape's best plan decides.
+ArchPolicy g_tuned_row;
+bool g_tuned_row_set = false;
+std::string g_tuned_source;
+
 int tune(const Shape& s) {
   use_shape(s);
   const int reps = std::max(5, iterations_for(s) / 3);
@@ -727,14 +753,23 @@ int tune(const Shape& s) {
     DeviceProps d;
     CHECK_CUDA(cudaGetDevice(&dev));
     CHECK_CUDA(device_props(dev, &d));
-    ArchPolicy pol = g_policy ? *g_policy : policy_for(d.cc_major, d.cc_minor);
+    if (!g_tuned_row_set) {
+      g_tuned_row = g_policy ? *g_policy : policy_for(d);
+      g_tuned_row_set = true;
+    }
+    ArchPolicy& pol = g_tuned_row;
     const Plan& b = rows[0].plan;
     if (b.strategy == Strategy::kSubWarp) pol.subwarp_threads = b.threads;
     if (b.strategy == Strategy::kBlock) pol.block_items = b.items;
     if (b.strategy >= Strategy::kSplit) pol.split_threads = b.threads;
-    std::printf("table entry: constexpr ArchPolicy kPolicy{\"%s\", %d, %d, %d, %d, %d};  // tune %s: %.4f ms, %.3f of copy\n",
-                pol.name, pol.subwarp_threads, pol.subwarp_items, pol.block_items, pol.min_block_threads,
-                pol.split_threads, s.name.c_str(), rows[0].ms, copy / rows[0].ms);
+    char line[256];
+    std::snprintf(line, sizeof line, "%stune %s: %s %.4f ms, %.3f of copy", g_tuned_source.empty() ? "" : "; ",
+                  s.name.c_str(), to_string(b.strategy), rows[0].ms, copy / rows[0].ms);
+    g_tuned_source += line;
+    std::printf("table entry (tune %s: %.4f ms, %.3f of copy):\n", s.name.c_str(), rows[0].ms, copy / rows[0].ms);
+    std::printf("constexpr ArchPolicy kPolicy = ");
+    print_row(stdout, pol);
+    std::printf(";\n");
   }
   return 0;
 }
@@ -745,6 +780,7 @@ int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // lines survive a timeout of the caller
   std::vector<Shape> shapes;
   std::vector<std::string> tunes;
+  std::string emit_row;
   std::vector<char*> rest = {argv[0]};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -779,9 +815,16 @@ int main(int argc, char** argv) {
       g_override.threads = int(v[1]);
       g_override.items = int(v[2]);
       g_override.blocks_per_plane = v[3];
-    } else if (a.rfind("--arch=", 0) == 0) {
-      const std::string arch = a.substr(7);
-      g_policy = arch == "sm_89" ? &kPolicySm89 : arch == "sm_90" ? &kPolicySm90 : &kPolicyGeneric;
+    } else if (a.rfind("--arch=", 0) == 0) {  // a row of the table by name
+      g_policy = policy_named(a.c_str() + 7);
+      if (!g_policy) {
+        std::fprintf(stderr, "no table row named '%s' (rows:", a.c_str() + 7);
+        for (const ArchPolicy& r : kArchTable) std::fprintf(stderr, " %s", r.name);
+        std::fprintf(stderr, ")\n");
+        return 1;
+      }
+    } else if (a.rfind("--emit-row=", 0) == 0) {  // with --tune: write the tuned row as a header
+      emit_row = a.substr(11);
     } else {
       rest.push_back(argv[i]);
     }
@@ -817,6 +860,36 @@ int main(int argc, char** argv) {
       Shape s;
       parse_shape(spec, &s);
       tune(s);
+    }
+    if (!emit_row.empty() && g_tuned_row_set) {
+      // The row for this card: named after it, keyed to its architecture and memory bus.
+      int dev = 0;
+      cudaDeviceProp prop;
+      DeviceProps d;
+      CHECK_CUDA(cudaGetDevice(&dev));
+      CHECK_CUDA(cudaGetDeviceProperties(&prop, dev));
+      CHECK_CUDA(device_props(dev, &d));
+      static std::string name, source;
+      name = prop.name;
+      source = g_tuned_source;
+      for (char& ch : name)
+        if (ch == '"' || ch == '\\') ch = ' ';
+      g_tuned_row.name = name.c_str();
+      g_tuned_row.cc = d.cc_major * 10 + d.cc_minor;
+      g_tuned_row.min_bus_bits = d.mem_bus_bits;
+      g_tuned_row.source = source.c_str();
+      std::FILE* f = std::fopen(emit_row.c_str(), "w");
+      if (!f) {
+        std::fprintf(stderr, "cannot write %s\n", emit_row.c_str());
+        return 1;
+      }
+      std::fprintf(f, "// instnorm table row for %s, written by instnorm_bench --emit-row.\n", prop.name);
+      std::fprintf(f, "// Use: compile with -DINSTNORM_USER_ARCH_ROWS='\"this_file.h\"' (docs/tuning.md).\n");
+      std::fprintf(f, "#pragma once\nnamespace instnorm {\nconstexpr ArchPolicy kUserArchRows[] = {");
+      print_row(f, g_tuned_row);
+      std::fprintf(f, "};\n}  // namespace instnorm\n");
+      std::fclose(f);
+      std::printf("wrote %s\n", emit_row.c_str());
     }
     return 0;
   }

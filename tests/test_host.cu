@@ -494,11 +494,86 @@ std::vector<PlannerCase> planner_cases() {
 
 INSTANTIATE_TEST_SUITE_P(Sizes, PlannerThresholds, ::testing::ValuesIn(planner_cases()));
 
-TEST(Planner, PicksTheArchitectureTable) {
+// The highest row at or below the architecture: newer GPUs run sm_90's row, older ones the
+// generic row; the table is ordered newest first and ends with a row that takes every device.
+TEST(ArchTable, HighestRowAtOrBelowTheArchitecture) {
   EXPECT_STREQ(policy_for(9, 0).name, "sm_90");
   EXPECT_STREQ(policy_for(8, 9).name, "sm_89");
+  EXPECT_STREQ(policy_for(8, 6).name, "generic");
   EXPECT_STREQ(policy_for(8, 0).name, "generic");
-  EXPECT_STREQ(policy_for(10, 0).name, "generic");
+  EXPECT_STREQ(policy_for(10, 0).name, "sm_90");
+  EXPECT_STREQ(policy_for(12, 0).name, "sm_90");
+  const int rows = int(sizeof(kArchTable) / sizeof(kArchTable[0]));
+  for (int i = 1; i < rows; ++i) EXPECT_GT(kArchTable[i - 1].cc, kArchTable[i].cc) << i;
+  EXPECT_EQ(kArchTable[rows - 1].cc, 0);
+  for (const ArchPolicy& r : kArchTable) {
+    EXPECT_NE(std::string(r.source), "") << r.name;
+    EXPECT_EQ(policy_named(r.name), &r);
+  }
+  EXPECT_EQ(policy_named("sm_75"), nullptr);
+}
+
+// The row follows the architecture the kernels were compiled for where that is known: PTX for
+// sm_90 JIT-compiled on a newer GPU runs sm_90's row, and sm_89 code on an sm_90 device sm_89's
+// (so the host's plan and the kernels' device traits come from one row).
+TEST(ArchTable, KeyedOnTheCompiledArchitecture) {
+  DeviceProps d = sm90();
+  EXPECT_STREQ(policy_for(d).name, "sm_90");
+  d.code_arch = 89;
+  EXPECT_STREQ(policy_for(d).name, "sm_89");
+  d.cc_major = 12;
+  d.code_arch = 90;
+  EXPECT_STREQ(policy_for(d).name, "sm_90");
+  d.code_arch = 0;  // unknown: the device's own
+  EXPECT_STREQ(policy_for(d).name, "sm_90");
+  static_assert(ArchTraits<89>::nhwc_vector_phase_shift == kPolicySm89.nhwc_vector_phase_shift, "");
+  static_assert(ArchTraits<90>::nhwc_vector_phase_shift == kPolicySm90.nhwc_vector_phase_shift, "");
+  static_assert(ArchTraits<100>::nhwc_vector_phase_shift == kPolicySm90.nhwc_vector_phase_shift, "");
+}
+
+// A row refined by the memory bus (two cards of one capability) applies only where the bus is
+// at least that wide, and is skipped where the width is unknown.
+TEST(ArchTable, RowsRefinedByMemoryBus) {
+  constexpr ArchPolicy wide = [] {
+    ArchPolicy p;
+    p.name = "wide";
+    p.cc = 90;
+    p.min_bus_bits = 6144;
+    p.source = "test";
+    return p;
+  }();
+  constexpr ArchPolicy table[] = {wide, kPolicySm90, kPolicyGeneric};
+  EXPECT_STREQ(table[detail::find_row(table, 90, 6144)].name, "wide");
+  EXPECT_STREQ(table[detail::find_row(table, 90, 5120)].name, "sm_90");
+  EXPECT_STREQ(table[detail::find_row(table, 90, 0)].name, "sm_90");
+  EXPECT_STREQ(table[detail::find_row(table, 80, 6144)].name, "generic");
+}
+
+// Every planner takes the row it is given: a forced row's NHWC knobs reach the NHWC planner.
+TEST(ArchTable, ForcedRowReachesTheNhwcPlanner) {
+  const DeviceProps d = sm90();
+  Options opt;
+  opt.layout = Layout::kNHWC;
+  Problem prob;  // 16 images of 4 MB
+  const void* x = reinterpret_cast<const void*>(uintptr_t(1) << 20);
+  const void* y = reinterpret_cast<const void*>(uintptr_t(1) << 40);
+  ASSERT_EQ(validate(x, y, 16, 64, 16384, 4, opt, &prob), Invalid::kOk);
+  PlanOverride tiled;
+  tiled.nhwc_fused = 0;
+  NhwcPlan a, b;
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &a, tiled));
+  ArchPolicy half = kPolicySm90;
+  half.nhwc_l2_percent = 40;
+  ASSERT_TRUE(make_nhwc_plan(prob, d, &b, tiled, &half));
+  const int64_t image = 16384 * 64 * 4;
+  EXPECT_EQ(a.batch_images, nhwc_l2_budget(d, kPolicySm90) / image);
+  EXPECT_EQ(b.batch_images, nhwc_l2_budget(d, half) / image);
+  EXPECT_LT(b.batch_images, a.batch_images);
+  ArchPolicy phases = kPolicySm90;
+  phases.phases = 4;
+  Plan p;
+  ASSERT_TRUE(make_plan(problem(112, 64, 262144), d, phases, &p));
+  EXPECT_EQ(p.phases, 4);
 }
 
 TEST(Planner, StrategyByPlaneLength) {
@@ -864,12 +939,12 @@ TEST(NhwcPlan, StandardShapesRunOnChip) {
   Problem prob;
   NhwcPlan p;
   // 64 MB fp32 images are more than the chip holds (~40 MB in 264 blocks): cut into column
-  // slices of at least kNhwcMinSliceBytes, each shared by G blocks that fill the GPU.
+  // slices of at least the row's nhwc_min_slice_bytes, each shared by G blocks that fill the GPU.
   ASSERT_EQ(validate(kX, kY, 112, 64, 512 * 512, 4, opt, &prob), Invalid::kOk);
   ASSERT_TRUE(make_nhwc_plan(prob, d, &p));
   EXPECT_TRUE(p.fused);
   EXPECT_GT(p.col_chunks, 1);
-  EXPECT_GE(p.cols_per_block * p.vec * 4, kNhwcMinSliceBytes);
+  EXPECT_GE(p.cols_per_block * p.vec * 4, kPolicySm90.nhwc_min_slice_bytes);
   EXPECT_TRUE(p.cooperative);
   EXPECT_GE(p.grid * 10, 264 * 9);  // >= 90% of the block slots busy
   // 100 KB images (128x512x7x7): no exchange at all, one unit per block.

@@ -25,6 +25,13 @@
 
 namespace instnorm {
 
+namespace detail {
+/// An empty kernel whose attributes tell which architecture the library's kernels were built
+/// for on the current device.
+template <int>
+__global__ void arch_probe() {}
+}  // namespace detail
+
 /// Properties of `device`, read once with cudaGetDeviceProperties and cached.
 inline cudaError_t device_props(int device, DeviceProps* out) {
   constexpr int kMaxDevices = 64;
@@ -49,6 +56,17 @@ inline cudaError_t device_props(int device, DeviceProps* out) {
     d.l2_bytes = prop.l2CacheSize;
     d.max_grid_x = prop.maxGridSize[0];
     d.cooperative = prop.cooperativeLaunch != 0;
+    INSTNORM_RETURN_IF_ERROR(
+        cudaDeviceGetAttribute(&d.mem_bus_bits, cudaDevAttrGlobalMemoryBusWidth, device));
+    // The architecture the kernels were compiled for, as the driver loaded them on this device
+    // (the PTX version also where it JIT-compiled that PTX for a newer GPU).
+    int current = 0;
+    INSTNORM_RETURN_IF_ERROR(cudaGetDevice(&current));
+    if (current == device) {
+      cudaFuncAttributes fa;
+      INSTNORM_RETURN_IF_ERROR(cudaFuncGetAttributes(&fa, detail::arch_probe<0>));
+      d.code_arch = fa.ptxVersion;
+    }
     cache[device] = d;
     filled[device] = true;
   }
@@ -116,7 +134,7 @@ inline cudaError_t current_plan(const Problem& prob, Plan* plan, const PlanOverr
                                 const ArchPolicy* policy = nullptr) {
   DeviceProps d;
   INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
-  const ArchPolicy& pol = policy ? *policy : policy_for(d.cc_major, d.cc_minor);
+  const ArchPolicy& pol = policy ? *policy : policy_for(d);
   return make_plan(prob, d, pol, plan, ov) ? cudaSuccess : cudaErrorInvalidConfiguration;
 }
 
@@ -268,11 +286,11 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
 /// The NHWC plan for the current device. Eval mode (running statistics) is one elementwise pass
 /// of the tiled plan's normalize kernel.
 inline cudaError_t current_nhwc_plan(const Problem& prob, const Options& opt, NhwcPlan* plan,
-                                     PlanOverride ov = {}) {
+                                     PlanOverride ov = {}, const ArchPolicy* policy = nullptr) {
   DeviceProps d;
   INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
   if (!opt.use_input_stats) ov.nhwc_fused = 0;
-  return make_nhwc_plan(prob, d, plan, ov) ? cudaSuccess : cudaErrorInvalidConfiguration;
+  return make_nhwc_plan(prob, d, plan, ov, policy) ? cudaSuccess : cudaErrorInvalidConfiguration;
 }
 
 /// Tagged partials of an on-chip NHWC plan that splits units (G > 1), double-buffered.
@@ -447,7 +465,7 @@ cudaError_t forward_tuned(const T* x, T* y, int64_t n, int64_t c, int64_t spatia
   if (v != Invalid::kOk) return to_cuda_error(v);
   if (prob.nhwc) {
     NhwcPlan np;
-    INSTNORM_RETURN_IF_ERROR(current_nhwc_plan(prob, opt, &np, ov));
+    INSTNORM_RETURN_IF_ERROR(current_nhwc_plan(prob, opt, &np, ov, policy));
     if (used_nhwc) *used_nhwc = np;
     return with_scratch(nhwc_workspace_bytes(np, prob, opt), stream,
                         [&](void* ws) { return launch_nhwc(x, y, prob, opt, np, ws, stream); });

@@ -9,6 +9,12 @@
 
 #include "validate.cuh"
 
+#if defined(__CUDACC__)
+#define INSTNORM_HD_CONSTEXPR __host__ __device__ constexpr
+#else
+#define INSTNORM_HD_CONSTEXPR constexpr
+#endif
+
 namespace instnorm {
 
 /// How a plane is mapped onto the GPU.
@@ -46,18 +52,47 @@ struct DeviceProps {
   int64_t l2_bytes = 0;
   int64_t max_grid_x = 0;
   bool cooperative = false;
+  int mem_bus_bits = 0;  ///< memory bus width (bits; 0: unknown), for rows refined by it
+  /// The architecture the kernels were compiled for (their PTX version, major * 10 + minor; 0:
+  /// take the device's): the table row follows it, as the kernels' device traits do.
+  int code_arch = 0;
 };
 
-/// One architecture's tuning table. Every field says which measurement or limit chose it
-/// (see docs/perf-notes.md); the benchmark's tuning mode prints entries in this form.
+/// One row of the architecture table (kArchTable below): the tuning of one GPU family, each
+/// field named, each row saying which measurement or limit chose it (`source`; the numbers are
+/// in docs/perf-notes.md). Rows are written as changes to the generic row, so a new field needs
+/// one default and the rows that differ from it.
 struct ArchPolicy {
-  const char* name;
-  int subwarp_threads;       ///< block size of sub-warp plans
-  int subwarp_items;         ///< vectors per thread aimed for in sub-warp plans
-  int block_items;           ///< vectors per thread aimed for in block-per-plane plans
-  int min_block_threads;     ///< smallest block of block-per-plane plans
-  int split_threads;         ///< block size of split plans
-  bool split_smem;           ///< split slices extend into dynamic shared memory
+  const char* name = "generic";
+  /// Lowest compute capability (major * 10 + minor) the row serves: a device runs the first row
+  /// of the table, newest first, at or below the architecture its kernels were compiled for.
+  int cc = 0;
+  /// Refinement for cards of one capability that want different plans: the row applies only
+  /// where the memory bus is at least this wide (bits; 0: any).
+  int min_bus_bits = 0;
+  // NCHW plans.
+  int subwarp_threads = 256;       ///< block size of sub-warp plans
+  int subwarp_items = 16;          ///< vectors per thread aimed for in sub-warp plans
+  int block_items = 16;            ///< vectors per thread aimed for in block-per-plane plans
+  int min_block_threads = 64;      ///< smallest block of block-per-plane plans
+  int split_threads = 256;         ///< block size of split plans
+  bool split_smem = false;         ///< split slices extend into dynamic shared memory (sm_80+)
+  int phases = 2;                  ///< split plans: start phases of the groups (Plan::phases)
+  // Channels-last (NHWC) plans.
+  /// Narrowest column slice of an on-chip plan that the planner picks by itself, in bytes of a
+  /// row: a whole 128-byte line. On the H100 (exchange disabled, timing only), 112x64x512x512
+  /// NHWC fp32 ran at 0.55 of copy with 64-byte slices and 0.85 with 128-byte ones.
+  int64_t nhwc_min_slice_bytes = 128;
+  /// Tiled: least chunks of kNhwcRows rows per thread in a tile (make_nhwc_tiled_plan).
+  int nhwc_min_chunks = 4;
+  /// Tiled: the bytes of a batch of images that the second read of x expects to find in L2, in
+  /// percent of it. On the H100 (--nhwc-budget), 16x64x256x256 fp32 NHWC ran in 0.42 ms with
+  /// 40 MB batches (80%), 0.52 ms with 25 MB.
+  int nhwc_l2_percent = 80;
+  /// Device trait: the vector (4- and 8-channel) on-chip NHWC kernels start odd groups of
+  /// blocks one phase behind (Plan::phases); without it they start together.
+  bool nhwc_vector_phase_shift = true;
+  const char* source = "limits valid on every CUDA device since sm_70";
 };
 
 /// The kernels keep at most this many vectors per thread in registers (compile-time array size).
@@ -98,26 +133,130 @@ inline int64_t staged_stage_bytes(int planes_per_unit, int64_t plane_len, int el
   return (plane_len * per_plane + 15) / 16 * 16;
 }
 
-/// sm_90 (H100): chosen by the tuning sweep on the H100 (docs/perf-notes.md, "sm_90 table").
-/// split_threads 256: two blocks per SM, each with 64 KB of registers and ~110 KB of shared
-/// memory (112x64x512x512 bf16 0.918 of copy against 0.893 with one 512-thread block).
-constexpr ArchPolicy kPolicySm90{"sm_90", 256, 16, 16, 64, 256, true};
-/// sm_89 (RTX 4090): from its limits. 64K registers at 128 per thread give 512 resident
-/// threads per SM (not its 1536), so 256-thread blocks give 2 blocks (128 KB of data) per SM,
-/// the same on-chip bytes per SM as the H100; 72 MB of L2 changes nothing for register-resident
-/// plans; 24 blocks per SM at most never binds with blocks of >= 64 threads. Split slices take
-/// the 99 KB of shared memory a block may hold besides 128 KB of registers (512 threads).
-constexpr ArchPolicy kPolicySm89{"sm_89", 256, 16, 16, 64, 512, true};
-/// Any other GPU: the same sizes, valid on every CUDA device since sm_70 (no shared-memory
-/// slices: their copies use cp.async, sm_80 and later).
-constexpr ArchPolicy kPolicyGeneric{"generic", 256, 16, 16, 64, 256, false};
+/// Any other GPU: sizes valid on every CUDA device since sm_70 (no shared-memory slices: their
+/// copies use cp.async, sm_80 and later).
+constexpr ArchPolicy kPolicyGeneric{};
+/// sm_89 (RTX 4090), derived from its limits (it was never lent to us; the bench's --arch=sm_89
+/// forces this row on other GPUs, with 0 spills). 64K registers at 128 per thread give 512
+/// resident threads per SM (not its 1536), so 256-thread blocks give 2 blocks (128 KB of data)
+/// per SM, the same on-chip bytes per SM as the H100; 72 MB of L2 changes nothing for
+/// register-resident plans; 24 blocks per SM at most never binds with blocks of >= 64 threads.
+/// Split slices take the 99 KB of shared memory a block may hold besides 128 KB of registers
+/// (512 threads). The vector on-chip NHWC kernels start without phase shift: its wait made
+/// ptxas spill them at 128 registers for sm_89.
+constexpr ArchPolicy kPolicySm89 = [] {
+  ArchPolicy p;
+  p.name = "sm_89";
+  p.cc = 89;
+  p.split_threads = 512;
+  p.split_smem = true;
+  p.nhwc_vector_phase_shift = false;
+  p.source = "RTX 4090 limits (128 SMs, 99 KB shared memory per block, 64K registers per SM)";
+  return p;
+}();
+/// sm_90 (H100, and the H200 until it has its own row): chosen by the tuning sweep on the H100
+/// (docs/perf-notes.md, "sm_90 table"). split_threads 256: two blocks per SM, each with 64 KB
+/// of registers and ~110 KB of shared memory (112x64x512x512 bf16 0.918 of copy against 0.893
+/// with one 512-thread block). Also the row of newer GPUs (sm_100, sm_120) until they have one.
+constexpr ArchPolicy kPolicySm90 = [] {
+  ArchPolicy p;
+  p.name = "sm_90";
+  p.cc = 90;
+  p.split_smem = true;
+  p.source = "H100 tuning sweep (instnorm_bench --tune), docs/perf-notes.md \"sm_90 table\"";
+  return p;
+}();
 
-/// The table for a compute capability.
-inline const ArchPolicy& policy_for(int cc_major, int cc_minor) {
-  if (cc_major == 9 && cc_minor == 0) return kPolicySm90;
-  if (cc_major == 8 && cc_minor == 9) return kPolicySm89;
-  return kPolicyGeneric;
+/// The built-in table, newest architecture first; the last row (cc 0) takes every device.
+constexpr ArchPolicy kArchTable[] = {kPolicySm90, kPolicySm89, kPolicyGeneric};
+
+}  // namespace instnorm
+
+/// Rows of a consumer's own, ahead of the built-in table: define INSTNORM_USER_ARCH_ROWS to a
+/// header (in quotes or brackets) that defines
+/// `namespace instnorm { constexpr ArchPolicy kUserArchRows[] = {...}; }`, before including
+/// instnorm (docs/tuning.md: how to make one for a GPU with the benchmark).
+#ifdef INSTNORM_USER_ARCH_ROWS
+#include INSTNORM_USER_ARCH_ROWS
+#endif
+
+namespace instnorm {
+
+namespace detail {
+/// Index of the first row of `table` for kernels compiled for `arch` on a bus of `bus_bits`
+/// (0: unknown; rows that ask for a width are then skipped), or -1.
+template <class Table>
+INSTNORM_HD_CONSTEXPR int find_row(const Table& table, int arch, int bus_bits) {
+  int i = 0;
+  for (const ArchPolicy& r : table) {
+    if (r.cc <= arch && (r.min_bus_bits == 0 || (bus_bits > 0 && bus_bits >= r.min_bus_bits)))
+      return i;
+    ++i;
+  }
+  return -1;
 }
+/// The row as a value, for device traits (constant-evaluated while compiling device code,
+/// where the table's address cannot be taken).
+INSTNORM_HD_CONSTEXPR ArchPolicy row_value(int arch) {
+#ifdef INSTNORM_USER_ARCH_ROWS
+  if (find_row(kUserArchRows, arch, 0) >= 0) return kUserArchRows[find_row(kUserArchRows, arch, 0)];
+#endif
+  return find_row(kArchTable, arch, 0) >= 0 ? kArchTable[find_row(kArchTable, arch, 0)]
+                                            : kPolicyGeneric;
+}
+}  // namespace detail
+
+/// The row for kernels compiled for `arch` (compute capability major * 10 + minor) on a device
+/// whose memory bus is `bus_bits` wide (0: unknown, rows that ask for a width are skipped).
+inline const ArchPolicy& policy_for_arch(int arch, int bus_bits = 0) {
+#ifdef INSTNORM_USER_ARCH_ROWS
+  const int u = detail::find_row(kUserArchRows, arch, bus_bits);
+  if (u >= 0) return kUserArchRows[u];
+#endif
+  const int i = detail::find_row(kArchTable, arch, bus_bits);
+  return i >= 0 ? kArchTable[i] : kPolicyGeneric;
+}
+
+/// The row for a compute capability (major, minor).
+inline const ArchPolicy& policy_for(int cc_major, int cc_minor) {
+  return policy_for_arch(cc_major * 10 + cc_minor);
+}
+
+/// The row for a device: by the architecture its kernels were compiled for (the device's own
+/// where that is unknown) and its memory bus.
+inline const ArchPolicy& policy_for(const DeviceProps& d) {
+  return policy_for_arch(d.code_arch > 0 ? d.code_arch : d.cc_major * 10 + d.cc_minor,
+                         d.mem_bus_bits);
+}
+
+/// A row by its name ("sm_90", ...), or null.
+inline const ArchPolicy* policy_named(const char* name) {
+  const auto same = [](const char* a, const char* b) {
+    while (*a && *a == *b) ++a, ++b;
+    return *a == *b;
+  };
+#ifdef INSTNORM_USER_ARCH_ROWS
+  for (const ArchPolicy& r : kUserArchRows)
+    if (same(r.name, name)) return &r;
+#endif
+  for (const ArchPolicy& r : kArchTable)
+    if (same(r.name, name)) return &r;
+  return nullptr;
+}
+
+/// Device code: the row of the architecture being compiled (__CUDA_ARCH__ / 10), the same one
+/// the host picks from the kernels' PTX version (DeviceProps::code_arch), also where the driver
+/// JIT-compiles that PTX for a newer GPU. Kernel bodies read device traits from it instead of
+/// testing __CUDA_ARCH__ themselves.
+template <int kArch>
+struct ArchTraits {
+  static constexpr bool nhwc_vector_phase_shift = detail::row_value(kArch).nhwc_vector_phase_shift;
+};
+#if defined(__CUDA_ARCH__)
+using CompiledArch = ArchTraits<__CUDA_ARCH__ / 10>;
+#else
+using CompiledArch = ArchTraits<0>;  // host pass: never used for a decision
+#endif
 
 /// Knobs the benchmark's tuning mode can force; 0 (or a negative strategy) means "planner's
 /// choice". A forced plan is still checked against the device limits.
@@ -127,7 +266,7 @@ struct PlanOverride {
   int items = 0;
   int vec = 0;
   int64_t blocks_per_plane = 0;
-  int64_t nhwc_l2_budget = -1;  ///< NHWC: bytes of a batch of images (-1: 0.8 of the L2)
+  int64_t nhwc_l2_budget = -1;  ///< NHWC: bytes of a batch of images (-1: the row's nhwc_l2_percent)
   int nhwc_chunks = 0;           ///< NHWC: least chunks of kNhwcRows rows per thread per tile
   int split_smem = -1;           ///< split slices extend into shared memory: -1 table, 0 no, 1 yes
   int nhwc_fused = -1;           ///< NHWC: -1 planner, 0 tiled plan (x read twice), 1 on chip only
@@ -435,7 +574,7 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
     }
   }
   p.cooperative = p.blocks_per_plane > 1;
-  if (ov.phases > 0) p.phases = ov.phases;
+  p.phases = ov.phases > 0 ? ov.phases : pol.phases;
   p.grid = p.block_groups * p.blocks_per_plane;
   *out = p;
   return plan_is_valid(p, prob, d);
@@ -446,14 +585,8 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
 /// Threads of the tiled NHWC kernels, and the rows each thread holds in registers per chunk.
 constexpr int kNhwcThreads = 256;
 constexpr int kNhwcRows = 8;
-/// Least chunks of kNhwcRows rows per thread in a tile (see make_nhwc_tiled_plan).
-constexpr int kNhwcMinChunks = 4;
 /// Block of the on-chip NHWC kernel: two per SM at the 128 registers per thread it may use.
 constexpr int kNhwcFusedThreads = 256;
-/// Narrowest column slice of an on-chip NHWC plan that the planner picks by itself, in bytes of
-/// a row: a whole 128-byte line. On the H100 (exchange disabled, timing only), 112x64x512x512
-/// NHWC fp32 ran at 0.55 of copy with 64-byte slices and 0.85 with 128-byte ones.
-constexpr int64_t kNhwcMinSliceBytes = 128;
 /// Rows per thread the on-chip NHWC kernel keeps in registers: the most that ptxas fits in its
 /// 128 registers without spilling beside the per-channel sums (4 or 8 channels per thread) and
 /// the exchange's loads in flight, on sm_89 and sm_90 (nvcc 13.0).
@@ -523,9 +656,10 @@ struct NhwcPlan {
   int phases = 2;                ///< as Plan::phases
 };
 
-/// Bytes of a batch that the second read of x expects to find in L2: 0.8 of it, measured on the
-/// H100 (--nhwc-budget): 16x64x256x256 fp32 NHWC 0.42 ms with 40 MB batches, 0.52 ms with 25.
-inline int64_t nhwc_l2_budget(const DeviceProps& d) { return d.l2_bytes * 4 / 5; }
+/// Bytes of a batch that the second read of x expects to find in L2 (ArchPolicy::nhwc_l2_percent).
+inline int64_t nhwc_l2_budget(const DeviceProps& d, const ArchPolicy& pol) {
+  return d.l2_bytes * pol.nhwc_l2_percent / 100;
+}
 
 inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const DeviceProps& d) {
   if (p.vec != 1 && (p.vec * prob.elem_bytes != 16 || !prob.vector_ok)) return false;
@@ -606,7 +740,7 @@ inline bool make_nhwc_fused_plan(const Problem& prob, const DeviceProps& d, cons
   for (int64_t cs = std::min<int64_t>(cv, threads); cs >= 1 && ncand < 64; --cs) {
     if (cv % cs != 0 || (cs * p.vec) % prob.channels_per_group != 0) continue;
     if (ov.nhwc_cols > 0 ? cs != ov.nhwc_cols
-                         : cs < cv && cs * p.vec * prob.elem_bytes < kNhwcMinSliceBytes)
+                         : cs < cv && cs * p.vec * prob.elem_bytes < pol.nhwc_min_slice_bytes)
       continue;
     const int64_t row_lanes = threads / cs;
     const int smem_cap = smem_cap_for(cs);
@@ -657,14 +791,14 @@ inline bool make_nhwc_fused_plan(const Problem& prob, const DeviceProps& d, cons
       1, std::min({prob.n * p.col_chunks, per_sm * d.sm_count / best_g, d.max_grid_x / best_g}));
   p.grid = p.block_groups * best_g;
   p.cooperative = best_g > 1;
-  if (ov.phases > 0) p.phases = ov.phases;
+  p.phases = ov.phases > 0 ? ov.phases : pol.phases;
   *out = p;
   return nhwc_plan_is_valid(p, prob, d);
 }
 
 /// The tiled plan (x read twice, the second time from L2 where a batch fits).
-inline bool make_nhwc_tiled_plan(const Problem& prob, const DeviceProps& d, NhwcPlan* out,
-                                 int64_t l2_budget, int min_chunks) {
+inline bool make_nhwc_tiled_plan(const Problem& prob, const DeviceProps& d, const ArchPolicy& pol,
+                                 NhwcPlan* out, int64_t l2_budget, int min_chunks) {
   NhwcPlan p;
   p.vec = prob.vector_ok ? 16 / prob.elem_bytes : 1;
   const int64_t cv = prob.c / p.vec;
@@ -672,20 +806,20 @@ inline bool make_nhwc_tiled_plan(const Problem& prob, const DeviceProps& d, Nhwc
   p.row_lanes = kNhwcThreads / p.cols_per_block;
   p.col_chunks = ceil_div(cv, p.cols_per_block);
   const int64_t image_bytes = prob.spatial * prob.c * prob.elem_bytes;
-  const int64_t budget = l2_budget >= 0 ? l2_budget : nhwc_l2_budget(d);
+  const int64_t budget = l2_budget >= 0 ? l2_budget : nhwc_l2_budget(d, pol);
   // Images of up to half the budget go in batches that fit it; larger ones gain less from L2
   // than the launches of one batch per image cost (112x64x512x512 bf16 NHWC, 32 MB images:
   // 11.2 ms in batches of one, 5.7 ms as one batch), so the whole tensor is one batch.
   p.batch_images = image_bytes <= budget / 2
                        ? clamp64(budget / std::max<int64_t>(1, image_bytes), 1, prob.n)
                        : prob.n;
-  // Enough blocks per batch to fill every resident slot twice, but at least kNhwcMinChunks
+  // Enough blocks per batch to fill every resident slot twice, but at least nhwc_min_chunks
   // chunks of kNhwcRows rows per thread: a block's fixed cost (pivots, the reduction over row
   // lanes, the partials' merge) must be spread over enough rows.
   const int64_t want_blocks = 2 * int64_t(std::max(1, d.sm_count)) *
                               std::max(1, resident_blocks_per_sm(d, kNhwcThreads));
   const int64_t min_rows =
-      int64_t(p.row_lanes) * kNhwcRows * (min_chunks > 0 ? min_chunks : kNhwcMinChunks);
+      int64_t(p.row_lanes) * kNhwcRows * (min_chunks > 0 ? min_chunks : pol.nhwc_min_chunks);
   const int64_t max_tiles = std::max<int64_t>(1, ceil_div(prob.spatial, min_rows));
   p.tiles = clamp64(ceil_div(want_blocks, p.batch_images * p.col_chunks), 1, max_tiles);
   p.tile_rows = ceil_div(prob.spatial, p.tiles);
@@ -697,13 +831,13 @@ inline bool make_nhwc_tiled_plan(const Problem& prob, const DeviceProps& d, Nhwc
 }  // namespace detail
 
 /// The NHWC plan: on chip where a plan fits (unless `ov` forbids it), else tiled.
+/// `policy` forces a table row (null: the device's, policy_for(d)).
 inline bool make_nhwc_plan(const Problem& prob, const DeviceProps& d, NhwcPlan* out,
-                           const PlanOverride& ov = {}) {
-  if (ov.nhwc_fused != 0 &&
-      detail::make_nhwc_fused_plan(prob, d, policy_for(d.cc_major, d.cc_minor), ov, out))
-    return true;
+                           const PlanOverride& ov = {}, const ArchPolicy* policy = nullptr) {
+  const ArchPolicy& pol = policy ? *policy : policy_for(d);
+  if (ov.nhwc_fused != 0 && detail::make_nhwc_fused_plan(prob, d, pol, ov, out)) return true;
   if (ov.nhwc_fused == 1) return false;
-  return detail::make_nhwc_tiled_plan(prob, d, out, ov.nhwc_l2_budget, ov.nhwc_chunks);
+  return detail::make_nhwc_tiled_plan(prob, d, pol, out, ov.nhwc_l2_budget, ov.nhwc_chunks);
 }
 
 }  // namespace instnorm

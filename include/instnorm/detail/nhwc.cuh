@@ -439,12 +439,9 @@ __global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcPar
   unsigned round = 0;  // parity and exchange tag (which may wrap)
   // Phase shift (reduce.cuh): with the default two phases, odd groups of blocks start one load
   // phase behind the even ones.
-  // Not in the vector kernels on sm_89, where the wait made ptxas spill (128 registers).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 890
-  constexpr bool kPhaseShift = kVec == 1;
-#else
-  constexpr bool kPhaseShift = true;
-#endif
+  // The vector kernels only where the table row of the compiled architecture says so (sm_89:
+  // the wait made ptxas spill them at 128 registers).
+  constexpr bool kPhaseShift = kVec == 1 || CompiledArch::nhwc_vector_phase_shift;
   trace_stamp(0, 0);
   if (kPhaseShift && G > 1 && (block_group & (p.phases - 1)) != 0 && units > block_groups)
     wait_for_partner_inline(&p.slots[(size_t(block_group - 1) * G + rank) * chs].var_word);
