@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <utility>
 
 #include "detail/convert.cuh"
 #include "detail/kernel.cuh"
@@ -100,20 +101,45 @@ inline cudaError_t with_scratch(size_t bytes, cudaStream_t stream, Launch&& laun
 constexpr size_t kWorkspaceAlign = 256;
 inline size_t align_up(size_t v) { return (v + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
 
-/// Scratch bytes a plan needs: the tagged block partials of cooperative plans (double-buffered).
-inline size_t plan_workspace_bytes(const Plan& p) {
-  if (!p.cooperative) return 0;
-  return align_up(2 * size_t(p.grid) * sizeof(TaggedSlot));
+/// Where each part of a call's workspace lies, in bytes from its start (each part aligned to
+/// 256 bytes; a part of size 0 is absent). Computed once per plan, by workspace_size and by the
+/// launch alike.
+struct WorkspaceLayout {
+  size_t slots = 0, slots_bytes = 0;              ///< tagged block partials (cooperative plans,
+                                                  ///< double-buffered by round parity)
+  size_t partials = 0, partials_bytes = 0;        ///< NHWC tiled: per-tile Moments of a batch
+  size_t group_stats = 0, group_stats_bytes = 0;  ///< NHWC tiled: (center, residual, rstd) per
+                                                  ///< (image, group)
+  size_t stats = 0, stats_bytes = 0;              ///< per-plane mean and variance kept for the
+                                                  ///< running-statistics update
+  size_t total = 0;
+
+  /// Appends a part of `bytes` at the end; returns its offset.
+  size_t add(size_t bytes) {
+    const size_t at = total;
+    total += align_up(bytes);
+    return at;
+  }
+  template <class P>
+  static P* at(void* workspace, size_t offset) {
+    return reinterpret_cast<P*>(static_cast<unsigned char*>(workspace) + offset);
+  }
+};
+
+/// The statistics part, last in every layout.
+inline void add_stats(WorkspaceLayout& w, const Problem& prob, const Options& opt) {
+  w.stats_bytes = updates_running_stats(opt) ? 2 * size_t(prob.planes) * sizeof(float) : 0;
+  w.stats = w.add(w.stats_bytes);
 }
 
-/// Per-plane mean and variance kept for a running-statistics update.
-inline size_t stats_workspace_bytes(const Problem& prob, const Options& opt) {
-  return updates_running_stats(opt) ? align_up(2 * size_t(prob.planes) * sizeof(float)) : 0;
-}
-
-/// Whole workspace of a call: [plan scratch][per-plane statistics].
-inline size_t workspace_bytes(const Plan& plan, const Problem& prob, const Options& opt) {
-  return plan_workspace_bytes(plan) + stats_workspace_bytes(prob, opt);
+/// NCHW: [tagged slots of cooperative plans][statistics].
+inline WorkspaceLayout workspace_layout(const Plan& p, const Problem& prob, const Options& opt) {
+  WorkspaceLayout w;
+  if (!opt.use_input_stats) return w;  // eval: one elementwise pass, no workspace
+  w.slots_bytes = p.cooperative ? 2 * size_t(p.grid) * sizeof(TaggedSlot) : 0;
+  w.slots = w.add(w.slots_bytes);
+  add_stats(w, prob, opt);
+  return w;
 }
 
 inline cudaError_t to_cuda_error(Invalid v) {
@@ -179,38 +205,6 @@ inline KernelParams<T> make_params(const T* x, T* y, const Problem& prob, const 
   return kp;
 }
 
-/// After a training forward: the per-channel running-statistics update from the per-plane
-/// statistics the forward kernel kept.
-inline cudaError_t update_running(const float* stat_mean, const float* stat_var,
-                                  const Problem& prob, const Options& opt, cudaStream_t stream) {
-  const int threads = 256;
-  const int64_t blocks = (prob.c + threads - 1) / threads;
-  running_stats_kernel<<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), threads, 0,
-                         stream>>>(stat_mean, stat_var, prob.n, prob.c, prob.spatial,
-                                   opt.momentum, opt.running_mean, opt.running_var);
-  return cudaGetLastError();
-}
-
-/// use_input_stats == false: one elementwise pass with the running statistics.
-template <class T>
-inline cudaError_t launch_inference(const T* x, T* y, const Problem& prob, const Options& opt,
-                                    cudaStream_t stream) {
-  DeviceProps d;
-  INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
-  const KernelParams<T> kp = make_params(x, y, prob, opt);
-  constexpr int kFull = 16 / int(sizeof(T));
-  const int vec = prob.vector_ok ? kFull : 1;
-  const int64_t chunk = int64_t(kInferenceThreads) * kInferenceItems * vec;
-  const int64_t units = prob.planes * ((prob.plane_len + chunk - 1) / chunk);
-  const int64_t cap = int64_t(d.sm_count) * (d.max_threads_per_sm / kInferenceThreads);
-  const unsigned grid = static_cast<unsigned>(std::max<int64_t>(1, std::min(units, cap)));
-  if (vec == kFull)
-    inference_kernel<T, kFull><<<grid, kInferenceThreads, 0, stream>>>(kp);
-  else
-    inference_kernel<T, 1><<<grid, kInferenceThreads, 0, stream>>>(kp);
-  return cudaGetLastError();
-}
-
 /// Lets `kernel` use `bytes` of dynamic shared memory on the current device: one
 /// cudaFuncSetAttribute per kernel, device and size increase, not one per launch.
 inline cudaError_t allow_dynamic_smem(const void* kernel, size_t bytes) {
@@ -237,30 +231,86 @@ inline cudaError_t allow_dynamic_smem(const void* kernel, size_t bytes) {
   return cudaSuccess;
 }
 
-/// Launches `fn(params)` with `dyn_smem` bytes of dynamic shared memory (opted into where it and
-/// the kernel's `static_smem` pass 48 KB). With `slot_bytes` > 0 the blocks wait on each other
-/// through tagged slots at params.slots: those are zeroed first (tags start at 1), and the
-/// launch is cooperative, which guarantees the blocks are co-resident (it fails rather than
-/// deadlocks if they cannot be).
-template <class Params>
-inline cudaError_t launch_kernel(const void* fn, Params& params, dim3 grid, dim3 block,
-                                 size_t dyn_smem, size_t static_smem, size_t slot_bytes,
-                                 cudaStream_t stream) {
-  if (dyn_smem + static_smem > 48 * 1024)
-    INSTNORM_RETURN_IF_ERROR(allow_dynamic_smem(fn, dyn_smem));
-  void* args[] = {&params};
-  if (slot_bytes == 0) return cudaLaunchKernel(fn, grid, block, args, dyn_smem, stream);
-  INSTNORM_RETURN_IF_ERROR(cudaMemsetAsync(params.slots, 0, slot_bytes, stream));
-  return cudaLaunchCooperativeKernel(fn, grid, block, args, dyn_smem, stream);
+/// How a kernel is launched: geometry, shared memory and whether its blocks wait on each other.
+struct LaunchShape {
+  dim3 grid, block;
+  size_t dyn_smem = 0;     ///< dynamic shared memory per block
+  size_t static_smem = 0;  ///< the kernel's static shared memory (for the 48 KB opt-in rule)
+  /// The blocks wait on each other through tagged slots: the launch is cooperative, which
+  /// guarantees they are co-resident (it fails rather than deadlocks if they cannot be).
+  bool cooperative = false;
+};
+
+/// The one launch path of every kernel of the library: cudaLaunchKernelEx with the attributes
+/// the shape asks for (cooperative today; a cluster dimension or programmatic dependent launch
+/// would be one more attribute here), dynamic shared memory opted into above 48 KB.
+template <class... Params, class... Args>
+inline cudaError_t launch_kernel(void (*kernel)(Params...), const LaunchShape& shape,
+                                 cudaStream_t stream, Args&&... args) {
+  if (shape.dyn_smem + shape.static_smem > 48 * 1024)
+    INSTNORM_RETURN_IF_ERROR(allow_dynamic_smem(reinterpret_cast<const void*>(kernel), shape.dyn_smem));
+  cudaLaunchAttribute attrs[1];
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = shape.grid;
+  cfg.blockDim = shape.block;
+  cfg.dynamicSmemBytes = shape.dyn_smem;
+  cfg.stream = stream;
+  if (shape.cooperative) {
+    attrs[0].id = cudaLaunchAttributeCooperative;
+    attrs[0].val.cooperative = 1;
+    cfg.attrs = attrs;
+    cfg.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
-/// Launches a validated problem with a plan and a workspace of workspace_bytes(plan, prob, opt).
+/// Tags start at 1: the slots of a cooperative launch are zeroed on its stream first.
+inline cudaError_t clear_slots(const WorkspaceLayout& w, void* workspace, cudaStream_t stream) {
+  if (w.slots_bytes == 0) return cudaSuccess;
+  return cudaMemsetAsync(WorkspaceLayout::at<unsigned char>(workspace, w.slots), 0, w.slots_bytes,
+                         stream);
+}
+
+/// After a training forward: the per-channel running-statistics update from the per-plane
+/// statistics the forward kernel kept.
+inline cudaError_t update_running(const float* stat_mean, const float* stat_var,
+                                  const Problem& prob, const Options& opt, cudaStream_t stream) {
+  const int threads = 256;
+  const int64_t blocks = (prob.c + threads - 1) / threads;
+  LaunchShape shape;
+  shape.grid = dim3(static_cast<unsigned>(blocks < 65535 ? blocks : 65535));
+  shape.block = dim3(threads);
+  return launch_kernel(running_stats_kernel, shape, stream, stat_mean, stat_var, prob.n, prob.c,
+                       prob.spatial, opt.momentum, opt.running_mean, opt.running_var);
+}
+
+/// use_input_stats == false: one elementwise pass with the running statistics.
+template <class T>
+inline cudaError_t launch_inference(const T* x, T* y, const Problem& prob, const Options& opt,
+                                    cudaStream_t stream) {
+  DeviceProps d;
+  INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
+  const KernelParams<T> kp = make_params(x, y, prob, opt);
+  constexpr int kFull = 16 / int(sizeof(T));
+  const int vec = prob.vector_ok ? kFull : 1;
+  const int64_t chunk = int64_t(kInferenceThreads) * kInferenceItems * vec;
+  const int64_t units = prob.planes * ((prob.plane_len + chunk - 1) / chunk);
+  const int64_t cap = int64_t(d.sm_count) * (d.max_threads_per_sm / kInferenceThreads);
+  LaunchShape shape;
+  shape.grid = dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min(units, cap))));
+  shape.block = dim3(kInferenceThreads);
+  return launch_kernel(vec == kFull ? inference_kernel<T, kFull> : inference_kernel<T, 1>, shape,
+                       stream, kp);
+}
+
+/// Launches a validated problem with a plan and a workspace laid out as workspace_layout says.
 template <class T>
 inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& opt,
                           const Plan& plan, void* workspace, cudaStream_t stream) {
   KernelFn<T> kernel = select_kernel<T>(plan.vec, plan.strategy);
   if (plan.strategy == Strategy::kStaged) kernel = staged_kernel<T>;
   if (kernel == nullptr) return cudaErrorInvalidConfiguration;
+  const WorkspaceLayout w = workspace_layout(plan, prob, opt);
   KernelParams<T> kp = make_params(x, y, prob, opt);
   kp.lanes = plan.lanes;
   kp.items = plan.items;
@@ -268,16 +318,19 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
   kp.blocks_per_plane = plan.blocks_per_plane;
   kp.slice_len = plan.slice_len;
   kp.phases = plan.phases;
-  auto* bytes = static_cast<unsigned char*>(workspace);
-  if (updates_running_stats(opt)) {
-    kp.stat_mean = reinterpret_cast<float*>(bytes + plan_workspace_bytes(plan));
+  if (w.stats_bytes > 0) {
+    kp.stat_mean = WorkspaceLayout::at<float>(workspace, w.stats);
     kp.stat_var = kp.stat_mean + prob.planes;
   }
-  if (plan.cooperative) kp.slots = reinterpret_cast<TaggedSlot*>(bytes);
-  INSTNORM_RETURN_IF_ERROR(launch_kernel(
-      reinterpret_cast<const void*>(kernel), kp, dim3(static_cast<unsigned>(plan.grid)),
-      dim3(static_cast<unsigned>(plan.threads)), size_t(plan.smem_bytes),
-      sizeof(BlockReduceStorage), plan.cooperative ? plan_workspace_bytes(plan) : 0, stream));
+  if (w.slots_bytes > 0) kp.slots = WorkspaceLayout::at<TaggedSlot>(workspace, w.slots);
+  INSTNORM_RETURN_IF_ERROR(clear_slots(w, workspace, stream));
+  LaunchShape shape;
+  shape.grid = dim3(static_cast<unsigned>(plan.grid));
+  shape.block = dim3(static_cast<unsigned>(plan.threads));
+  shape.dyn_smem = size_t(plan.smem_bytes);
+  shape.static_smem = sizeof(BlockReduceStorage);
+  shape.cooperative = plan.cooperative;
+  INSTNORM_RETURN_IF_ERROR(launch_kernel(kernel, shape, stream, kp));
   return kp.stat_mean ? update_running(kp.stat_mean, kp.stat_var, prob, opt, stream) : cudaSuccess;
 }
 
@@ -293,20 +346,24 @@ inline cudaError_t current_nhwc_plan(const Problem& prob, const Options& opt, Nh
   return make_nhwc_plan(prob, d, plan, ov, policy) ? cudaSuccess : cudaErrorInvalidConfiguration;
 }
 
-/// Tagged partials of an on-chip NHWC plan that splits units (G > 1), double-buffered.
-inline size_t nhwc_slot_bytes(const NhwcPlan& p) {
-  if (!p.fused || !p.cooperative) return 0;
-  return align_up(2 * size_t(p.grid + p.block_groups) * size_t(p.cols_per_block) *
-                  size_t(p.vec) * sizeof(TaggedSlot));
-}
-
-/// NHWC workspace. On chip: [tagged partials][running-stat inputs]. Tiled: [tile partials of a
-/// batch][per-(image, group) statistics][running-stat inputs]. Nothing in eval mode.
-inline size_t nhwc_workspace_bytes(const NhwcPlan& p, const Problem& prob, const Options& opt) {
-  if (!opt.use_input_stats) return 0;
-  if (p.fused) return nhwc_slot_bytes(p) + stats_workspace_bytes(prob, opt);
-  return align_up(size_t(p.batch_images) * size_t(p.tiles) * size_t(prob.c) * sizeof(Moments)) +
-         align_up(size_t(prob.planes) * sizeof(float4)) + stats_workspace_bytes(prob, opt);
+/// NHWC. On chip: [tagged partials of plans that split units (G > 1), double-buffered][statistics].
+/// Tiled: [tile partials of a batch][per-(image, group) statistics][statistics]. Eval: nothing.
+inline WorkspaceLayout workspace_layout(const NhwcPlan& p, const Problem& prob, const Options& opt) {
+  WorkspaceLayout w;
+  if (!opt.use_input_stats) return w;
+  if (p.fused) {
+    w.slots_bytes = p.cooperative ? 2 * size_t(p.grid + p.block_groups) * size_t(p.cols_per_block) *
+                                        size_t(p.vec) * sizeof(TaggedSlot)
+                                  : 0;
+    w.slots = w.add(w.slots_bytes);
+  } else {
+    w.partials_bytes = size_t(p.batch_images) * size_t(p.tiles) * size_t(prob.c) * sizeof(Moments);
+    w.partials = w.add(w.partials_bytes);
+    w.group_stats_bytes = size_t(prob.planes) * sizeof(float4);
+    w.group_stats = w.add(w.group_stats_bytes);
+  }
+  add_stats(w, prob, opt);
+  return w;
 }
 
 template <class T>
@@ -314,6 +371,7 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
                                const NhwcPlan& plan, void* workspace, cudaStream_t stream) {
   DeviceProps d;
   INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
+  const WorkspaceLayout w = workspace_layout(plan, prob, opt);
   NhwcParams<T> np{};
   np.x = x;
   np.y = y;
@@ -333,6 +391,10 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
   np.save_mean = opt.save_mean;
   np.save_rstd = opt.save_rstd;
   np.activation = opt.activation;
+  if (w.stats_bytes > 0) {
+    np.stat_mean = WorkspaceLayout::at<float>(workspace, w.stats);
+    np.stat_var = np.stat_mean + prob.planes;
+  }
   const bool eval = !opt.use_input_stats;
   constexpr int kFull = 16 / int(sizeof(T));
   const bool full = plan.vec == kFull;
@@ -346,18 +408,17 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
     np.smem_items = plan.smem_items;
     np.blocks_per_unit = int(plan.blocks_per_unit);
     np.phases = plan.phases;
-    auto* bytes = static_cast<unsigned char*>(workspace);
-    np.slots = reinterpret_cast<TaggedSlot*>(bytes);
-    if (updates_running_stats(opt)) {
-      np.stat_mean = reinterpret_cast<float*>(bytes + nhwc_slot_bytes(plan));
-      np.stat_var = np.stat_mean + prob.planes;
-    }
-    void (*kernel)(NhwcParams<T>) = full ? nhwc_fused<T, kFull, nhwc_max_items(kFull)>
-                                         : nhwc_fused<T, 1, nhwc_max_items(1)>;
-    INSTNORM_RETURN_IF_ERROR(launch_kernel(
-        reinterpret_cast<const void*>(kernel), np, dim3(static_cast<unsigned>(plan.grid)),
-        dim3(kNhwcFusedThreads), size_t(plan.smem_bytes),
-        size_t(nhwc_fused_static_smem(plan.vec)), nhwc_slot_bytes(plan), stream));
+    np.slots = WorkspaceLayout::at<TaggedSlot>(workspace, w.slots);
+    INSTNORM_RETURN_IF_ERROR(clear_slots(w, workspace, stream));
+    LaunchShape shape;
+    shape.grid = dim3(static_cast<unsigned>(plan.grid));
+    shape.block = dim3(kNhwcFusedThreads);
+    shape.dyn_smem = size_t(plan.smem_bytes);
+    shape.static_smem = size_t(nhwc_fused_static_smem(plan.vec));
+    shape.cooperative = plan.cooperative;
+    INSTNORM_RETURN_IF_ERROR(launch_kernel(full ? nhwc_fused<T, kFull, nhwc_max_items(kFull)>
+                                                : nhwc_fused<T, 1, nhwc_max_items(1)>,
+                                           shape, stream, np));
     return np.stat_mean ? update_running(np.stat_mean, np.stat_var, prob, opt, stream)
                         : cudaSuccess;
   }
@@ -365,36 +426,29 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
     np.running_mean = opt.running_mean;
     np.running_var = opt.running_var;
   } else {
-    auto* bytes = static_cast<unsigned char*>(workspace);
-    np.partials = reinterpret_cast<Moments*>(bytes);
-    bytes += align_up(size_t(plan.batch_images) * size_t(plan.tiles) * size_t(prob.c) * sizeof(Moments));
-    np.group_stats = reinterpret_cast<float4*>(bytes);
-    bytes += align_up(size_t(prob.planes) * sizeof(float4));
-    if (updates_running_stats(opt)) {
-      np.stat_mean = reinterpret_cast<float*>(bytes);
-      np.stat_var = np.stat_mean + prob.planes;
-    }
+    np.partials = WorkspaceLayout::at<Moments>(workspace, w.partials);
+    np.group_stats = WorkspaceLayout::at<float4>(workspace, w.group_stats);
   }
   const int64_t batch = eval ? prob.n : plan.batch_images;
   for (int64_t first = 0; first < prob.n; first += batch) {
     np.img_first = first;
     np.img_count = std::min(batch, prob.n - first);
-    const dim3 grid(static_cast<unsigned>(std::min(np.img_count * plan.tiles, d.max_grid_x)),
-                    static_cast<unsigned>(plan.col_chunks));
+    LaunchShape tiles;
+    tiles.grid = dim3(static_cast<unsigned>(std::min(np.img_count * plan.tiles, d.max_grid_x)),
+                      static_cast<unsigned>(plan.col_chunks));
+    tiles.block = dim3(kNhwcThreads);
     if (!eval) {
-      if (full) nhwc_partials<T, kFull><<<grid, kNhwcThreads, 0, stream>>>(np);
-      else nhwc_partials<T, 1><<<grid, kNhwcThreads, 0, stream>>>(np);
-      INSTNORM_RETURN_IF_ERROR(cudaGetLastError());
+      INSTNORM_RETURN_IF_ERROR(launch_kernel(
+          full ? nhwc_partials<T, kFull> : nhwc_partials<T, 1>, tiles, stream, np));
       const int64_t units = np.img_count * prob.groups;
       const int64_t per_block = kNhwcThreads / np.finalize_lanes;
-      const int64_t blocks = (units + per_block - 1) / per_block;
-      nhwc_finalize<T><<<static_cast<unsigned>(std::min(blocks, d.max_grid_x)), kNhwcThreads, 0,
-                         stream>>>(np);
-      INSTNORM_RETURN_IF_ERROR(cudaGetLastError());
+      LaunchShape fin;
+      fin.grid = dim3(static_cast<unsigned>(std::min((units + per_block - 1) / per_block, d.max_grid_x)));
+      fin.block = dim3(kNhwcThreads);
+      INSTNORM_RETURN_IF_ERROR(launch_kernel(nhwc_finalize<T>, fin, stream, np));
     }
-    if (full) nhwc_normalize<T, kFull><<<grid, kNhwcThreads, 0, stream>>>(np);
-    else nhwc_normalize<T, 1><<<grid, kNhwcThreads, 0, stream>>>(np);
-    INSTNORM_RETURN_IF_ERROR(cudaGetLastError());
+    INSTNORM_RETURN_IF_ERROR(launch_kernel(
+        full ? nhwc_normalize<T, kFull> : nhwc_normalize<T, 1>, tiles, stream, np));
   }
   return np.stat_mean ? update_running(np.stat_mean, np.stat_var, prob, opt, stream) : cudaSuccess;
 }
@@ -418,13 +472,13 @@ cudaError_t workspace_size(int64_t n, int64_t c, int64_t spatial, const Options&
   if (prob.nhwc) {
     NhwcPlan np;
     INSTNORM_RETURN_IF_ERROR(detail::current_nhwc_plan(prob, opt, &np));
-    *bytes = detail::nhwc_workspace_bytes(np, prob, opt);
+    *bytes = detail::workspace_layout(np, prob, opt).total;
     return cudaSuccess;
   }
   if (!opt.use_input_stats) return cudaSuccess;
   Plan plan;
   INSTNORM_RETURN_IF_ERROR(detail::current_plan(prob, &plan));
-  *bytes = detail::workspace_bytes(plan, prob, opt);
+  *bytes = detail::workspace_layout(plan, prob, opt).total;
   return cudaSuccess;
 }
 
@@ -439,14 +493,14 @@ cudaError_t forward(const T* x, T* y, int64_t n, int64_t c, int64_t spatial, con
   if (prob.nhwc) {
     NhwcPlan np;
     INSTNORM_RETURN_IF_ERROR(detail::current_nhwc_plan(prob, opt, &np));
-    const size_t need = detail::nhwc_workspace_bytes(np, prob, opt);
+    const size_t need = detail::workspace_layout(np, prob, opt).total;
     if (need > 0 && (workspace == nullptr || workspace_bytes < need)) return cudaErrorInvalidValue;
     return detail::launch_nhwc(x, y, prob, opt, np, workspace, stream);
   }
   if (!opt.use_input_stats) return detail::launch_inference(x, y, prob, opt, stream);
   Plan plan;
   INSTNORM_RETURN_IF_ERROR(detail::current_plan(prob, &plan));
-  const size_t need = detail::workspace_bytes(plan, prob, opt);
+  const size_t need = detail::workspace_layout(plan, prob, opt).total;
   if (need > 0 && (workspace == nullptr || workspace_bytes < need)) return cudaErrorInvalidValue;
   return detail::launch(x, y, prob, opt, plan, workspace, stream);
 }
@@ -467,14 +521,14 @@ cudaError_t forward_tuned(const T* x, T* y, int64_t n, int64_t c, int64_t spatia
     NhwcPlan np;
     INSTNORM_RETURN_IF_ERROR(current_nhwc_plan(prob, opt, &np, ov, policy));
     if (used_nhwc) *used_nhwc = np;
-    return with_scratch(nhwc_workspace_bytes(np, prob, opt), stream,
+    return with_scratch(workspace_layout(np, prob, opt).total, stream,
                         [&](void* ws) { return launch_nhwc(x, y, prob, opt, np, ws, stream); });
   }
   if (!opt.use_input_stats) return launch_inference(x, y, prob, opt, stream);
   Plan plan;
   INSTNORM_RETURN_IF_ERROR(current_plan(prob, &plan, ov, policy));
   if (used) *used = plan;
-  return with_scratch(workspace_bytes(plan, prob, opt), stream,
+  return with_scratch(workspace_layout(plan, prob, opt).total, stream,
                       [&](void* ws) { return launch(x, y, prob, opt, plan, ws, stream); });
 }
 }  // namespace detail
