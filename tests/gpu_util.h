@@ -161,11 +161,13 @@ PlansRun check_input(const std::vector<T>& hx, int64_t n, int64_t c, int64_t s,
   return run;
 }
 
+/// check_input on random planes (N(mean_p, 1), see random_planes); returns the plans that ran.
 template <class T>
-void run_and_check(int64_t n, int64_t c, int64_t s, double offset, const PlanOverride& ov,
-                   const Options& opt = Options{}, uint64_t seed = 42) {
+PlansRun run_and_check(int64_t n, int64_t c, int64_t s, double offset, const PlanOverride& ov,
+                       const Options& opt = Options{}, uint64_t seed = 42) {
   const int64_t groups = opt.groups ? opt.groups : c;
-  check_input<T>(random_planes<T>(n * groups, (c / groups) * s, offset, seed), n, c, s, ov, opt);
+  return check_input<T>(random_planes<T>(n * groups, (c / groups) * s, offset, seed), n, c, s,
+                        ov, opt);
 }
 
 }  // namespace instnorm_test

@@ -4,13 +4,8 @@
 
 #include "gpu_util.h"
 
-#include <atomic>
-#include <chrono>
 #include <cmath>
 #include <cstring>
-#include <future>
-#include <thread>
-#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -65,10 +60,6 @@ TEST(ApiValidation, WorkspaceCallsValidateToo) {
 }
 
 // ---------------------------------------------------------------- GPU: sizes x strategies
-
-struct SizeCase {
-  int64_t s;
-};
 
 class GpuSizes : public ::testing::TestWithParam<int64_t> {};
 
@@ -441,9 +432,11 @@ using namespace instnorm_test;
 
 // Channels-last: every feature against the float64 reference in NHWC. mode 0: input
 // statistics (saved too), 1: plus the running-statistics update, 2: eval with running stats.
+// A plan forced by `ov` must be the one that ran; `ran` (if not null) receives it.
 template <class T>
 void nhwc_case(int64_t n, int64_t c, int64_t s, int64_t groups, bool affine, Activation act,
-               int mode, double offset = 0.0, const PlanOverride& ov = {}) {
+               int mode, double offset = 0.0, const PlanOverride& ov = {},
+               NhwcPlan* ran = nullptr) {
   const int64_t total = n * c * s, G = groups ? groups : c, planes = n * G;
   std::mt19937_64 rng(c * 131 + s);
   std::normal_distribution<double> nd(0.0, 1.0);
@@ -487,8 +480,11 @@ void nhwc_case(int64_t n, int64_t c, int64_t s, int64_t groups, bool affine, Act
     opt.running_var = drv.ptr;
     opt.use_input_stats = mode == 1;
   }
-  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, n, c, s, opt, ov, nullptr, nullptr));
+  NhwcPlan plan;
+  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, n, c, s, opt, ov, nullptr, nullptr, nullptr,
+                                &plan));
   CUDA_OK(cudaDeviceSynchronize());
+  if (ran) *ran = plan;
   std::vector<T> hy(static_cast<size_t>(total)), hy2(static_cast<size_t>(total));
   CUDA_OK(cudaMemcpy(hy.data(), dy.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
   Options host = opt;
@@ -502,6 +498,12 @@ void nhwc_case(int64_t n, int64_t c, int64_t s, int64_t groups, bool affine, Act
   const std::string where = std::string(type_name<T>()) + " NHWC n=" + std::to_string(n) +
                             " c=" + std::to_string(c) + " S=" + std::to_string(s) +
                             " G=" + std::to_string(G) + " mode=" + std::to_string(mode);
+  if (opt.use_input_stats) {  // eval mode always runs the tiled plan's normalize
+    if (ov.nhwc_fused >= 0) EXPECT_EQ(plan.fused, ov.nhwc_fused == 1) << where;
+    if (plan.fused && ov.blocks_per_plane > 0)
+      EXPECT_EQ(plan.blocks_per_unit, ov.blocks_per_plane) << where;
+    if (plan.fused && ov.nhwc_cols > 0) EXPECT_EQ(plan.cols_per_block, ov.nhwc_cols) << where;
+  }
   for (int64_t i = 0; i < total; ++i) {
     const double got = reference::to_double(hy[size_t(i)]), want = ref[size_t(i)];
     const double tol = std::is_same<T, float>::value ? 2e-5 * std::max(1.0, std::fabs(want))
@@ -566,7 +568,11 @@ TEST(GpuNhwc, OnChipSlicesAndExchange) {
   nhwc_case<float>(2, 64, 65536, 0, false, Activation::kRelu, 0, 0.0, nhwc_plan(1, 16, 130));
   nhwc_case<float>(1, 16, 30000, 0, false, Activation::kNone, 0, 1e4, nhwc_plan(1, 2, 8));
   nhwc_case<float>(1, 16, 3000, 4, true, Activation::kNone, 0, 1e4, nhwc_plan(1, 1, 3));
-  nhwc_case<__half>(2, 320, 16384, 32, true, Activation::kSilu, 0);  // planner: G > 1
+  NhwcPlan planner;
+  nhwc_case<__half>(2, 320, 16384, 32, true, Activation::kSilu, 0, 0.0, {}, &planner);
+  EXPECT_TRUE(planner.fused && planner.blocks_per_unit > 1)
+      << "the planner's plan for 2x320x128x128 GroupNorm: on chip with G > 1, got "
+      << (planner.fused ? "on chip, G=" + std::to_string(planner.blocks_per_unit) : "tiled");
   nhwc_case<__half>(2, 320, 16384, 32, true, Activation::kSilu, 0, 0.0, nhwc_plan(1, 20, 50));
   nhwc_case<__nv_bfloat16>(2, 64, 20000, 0, true, Activation::kNone, 0, 0.0, nhwc_plan(1, 8, 25));
   nhwc_case<__nv_bfloat16>(1, 8, 300000, 1, false, Activation::kNone, 0, 0.0, nhwc_plan(1));

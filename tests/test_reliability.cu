@@ -292,8 +292,11 @@ TEST(Large, NhwcImageBeyond2To31Elements) {
   opt.layout = Layout::kNHWC;
   opt.save_mean = stats.ptr;
   opt.save_rstd = stats.ptr + c;
-  CUDA_OK(forward(dx.ptr, dy.ptr, 1, c, s, opt));
+  NhwcPlan plan;  // forward(dx, dy, 1, c, s, opt)'s plan
+  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, 1, c, s, opt, PlanOverride{}, nullptr, nullptr,
+                                nullptr, &plan));
   CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_FALSE(plan.fused) << "an image too large for the chip runs the tiled plan";
   const auto in = summarize_channels(dx.ptr, total, c), out = summarize_channels(dy.ptr, total, c);
   EXPECT_EQ(out.nans, 0u) << "elements left unwritten (or NaN)";
   std::vector<float> h(static_cast<size_t>(2 * c));
@@ -327,8 +330,11 @@ TEST(Large, NhwcTensorBeyond2To31Elements) {
   if (HasFatalFailure()) return;
   Options opt;
   opt.layout = Layout::kNHWC;
-  CUDA_OK(forward(dx.ptr, dy.ptr, n, c, s, opt));
+  NhwcPlan plan;  // forward(dx, dy, n, c, s, opt)'s plan
+  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, n, c, s, opt, PlanOverride{}, nullptr, nullptr,
+                                nullptr, &plan));
   CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_TRUE(plan.fused) << "images of 2 MB run the on-chip plan";
   const auto out = summarize_channels(dy.ptr, total, c);
   EXPECT_EQ(out.nans, 0u) << "elements left unwritten (or NaN)";
   for (int64_t j = 0; j < c; ++j) {
@@ -346,14 +352,19 @@ TEST(Large, NhwcTensorBeyond2To31Elements) {
 
 // ---------------------------------------------------------------- strategies
 
-/// A shape that the planner (or a forced plan) runs with each strategy.
+/// A shape that the planner (or a forced plan) runs with each strategy. `strategy` is what must
+/// run (on 16-byte aligned buffers): the tests check it, so that a case keeps the path it names.
 struct StrategyCase {
   const char* name;
   int64_t n, c, s;
   PlanOverride ov;
+  Strategy strategy;
 };
 
 std::vector<StrategyCase> strategy_cases() {
+  // 7x7 planes are staged by the planner (scalar planes); the sub-warp plan runs them forced.
+  PlanOverride subwarp;
+  subwarp.strategy = int(Strategy::kSubWarp);
   PlanOverride split;
   split.strategy = int(Strategy::kSplit);
   split.blocks_per_plane = 3;
@@ -362,12 +373,19 @@ std::vector<StrategyCase> strategy_cases() {
   stream.blocks_per_plane = 2;
   stream.items = 1;
   stream.threads = 64;
-  return {{"subwarp", 64, 8, 49, {}},
-          {"subwarp-aligned", 16, 8, 1024, {}},
-          {"block", 4, 4, 16384, {}},
-          {"split", 2, 3, 65536, split},
-          {"split-stream", 1, 3, 65536, stream},
-          {"split-auto", 1, 4, 1 << 20, {}}};
+  return {{"subwarp", 64, 8, 49, subwarp, Strategy::kSubWarp},
+          {"subwarp-aligned", 16, 8, 1024, {}, Strategy::kSubWarp},
+          {"staged", 64, 8, 49, {}, Strategy::kStaged},
+          {"block", 4, 4, 16384, {}, Strategy::kBlock},
+          {"split", 2, 3, 65536, split, Strategy::kSplit},
+          {"split-stream", 1, 3, 65536, stream, Strategy::kSplitStream},
+          {"split-auto", 1, 4, 1 << 20, {}, Strategy::kSplit}};
+}
+
+/// The plan that ran has the strategy the case names.
+void expect_strategy(const StrategyCase& k, const Plan& ran, const char* type) {
+  EXPECT_EQ(ran.strategy, k.strategy) << type << " " << k.name << ": " << to_string(ran.strategy)
+                                      << " ran";
 }
 
 // ---------------------------------------------------------------- alignment
@@ -384,9 +402,10 @@ void expect_untouched_around(const T* y, int64_t total, bool before) {
 }
 
 // x and y offset by 1, 2, 3 elements (independently) from any 16-byte alignment: the scalar or
-// staged path, checked against the reference; aligned buffers keep 16-byte vectors.
+// staged path, checked against the reference; aligned buffers keep 16-byte vectors. Adds the
+// strategies that ran to `seen` (a bit per Strategy).
 template <class T>
-void offsets_case(int64_t n, int64_t c, int64_t s) {
+void offsets_case(int64_t n, int64_t c, int64_t s, unsigned* seen, const PlanOverride& ov = {}) {
   const int64_t total = n * c * s;
   const auto hx = random_planes<T>(n * c, s, 0.0, 31);
   std::vector<double> ref(static_cast<size_t>(total));
@@ -399,8 +418,9 @@ void offsets_case(int64_t n, int64_t c, int64_t s) {
     CUDA_OK(cudaMemcpy(x, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
     CUDA_OK(cudaMemset(dy.ptr, 0xff, (total + 8) * sizeof(T)));
     Plan plan;
-    CUDA_OK(detail::forward_tuned(x, y, n, c, s, Options{}, PlanOverride{}, nullptr, nullptr, &plan));
+    CUDA_OK(detail::forward_tuned(x, y, n, c, s, Options{}, ov, nullptr, nullptr, &plan));
     CUDA_OK(cudaDeviceSynchronize());
+    *seen |= 1u << int(plan.strategy);
     const int full = 16 / int(sizeof(T));
     const bool aligned = pr[0] == 0 && pr[1] == 0 && s % full == 0;
     EXPECT_EQ(plan.vec, aligned ? full : 1) << type_name<T>() << " offsets " << pr[0] << "," << pr[1];
@@ -413,14 +433,28 @@ void offsets_case(int64_t n, int64_t c, int64_t s) {
   }
 }
 
+// The planner's plans for these shapes (staged, sub-warp, block, split), and the streaming
+// split plan forced: every strategy must have run.
 TEST(Alignment, OffsetsOf1To3ElementsEveryTypeAndStrategy) {
   REQUIRE_GPU();
+  unsigned seen = 0;
   for (int64_t s : {int64_t(49), int64_t(1000), int64_t(4096), int64_t(65536), int64_t(1) << 20}) {
     const int64_t c = s >= 65536 ? 3 : 8;
-    offsets_case<float>(2, c, s);
-    offsets_case<__half>(2, c, s);
-    offsets_case<__nv_bfloat16>(2, c, s);
+    offsets_case<float>(2, c, s, &seen);
+    offsets_case<__half>(2, c, s, &seen);
+    offsets_case<__nv_bfloat16>(2, c, s, &seen);
   }
+  PlanOverride stream;
+  stream.strategy = int(Strategy::kSplitStream);
+  stream.blocks_per_plane = 2;
+  stream.items = 1;
+  stream.threads = 64;
+  offsets_case<float>(1, 3, 65536, &seen, stream);
+  offsets_case<__half>(1, 3, 65536, &seen, stream);
+  offsets_case<__nv_bfloat16>(1, 3, 65536, &seen, stream);
+  for (Strategy st : {Strategy::kSubWarp, Strategy::kBlock, Strategy::kSplit,
+                      Strategy::kSplitStream, Strategy::kStaged})
+    EXPECT_TRUE(seen & (1u << int(st))) << to_string(st) << " never ran";
 }
 
 // ---------------------------------------------------------------- in place
@@ -435,6 +469,7 @@ void in_place_case(const StrategyCase& k) {
   CUDA_OK(detail::forward_tuned(a.ptr, b.ptr, k.n, k.c, k.s, Options{}, k.ov, nullptr, nullptr, &p1));
   CUDA_OK(detail::forward_tuned(a.ptr, a.ptr, k.n, k.c, k.s, Options{}, k.ov, nullptr, nullptr, &p2));
   CUDA_OK(cudaDeviceSynchronize());
+  expect_strategy(k, p1, type_name<T>());
   EXPECT_EQ(int(p1.strategy), int(p2.strategy));
   std::vector<T> ha(static_cast<size_t>(total)), hb(static_cast<size_t>(total));
   CUDA_OK(cudaMemcpy(ha.data(), a.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
@@ -468,8 +503,10 @@ TEST(Extreme, Fp32ValuesOf1e18EveryStrategy) {
   REQUIRE_GPU();
   for (const auto& k : strategy_cases()) {
     SCOPED_TRACE(k.name);
-    check_input<float>(uniform_planes<float>(k.n * k.c, k.s, -1e18, 1e18, 3), k.n, k.c, k.s, k.ov);
-    check_input<float>(uniform_planes<float>(k.n * k.c, k.s, 5e17, 1e18, 4), k.n, k.c, k.s, k.ov);
+    expect_strategy(k, check_input<float>(uniform_planes<float>(k.n * k.c, k.s, -1e18, 1e18, 3),
+                                          k.n, k.c, k.s, k.ov).plan, "fp32");
+    expect_strategy(k, check_input<float>(uniform_planes<float>(k.n * k.c, k.s, 5e17, 1e18, 4),
+                                          k.n, k.c, k.s, k.ov).plan, "fp32");
   }
 }
 
@@ -477,7 +514,7 @@ TEST(Extreme, Fp32MeanOf1e6TimesStdEveryStrategy) {
   REQUIRE_GPU();
   for (const auto& k : strategy_cases()) {
     SCOPED_TRACE(k.name);
-    run_and_check<float>(k.n, k.c, k.s, 1e6, k.ov);
+    expect_strategy(k, run_and_check<float>(k.n, k.c, k.s, 1e6, k.ov).plan, "fp32");
   }
 }
 
@@ -501,7 +538,10 @@ void poison_case(const StrategyCase& k) {
   auto hx = random_planes<T>(planes, k.s, 0.0, 8);
   DeviceBuffer<T> dx(static_cast<size_t>(total)), dy(static_cast<size_t>(total));
   CUDA_OK(cudaMemcpy(dx.ptr, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
-  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, k.n, k.c, k.s, Options{}, k.ov, nullptr, nullptr));
+  Plan plan;
+  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, k.n, k.c, k.s, Options{}, k.ov, nullptr, nullptr,
+                                &plan));
+  expect_strategy(k, plan, type_name<T>());
   std::vector<T> clean(static_cast<size_t>(total)), hy(static_cast<size_t>(total));
   CUDA_OK(cudaMemcpy(clean.data(), dy.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
   const float poisons[] = {std::nanf(""), INFINITY, -INFINITY};
@@ -559,9 +599,10 @@ TEST(Extreme, EpsZeroBehavesAsPyTorch) {
 
 // ---------------------------------------------------------------- channels-last (NHWC)
 
-/// NHWC shapes the planner runs on chip with one block per slice, forced onto G = 6 blocks per
-/// slice (the exchange, and its phase shift over several rounds), forced onto the tiled plan,
-/// and GroupNorm (groups of 8 channels) on chip.
+/// NHWC shapes the planner runs on chip (with the G it picks: two images leave SMs idle, so more
+/// than one block per slice on the H100), forced onto G = 6 blocks per slice (the exchange, and
+/// its phase shift over several rounds), forced onto the tiled plan, and GroupNorm (groups of 8
+/// channels) on chip. expect_nhwc_plan checks that each ran the plan it names.
 struct NhwcCase {
   const char* name;
   int64_t n, c, s, groups;
@@ -597,6 +638,15 @@ Options nhwc_options(int64_t groups) {
   return opt;
 }
 
+/// The NHWC plan that ran is the one the case names: on chip unless it forces the tiled plan,
+/// with the G it forces.
+void expect_nhwc_plan(const NhwcCase& k, const NhwcPlan& ran, const char* type) {
+  EXPECT_EQ(ran.fused, k.ov.nhwc_fused != 0)
+      << type << " NHWC " << k.name << ": the " << (ran.fused ? "on-chip" : "tiled") << " plan ran";
+  if (k.ov.blocks_per_plane > 0)
+    EXPECT_EQ(ran.blocks_per_unit, k.ov.blocks_per_plane) << type << " NHWC " << k.name;
+}
+
 // x and y offset by 1-3 elements from 16-byte alignment, NHWC: every plan stays exact and
 // leaves the elements around y untouched.
 template <class T>
@@ -613,8 +663,11 @@ void nhwc_offsets_case(const NhwcCase& k) {
     T* y = dy.ptr + pr[1];
     CUDA_OK(cudaMemcpy(x, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
     CUDA_OK(cudaMemset(dy.ptr, 0xff, (total + 8) * sizeof(T)));
-    CUDA_OK(detail::forward_tuned(x, y, k.n, k.c, k.s, opt, k.ov, nullptr, nullptr));
+    NhwcPlan plan;
+    CUDA_OK(
+        detail::forward_tuned(x, y, k.n, k.c, k.s, opt, k.ov, nullptr, nullptr, nullptr, &plan));
     CUDA_OK(cudaDeviceSynchronize());
+    expect_nhwc_plan(k, plan, type_name<T>());
     std::vector<T> hy(static_cast<size_t>(total));
     CUDA_OK(cudaMemcpy(hy.data(), y, total * sizeof(T), cudaMemcpyDeviceToHost));
     const CheckResult r = compare(hy, ref, k.c);
@@ -639,9 +692,14 @@ void nhwc_in_place_case(const NhwcCase& k) {
   DeviceBuffer<T> a(static_cast<size_t>(total)), b(static_cast<size_t>(total));
   for (int rep = 0; rep < 3; ++rep) {  // the race, if any, depends on timing: several tries
     CUDA_OK(cudaMemcpy(a.ptr, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
-    CUDA_OK(detail::forward_tuned(a.ptr, b.ptr, k.n, k.c, k.s, opt, k.ov, nullptr, nullptr));
-    CUDA_OK(detail::forward_tuned(a.ptr, a.ptr, k.n, k.c, k.s, opt, k.ov, nullptr, nullptr));
+    NhwcPlan out_of_place, in_place;
+    CUDA_OK(detail::forward_tuned(a.ptr, b.ptr, k.n, k.c, k.s, opt, k.ov, nullptr, nullptr,
+                                  nullptr, &out_of_place));
+    CUDA_OK(detail::forward_tuned(a.ptr, a.ptr, k.n, k.c, k.s, opt, k.ov, nullptr, nullptr,
+                                  nullptr, &in_place));
     CUDA_OK(cudaDeviceSynchronize());
+    expect_nhwc_plan(k, out_of_place, type_name<T>());
+    expect_nhwc_plan(k, in_place, type_name<T>());
     std::vector<T> ha(static_cast<size_t>(total)), hb(static_cast<size_t>(total));
     CUDA_OK(cudaMemcpy(ha.data(), a.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
     CUDA_OK(cudaMemcpy(hb.data(), b.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
@@ -665,7 +723,10 @@ void nhwc_poison_case(const NhwcCase& k) {
   auto hx = random_planes<T>(k.n * k.s, k.c, 0.0, 8);
   DeviceBuffer<T> dx(static_cast<size_t>(total)), dy(static_cast<size_t>(total));
   CUDA_OK(cudaMemcpy(dx.ptr, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
-  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, k.n, k.c, k.s, opt, k.ov, nullptr, nullptr));
+  NhwcPlan plan;
+  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, k.n, k.c, k.s, opt, k.ov, nullptr, nullptr, nullptr,
+                                &plan));
+  expect_nhwc_plan(k, plan, type_name<T>());
   std::vector<T> clean(static_cast<size_t>(total)), hy(static_cast<size_t>(total));
   CUDA_OK(cudaMemcpy(clean.data(), dy.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
   const float poisons[] = {std::nanf(""), INFINITY, -INFINITY};
@@ -708,11 +769,16 @@ TEST(Extreme, NhwcFp32ValuesOf1e18AndMeanOf1e6TimesStdEveryPlan) {
   for (const auto& k : nhwc_cases()) {
     SCOPED_TRACE(k.name);
     const Options opt = nhwc_options(k.groups);
-    check_input<float>(uniform_planes<float>(k.n * k.s, k.c, -1e18, 1e18, 3), k.n, k.c, k.s, k.ov, opt);
-    check_input<float>(uniform_planes<float>(k.n * k.s, k.c, 5e17, 1e18, 4), k.n, k.c, k.s, k.ov, opt);
+    expect_nhwc_plan(k, check_input<float>(uniform_planes<float>(k.n * k.s, k.c, -1e18, 1e18, 3),
+                                           k.n, k.c, k.s, k.ov, opt).nhwc, "fp32");
+    expect_nhwc_plan(k, check_input<float>(uniform_planes<float>(k.n * k.s, k.c, 5e17, 1e18, 4),
+                                           k.n, k.c, k.s, k.ov, opt).nhwc, "fp32");
     if (k.groups == 0)  // one plane per (image, channel): each at +-1e6 std
-      check_input<float>(nhwc_of(random_planes<float>(k.n * k.c, k.s, 1e6, 9), k.n, k.c, k.s),
-                         k.n, k.c, k.s, k.ov, opt);
+      expect_nhwc_plan(k,
+                       check_input<float>(
+                           nhwc_of(random_planes<float>(k.n * k.c, k.s, 1e6, 9), k.n, k.c, k.s),
+                           k.n, k.c, k.s, k.ov, opt).nhwc,
+                       "fp32");
   }
 }
 
@@ -885,14 +951,18 @@ void expect_graph_replays(Enqueue enqueue, const float* want, float* out, int64_
 
 // The simple call and the options call, captured in a CUDA graph with the workspace they take
 // stream-ordered (split plans need one), replayed 100 times: the bits of a direct call on the
-// default stream, every time.
+// default stream, every time. Each shape is one the planner runs with the strategy it names
+// (on the H100/H200), which the direct call checks.
 TEST(Graph, CapturedCallsReplayBitIdenticalForEveryStrategy) {
   REQUIRE_GPU();
   struct Shape {
     int64_t n, c, s;
+    Strategy strategy;
   };
-  for (const Shape& k : {Shape{64, 16, 49}, Shape{1, 64, 1 << 16}, Shape{1, 8, 1 << 20},
-                         Shape{1, 1, 1 << 24}}) {
+  for (const Shape& k :
+       {Shape{16, 8, 1024, Strategy::kSubWarp}, Shape{64, 16, 49, Strategy::kStaged},
+        Shape{4, 4, 16384, Strategy::kBlock}, Shape{1, 64, 1 << 16, Strategy::kSplit},
+        Shape{1, 8, 1 << 20, Strategy::kSplit}, Shape{1, 1, 1 << 24, Strategy::kSplitStream}}) {
     const int64_t total = k.n * k.c * k.s;
     size_t ws = 0;
     CUDA_OK(workspace_size<float>(k.n, k.c, k.s, Options{}, &ws));
@@ -900,7 +970,11 @@ TEST(Graph, CapturedCallsReplayBitIdenticalForEveryStrategy) {
     fill_hash<<<1024, 256>>>(dx.ptr, total, k.s, 9);
     Options opt;
     opt.save_mean = m.ptr;
-    CUDA_OK(forward(dx.ptr, a.ptr, k.n, k.c, k.s));
+    Plan plan;  // forward(dx, a, n, c, s)'s plan
+    CUDA_OK(detail::forward_tuned(dx.ptr, a.ptr, k.n, k.c, k.s, Options{}, PlanOverride{}, nullptr,
+                                  nullptr, &plan));
+    EXPECT_EQ(plan.strategy, k.strategy)
+        << "S=" << k.s << ": " << to_string(plan.strategy) << " ran";
     expect_graph_replays(
         [&](cudaStream_t st) {
           const cudaError_t e = forward(dx.ptr, b.ptr, k.n, k.c, k.s, 1e-5f, st);
@@ -911,14 +985,24 @@ TEST(Graph, CapturedCallsReplayBitIdenticalForEveryStrategy) {
 }
 
 // Channels-last in a graph: the options call with its stream-ordered workspace (the exchange
-// slots of 16-63 co-resident blocks per slice), captured and replayed 20 times, with the bits of
-// a direct call; on chip with one block per slice and with several, and tiled.
+// slots of the blocks of a slice, or the tiled plan's partials), captured and replayed 20 times,
+// with the bits of a direct call; on chip with one block per slice (forced) and with several
+// (the planner's choice for the larger shapes, on the H100/H200), and tiled (forced).
 TEST(Graph, NhwcCapturedCallsReplayBitIdentical) {
   REQUIRE_GPU();
+  PlanOverride one;
+  one.nhwc_fused = 1;
+  one.blocks_per_plane = 1;
+  PlanOverride tiled;
+  tiled.nhwc_fused = 0;
   struct Shape {
     int64_t n, c, s;
+    PlanOverride ov;
+    bool fused, several;  ///< must run on chip; with more than one block per slice
   };
-  for (const Shape& k : {Shape{4, 64, 4096}, Shape{2, 64, 65536}, Shape{1, 32, 1 << 18}}) {
+  for (const Shape& k : {Shape{4, 64, 256, one, true, false}, Shape{4, 64, 4096, {}, true, true},
+                         Shape{2, 64, 65536, {}, true, true}, Shape{1, 32, 1 << 18, {}, true, true},
+                         Shape{1, 32, 1 << 18, tiled, false, false}}) {
     const int64_t total = k.n * k.c * k.s;
     DeviceBuffer<float> dx(static_cast<size_t>(total)), a(static_cast<size_t>(total)),
         b(static_cast<size_t>(total)), m(static_cast<size_t>(k.n * k.c));
@@ -926,10 +1010,17 @@ TEST(Graph, NhwcCapturedCallsReplayBitIdentical) {
     Options opt;
     opt.layout = Layout::kNHWC;
     opt.save_mean = m.ptr;
-    CUDA_OK(forward(dx.ptr, a.ptr, k.n, k.c, k.s, opt));
+    const std::string where = "NHWC S=" + std::to_string(k.s) + (k.fused ? "" : " tiled");
+    NhwcPlan plan;
+    CUDA_OK(detail::forward_tuned(dx.ptr, a.ptr, k.n, k.c, k.s, opt, k.ov, nullptr, nullptr,
+                                  nullptr, &plan));
+    EXPECT_EQ(plan.fused, k.fused) << where;
+    EXPECT_EQ(plan.blocks_per_unit > 1, k.several) << where << ": G=" << plan.blocks_per_unit;
     expect_graph_replays(
-        [&](cudaStream_t st) { return forward(dx.ptr, b.ptr, k.n, k.c, k.s, opt, st); }, a.ptr,
-        b.ptr, total, 20, "NHWC S=" + std::to_string(k.s));
+        [&](cudaStream_t st) {
+          return detail::forward_tuned(dx.ptr, b.ptr, k.n, k.c, k.s, opt, k.ov, nullptr, st);
+        },
+        a.ptr, b.ptr, total, 20, where);
   }
 }
 
@@ -1027,7 +1118,7 @@ void accuracy_nhwc() {
   }
 }
 
-// The same data channels-last: the on-chip plan (one block, and G = 6 blocks exchanging
+// The same data channels-last: the on-chip plan (the planner's G, and G = 6 blocks exchanging
 // per-channel partials), the tiled plan and GroupNorm.
 TEST(Accuracy, NhwcHostileDataEveryPlanAndType) {
   REQUIRE_GPU();
@@ -1036,9 +1127,10 @@ TEST(Accuracy, NhwcHostileDataEveryPlanAndType) {
   accuracy_nhwc<__nv_bfloat16>();
 }
 
+/// Writes the plans that ran to `ran`.
 template <class T>
 void constant_case(int64_t n, int64_t c, int64_t s, const PlanOverride& ov, const Options& opt,
-                   float value) {
+                   float value, PlansRun* ran) {
   const size_t total = size_t(n * c * s);
   const T v = to_t<T>(value);
   std::vector<T> h(total, v);
@@ -1046,7 +1138,8 @@ void constant_case(int64_t n, int64_t c, int64_t s, const PlanOverride& ov, cons
   ASSERT_NE(dx.ptr, nullptr);
   CUDA_OK(cudaMemcpy(dx.ptr, h.data(), total * sizeof(T), cudaMemcpyHostToDevice));
   CUDA_OK(cudaMemset(dy.ptr, 0xff, total * sizeof(T)));
-  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, n, c, s, opt, ov, nullptr, nullptr));
+  CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, n, c, s, opt, ov, nullptr, nullptr, &ran->plan,
+                                &ran->nhwc));
   CUDA_OK(cudaMemcpy(h.data(), dy.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
   for (size_t i = 0; i < total; ++i)
     ASSERT_EQ(reference::to_double(h[i]), 0.0) << type_name<T>() << " constant " << value
@@ -1061,14 +1154,20 @@ TEST(Accuracy, ConstantPlanesGiveExactZerosEveryPlan) {
       SCOPED_TRACE(k.name);
       Options opt;
       opt.groups = k.groups;
-      constant_case<float>(k.n, k.c, k.s, k.ov, opt, value);
-      constant_case<__half>(k.n, k.c, k.s, k.ov, opt, value);
-      constant_case<__nv_bfloat16>(k.n, k.c, k.s, k.ov, opt, value);
+      PlansRun ran[3];
+      constant_case<float>(k.n, k.c, k.s, k.ov, opt, value, &ran[0]);
+      constant_case<__half>(k.n, k.c, k.s, k.ov, opt, value, &ran[1]);
+      constant_case<__nv_bfloat16>(k.n, k.c, k.s, k.ov, opt, value, &ran[2]);
+      for (const PlansRun& r : ran)
+        EXPECT_EQ(r.plan.strategy, k.strategy) << to_string(r.plan.strategy) << " ran";
     }
     for (const auto& k : nhwc_cases()) {
       SCOPED_TRACE(k.name);
-      constant_case<float>(k.n, k.c, k.s, k.ov, nhwc_options(k.groups), value);
-      constant_case<__half>(k.n, k.c, k.s, k.ov, nhwc_options(k.groups), value);
+      PlansRun ran[2];
+      constant_case<float>(k.n, k.c, k.s, k.ov, nhwc_options(k.groups), value, &ran[0]);
+      constant_case<__half>(k.n, k.c, k.s, k.ov, nhwc_options(k.groups), value, &ran[1]);
+      expect_nhwc_plan(k, ran[0].nhwc, "fp32");
+      expect_nhwc_plan(k, ran[1].nhwc, "fp16");
     }
   }
 }
