@@ -126,7 +126,7 @@ const std::vector<std::string> kStandard = {
     "112x64x512x512:affine:save:relu", "16x64x256x256:affine:save:relu",
     "8x256x128x128:affine:save:relu", "32x256x32x32:affine:save:relu",
     "16x64x256x256:running", "16x64x256x256:eval", "112x64x512x512:eval", "8x512x64x64:bf16:eval",
-    // Channels-last (issue: NHWC at the floor), named as the peers script takes them.
+    // Channels-last, named as the peers script takes them.
     "112x64x512x512:cl", "16x64x256x256:cl", "8x256x128x128:cl", "32x256x32x32:cl",
     "128x512x7x7:cl", "112x64x512x512:bf16:cl", "8x512x64x64:bf16:cl"};
 
@@ -496,7 +496,7 @@ bool verify(const Shape& s, std::string* why) {
 
 #ifdef INSTNORM_TRACE
 /// --trace=1 (builds with INSTNORM_TRACE): one more call after an L2 flush, then per round the
-/// blocks' phase boundaries (detail/trace.cuh) in us from the first block's entry:
+/// blocks' phase boundaries (debug/trace.cuh) in us from the first block's entry:
 /// min / median / max over the blocks that ran the round.
 void print_trace(const std::function<cudaError_t()>& op, const std::string& name, int64_t G) {
   using namespace instnorm::detail;

@@ -16,8 +16,11 @@ setup(
     version="0.1.0",
     description="Instance norm and GroupNorm for PyTorch on instnorm's CUDA kernels",
     packages=["instnorm_torch"],
-    package_data={"instnorm_torch": ["csrc/*.cu", "include/instnorm/*.cuh", "include/instnorm/*.h",
-                                     "include/instnorm/detail/*.cuh"]},
+    # Every header, whatever folder of the layered tree it sits in.
+    package_data={"instnorm_torch": ["csrc/*.cu"] + sorted(
+        os.path.relpath(os.path.join(d, f), os.path.join(here, "instnorm_torch"))
+        for d, _, files in os.walk(os.path.join(here, "instnorm_torch", "include"))
+        for f in files if f.endswith((".cuh", ".h")))},
     ext_modules=[CUDAExtension(
         "instnorm_torch._C", ["instnorm_torch/csrc/instnorm_ext.cu"], include_dirs=[include],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]})],

@@ -1,17 +1,21 @@
 #pragma once
-/// \file detail/kernel.cuh
-/// The forward kernel. One template serves every strategy: a group of `lanes` threads owns one
+/// \file kernels/nchw.cuh
+/// The NCHW forward kernels. One template serves every strategy: a group of `lanes` threads owns one
 /// slice of one plane (the whole plane unless the plane is split across G blocks), holds it in
 /// registers when it fits (one DRAM read) and streams it twice otherwise. Strategies differ only
 /// in the runtime group width, items per thread and G, so there are just two instantiations per
 /// element type: 16-byte vectors, and scalars for misaligned or ragged planes.
 
+#include "../arch.cuh"
+#include "../block/reduce.cuh"
+#include "../contract.cuh"
+#include "../debug/trace.cuh"
+#include "../epilogue/epilogue.cuh"
+#include "../grid/exchange.cuh"
 #include "../moments.cuh"
 #include "../options.cuh"
-#include "../plan.cuh"
-#include "convert.cuh"
-#include "reduce.cuh"
-#include "trace.cuh"
+#include "../thread/local_moments.cuh"
+#include "../thread/vector.cuh"
 
 namespace instnorm {
 namespace detail {
@@ -46,219 +50,6 @@ struct KernelParams {
                                ///< (cooperative plans)
   int phases;                  ///< Plan::phases
 };
-
-template <Activation kAct>
-__device__ __forceinline__ float activate(float v) {
-  if constexpr (kAct == Activation::kRelu) return fmaxf(v, 0.f);
-  else if constexpr (kAct == Activation::kSilu) return __fdividef(v, 1.f + __expf(-v));
-  else return v;
-}
-
-template <class T>
-__device__ __forceinline__ float load_param(const void* p, bool is_float, int64_t i) {
-  return is_float ? static_cast<const float*>(p)[i] : to_float(static_cast<const T*>(p)[i]);
-}
-
-/// The plane's statistics folded into y = act((x - center) * scale + shift): `center` is the mean
-/// rounded to fp32 and `residual` the rest of it (center_of, moments.cuh), so that x - center is
-/// exact when |mean| >> std and the residual is not lost.
-template <class T>
-struct Epilogue {
-  float center, residual, rstd, scale, shift;
-  __device__ __forceinline__ void set_channel(const KernelParams<T>& p, int64_t ch) {
-    scale = p.gamma ? rstd * load_param<T>(p.gamma, p.params_float, ch) : rstd;
-    const float beta = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
-    shift = fmaf(-residual, scale, beta);
-  }
-};
-
-/// A plane's epilogue from its merged moments (relative to `pivot`); thread `writer` of the
-/// plane also stores the saved statistics.
-template <class T>
-__device__ __forceinline__ Epilogue<T> plane_epilogue(const KernelParams<T>& p, float pivot,
-                                                      const Moments& m, int64_t plane,
-                                                      bool writer) {
-  Epilogue<T> ep;
-  const CenterResidual cr = center_of(pivot, m);
-  ep.center = cr.center;
-  ep.residual = cr.residual;
-  ep.rstd = 1.f / sqrtf(variance(m) + p.eps);
-  if (writer) {
-    if (p.save_mean) p.save_mean[plane] = ep.center + ep.residual;
-    if (p.save_rstd) p.save_rstd[plane] = ep.rstd;
-    if (p.stat_mean) {
-      p.stat_mean[plane] = ep.center + ep.residual;
-      p.stat_var[plane] = variance(m);
-    }
-  }
-  return ep;
-}
-
-/// Vectors of a chunk of `len` elements (len <= lanes * items * kVec) that lane `lane` owns:
-/// vectors lane, lane + lanes, ...; the valid ones are exactly the first valid_items(...).
-template <int kVec>
-__device__ __forceinline__ int valid_items(int len, int lane, int lanes, int items) {
-  const int vecs = (len + kVec - 1) / kVec;
-  const int n = vecs > lane ? (vecs - lane + lanes - 1) / lanes : 0;
-  return n < items ? n : items;
-}
-
-template <class T, int kVec, int kMaxItems>
-__device__ __forceinline__ void load_chunk(Vector<T, kVec> (&r)[kMaxItems], const T* src,
-                                           int valid, int lane, int lanes) {
-  const auto* s = reinterpret_cast<const Vector<T, kVec>*>(src) + lane;
-#pragma unroll
-  for (int j = 0; j < kMaxItems; ++j)
-    if (j < valid) r[j] = load_vector(s + j * lanes);
-}
-
-/// Asynchronous 16-byte copy global -> shared (cp.async, sm_80 and later), bypassing L1.
-__device__ __forceinline__ void copy_async16(void* smem_dst, const void* gmem_src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
-#else
-  *static_cast<uint4*>(smem_dst) = *static_cast<const uint4*>(gmem_src);
-#endif
-}
-/// Waits for all of this thread's cp.async copies.
-__device__ __forceinline__ void copy_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-#endif
-}
-/// Closes this thread's group of cp.async copies issued since the last commit.
-__device__ __forceinline__ void copy_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-/// Waits until at most kPending of this thread's committed cp.async groups are in flight.
-template <int kPending>
-__device__ __forceinline__ void copy_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-#endif
-}
-
-/// Local moments in two passes over a thread's values, relative to the pivot: a plain sum gives a
-/// local centre c, then the deviations d = x - c give sum(d) and sum(d^2) (moments_from_sums);
-/// accurate for any offset, since c is within rounding of the local mean. Each vector's squares
-/// join s2 scaled by 4^-k (4^k >= n), so s2 stays finite for |x| up to ~1e18.
-/// The helpers are shared by the register and shared-memory parts.
-template <class T, int kVec>
-__device__ __forceinline__ void add_values(const Vector<T, kVec>& v, float& sum) {
-  float f[kVec];
-  unpack(v, f);
-#pragma unroll
-  for (int k = 0; k < kVec; ++k) sum += f[k];
-}
-template <class T, int kVec>
-__device__ __forceinline__ void add_deviations(const Vector<T, kVec>& v, float c, float h2,
-                                               float& s1, float& s2) {
-  float f[kVec];
-  unpack(v, f);
-  float q = 0.f;  // this vector's squares, scaled once (h2 = 4^-k) before joining s2
-#pragma unroll
-  for (int k = 0; k < kVec; ++k) {
-    const float d = f[k] - c;
-    s1 += d;
-    q = fmaf(d, d, q);
-  }
-  s2 = fmaf(q, h2, s2);
-}
-
-/// This thread's moments of the valid vectors of a chunk held in registers and, when `svalid`
-/// > 0, of its shared-memory part (sm[j * lanes], j < svalid, filled by smem_fill), without a
-/// merge: the register part's mean c is the centre of both (its two passes run while the
-/// shared-memory copies are in flight). The register part holds at least a third of the values
-/// (plan_is_valid: smem_items <= 2 * items), so c lies within sqrt(2) standard deviations of
-/// the whole (a subset of share q is within sqrt((1 - q) / q) of the mean), and s2 - s1 * dm
-/// carries at most 3 times the rounding of the variance (s2 / n <= 3 var).
-template <class T, int kVec, int kMaxItems>
-__device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMaxItems],
-                                                 int valid, float pivot,
-                                                 const Vector<T, kVec>* sm = nullptr,
-                                                 int svalid = 0, int lanes = 0) {
-  if (valid == 0) return Moments{};  // the shared-memory part follows a full register part
-  const int n = (valid + svalid) * kVec;
-  float sum = 0.f;
-#pragma unroll
-  for (int j = 0; j < kMaxItems; ++j)
-    if (j < valid) add_values(r[j], sum);
-  const float c = sum / static_cast<float>(valid * kVec);
-  const int k = deviation_shift(n);
-  const float h2 = ldexpf(1.f, -2 * k);
-  float s1 = 0.f, s2 = 0.f;
-#pragma unroll
-  for (int j = 0; j < kMaxItems; ++j)
-    if (j < valid) add_deviations(r[j], c, h2, s1, s2);
-  if (svalid > 0) {
-    if constexpr (sizeof(Vector<T, kVec>) == 16) copy_async_wait_all();
-    for (int j = 0; j < svalid; ++j) add_deviations(sm[j * lanes], c, h2, s1, s2);
-  }
-  return moments_from_sums(n, c, k, s1, s2, pivot);
-}
-
-/// Position of a chunk's first element as (channel, offset in that channel): computed before the
-/// chunk's data occupies registers, since 64-bit division needs many of them.
-struct ChunkChannel {
-  int64_t channel;
-  uint32_t offset;
-};
-__device__ __forceinline__ ChunkChannel chunk_channel(int64_t channel_base, int64_t first,
-                                                      int64_t spatial) {
-  return ChunkChannel{channel_base + first / spatial, uint32_t(first % spatial)};
-}
-
-/// Channel of each of a lane's vectors when gamma/beta vary inside a plane (GroupNorm): tracked
-/// incrementally from the chunk's first element (cc), vector j of the lane starting at element
-/// (j * lanes + lane) * kVec of the chunk; gamma/beta are reloaded only when the channel changes
-/// (a vector never straddles channels: vectors are used only when spatial % kVec == 0).
-/// Reloading them per vector through a 32-bit division made GroupNorm+SiLU 2.6x slower than the
-/// plain forward on the H100.
-template <class T>
-struct ChannelCursor {
-  int64_t ch = 0, rem = 0, step_ch = 0, step_rem = 0, loaded = -1;
-  bool on = false;
-  __device__ __forceinline__ ChannelCursor(bool per_channel, ChunkChannel cc, int lane,
-                                           int lanes, int vec, int64_t spatial)
-      : on(per_channel) {
-    if (!on) return;
-    const int64_t first = int64_t(cc.offset) + int64_t(lane) * vec;
-    ch = cc.channel + first / spatial;
-    rem = first % spatial;
-    const int64_t step = int64_t(lanes) * vec;
-    step_ch = step / spatial;
-    step_rem = step % spatial;
-  }
-  /// Sets ep's channel for vector j (called for j = 0, 1, 2, ... in order).
-  __device__ __forceinline__ void visit(int j, Epilogue<T>& ep, const KernelParams<T>& p) {
-    if (!on) return;
-    if (j > 0) {
-      ch += step_ch;
-      rem += step_rem;
-      if (rem >= p.spatial) {
-        rem -= p.spatial;
-        ++ch;
-      }
-    }
-    if (ch != loaded) {
-      ep.set_channel(p, ch);
-      loaded = ch;
-    }
-  }
-};
-
-template <Activation kAct, class T, int kVec>
-__device__ __forceinline__ Vector<T, kVec> normalize_vector(const Vector<T, kVec>& v,
-                                                            const Epilogue<T>& ep) {
-  float f[kVec];
-  unpack(v, f);
-#pragma unroll
-  for (int k = 0; k < kVec; ++k) f[k] = activate<kAct>(fmaf(f[k] - ep.center, ep.scale, ep.shift));
-  return pack<T, kVec>(f);
-}
 
 /// Normalizes the valid vectors of a chunk held in registers and stores them.
 template <Activation kAct, class T, int kVec, int kMaxItems>
@@ -585,6 +376,7 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
     __syncthreads();  // the next unit's prefetch overwrites this stage
   }
 }
+
 
 }  // namespace detail
 }  // namespace instnorm

@@ -1,9 +1,9 @@
 #pragma once
-/// \file detail/running.cuh
+/// \file kernels/running_stats.cuh
 /// Running statistics (PyTorch's track_running_stats): the per-channel update after a training
 /// forward, and the inference normalize that uses them instead of the input's statistics.
 
-#include "kernel.cuh"
+#include "nchw.cuh"
 
 namespace instnorm {
 namespace detail {
@@ -29,9 +29,6 @@ __global__ void running_stats_kernel(const float* __restrict__ mean,
   }
 }
 
-/// Threads and vectors per thread of the inference kernel: 4 16-byte loads in flight per thread.
-constexpr int kInferenceThreads = 256;
-constexpr int kInferenceItems = 4;
 
 /// Normalize with the running statistics: y = act((x - rm) * rsqrt(rv + eps) * gamma + beta).
 /// A block takes a chunk of one plane (one channel: instance norm only), so the channel's

@@ -1,12 +1,13 @@
 #pragma once
-/// \file detail/convert.cuh
+/// \file thread/vector.cuh
 /// fp32 <-> element type conversions with explicit intrinsics only, so that the headers compile
 /// under PyTorch's __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__ flags; and
 /// the aligned vector type the kernels load and store.
+/// Also a thread's vector I/O of a chunk and the cp.async copies (sm_80+) into shared memory.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
@@ -125,6 +126,54 @@ template <>
 struct is_supported<__nv_bfloat16> {
   static constexpr bool value = true;
 };
+
+/// Vectors of a chunk of `len` elements (len <= lanes * items * kVec) that lane `lane` owns:
+/// vectors lane, lane + lanes, ...; the valid ones are exactly the first valid_items(...).
+template <int kVec>
+__device__ __forceinline__ int valid_items(int len, int lane, int lanes, int items) {
+  const int vecs = (len + kVec - 1) / kVec;
+  const int n = vecs > lane ? (vecs - lane + lanes - 1) / lanes : 0;
+  return n < items ? n : items;
+}
+
+template <class T, int kVec, int kMaxItems>
+__device__ __forceinline__ void load_chunk(Vector<T, kVec> (&r)[kMaxItems], const T* src,
+                                           int valid, int lane, int lanes) {
+  const auto* s = reinterpret_cast<const Vector<T, kVec>*>(src) + lane;
+#pragma unroll
+  for (int j = 0; j < kMaxItems; ++j)
+    if (j < valid) r[j] = load_vector(s + j * lanes);
+}
+
+/// Asynchronous 16-byte copy global -> shared (cp.async, sm_80 and later), bypassing L1.
+__device__ __forceinline__ void copy_async16(void* smem_dst, const void* gmem_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
+#else
+  *static_cast<uint4*>(smem_dst) = *static_cast<const uint4*>(gmem_src);
+#endif
+}
+/// Waits for all of this thread's cp.async copies.
+__device__ __forceinline__ void copy_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+/// Closes this thread's group of cp.async copies issued since the last commit.
+__device__ __forceinline__ void copy_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+/// Waits until at most kPending of this thread's committed cp.async groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
 
 }  // namespace detail
 }  // namespace instnorm

@@ -1,5 +1,5 @@
 #pragma once
-/// \file detail/trace.cuh
+/// \file debug/trace.cuh
 /// Optional timeline of the kernels that exchange partials between blocks (compile with
 /// -DINSTNORM_TRACE; off by default, and then every call below compiles to nothing): thread 0 of
 /// each of the first kTraceBlocks blocks records %globaltimer at the phase boundaries of its

@@ -1,0 +1,69 @@
+#pragma once
+/// \file contract.cuh
+/// What the host planner and the kernels must agree on: block sizes the kernels are compiled for,
+/// the per-thread register arrays, and the NHWC kernels' shared-memory layout. Device code
+/// includes this, never the planner.
+
+#include <cstdint>
+
+namespace instnorm {
+
+/// The kernels keep at most this many vectors per thread in registers (compile-time array size).
+/// 16 x 16 bytes = 64 registers of data out of 128 (__launch_bounds__(512)): 128 KB per SM on
+/// chip, the size that ran at 0.95 of memcpy in the H100 probes. With 1024-thread blocks
+/// (64 registers) even 8 vectors spilled: the strided 16-byte loads need their own addresses.
+constexpr int max_items(int vec) { return vec > 1 ? 16 : 32; }
+/// The streaming kernel (planes larger than the chip) holds half as many 16-byte vectors: it
+/// re-reads anyway, and the full array left it a few bytes of spill for 16-bit types.
+constexpr int max_stream_items(int vec) { return vec > 1 ? max_items(vec) / 2 : max_items(vec); }
+/// Registers per thread the kernels may use (ptxas: 101-128, 0 spills, sm_89 and sm_90).
+constexpr int kMaxRegsPerThread = 128;
+/// Largest block the kernels are compiled for (__launch_bounds__).
+constexpr int kMaxThreads = 512;
+/// Block size of the staged kernel (Strategy::kStaged: kernels/nchw.cuh), its
+/// blocks per SM (__launch_bounds__: 64 registers), and the values per lane it aims for when it
+/// chooses how many lanes share a plane. The planes of a block form one contiguous unit, so
+/// fewer lanes mean larger units: on the H100, 128x512x7x7 fp32 ran at 0.874 of copy with 2
+/// lanes (25 KB units), 0.74 with 4 and 0.52 with 8 (too few bytes in flight per SM), 0.77 with
+/// 1 (half the blocks per SM).
+constexpr int kStagedThreads = 256;
+constexpr int kStagedBlocksPerSm = 4;
+/// Threads of the tiled NHWC kernels, and the rows each thread holds in registers per chunk.
+constexpr int kNhwcThreads = 256;
+constexpr int kNhwcRows = 8;
+/// Block of the on-chip NHWC kernel: two per SM at the 128 registers per thread it may use.
+constexpr int kNhwcFusedThreads = 256;
+/// Rows per thread the on-chip NHWC kernel keeps in registers: the most that ptxas fits in its
+/// 128 registers without spilling beside the per-channel sums (4 or 8 channels per thread) and
+/// the exchange's loads in flight, on sm_89 and sm_90 (nvcc 13.0).
+constexpr int nhwc_max_items(int vec) { return vec == 1 ? 16 : vec == 4 ? 11 : 8; }
+/// Row lanes of one column that the on-chip NHWC kernel combines inside a warp before its
+/// shared-memory walk: 32 / cs where a slice's cs column vectors are a power of two below 32
+/// (lane i and lane i ^ (cs * 2^j) then hold the same column), else 1.
+constexpr int nhwc_warp_row_lanes(int64_t cols) {
+  return cols < 32 && (cols & (cols - 1)) == 0 ? int(32 / cols) : 1;
+}
+/// Entries per channel of a thread's column vector in the on-chip NHWC kernel's table of
+/// partials: one per (row-lane group, column).
+constexpr int64_t nhwc_partial_entries(int64_t cols) {
+  return (kNhwcFusedThreads / cols) / nhwc_warp_row_lanes(cols) * cols;
+}
+/// Dynamic shared memory ahead of the on-chip NHWC kernel's rows, for a slice of `cols` column
+/// vectors: the pivot of each channel (kept there, not re-read from x after the exchange: in
+/// place, the block holding an image's first row may already have overwritten it), then the
+/// partials' table, three floats (the mean's two parts and the variance) per entry and channel.
+/// With the in-warp combine a slice of 8 columns of bf16 needs 6 KB of partials where one entry
+/// per thread of two floats took 16 KB.
+constexpr int64_t nhwc_pivot_bytes(int64_t cols, int vec) {
+  return (cols * vec * 4 + 15) / 16 * 16;
+}
+constexpr int64_t nhwc_prefix_bytes(int64_t cols, int vec) {
+  return nhwc_pivot_bytes(cols, vec) + (12 * vec * nhwc_partial_entries(cols) + 15) / 16 * 16;
+}
+/// Static shared memory of the on-chip NHWC kernel: a Moments per warp.
+constexpr int64_t nhwc_fused_static_smem(int) { return 24 * (kNhwcFusedThreads / 32); }
+/// Threads and vectors per thread of the inference kernel: 4 16-byte loads in flight per thread.
+constexpr int kInferenceThreads = 256;
+constexpr int kInferenceItems = 4;
+
+}  // namespace instnorm

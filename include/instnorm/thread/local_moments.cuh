@@ -1,0 +1,73 @@
+#pragma once
+/// \file thread/local_moments.cuh
+/// A thread's moments of the values it holds (registers and its shared-memory part), in two
+/// passes, relative to the plane's pivot (moments.cuh).
+
+#include "../moments.cuh"
+#include "vector.cuh"
+
+namespace instnorm {
+namespace detail {
+
+/// Local moments in two passes over a thread's values, relative to the pivot: a plain sum gives a
+/// local centre c, then the deviations d = x - c give sum(d) and sum(d^2) (moments_from_sums);
+/// accurate for any offset, since c is within rounding of the local mean. Each vector's squares
+/// join s2 scaled by 4^-k (4^k >= n), so s2 stays finite for |x| up to ~1e18.
+/// The helpers are shared by the register and shared-memory parts.
+template <class T, int kVec>
+__device__ __forceinline__ void add_values(const Vector<T, kVec>& v, float& sum) {
+  float f[kVec];
+  unpack(v, f);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) sum += f[k];
+}
+template <class T, int kVec>
+__device__ __forceinline__ void add_deviations(const Vector<T, kVec>& v, float c, float h2,
+                                               float& s1, float& s2) {
+  float f[kVec];
+  unpack(v, f);
+  float q = 0.f;  // this vector's squares, scaled once (h2 = 4^-k) before joining s2
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    const float d = f[k] - c;
+    s1 += d;
+    q = fmaf(d, d, q);
+  }
+  s2 = fmaf(q, h2, s2);
+}
+
+/// This thread's moments of the valid vectors of a chunk held in registers and, when `svalid`
+/// > 0, of its shared-memory part (sm[j * lanes], j < svalid, filled by smem_fill), without a
+/// merge: the register part's mean c is the centre of both (its two passes run while the
+/// shared-memory copies are in flight). The register part holds at least a third of the values
+/// (plan_is_valid: smem_items <= 2 * items), so c lies within sqrt(2) standard deviations of
+/// the whole (a subset of share q is within sqrt((1 - q) / q) of the mean), and s2 - s1 * dm
+/// carries at most 3 times the rounding of the variance (s2 / n <= 3 var).
+template <class T, int kVec, int kMaxItems>
+__device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMaxItems],
+                                                 int valid, float pivot,
+                                                 const Vector<T, kVec>* sm = nullptr,
+                                                 int svalid = 0, int lanes = 0) {
+  if (valid == 0) return Moments{};  // the shared-memory part follows a full register part
+  const int n = (valid + svalid) * kVec;
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < kMaxItems; ++j)
+    if (j < valid) add_values(r[j], sum);
+  const float c = sum / static_cast<float>(valid * kVec);
+  const int k = deviation_shift(n);
+  const float h2 = ldexpf(1.f, -2 * k);
+  float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+  for (int j = 0; j < kMaxItems; ++j)
+    if (j < valid) add_deviations(r[j], c, h2, s1, s2);
+  if (svalid > 0) {
+    if constexpr (sizeof(Vector<T, kVec>) == 16) copy_async_wait_all();
+    for (int j = 0; j < svalid; ++j) add_deviations(sm[j * lanes], c, h2, s1, s2);
+  }
+  return moments_from_sums(n, c, k, s1, s2, pivot);
+}
+
+
+}  // namespace detail
+}  // namespace instnorm
