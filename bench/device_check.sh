@@ -57,6 +57,6 @@ timeout 120 ncu --clock-control none --metrics dram__bytes_read.sum,dram__bytes_
   build-dev/bench/instnorm_bench --shape=112x64x512x512 --benchmark_filter=instnorm > "$out/ncu.log" 2>&1
 grep -E "dram__bytes|gpu__time" "$out/ncu.log"
 timeout 120 ncu --clock-control none --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
-  -k regex:nhwc_fused --launch-skip 3 --launch-count 1 \
+  -k regex:nhwc_on_chip --launch-skip 3 --launch-count 1 \
   build-dev/bench/instnorm_bench --shape=112x64x512x512:cl --benchmark_filter=instnorm > "$out/ncu-nhwc.log" 2>&1
 grep -E "dram__bytes|gpu__time" "$out/ncu-nhwc.log"

@@ -14,7 +14,7 @@
 //   instnorm_bench --tune=A --tune=B --emit-row=my_gpu.h  # write the tuned row as a header
 //   instnorm_bench --plan=2,512,0,0                # force strategy,threads,items,G (0: planner)
 //   instnorm_bench --nhwc-budget=40 --nhwc-chunks=4  # NHWC tiled: MB per batch, row chunks
-//   instnorm_bench --nhwc-fused=0|1 --nhwc-cols=8    # NHWC: tiled or on chip; slice width
+//   instnorm_bench --nhwc-on-chip=0|1 --nhwc-cols=8    # NHWC: tiled or on chip; slice width
 //   instnorm_bench --split-smem=0                  # split slices in registers only (1: table's)
 //   (plus any --benchmark_* flag, e.g. --benchmark_out=bench.json --benchmark_format=json)
 #include <benchmark/benchmark.h>
@@ -600,7 +600,7 @@ void bm_instnorm(benchmark::State& state, Shape s) {
   state.counters["blocks_per_plane"] = double(plan.blocks_per_plane);
   if (s.nhwc) {
     // On chip: "nhwc cols x rows/thread (+ shared) G"; tiled: "nhwc-tiled batch".
-    state.SetLabel(nplan.fused ? "nhwc " + std::to_string(nplan.cols_per_block) + "c x" +
+    state.SetLabel(nplan.on_chip ? "nhwc " + std::to_string(nplan.cols_per_block) + "c x" +
                                      std::to_string(nplan.items) + "+" +
                                      std::to_string(nplan.smem_items) + " G" +
                                      std::to_string(nplan.blocks_per_unit)
@@ -796,8 +796,8 @@ int main(int argc, char** argv) {
       g_override.nhwc_chunks = std::atoi(a.c_str() + 14);
     } else if (a.rfind("--nhwc-budget=", 0) == 0) {  // MB per batch of NHWC images
       g_override.nhwc_l2_budget = int64_t(std::atof(a.c_str() + 14) * (1 << 20));
-    } else if (a.rfind("--nhwc-fused=", 0) == 0) {  // NHWC: 0 tiled, 1 on chip only
-      g_override.nhwc_fused = std::atoi(a.c_str() + 13);
+    } else if (a.rfind("--nhwc-on-chip=", 0) == 0) {  // NHWC: 0 tiled, 1 on chip only
+      g_override.nhwc_on_chip = std::atoi(a.c_str() + 13);
     } else if (a.rfind("--nhwc-cols=", 0) == 0) {  // NHWC on chip: column vectors per slice
       g_override.nhwc_cols = std::atoi(a.c_str() + 12);
     } else if (a.rfind("--phases=", 0) == 0) {  // split plans: start phases of the groups

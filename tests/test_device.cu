@@ -499,10 +499,10 @@ void nhwc_case(int64_t n, int64_t c, int64_t s, int64_t groups, bool affine, Act
                             " c=" + std::to_string(c) + " S=" + std::to_string(s) +
                             " G=" + std::to_string(G) + " mode=" + std::to_string(mode);
   if (opt.use_input_stats) {  // eval mode always runs the tiled plan's normalize
-    if (ov.nhwc_fused >= 0) EXPECT_EQ(plan.fused, ov.nhwc_fused == 1) << where;
-    if (plan.fused && ov.blocks_per_plane > 0)
+    if (ov.nhwc_on_chip >= 0) EXPECT_EQ(plan.on_chip, ov.nhwc_on_chip == 1) << where;
+    if (plan.on_chip && ov.blocks_per_plane > 0)
       EXPECT_EQ(plan.blocks_per_unit, ov.blocks_per_plane) << where;
-    if (plan.fused && ov.nhwc_cols > 0) EXPECT_EQ(plan.cols_per_block, ov.nhwc_cols) << where;
+    if (plan.on_chip && ov.nhwc_cols > 0) EXPECT_EQ(plan.cols_per_block, ov.nhwc_cols) << where;
   }
   for (int64_t i = 0; i < total; ++i) {
     const double got = reference::to_double(hy[size_t(i)]), want = ref[size_t(i)];
@@ -551,9 +551,9 @@ TEST(GpuNhwc, ChannelCountsAndPlaneLengths) {
   nhwc_case<__half>(3, 64, 65536, 0, false, Activation::kNone, 0);  // batches of images
 }
 
-PlanOverride nhwc_plan(int fused, int cols = 0, int64_t g = 0) {
+PlanOverride nhwc_plan(int on_chip, int cols = 0, int64_t g = 0) {
   PlanOverride ov;
-  ov.nhwc_fused = fused;
+  ov.nhwc_on_chip = on_chip;
   ov.nhwc_cols = cols;
   ov.blocks_per_plane = g;
   return ov;
@@ -570,9 +570,9 @@ TEST(GpuNhwc, OnChipSlicesAndExchange) {
   nhwc_case<float>(1, 16, 3000, 4, true, Activation::kNone, 0, 1e4, nhwc_plan(1, 1, 3));
   NhwcPlan planner;
   nhwc_case<__half>(2, 320, 16384, 32, true, Activation::kSilu, 0, 0.0, {}, &planner);
-  EXPECT_TRUE(planner.fused && planner.blocks_per_unit > 1)
+  EXPECT_TRUE(planner.on_chip && planner.blocks_per_unit > 1)
       << "the planner's plan for 2x320x128x128 GroupNorm: on chip with G > 1, got "
-      << (planner.fused ? "on chip, G=" + std::to_string(planner.blocks_per_unit) : "tiled");
+      << (planner.on_chip ? "on chip, G=" + std::to_string(planner.blocks_per_unit) : "tiled");
   nhwc_case<__half>(2, 320, 16384, 32, true, Activation::kSilu, 0, 0.0, nhwc_plan(1, 20, 50));
   nhwc_case<__nv_bfloat16>(2, 64, 20000, 0, true, Activation::kNone, 0, 0.0, nhwc_plan(1, 8, 25));
   nhwc_case<__nv_bfloat16>(1, 8, 300000, 1, false, Activation::kNone, 0, 0.0, nhwc_plan(1));

@@ -559,7 +559,7 @@ TEST(ArchTable, ForcedRowReachesTheNhwcPlanner) {
   const void* y = reinterpret_cast<const void*>(uintptr_t(1) << 40);
   ASSERT_EQ(validate(x, y, 16, 64, 16384, 4, opt, &prob), Invalid::kOk);
   PlanOverride tiled;
-  tiled.nhwc_fused = 0;
+  tiled.nhwc_on_chip = 0;
   NhwcPlan a, b;
   ASSERT_TRUE(make_nhwc_plan(prob, d, &a, tiled));
   ArchPolicy half = kPolicySm90;
@@ -901,10 +901,10 @@ TEST(NhwcPlan, CoversEveryShapeWithinLimits) {
           Problem prob;
           ASSERT_EQ(validate(kX, kY, 3, c, s, eb, opt, &prob), Invalid::kOk);
           PlanOverride tiled;
-          tiled.nhwc_fused = 0;
+          tiled.nhwc_on_chip = 0;
           NhwcPlan p;
           ASSERT_TRUE(make_nhwc_plan(prob, d, &p, tiled)) << c << " " << s;
-          EXPECT_FALSE(p.fused);
+          EXPECT_FALSE(p.on_chip);
           EXPECT_EQ(p.vec, c % (16 / eb) == 0 ? 16 / eb : 1);
           EXPECT_GE(p.col_chunks * p.cols_per_block * p.vec, c);
           EXPECT_LT((p.col_chunks - 1) * p.cols_per_block * p.vec, c);  // no empty chunk
@@ -914,16 +914,16 @@ TEST(NhwcPlan, CoversEveryShapeWithinLimits) {
           // The planner's own choice: on chip wherever a plan fits, covering C and S exactly.
           ASSERT_TRUE(make_nhwc_plan(prob, d, &p)) << c << " " << s;
           EXPECT_TRUE(nhwc_plan_is_valid(p, prob, d));
-          if (p.fused) {
+          if (p.on_chip) {
             EXPECT_EQ(p.col_chunks * p.cols_per_block * p.vec, c);
             EXPECT_GE(p.blocks_per_unit * p.slice_rows, s);
             EXPECT_LT((p.blocks_per_unit - 1) * p.slice_rows, s) << c << " " << s;
             EXPECT_LE(p.slice_rows, p.row_lanes * (p.items + p.smem_items));
             EXPECT_LE(p.items, nhwc_max_items(p.vec));
             EXPECT_EQ(p.cooperative, p.blocks_per_unit > 1);
-            EXPECT_LE(p.grid, int64_t(nhwc_fused_per_sm(d, p.smem_bytes, p.vec)) * d.sm_count);
+            EXPECT_LE(p.grid, int64_t(nhwc_on_chip_per_sm(d, p.smem_bytes, p.vec)) * d.sm_count);
             // Dynamic shared memory: the slice's pivots, then the shared-memory rows.
-            EXPECT_EQ(p.smem_bytes, int64_t(p.smem_items) * kNhwcFusedThreads * 16 +
+            EXPECT_EQ(p.smem_bytes, int64_t(p.smem_items) * kNhwcOnChipThreads * 16 +
                                         nhwc_prefix_bytes(p.cols_per_block, p.vec));
           }
         }
@@ -942,7 +942,7 @@ TEST(NhwcPlan, StandardShapesRunOnChip) {
   // slices of at least the row's nhwc_min_slice_bytes, each shared by G blocks that fill the GPU.
   ASSERT_EQ(validate(kX, kY, 112, 64, 512 * 512, 4, opt, &prob), Invalid::kOk);
   ASSERT_TRUE(make_nhwc_plan(prob, d, &p));
-  EXPECT_TRUE(p.fused);
+  EXPECT_TRUE(p.on_chip);
   EXPECT_GT(p.col_chunks, 1);
   EXPECT_GE(p.cols_per_block * p.vec * 4, kPolicySm90.nhwc_min_slice_bytes);
   EXPECT_TRUE(p.cooperative);
@@ -950,7 +950,7 @@ TEST(NhwcPlan, StandardShapesRunOnChip) {
   // 100 KB images (128x512x7x7): no exchange at all, one unit per block.
   ASSERT_EQ(validate(kX, kY, 128, 512, 49, 4, opt, &prob), Invalid::kOk);
   ASSERT_TRUE(make_nhwc_plan(prob, d, &p));
-  EXPECT_TRUE(p.fused);
+  EXPECT_TRUE(p.on_chip);
   EXPECT_EQ(p.blocks_per_unit, 1);
   EXPECT_FALSE(p.cooperative);
   // GroupNorm(32) on 320 channels: slices hold whole groups of 10 channels.
@@ -962,25 +962,25 @@ TEST(NhwcPlan, StandardShapesRunOnChip) {
             }(), &prob),
             Invalid::kOk);
   ASSERT_TRUE(make_nhwc_plan(prob, d, &p));
-  EXPECT_TRUE(p.fused);
+  EXPECT_TRUE(p.on_chip);
   EXPECT_EQ(p.cols_per_block * p.vec % 10, 0);
   // Without cooperative launch a unit is never split across blocks.
   DeviceProps nc = d;
   nc.cooperative = false;
   ASSERT_EQ(validate(kX, kY, 16, 64, 256 * 256, 4, opt, &prob), Invalid::kOk);
   ASSERT_TRUE(make_nhwc_plan(prob, nc, &p));
-  EXPECT_TRUE(!p.fused || p.blocks_per_unit == 1);
+  EXPECT_TRUE(!p.on_chip || p.blocks_per_unit == 1);
   // Forcing the slice width and G.
   PlanOverride ov;
   ov.nhwc_cols = 4;
   ov.blocks_per_plane = 100;
   ASSERT_TRUE(make_nhwc_plan(prob, d, &p, ov));
-  EXPECT_TRUE(p.fused);
+  EXPECT_TRUE(p.on_chip);
   EXPECT_EQ(p.cols_per_block, 4);
   EXPECT_EQ(p.blocks_per_unit, 100);
-  ov.nhwc_fused = 0;
+  ov.nhwc_on_chip = 0;
   ASSERT_TRUE(make_nhwc_plan(prob, d, &p, ov));
-  EXPECT_FALSE(p.fused);
+  EXPECT_FALSE(p.on_chip);
 }
 
 TEST(NhwcPlan, BatchesStayInTheL2Budget) {
@@ -989,7 +989,7 @@ TEST(NhwcPlan, BatchesStayInTheL2Budget) {
   opt.layout = Layout::kNHWC;
   Problem prob;
   PlanOverride ov;
-  ov.nhwc_fused = 0;  // the tiled plan's batches
+  ov.nhwc_on_chip = 0;  // the tiled plan's batches
   const auto budget = [&](int64_t bytes) {
     PlanOverride o = ov;
     o.nhwc_l2_budget = bytes;

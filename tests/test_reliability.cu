@@ -296,7 +296,7 @@ TEST(Large, NhwcImageBeyond2To31Elements) {
   CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, 1, c, s, opt, PlanOverride{}, nullptr, nullptr,
                                 nullptr, &plan));
   CUDA_OK(cudaDeviceSynchronize());
-  EXPECT_FALSE(plan.fused) << "an image too large for the chip runs the tiled plan";
+  EXPECT_FALSE(plan.on_chip) << "an image too large for the chip runs the tiled plan";
   const auto in = summarize_channels(dx.ptr, total, c), out = summarize_channels(dy.ptr, total, c);
   EXPECT_EQ(out.nans, 0u) << "elements left unwritten (or NaN)";
   std::vector<float> h(static_cast<size_t>(2 * c));
@@ -334,7 +334,7 @@ TEST(Large, NhwcTensorBeyond2To31Elements) {
   CUDA_OK(detail::forward_tuned(dx.ptr, dy.ptr, n, c, s, opt, PlanOverride{}, nullptr, nullptr,
                                 nullptr, &plan));
   CUDA_OK(cudaDeviceSynchronize());
-  EXPECT_TRUE(plan.fused) << "images of 2 MB run the on-chip plan";
+  EXPECT_TRUE(plan.on_chip) << "images of 2 MB run the on-chip plan";
   const auto out = summarize_channels(dy.ptr, total, c);
   EXPECT_EQ(out.nans, 0u) << "elements left unwritten (or NaN)";
   for (int64_t j = 0; j < c; ++j) {
@@ -611,9 +611,9 @@ struct NhwcCase {
 
 std::vector<NhwcCase> nhwc_cases() {
   PlanOverride tiled;
-  tiled.nhwc_fused = 0;
+  tiled.nhwc_on_chip = 0;
   PlanOverride shared;
-  shared.nhwc_fused = 1;
+  shared.nhwc_on_chip = 1;
   shared.blocks_per_plane = 6;
   return {{"on-chip", 2, 64, 1000, 0, {}},
           {"on-chip-G6", 4, 64, 384, 0, shared},  // 64 rows per block: scalars fit too
@@ -641,8 +641,8 @@ Options nhwc_options(int64_t groups) {
 /// The NHWC plan that ran is the one the case names: on chip unless it forces the tiled plan,
 /// with the G it forces.
 void expect_nhwc_plan(const NhwcCase& k, const NhwcPlan& ran, const char* type) {
-  EXPECT_EQ(ran.fused, k.ov.nhwc_fused != 0)
-      << type << " NHWC " << k.name << ": the " << (ran.fused ? "on-chip" : "tiled") << " plan ran";
+  EXPECT_EQ(ran.on_chip, k.ov.nhwc_on_chip != 0)
+      << type << " NHWC " << k.name << ": the " << (ran.on_chip ? "on-chip" : "tiled") << " plan ran";
   if (k.ov.blocks_per_plane > 0)
     EXPECT_EQ(ran.blocks_per_unit, k.ov.blocks_per_plane) << type << " NHWC " << k.name;
 }
@@ -991,14 +991,14 @@ TEST(Graph, CapturedCallsReplayBitIdenticalForEveryStrategy) {
 TEST(Graph, NhwcCapturedCallsReplayBitIdentical) {
   REQUIRE_GPU();
   PlanOverride one;
-  one.nhwc_fused = 1;
+  one.nhwc_on_chip = 1;
   one.blocks_per_plane = 1;
   PlanOverride tiled;
-  tiled.nhwc_fused = 0;
+  tiled.nhwc_on_chip = 0;
   struct Shape {
     int64_t n, c, s;
     PlanOverride ov;
-    bool fused, several;  ///< must run on chip; with more than one block per slice
+    bool on_chip, several;  ///< must run on chip; with more than one block per slice
   };
   for (const Shape& k : {Shape{4, 64, 256, one, true, false}, Shape{4, 64, 4096, {}, true, true},
                          Shape{2, 64, 65536, {}, true, true}, Shape{1, 32, 1 << 18, {}, true, true},
@@ -1010,11 +1010,11 @@ TEST(Graph, NhwcCapturedCallsReplayBitIdentical) {
     Options opt;
     opt.layout = Layout::kNHWC;
     opt.save_mean = m.ptr;
-    const std::string where = "NHWC S=" + std::to_string(k.s) + (k.fused ? "" : " tiled");
+    const std::string where = "NHWC S=" + std::to_string(k.s) + (k.on_chip ? "" : " tiled");
     NhwcPlan plan;
     CUDA_OK(detail::forward_tuned(dx.ptr, a.ptr, k.n, k.c, k.s, opt, k.ov, nullptr, nullptr,
                                   nullptr, &plan));
-    EXPECT_EQ(plan.fused, k.fused) << where;
+    EXPECT_EQ(plan.on_chip, k.on_chip) << where;
     EXPECT_EQ(plan.blocks_per_unit > 1, k.several) << where << ": G=" << plan.blocks_per_unit;
     expect_graph_replays(
         [&](cudaStream_t st) {
@@ -1112,7 +1112,7 @@ void accuracy_nhwc() {
       const auto planes = to_type<T>(hostile_planes(h, k.n * k.c, k.s, 6, limit_of<T>()));
       const PlansRun run =
           check_input<T>(nhwc_of(planes, k.n, k.c, k.s), k.n, k.c, k.s, k.ov, nhwc_options(k.groups));
-      ASSERT_EQ(run.nhwc.fused, k.ov.nhwc_fused != 0) << "on-chip plan expected: " << k.name;
+      ASSERT_EQ(run.nhwc.on_chip, k.ov.nhwc_on_chip != 0) << "on-chip plan expected: " << k.name;
       if (k.ov.blocks_per_plane > 0) ASSERT_EQ(run.nhwc.blocks_per_unit, k.ov.blocks_per_plane);
     }
   }

@@ -32,7 +32,7 @@ constexpr int kStagedBlocksPerSm = 4;
 constexpr int kNhwcThreads = 256;
 constexpr int kNhwcRows = 8;
 /// Block of the on-chip NHWC kernel: two per SM at the 128 registers per thread it may use.
-constexpr int kNhwcFusedThreads = 256;
+constexpr int kNhwcOnChipThreads = 256;
 /// Rows per thread the on-chip NHWC kernel keeps in registers: the most that ptxas fits in its
 /// 128 registers without spilling beside the per-channel sums (4 or 8 channels per thread) and
 /// the exchange's loads in flight, on sm_89 and sm_90 (nvcc 13.0).
@@ -46,7 +46,7 @@ constexpr int nhwc_warp_row_lanes(int64_t cols) {
 /// Entries per channel of a thread's column vector in the on-chip NHWC kernel's table of
 /// partials: one per (row-lane group, column).
 constexpr int64_t nhwc_partial_entries(int64_t cols) {
-  return (kNhwcFusedThreads / cols) / nhwc_warp_row_lanes(cols) * cols;
+  return (kNhwcOnChipThreads / cols) / nhwc_warp_row_lanes(cols) * cols;
 }
 /// Dynamic shared memory ahead of the on-chip NHWC kernel's rows, for a slice of `cols` column
 /// vectors: the pivot of each channel (kept there, not re-read from x after the exchange: in
@@ -61,7 +61,7 @@ constexpr int64_t nhwc_prefix_bytes(int64_t cols, int vec) {
   return nhwc_pivot_bytes(cols, vec) + (12 * vec * nhwc_partial_entries(cols) + 15) / 16 * 16;
 }
 /// Static shared memory of the on-chip NHWC kernel: a Moments per warp.
-constexpr int64_t nhwc_fused_static_smem(int) { return 24 * (kNhwcFusedThreads / 32); }
+constexpr int64_t nhwc_on_chip_static_smem(int) { return 24 * (kNhwcOnChipThreads / 32); }
 /// Threads and vectors per thread of the inference kernel: 4 16-byte loads in flight per thread.
 constexpr int kInferenceThreads = 256;
 constexpr int kInferenceItems = 4;

@@ -66,7 +66,7 @@ struct PlanOverride {
   int64_t nhwc_l2_budget = -1;  ///< NHWC: bytes of a batch of images (-1: the row's nhwc_l2_percent)
   int nhwc_chunks = 0;           ///< NHWC: least chunks of kNhwcRows rows per thread per tile
   int split_smem = -1;           ///< split slices extend into shared memory: -1 table, 0 no, 1 yes
-  int nhwc_fused = -1;           ///< NHWC: -1 planner, 0 tiled plan (x read twice), 1 on chip only
+  int nhwc_on_chip = -1;           ///< NHWC: -1 planner, 0 tiled plan (x read twice), 1 on chip only
   int nhwc_cols = 0;             ///< NHWC on chip: column vectors per image slice
   int phases = 0;                ///< split plans: start phases of the groups of blocks (0: table)
 };
@@ -381,14 +381,14 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
 
 /// Co-resident on-chip NHWC blocks per SM with `smem_bytes` of dynamic shared memory (its
 /// static storage is counted exactly, so only the runtime's reserve is added).
-inline int nhwc_fused_per_sm(const DeviceProps& d, int64_t smem_bytes, int vec) {
-  return resident_blocks_per_sm(d, kNhwcFusedThreads, smem_bytes + nhwc_fused_static_smem(vec),
+inline int nhwc_on_chip_per_sm(const DeviceProps& d, int64_t smem_bytes, int vec) {
+  return resident_blocks_per_sm(d, kNhwcOnChipThreads, smem_bytes + nhwc_on_chip_static_smem(vec),
                                 kSmemRuntimeReserve);
 }
 
 /// A launch plan for NHWC, where each image is an S x C matrix read along C in 16-byte vectors.
 ///
-/// On chip (`fused`): the unit of work is an image slice of `cols_per_block` column vectors by
+/// On chip (`on_chip`): the unit of work is an image slice of `cols_per_block` column vectors by
 /// all S rows; G blocks share a unit, each holding `slice_rows` rows in registers and shared
 /// memory, and exchange per-channel partial moments (cooperative launch when G > 1) before they
 /// normalize what they hold: one DRAM read. Images too large for the chip are cut into narrower
@@ -398,7 +398,7 @@ inline int nhwc_fused_per_sm(const DeviceProps& d, int64_t smem_bytes, int vec) 
 /// channel, a merge per (image, group), and the normalize. A batch is sized to stay in L2
 /// between the first and the second read of x.
 struct NhwcPlan {
-  bool fused = false;
+  bool on_chip = false;
   int vec = 1;                   ///< channels per vector (16 bytes, or 1)
   int cols_per_block = 0;        ///< column vectors a block covers
   int row_lanes = 0;             ///< threads per column (threads / cols_per_block)
@@ -428,7 +428,7 @@ inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const Dev
   if (p.vec != 1 && (p.vec * prob.elem_bytes != 16 || !prob.vector_ok)) return false;
   if (prob.c % p.vec != 0) return false;
   const int64_t cv = prob.c / p.vec;
-  if (!p.fused) {
+  if (!p.on_chip) {
     if (p.cols_per_block < 1 || p.cols_per_block > kNhwcThreads) return false;
     if (p.row_lanes != kNhwcThreads / p.cols_per_block) return false;
     if (p.col_chunks < 1 || p.col_chunks * p.cols_per_block < cv || p.col_chunks > 65535)
@@ -438,7 +438,7 @@ inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const Dev
     if (d.max_threads_per_block < kNhwcThreads) return false;
     return resident_blocks_per_sm(d, kNhwcThreads) >= 1;
   }
-  const int threads = kNhwcFusedThreads;
+  const int threads = kNhwcOnChipThreads;
   if (d.max_threads_per_block < threads) return false;
   if (p.cols_per_block < 1 || p.cols_per_block > threads || cv % p.cols_per_block != 0)
     return false;
@@ -451,7 +451,7 @@ inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const Dev
   if (p.smem_items > 0 && p.vec * prob.elem_bytes != 16) return false;
   if (p.smem_bytes < int64_t(p.smem_items) * threads * 16 + nhwc_prefix_bytes(p.cols_per_block, p.vec))
     return false;
-  if (p.smem_bytes < 0 || p.smem_bytes + nhwc_fused_static_smem(p.vec) > d.smem_per_block_optin)
+  if (p.smem_bytes < 0 || p.smem_bytes + nhwc_on_chip_static_smem(p.vec) > d.smem_per_block_optin)
     return false;
   if (p.slice_rows < 1 || p.slice_rows > int64_t(p.row_lanes) * (p.items + p.smem_items))
     return false;
@@ -460,7 +460,7 @@ inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const Dev
     return false;
   if (p.cooperative != (p.blocks_per_unit > 1) || p.phases < 1 || (p.phases & (p.phases - 1)) != 0)
     return false;
-  const int per_sm = nhwc_fused_per_sm(d, p.smem_bytes, p.vec);
+  const int per_sm = nhwc_on_chip_per_sm(d, p.smem_bytes, p.vec);
   if (per_sm < 1) return false;
   if (p.cooperative && (!d.cooperative || p.grid > int64_t(per_sm) * d.sm_count)) return false;
   return true;
@@ -470,17 +470,17 @@ namespace detail {
 
 /// The on-chip plan, or false where none fits (a unit larger than the chip at every slice
 /// width, no cooperative launch for a split, or no slice width that keeps groups whole).
-inline bool make_nhwc_fused_plan(const Problem& prob, const DeviceProps& d, const ArchPolicy& pol,
+inline bool make_nhwc_on_chip_plan(const Problem& prob, const DeviceProps& d, const ArchPolicy& pol,
                                  const PlanOverride& ov, NhwcPlan* out) {
   NhwcPlan p;
-  p.fused = true;
+  p.on_chip = true;
   p.vec = prob.vector_ok ? 16 / prob.elem_bytes : 1;
-  const int threads = kNhwcFusedThreads;
+  const int threads = kNhwcOnChipThreads;
   const int64_t cv = prob.c / p.vec, S = prob.spatial;
   const int by_regs = resident_blocks_per_sm(d, threads);
   if (d.max_threads_per_block < threads || by_regs < 1 || d.sm_count < 1) return false;
   const int max_i = nhwc_max_items(p.vec);
-  const int64_t static_smem = nhwc_fused_static_smem(p.vec);
+  const int64_t static_smem = nhwc_on_chip_static_smem(p.vec);
   // Rows beyond the registers go to shared memory by cp.async (16-byte vectors, sm_80+), as in
   // the NCHW split plans: the blocks that fit by registers share the SM's shared memory.
   const bool use_smem = (ov.split_smem >= 0 ? ov.split_smem != 0 : pol.split_smem) &&
@@ -508,7 +508,7 @@ inline bool make_nhwc_fused_plan(const Problem& prob, const DeviceProps& d, cons
     const int64_t row_lanes = threads / cs;
     const int smem_cap = smem_cap_for(cs);
     const int64_t resident =
-        int64_t(std::max(1, nhwc_fused_per_sm(d, int64_t(smem_cap) * threads * 16 +
+        int64_t(std::max(1, nhwc_on_chip_per_sm(d, int64_t(smem_cap) * threads * 16 +
                                                      nhwc_prefix_bytes(cs, p.vec),
                                               p.vec))) *
         d.sm_count;
@@ -549,7 +549,7 @@ inline bool make_nhwc_fused_plan(const Problem& prob, const DeviceProps& d, cons
   p.items = int(std::min<int64_t>(rows_per_thread, max_i));
   p.smem_items = int(rows_per_thread - p.items);
   p.smem_bytes = int64_t(p.smem_items) * threads * 16 + nhwc_prefix_bytes(best_cs, p.vec);
-  const int64_t per_sm = std::max(1, nhwc_fused_per_sm(d, p.smem_bytes, p.vec));
+  const int64_t per_sm = std::max(1, nhwc_on_chip_per_sm(d, p.smem_bytes, p.vec));
   p.block_groups = std::max<int64_t>(
       1, std::min({prob.n * p.col_chunks, per_sm * d.sm_count / best_g, d.max_grid_x / best_g}));
   p.grid = p.block_groups * best_g;
@@ -598,8 +598,8 @@ inline bool make_nhwc_tiled_plan(const Problem& prob, const DeviceProps& d, cons
 inline bool make_nhwc_plan(const Problem& prob, const DeviceProps& d, NhwcPlan* out,
                            const PlanOverride& ov = {}, const ArchPolicy* policy = nullptr) {
   const ArchPolicy& pol = policy ? *policy : policy_for(d);
-  if (ov.nhwc_fused != 0 && detail::make_nhwc_fused_plan(prob, d, pol, ov, out)) return true;
-  if (ov.nhwc_fused == 1) return false;
+  if (ov.nhwc_on_chip != 0 && detail::make_nhwc_on_chip_plan(prob, d, pol, ov, out)) return true;
+  if (ov.nhwc_on_chip == 1) return false;
   return detail::make_nhwc_tiled_plan(prob, d, pol, out, ov.nhwc_l2_budget, ov.nhwc_chunks);
 }
 

@@ -101,7 +101,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     ov.vec = in.ConsumeIntegralInRange<int>(-1, 16);
     ov.blocks_per_plane = in.ConsumeBool() ? in.ConsumeIntegral<int64_t>()
                                            : in.ConsumeIntegralInRange<int64_t>(-1, 4096);
-    ov.nhwc_fused = in.ConsumeIntegralInRange<int>(-1, 1);
+    ov.nhwc_on_chip = in.ConsumeIntegralInRange<int>(-1, 1);
     ov.nhwc_cols = in.ConsumeIntegralInRange<int>(0, 300);
   }
 
@@ -125,7 +125,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       if (ok) {
         REQUIRE(nhwc_plan_is_valid(q, prob, d));
         REQUIRE(q.col_chunks * q.cols_per_block * q.vec >= c);
-        if (q.fused) {
+        if (q.on_chip) {
           REQUIRE(q.col_chunks * q.cols_per_block * q.vec == c);
           REQUIRE(q.blocks_per_unit * q.slice_rows >= spatial && q.grid >= 1);
           REQUIRE(q.cooperative == (q.blocks_per_unit > 1) && (!q.cooperative || d.cooperative));
@@ -135,7 +135,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           REQUIRE(kNhwcThreads <= d.max_threads_per_block);
         }
       }
-      if (device_kind < 2 && ov.nhwc_fused != 1 &&
+      if (device_kind < 2 && ov.nhwc_on_chip != 1 &&
           c / std::max(1, q.vec) <= int64_t(65535) * kNhwcThreads)
         REQUIRE(ok);
     }

@@ -34,7 +34,7 @@ __device__ __forceinline__ void nhwc_store_rows(const Vector<T, kVec> (&regs)[kM
 #pragma unroll
   for (int q = 0; q < kMaxItems; ++q)
     if (q < rvalid) one(regs[q], dst(q));
-  for (int j = 0; j < svalid; ++j) one(smem[j * kNhwcFusedThreads], dst(kMaxItems + j));
+  for (int j = 0; j < svalid; ++j) one(smem[j * kNhwcOnChipThreads], dst(kMaxItems + j));
 }
 
 /// Per-channel partials of the on-chip NHWC kernel in shared memory, [k][row-lane group][column]
@@ -66,7 +66,7 @@ __device__ __forceinline__ void merge_channels(TaggedSlot* part, int chs, int G,
                                                int step, int n, unsigned tag, RowsOf rows_of,
                                                int64_t total, Out out, SlotOf slot_of,
                                                Moments* wsm) {
-  constexpr int kThreads = kNhwcFusedThreads;
+  constexpr int kThreads = kNhwcOnChipThreads;
   const int t = threadIdx.x;
   int L = kThreads / n < kThreads ? kThreads / n : kThreads;
   L = L < 1 ? 1 : 1 << (31 - __clz(L));
@@ -134,9 +134,9 @@ __device__ __forceinline__ void merge_channels(TaggedSlot* part, int chs, int G,
 /// round parity; every block merges all G in the same order. Deadlock-free: a block publishes
 /// before it waits, and the G blocks are co-resident (cooperative launch).
 template <class T, int kVec, int kMaxItems>
-__global__ void __launch_bounds__(kNhwcFusedThreads, 2) nhwc_fused(const NhwcParams<T> p) {
+__global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const NhwcParams<T> p) {
   using V = Vector<T, kVec>;
-  constexpr int kThreads = kNhwcFusedThreads;
+  constexpr int kThreads = kNhwcOnChipThreads;
   __shared__ Moments wsm[kThreads / 32];   // merge_channels' per-warp results
   constexpr int kBatch = kVec == 8 ? 4 : 2;  // exchange loads in flight: the most without spills
   extern __shared__ uint4 dyn_smem[];

@@ -37,7 +37,7 @@ struct NhwcParams {
   const float* running_var;
   Moments* partials;             ///< [img_count][tiles][c]
   float4* group_stats;           ///< [n][groups]: center, residual, rstd
-  // On-chip plans (nhwc_fused).
+  // On-chip plans (nhwc_on_chip).
   int64_t col_slices;            ///< column slices per image
   int64_t slice_rows;            ///< rows per block of a unit
   int items, smem_items;         ///< rows per thread in registers / in shared memory

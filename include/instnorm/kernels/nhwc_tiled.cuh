@@ -3,7 +3,7 @@
 /// Channels-last (NHWC) kernels. An image is an S x C matrix; a thread owns one column vector
 /// (vec consecutive channels) and walks rows, so every load is a coalesced 16-byte vector along
 /// C. Two plans (plan.cuh, NhwcPlan):
-/// - On chip, one kernel (nhwc_fused, at the end of this file): image slices held in registers
+/// - On chip, one kernel (nhwc_on_chip, at the end of this file): image slices held in registers
 ///   and shared memory by G co-resident blocks that exchange per-channel partials; one read.
 /// - Tiled, three kernels per batch of images (sized by the planner to stay in L2), for eval
 ///   mode and where nothing fits on chip:

@@ -343,7 +343,7 @@ inline cudaError_t current_nhwc_plan(const Problem& prob, const Options& opt, Nh
                                      PlanOverride ov = {}, const ArchPolicy* policy = nullptr) {
   DeviceProps d;
   INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
-  if (!opt.use_input_stats) ov.nhwc_fused = 0;
+  if (!opt.use_input_stats) ov.nhwc_on_chip = 0;
   return make_nhwc_plan(prob, d, plan, ov, policy) ? cudaSuccess : cudaErrorInvalidConfiguration;
 }
 
@@ -352,7 +352,7 @@ inline cudaError_t current_nhwc_plan(const Problem& prob, const Options& opt, Nh
 inline WorkspaceLayout workspace_layout(const NhwcPlan& p, const Problem& prob, const Options& opt) {
   WorkspaceLayout w;
   if (!opt.use_input_stats) return w;
-  if (p.fused) {
+  if (p.on_chip) {
     w.slots_bytes = p.cooperative ? 2 * size_t(p.grid + p.block_groups) * size_t(p.cols_per_block) *
                                         size_t(p.vec) * sizeof(TaggedSlot)
                                   : 0;
@@ -399,7 +399,7 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
   const bool eval = !opt.use_input_stats;
   constexpr int kFull = 16 / int(sizeof(T));
   const bool full = plan.vec == kFull;
-  if (plan.fused) {
+  if (plan.on_chip) {
     if (eval) return cudaErrorInvalidConfiguration;  // eval runs the tiled normalize
     np.img_first = 0;
     np.img_count = prob.n;
@@ -413,12 +413,12 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
     INSTNORM_RETURN_IF_ERROR(clear_slots(w, workspace, stream));
     LaunchShape shape;
     shape.grid = dim3(static_cast<unsigned>(plan.grid));
-    shape.block = dim3(kNhwcFusedThreads);
+    shape.block = dim3(kNhwcOnChipThreads);
     shape.dyn_smem = size_t(plan.smem_bytes);
-    shape.static_smem = size_t(nhwc_fused_static_smem(plan.vec));
+    shape.static_smem = size_t(nhwc_on_chip_static_smem(plan.vec));
     shape.cooperative = plan.cooperative;
-    INSTNORM_RETURN_IF_ERROR(launch_kernel(full ? nhwc_fused<T, kFull, nhwc_max_items(kFull)>
-                                                : nhwc_fused<T, 1, nhwc_max_items(1)>,
+    INSTNORM_RETURN_IF_ERROR(launch_kernel(full ? nhwc_on_chip<T, kFull, nhwc_max_items(kFull)>
+                                                : nhwc_on_chip<T, 1, nhwc_max_items(1)>,
                                            shape, stream, np));
     return np.stat_mean ? update_running(np.stat_mean, np.stat_var, prob, opt, stream)
                         : cudaSuccess;
