@@ -1,0 +1,296 @@
+#pragma once
+/// \file plan/nchw.cuh
+/// The NCHW planner: a strategy from the plane length (NchwSizing, choose_strategy), then its
+/// geometry (size_subwarp, size_staged, size_block, size_split), checked against the kernels'
+/// contract and the device (plan_is_valid).
+
+#include "common.cuh"
+
+namespace instnorm {
+
+/// Largest items per thread a strategy's kernel accepts.
+inline int max_items_for(Strategy s, int vec) {
+  if (s == Strategy::kStaged) return 1 << 30;  // values per lane live in shared memory
+  return s == Strategy::kSplitStream ? max_stream_items(vec) : max_items(vec);
+}
+/// Problems smaller than this are not split across blocks just to fill the GPU: the cooperative
+/// launch, its workspace and the exchange cost more than idle SMs there.
+constexpr int64_t kMinFillSplitBytes = int64_t(16) << 20;
+/// Values per lane the staged plan aims for when it chooses how many lanes share a plane
+/// (kStagedThreads, contract.cuh).
+constexpr int kStagedLaneItems = 32;
+/// Bytes of one stage of the staged kernel's two-stage buffer: its unit, rounded to 16 bytes;
+/// saturated at 2^40 (no device's shared memory), so that any plane length stays overflow-free.
+inline int64_t staged_stage_bytes(int planes_per_unit, int64_t plane_len, int elem_bytes) {
+  constexpr int64_t kCap = int64_t(1) << 40;
+  const int64_t per_plane = int64_t(std::max(1, planes_per_unit)) * std::max(1, elem_bytes);
+  if (plane_len > kCap / per_plane) return kCap;
+  return (plane_len * per_plane + 15) / 16 * 16;
+}
+
+/// A launch plan.
+struct Plan {
+  Strategy strategy = Strategy::kBlock;
+  int threads = 0;               ///< threads per block
+  int lanes = 0;                 ///< threads sharing one plane slice (<= 32, or == threads)
+  int items = 0;                 ///< vectors per thread per chunk
+  int vec = 1;                   ///< elements per vector (16 bytes, or 1)
+  int64_t blocks_per_plane = 1;  ///< G
+  int64_t slice_len = 0;         ///< elements per block slice (multiple of vec)
+  int64_t block_groups = 0;      ///< groups of G blocks in the grid
+  int64_t grid = 0;              ///< blocks launched (= block_groups * G)
+  int smem_items = 0;            ///< vectors per thread held in dynamic shared memory (split)
+  int64_t smem_bytes = 0;        ///< dynamic shared memory per block
+  bool cooperative = false;      ///< blocks wait on each other: cooperative launch
+  /// Co-resident blocks per SM this plan assumes (split plans), from registers and threads.
+  int blocks_per_sm = 0;
+  /// Split plans with several rounds: group g of blocks starts when group g - 1 has published
+  /// its first partial, unless g is a multiple of `phases`, a power of two (1: every group starts
+  /// at once; 2^30: one chain).
+  int phases = 2;
+};
+
+/// Checks a plan against the kernels' contract and the device's limits.
+inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps& d) {
+  if (p.threads < 32 || p.threads > std::min(kMaxThreads, d.max_threads_per_block)) return false;
+  if (p.threads % 32 != 0) return false;
+  if (p.lanes <= 0 || (p.lanes & (p.lanes - 1)) != 0) return false;
+  if (p.lanes > 32 && p.lanes != p.threads) return false;
+  if (p.lanes > p.threads) return false;
+  if (p.vec != 1 && (p.vec * prob.elem_bytes != 16 || !prob.vector_ok)) return false;
+  if (p.items < 1 || p.items > max_items_for(p.strategy, p.vec)) return false;
+  if (p.blocks_per_plane < 1 || p.slice_len < 1 || p.slice_len % p.vec != 0) return false;
+  if (p.slice_len * p.blocks_per_plane < prob.plane_len) return false;
+  if (p.blocks_per_plane > 1 && p.lanes != p.threads) return false;
+  if (p.grid < 1 || p.grid > d.max_grid_x || p.grid != p.block_groups * p.blocks_per_plane)
+    return false;
+  if (p.cooperative != (p.blocks_per_plane > 1) || p.phases < 1 || (p.phases & (p.phases - 1)) != 0)
+    return false;
+  if (p.smem_items < 0 || p.smem_bytes < 0 || p.smem_bytes > d.smem_per_block_optin) return false;
+  // The staged kernel: its block size, whole planes per block, two stages of one unit.
+  if (p.strategy == Strategy::kStaged &&
+      (p.threads != kStagedThreads || p.vec != 1 || p.blocks_per_plane != 1 || p.lanes > 32 ||
+       p.smem_bytes < 2 * staged_stage_bytes(p.threads / p.lanes, prob.plane_len, prob.elem_bytes)))
+    return false;
+  // smem_items <= 2 * items: the register part's mean centres the whole slice's moments
+  // (chunk_moments in kernels/nchw.cuh), accurate while it holds at least a third of it.
+  if (p.smem_items > 0 && (p.strategy != Strategy::kSplit || p.lanes != p.threads ||
+                           p.smem_items > 2 * p.items || p.smem_bytes > d.smem_per_block_optin ||
+                           p.smem_bytes < int64_t(p.smem_items) * p.threads * p.vec * prob.elem_bytes))
+    return false;
+  if (p.slice_len > int64_t(p.items + p.smem_items) * p.threads * p.vec &&
+      p.strategy != Strategy::kSplitStream)
+    return false;
+  // At least one block fits on an SM (threads, registers at the kernels' bound, shared memory).
+  if (resident_blocks_per_sm(d, p.threads, p.smem_bytes) < 1) return false;
+  if (p.cooperative) {
+    if (!d.cooperative) return false;
+    const int64_t resident =
+        int64_t(resident_blocks_per_sm(d, p.threads, p.smem_bytes)) * d.sm_count;
+    if (p.grid > resident) return false;
+  }
+  return true;
+}
+
+namespace detail {
+
+/// What every NCHW strategy's sizing reads: the problem, the device, the row and the overrides,
+/// and the quantities derived from them once.
+struct NchwSizing {
+  const Problem& prob;
+  const DeviceProps& d;
+  const ArchPolicy& pol;
+  const PlanOverride& ov;
+  int vec = 1, max_i = 0;
+  int64_t L = 0, vecs = 0;  ///< plane length in elements and in vectors
+  int split_threads = 0;
+  int64_t resident = 0;     ///< split blocks that fit on the GPU at split_threads
+  bool use_smem = false;    ///< split slices extend into shared memory
+
+  NchwSizing(const Problem& prob_, const DeviceProps& d_, const ArchPolicy& pol_,
+             const PlanOverride& ov_)
+      : prob(prob_), d(d_), pol(pol_), ov(ov_) {
+    vec = ov.vec > 0 ? ov.vec : (prob.vector_ok ? 16 / prob.elem_bytes : 1);
+    max_i = max_items(vec);
+    L = prob.plane_len;
+    vecs = ceil_div(L, vec);
+    split_threads = ov.threads > 0 ? ov.threads : pol.split_threads;
+    resident = int64_t(std::max(1, resident_blocks_per_sm(d, split_threads))) * d.sm_count;
+    use_smem = ov.split_smem >= 0 ? ov.split_smem != 0 : pol.split_smem;
+  }
+  /// Shared-memory vectors per thread that extend a split block's slice (16-byte slots): the
+  /// blocks that fit by registers share the SM's shared memory.
+  int smem_cap_for(int threads) const {
+    if (!use_smem || d.smem_per_block_optin <= 0) return 0;
+    const int by_regs = std::max(1, resident_blocks_per_sm(d, threads));
+    const int64_t budget =
+        std::min(d.smem_per_block_optin, d.smem_per_sm / by_regs - kSmemPerBlockOverhead);
+    return int(clamp64(budget / (int64_t(threads) * 16), 0, 32));
+  }
+  /// Blocks of a group wanted to fill the GPU (1: the problem is too small to pay for the
+  /// cooperative launch, or has enough planes) and at most for 2 vectors per thread of work.
+  int64_t fill_groups(int threads, int64_t resident_at) const {
+    const int64_t total_bytes = prob.planes * L * prob.elem_bytes;
+    const int64_t g_fill = prob.planes < resident_at && total_bytes >= kMinFillSplitBytes
+                               ? ceil_div(resident_at, prob.planes) : 1;
+    return std::min(g_fill, std::max<int64_t>(1, vecs / (int64_t(threads) * 2)));
+  }
+};
+
+/// The strategy for a plane of `vecs` vectors, unless forced: in a warp's registers (sub-warp,
+/// or staged where not 16-byte aligned), a block's, or split across blocks (streamed where the
+/// GPU cannot hold it). Few planes leave SMs idle unless each plane is split across blocks.
+inline Strategy choose_strategy(const NchwSizing& z) {
+  if (z.ov.strategy >= 0) return static_cast<Strategy>(z.ov.strategy);
+  const int64_t warp_cap = 32 * int64_t(z.max_i);  // vectors a warp holds
+  const int64_t block_cap = int64_t(kMaxThreads) * z.max_i;
+  // Scalar planes (not 16-byte aligned: 7x7, 3x3, odd lengths) are staged: the block moves its
+  // planes as one contiguous unit, with 16-byte copies.
+  if (z.vecs <= warp_cap && !(z.prob.planes < ceil_div(z.d.sm_count, 4) && z.vecs > 4 * 32))
+    return z.vec == 1 ? Strategy::kStaged : Strategy::kSubWarp;
+  const int64_t g_cap = ceil_div(
+      z.vecs, int64_t(z.split_threads) * (max_items(z.vec) + z.smem_cap_for(z.split_threads)));
+  if (z.vecs <= block_cap && z.fill_groups(z.split_threads, z.resident) <= 1)
+    return Strategy::kBlock;
+  return g_cap <= z.resident ? Strategy::kSplit : Strategy::kSplitStream;
+}
+
+/// 1-32 lanes per plane, several planes per block, the plane in registers.
+inline void size_subwarp(const NchwSizing& z, Plan& p) {
+  const int sub_threads = z.ov.threads > 0 ? z.ov.threads : z.pol.subwarp_threads;
+  const int aim = std::min(z.pol.subwarp_items, z.max_i);
+  p.lanes = int(clamp64(pow2_ceil(ceil_div(z.vecs, aim)), 1, 32));
+  if (z.ov.items > 0) p.lanes = int(clamp64(pow2_ceil(ceil_div(z.vecs, z.ov.items)), 1, 32));
+  p.items = int(std::max<int64_t>(1, ceil_div(z.vecs, p.lanes)));
+  p.threads = std::max(p.lanes, sub_threads);
+  p.blocks_per_plane = 1;
+  p.slice_len = z.vecs * p.vec;
+  p.block_groups = std::min(ceil_div(z.prob.planes, p.threads / p.lanes), z.d.max_grid_x);
+}
+
+/// Lanes per plane for kStagedLaneItems values each: a power of two up to a warp. Two stages of
+/// one unit (the block's planes) each, so the next unit's copy is in flight while this one is
+/// reduced and stored; a persistent grid of the blocks that fit walks the units. Aligned planes
+/// stay in registers (sub-warp and block plans): staged, on the H100, 4x512x64x64 ran at 0.64
+/// of copy (block plan 0.87), 32x256x32x32 at 0.73 (0.93).
+inline void size_staged(const NchwSizing& z, Plan& p) {
+  p.vec = 1;
+  p.threads = kStagedThreads;
+  const int64_t want = ceil_div(z.L, z.ov.items > 0 ? z.ov.items : kStagedLaneItems);
+  p.lanes = int(pow2_ceil(clamp64(want, 1, 32)));
+  p.items = int(clamp64(ceil_div(z.L, p.lanes), 1, int64_t(1) << 30));
+  p.blocks_per_plane = 1;
+  p.slice_len = z.L;
+  const int64_t units = ceil_div(z.prob.planes, p.threads / p.lanes);
+  p.smem_bytes = 2 * staged_stage_bytes(p.threads / p.lanes, z.L, z.prob.elem_bytes);
+  // __launch_bounds__(kStagedThreads, kStagedBlocksPerSm) caps the kernel's registers.
+  const int bps =
+      std::min(kStagedBlocksPerSm,
+               resident_blocks_per_sm(z.d, p.threads, p.smem_bytes, kSmemRuntimeReserve,
+                                      65536 / (kStagedThreads * kStagedBlocksPerSm)));
+  p.blocks_per_sm = bps;
+  p.block_groups = std::min({units, int64_t(std::max(1, bps)) * z.d.sm_count, z.d.max_grid_x});
+}
+
+/// One block per plane, the plane in registers.
+inline void size_block(const NchwSizing& z, Plan& p) {
+  const int items = z.ov.items > 0 ? z.ov.items : z.pol.block_items;
+  p.threads = z.ov.threads > 0 ? z.ov.threads
+                               : int(clamp64(pow2_ceil(ceil_div(z.vecs, items)),
+                                             z.pol.min_block_threads, kMaxThreads));
+  p.lanes = p.threads;
+  p.items = int(std::max<int64_t>(1, ceil_div(z.vecs, p.threads)));
+  p.blocks_per_plane = 1;
+  p.slice_len = z.vecs * p.vec;
+  p.block_groups = std::min(z.prob.planes, z.d.max_grid_x);
+}
+
+/// G co-resident blocks per plane (split), or the plane streamed twice (split-stream).
+inline void size_split(const NchwSizing& z, Strategy s, Plan& p) {
+  p.threads = z.split_threads;
+  // A plane that one block of twice the size holds whole needs no exchange at all
+  // (16x64x256x256 fp32 on the H100: 512 threads, 128 KB of registers and 128 KB of shared
+  // memory).
+  if (z.ov.threads <= 0 && s == Strategy::kSplit &&
+      2 * z.split_threads <= std::min(kMaxThreads, z.d.max_threads_per_block) &&
+      z.vecs > int64_t(z.split_threads) * (z.max_i + z.smem_cap_for(z.split_threads)) &&
+      z.vecs <= int64_t(2 * z.split_threads) * (z.max_i + z.smem_cap_for(2 * z.split_threads)))
+    p.threads = 2 * z.split_threads;
+  p.lanes = p.threads;
+  // Shared memory extends each block's slice beyond its registers (split only): the blocks
+  // that fit by registers share the SM's shared memory. Fewer blocks per plane mean fewer,
+  // longer rounds per exchange, and the exchange's wait for the slowest block of the group is
+  // what split plans lose (without it, 0.94 of copy on 112x64x512x512): G 8 -> 3 took that row
+  // from 0.82 to 0.91-0.92 on the H100 once the shared part was copied by cp.async (see
+  // smem_fill).
+  const int smem_cap = s == Strategy::kSplit ? z.smem_cap_for(p.threads) : 0;
+  const int64_t resident_t =
+      int64_t(std::max(1, resident_blocks_per_sm(
+                              z.d, p.threads,
+                              int64_t(smem_cap) * p.threads * p.vec * z.prob.elem_bytes))) *
+      z.d.sm_count;
+  int64_t g;
+  if (z.ov.blocks_per_plane > 0) {
+    g = z.ov.blocks_per_plane;
+  } else if (s != Strategy::kSplitStream) {
+    // Slices are rounded to 512 bytes (32 vectors) before they must fit on chip.
+    const int64_t cap_vecs = int64_t(p.threads) * (max_items_for(s, p.vec) + smem_cap);
+    const int64_t g_cap = ceil_div(z.vecs, cap_vecs);
+    g = choose_group_size(z.prob.planes, resident_t, g_cap, z.fill_groups(p.threads, resident_t),
+                          [&](int64_t c) {
+                            return ceil_div(ceil_div(z.vecs, c), 32) * 32 <= cap_vecs;
+                          });
+    if (g == 0) g = resident_t;  // nothing fits: streamed below
+  } else {
+    g = resident_t;
+  }
+  g = clamp64(g, 1, std::max<int64_t>(1, std::min(resident_t, z.vecs)));
+  p.blocks_per_plane = g;
+  // Slices start on 512-byte boundaries: unaligned slices (G = 11 on 1 MB planes) cost 20% on
+  // the H100.
+  const int64_t slice_vecs = ceil_div(ceil_div(z.vecs, g), 32) * 32;
+  p.slice_len = slice_vecs * p.vec;
+  p.items = int(clamp64(ceil_div(slice_vecs, p.threads), 1, max_items_for(s, p.vec)));
+  if (z.ov.items > 0) p.items = z.ov.items;
+  if (s == Strategy::kSplit && smem_cap > 0) {
+    const int64_t rest = ceil_div(slice_vecs, p.threads) - p.items;
+    if (rest > 0 && rest <= smem_cap) {
+      p.smem_items = int(rest);
+      p.smem_bytes = int64_t(p.smem_items) * p.threads * p.vec * z.prob.elem_bytes;
+    }
+  }
+  if (s != Strategy::kSplitStream && slice_vecs > int64_t(p.items + p.smem_items) * p.threads) {
+    p.strategy = Strategy::kSplitStream;
+    p.items = std::min(p.items, max_stream_items(p.vec));
+  }
+  const int64_t resident_final =
+      int64_t(std::max(1, resident_blocks_per_sm(z.d, p.threads, p.smem_bytes))) * z.d.sm_count;
+  p.block_groups = std::max<int64_t>(1, std::min(z.prob.planes, resident_final / g));
+  p.blocks_per_sm = resident_blocks_per_sm(z.d, p.threads, p.smem_bytes);
+}
+
+}  // namespace detail
+
+/// Chooses the plan for `prob` on a device with `d`, using `pol` (normally policy_for(d)).
+/// Returns false if no valid plan exists (then the call reports cudaErrorInvalidConfiguration).
+inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolicy& pol,
+                      Plan* out, const PlanOverride& ov = {}) {
+  const detail::NchwSizing z(prob, d, pol, ov);
+  Plan p;
+  p.vec = z.vec;
+  p.strategy = detail::choose_strategy(z);
+  switch (p.strategy) {
+    case Strategy::kSubWarp: detail::size_subwarp(z, p); break;
+    case Strategy::kStaged: detail::size_staged(z, p); break;
+    case Strategy::kBlock: detail::size_block(z, p); break;
+    case Strategy::kSplit:
+    case Strategy::kSplitStream: detail::size_split(z, p.strategy, p); break;
+  }
+  p.cooperative = p.blocks_per_plane > 1;
+  p.phases = ov.phases > 0 ? ov.phases : pol.phases;
+  p.grid = p.block_groups * p.blocks_per_plane;
+  *out = p;
+  return plan_is_valid(p, prob, d);
+}
+
+}  // namespace instnorm
