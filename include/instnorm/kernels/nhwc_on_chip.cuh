@@ -8,6 +8,7 @@
 #include "../block/reduce.cuh"
 #include "../debug/trace.cuh"
 #include "../epilogue/epilogue.cuh"
+#include "../grid/channel_exchange.cuh"
 #include "../grid/exchange.cuh"
 #include "../thread/local_moments.cuh"
 #include "nhwc_params.cuh"
@@ -35,94 +36,6 @@ __device__ __forceinline__ void nhwc_store_rows(const Vector<T, kVec> (&regs)[kM
   for (int q = 0; q < kMaxItems; ++q)
     if (q < rvalid) one(regs[q], dst(q));
   for (int j = 0; j < svalid; ++j) one(smem[j * kNhwcOnChipThreads], dst(kMaxItems + j));
-}
-
-/// Per-channel partials of the on-chip NHWC kernel in shared memory, [k][row-lane group][column]
-/// for channel k of a column vector: the mean's two parts and the variance (the counts follow
-/// from the block's rows, which every thread knows).
-struct ChannelPartials {
-  float* mean;
-  float* lo;
-  float* var;
-  __device__ __forceinline__ Moments get(int i, int64_t count) const {
-    return Moments{mean[i], var[i], count, lo[i]};
-  }
-  __device__ __forceinline__ void set(int i, const Moments& m) const {
-    mean[i] = m.mean;
-    lo[i] = m.mean_lo;
-    var[i] = m.var;
-  }
-};
-
-/// Merges, for `n` channels j = first + i * step (i < n), the G tagged partials
-/// part[b * chs + j] (b = 0..G-1, rows_of(b) values each) in a fixed order: L lanes per channel
-/// (a power of two up to the whole block) take blocks sub, sub + L, ... with kBatch loads in
-/// flight, then combine by shares (SharesCombine) in a butterfly inside the warp and, for L > 32,
-/// the warps' sums in order. The result of channel j goes to out.set(slot_of(j)) (Out =
-/// ChannelPartials, shared memory) or is published as tagged out[j] (Out = TaggedSlot*). Called
-/// by every thread of the block.
-template <int kBatch, class RowsOf, class Out, class SlotOf>
-__device__ __forceinline__ void merge_channels(TaggedSlot* part, int chs, int G, int first,
-                                               int step, int n, unsigned tag, RowsOf rows_of,
-                                               int64_t total, Out out, SlotOf slot_of,
-                                               Moments* wsm) {
-  constexpr int kThreads = kNhwcOnChipThreads;
-  const int t = threadIdx.x;
-  int L = kThreads / n < kThreads ? kThreads / n : kThreads;
-  L = L < 1 ? 1 : 1 << (31 - __clz(L));
-  const int sub = t % L, per_pass = kThreads / L;
-  for (int i0 = 0; i0 < n; i0 += per_pass) {  // uniform: every thread reaches the barriers
-    const int i = i0 + t / L;
-    const int j = first + i * step;
-    Moments m;
-    for (int b0 = sub; i < n && b0 < G; b0 += L * kBatch) {
-      TaggedWords w[kBatch];
-      bool ready;
-      do {  // the whole batch is reloaded until every word carries this round's tag
-        ready = true;
-#pragma unroll
-        for (int k = 0; k < kBatch; ++k) w[k].load(part[(b0 + k * L < G ? b0 + k * L : b0) * chs + j]);
-#pragma unroll
-        for (int k = 0; k < kBatch; ++k) ready = ready && w[k].carry(tag);
-        if (!ready) __nanosleep(64);
-      } while (!ready);
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) {
-        const int b = b0 + k * L;
-        if (b < G) m = merge(m, w[k].moments(rows_of(b)));
-      }
-    }
-    // Across the lanes by shares of the unit's rows; for L > 32 the channel's warps add their
-    // sums in order (wsm[warp]: mean for the first sum, var and mean_lo for the second).
-    const SharesCombine sc(m, total);
-    const int wbase = (t - sub) >> 5;
-    float a = butterfly_sum(sc.first(), L < 32 ? L : 32);
-    if (L > 32) {
-      if ((t & 31) == 0) wsm[t >> 5].mean = a;
-      __syncthreads();
-      a = 0.f;
-      for (int w = 0; w < L / 32; ++w) a += wsm[wbase + w].mean;
-      __syncthreads();
-    }
-    ShareSums rq = butterfly_sum2(sc.second(a), L < 32 ? L : 32);
-    if (L > 32) {
-      if ((t & 31) == 0) {
-        wsm[t >> 5].mean_lo = rq.res;
-        wsm[t >> 5].var = rq.sq;
-      }
-      __syncthreads();
-      rq = ShareSums{};
-      for (int w = 0; w < L / 32; ++w) rq += ShareSums{wsm[wbase + w].mean_lo, wsm[wbase + w].var};
-      __syncthreads();
-    }
-    m = SharesCombine::result(a, rq, total);
-    if (sub == 0 && i < n) {
-      if constexpr (std::is_same<Out, TaggedSlot*>::value)
-        store_tagged(out[j], m, tag);
-      else
-        out.set(slot_of(j), m);
-    }
-  }
 }
 
 /// On chip: a unit is (image, column slice) x all rows, shared by G blocks that each hold

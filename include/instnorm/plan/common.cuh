@@ -33,6 +33,9 @@ inline const char* to_string(Strategy s) {
   return "?";
 }
 
+/// Problems smaller than this are not split across blocks just to fill the GPU: the cooperative
+/// launch, its workspace and the exchange cost more than idle SMs there.
+constexpr int64_t kMinFillSplitBytes = int64_t(16) << 20;
 /// Knobs the benchmark's tuning mode can force; 0 (or a negative strategy) means "planner's
 /// choice". A forced plan is still checked against the device limits.
 struct PlanOverride {

@@ -13,9 +13,6 @@ inline int max_items_for(Strategy s, int vec) {
   if (s == Strategy::kStaged) return 1 << 30;  // values per lane live in shared memory
   return s == Strategy::kSplitStream ? max_stream_items(vec) : max_items(vec);
 }
-/// Problems smaller than this are not split across blocks just to fill the GPU: the cooperative
-/// launch, its workspace and the exchange cost more than idle SMs there.
-constexpr int64_t kMinFillSplitBytes = int64_t(16) << 20;
 /// Values per lane the staged plan aims for when it chooses how many lanes share a plane
 /// (kStagedThreads, contract.cuh).
 constexpr int kStagedLaneItems = 32;
