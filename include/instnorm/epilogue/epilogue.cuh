@@ -5,6 +5,8 @@
 /// running-update statistics, and the channel tracking of GroupNorm's affine parameters. The
 /// functions take any parameter struct with the fields they read (the NCHW and NHWC kernels').
 
+#include <type_traits>
+
 #include "../moments.cuh"
 #include "../options.cuh"
 #include "../thread/vector.cuh"
@@ -12,11 +14,35 @@
 namespace instnorm {
 namespace detail {
 
+/// The activation after the normalize: its value, its derivative (for a backward: from the
+/// pre-activation v), and the one switch from the runtime value to the compile-time one. A new
+/// activation is an Activation value (options.cuh), these three, the reference and the package.
 template <Activation kAct>
 __device__ __forceinline__ float activate(float v) {
   if constexpr (kAct == Activation::kRelu) return fmaxf(v, 0.f);
   else if constexpr (kAct == Activation::kSilu) return __fdividef(v, 1.f + __expf(-v));
   else return v;
+}
+template <Activation kAct>
+__device__ __forceinline__ float activate_derivative(float v) {
+  if constexpr (kAct == Activation::kRelu) {
+    return v > 0.f ? 1.f : 0.f;  // PyTorch's relu'(0) = 0
+  } else if constexpr (kAct == Activation::kSilu) {
+    const float s = __fdividef(1.f, 1.f + __expf(-v));
+    return s * fmaf(v, 1.f - s, 1.f);
+  } else {
+    return 1.f;
+  }
+}
+/// Calls f(std::integral_constant<Activation, a>{}) for the runtime value a (kNone for any value
+/// validate would refuse).
+template <class F>
+__device__ __forceinline__ void with_activation(Activation a, F&& f) {
+  switch (a) {
+    case Activation::kRelu: f(std::integral_constant<Activation, Activation::kRelu>{}); break;
+    case Activation::kSilu: f(std::integral_constant<Activation, Activation::kSilu>{}); break;
+    default: f(std::integral_constant<Activation, Activation::kNone>{}); break;
+  }
 }
 
 template <class T>
@@ -24,17 +50,60 @@ __device__ __forceinline__ float load_param(const void* p, bool is_float, int64_
   return is_float ? static_cast<const float*>(p)[i] : to_float(static_cast<const T*>(p)[i]);
 }
 
-/// The plane's statistics folded into y = act((x - center) * scale + shift): `center` is the mean
-/// rounded to fp32 and `residual` the rest of it (center_of, moments.cuh), so that x - center is
-/// exact when |mean| >> std and the residual is not lost.
+/// A plane's (or group's) statistics as the normalize uses them: `center` is the mean rounded to
+/// fp32 and `residual` the rest of it (center_of, moments.cuh), so that x - center is exact when
+/// |mean| >> std and the residual is not lost; `var` the biased variance.
+struct PlaneStats {
+  float center, residual, rstd, var;
+};
+__device__ __forceinline__ PlaneStats plane_stats(float pivot, const Moments& m, float eps) {
+  const CenterResidual cr = center_of(pivot, m);
+  const float var = variance(m);
+  return PlaneStats{cr.center, cr.residual, 1.f / sqrtf(var + eps), var};
+}
+
+/// Eval mode: the running statistics of channel ch stand for the plane's.
+template <class Params>
+__device__ __forceinline__ PlaneStats running_plane_stats(const Params& p, int64_t ch) {
+  const float var = p.running_var[ch];
+  return PlaneStats{p.running_mean[ch], 0.f, 1.f / sqrtf(var + p.eps), var};
+}
+
+/// The saved statistics (mean, rstd) and the running update's inputs (mean, biased variance) of
+/// `plane`, where the call asks for them.
+template <class Params>
+__device__ __forceinline__ void store_plane_stats(const Params& p, int64_t plane,
+                                                  const PlaneStats& s) {
+  if (p.save_mean) p.save_mean[plane] = s.center + s.residual;
+  if (p.save_rstd) p.save_rstd[plane] = s.rstd;
+  if (p.stat_mean) {
+    p.stat_mean[plane] = s.center + s.residual;
+    p.stat_var[plane] = s.var;
+  }
+}
+
+/// Channel ch's y = act((x - center) * scale + shift): scale = rstd * gamma_ch, shift = beta_ch -
+/// residual * scale (gamma 1 and beta 0 where absent).
+struct ScaleShift {
+  float scale, shift;
+};
+template <class T, class Params>
+__device__ __forceinline__ ScaleShift scale_shift(const Params& p, int64_t ch, float rstd,
+                                                  float residual) {
+  const float scale = p.gamma ? rstd * load_param<T>(p.gamma, p.params_float, ch) : rstd;
+  const float beta = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
+  return ScaleShift{scale, fmaf(-residual, scale, beta)};
+}
+
+/// A plane's statistics and its current channel's scale and shift, as a lane normalizes.
 template <class T>
 struct Epilogue {
   float center, residual, rstd, scale, shift;
   template <class Params>
   __device__ __forceinline__ void set_channel(const Params& p, int64_t ch) {
-    scale = p.gamma ? rstd * load_param<T>(p.gamma, p.params_float, ch) : rstd;
-    const float beta = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
-    shift = fmaf(-residual, scale, beta);
+    const ScaleShift ss = scale_shift<T>(p, ch, rstd, residual);
+    scale = ss.scale;
+    shift = ss.shift;
   }
 };
 
@@ -44,19 +113,12 @@ template <class T, template <class> class Params>
 __device__ __forceinline__ Epilogue<T> plane_epilogue(const Params<T>& p, float pivot,
                                                       const Moments& m, int64_t plane,
                                                       bool writer) {
+  const PlaneStats s = plane_stats(pivot, m, p.eps);
+  if (writer) store_plane_stats(p, plane, s);
   Epilogue<T> ep;
-  const CenterResidual cr = center_of(pivot, m);
-  ep.center = cr.center;
-  ep.residual = cr.residual;
-  ep.rstd = 1.f / sqrtf(variance(m) + p.eps);
-  if (writer) {
-    if (p.save_mean) p.save_mean[plane] = ep.center + ep.residual;
-    if (p.save_rstd) p.save_rstd[plane] = ep.rstd;
-    if (p.stat_mean) {
-      p.stat_mean[plane] = ep.center + ep.residual;
-      p.stat_var[plane] = variance(m);
-    }
-  }
+  ep.center = s.center;
+  ep.residual = s.residual;
+  ep.rstd = s.rstd;
   return ep;
 }
 

@@ -229,20 +229,10 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
     Epilogue<T> ep = plane_epilogue(p, pivot, m, plane, active && rank == 0 && lane == 0);
     if (active) ep.set_channel(p, cc.channel);
     T* ys = p.y + base + begin;
-    switch (p.activation) {
-      case Activation::kRelu:
-        normalize_slice<Activation::kRelu, kStream>(regs, xs, ys, len, chunk, lane, lanes, ep, p,
-                                                    per_channel, channel_base, begin, cc);
-        break;
-      case Activation::kSilu:
-        normalize_slice<Activation::kSilu, kStream>(regs, xs, ys, len, chunk, lane, lanes, ep, p,
-                                                    per_channel, channel_base, begin, cc);
-        break;
-      default:
-        normalize_slice<Activation::kNone, kStream>(regs, xs, ys, len, chunk, lane, lanes, ep, p,
-                                                    per_channel, channel_base, begin, cc);
-        break;
-    }
+    with_activation(p.activation, [&](auto act) {
+      normalize_slice<decltype(act)::value, kStream>(regs, xs, ys, len, chunk, lane, lanes, ep, p,
+                                                     per_channel, channel_base, begin, cc);
+    });
     trace_stamp(round, 5);
   }
   trace_flush(round);

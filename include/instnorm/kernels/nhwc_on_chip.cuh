@@ -275,23 +275,12 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
       const Moments m = red.get(slot_of(int((j / cpg) * cpg)), count);
       // The pivot as read before the exchange: in place, the block holding the image's first
       // row may have overwritten it since.
-      const CenterResidual cr = center_of(pivots[j], m);
-      const float center = cr.center, residual = cr.residual;
-      const float var = variance(m);
-      const float rstd = 1.f / sqrtf(var + p.eps);
-      if (rank == 0 && rl == 0 && ch % cpg == 0) {
-        const int64_t plane = image * p.groups + g;
-        if (p.save_mean) p.save_mean[plane] = center + residual;
-        if (p.save_rstd) p.save_rstd[plane] = rstd;
-        if (p.stat_mean) {
-          p.stat_mean[plane] = center + residual;
-          p.stat_var[plane] = var;
-        }
-      }
-      cen[k] = center;
-      scale[k] = p.gamma ? rstd * load_param<T>(p.gamma, p.params_float, ch) : rstd;
-      const float beta = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
-      shift[k] = fmaf(-residual, scale[k], beta);
+      const PlaneStats st = plane_stats(pivots[j], m, p.eps);
+      if (rank == 0 && rl == 0 && ch % cpg == 0) store_plane_stats(p, image * p.groups + g, st);
+      cen[k] = st.center;
+      const ScaleShift ss = scale_shift<T>(p, ch, st.rstd, st.residual);
+      scale[k] = ss.scale;
+      shift[k] = ss.shift;
     }
     __syncthreads();  // red is rewritten by the next unit
 
@@ -301,17 +290,9 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
     const auto dst = [&](int q) {
       return yv + (q < kMaxItems ? q : items + (q - kMaxItems)) * rstep;
     };
-    switch (p.activation) {
-      case Activation::kRelu:
-        nhwc_store_rows<Activation::kRelu>(regs, rvalid, sdata, svalid, dst, cen, scale, shift);
-        break;
-      case Activation::kSilu:
-        nhwc_store_rows<Activation::kSilu>(regs, rvalid, sdata, svalid, dst, cen, scale, shift);
-        break;
-      default:
-        nhwc_store_rows<Activation::kNone>(regs, rvalid, sdata, svalid, dst, cen, scale, shift);
-        break;
-    }
+    with_activation(p.activation, [&](auto act) {
+      nhwc_store_rows<decltype(act)::value>(regs, rvalid, sdata, svalid, dst, cen, scale, shift);
+    });
     trace_stamp(round, 5);
   }
   trace_flush(round);

@@ -142,18 +142,10 @@ __global__ void __launch_bounds__(kNhwcThreads) nhwc_finalize(const NhwcParams<T
     m = warp_allreduce(m, L);
     if (active && lane == 0) {
       const int64_t image = p.img_first + li;
-      const CenterResidual cr = center_of(group_pivot(p, image, g), m);
-      const float center = cr.center, residual = cr.residual;
-      const float var = variance(m);
-      const float rstd = 1.f / sqrtf(var + p.eps);
+      const PlaneStats st = plane_stats(group_pivot(p, image, g), m, p.eps);
       const int64_t plane = image * p.groups + g;
-      p.group_stats[plane] = make_float4(center, residual, rstd, 0.f);
-      if (p.save_mean) p.save_mean[plane] = center + residual;
-      if (p.save_rstd) p.save_rstd[plane] = rstd;
-      if (p.stat_mean) {
-        p.stat_mean[plane] = center + residual;
-        p.stat_var[plane] = var;
-      }
+      p.group_stats[plane] = make_float4(st.center, st.residual, st.rstd, 0.f);
+      store_plane_stats(p, plane, st);
     }
   }
 }
@@ -209,35 +201,25 @@ __global__ void __launch_bounds__(kNhwcThreads, 1) nhwc_normalize(const NhwcPara
       const int64_t ch = col * kVec + k;
       float residual = 0.f, rstd;
       if (p.running_mean) {
-        cen[k] = p.running_mean[ch];
-        rstd = 1.f / sqrtf(p.running_var[ch] + p.eps);
-        if (tile == 0 && rl == 0) {
-          if (p.save_mean) p.save_mean[image * p.c + ch] = cen[k];
-          if (p.save_rstd) p.save_rstd[image * p.c + ch] = rstd;
-        }
+        const PlaneStats st = running_plane_stats(p, ch);
+        if (tile == 0 && rl == 0) store_plane_stats(p, image * p.c + ch, st);
+        cen[k] = st.center;
+        rstd = st.rstd;
       } else {
         const float4 gs = p.group_stats[image * p.groups + ch / p.cpg];
         cen[k] = gs.x;
         residual = gs.y;
         rstd = gs.z;
       }
-      scale[k] = p.gamma ? rstd * load_param<T>(p.gamma, p.params_float, ch) : rstd;
-      const float beta = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
-      shift[k] = fmaf(-residual, scale[k], beta);
+      const ScaleShift ss = scale_shift<T>(p, ch, rstd, residual);
+      scale[k] = ss.scale;
+      shift[k] = ss.shift;
     }
     const V* xs = reinterpret_cast<const V*>(p.x + image * p.spatial * p.c) + col;
     V* ys = reinterpret_cast<V*>(p.y + image * p.spatial * p.c) + col;
-    switch (p.activation) {
-      case Activation::kRelu:
-        nhwc_normalize_rows<Activation::kRelu>(p, xs, ys, cv, r_begin, r_end, rl, cen, scale, shift);
-        break;
-      case Activation::kSilu:
-        nhwc_normalize_rows<Activation::kSilu>(p, xs, ys, cv, r_begin, r_end, rl, cen, scale, shift);
-        break;
-      default:
-        nhwc_normalize_rows<Activation::kNone>(p, xs, ys, cv, r_begin, r_end, rl, cen, scale, shift);
-        break;
-    }
+    with_activation(p.activation, [&](auto act) {
+      nhwc_normalize_rows<decltype(act)::value>(p, xs, ys, cv, r_begin, r_end, rl, cen, scale, shift);
+    });
   }
 }
 

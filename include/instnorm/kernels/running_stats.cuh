@@ -41,15 +41,13 @@ __global__ void __launch_bounds__(kInferenceThreads) inference_kernel(const Kern
   for (int64_t u = blockIdx.x; u < p.planes * chunks; u += gridDim.x) {
     const int64_t plane = u / chunks, begin = (u % chunks) * kChunk;
     const int64_t ch = plane % p.groups;
+    const PlaneStats st = running_plane_stats(p, ch);
+    if (begin == 0 && threadIdx.x == 0) store_plane_stats(p, plane, st);
     Epilogue<T> ep;
-    ep.center = p.running_mean[ch];
+    ep.center = st.center;
     ep.residual = 0.f;
-    ep.rstd = 1.f / sqrtf(p.running_var[ch] + p.eps);
+    ep.rstd = st.rstd;
     ep.set_channel(p, ch);
-    if (begin == 0 && threadIdx.x == 0) {
-      if (p.save_mean) p.save_mean[plane] = ep.center;
-      if (p.save_rstd) p.save_rstd[plane] = ep.rstd;
-    }
     const int len = int(p.plane_len - begin < kChunk ? p.plane_len - begin : kChunk);
     const int valid = valid_items<kVec>(len, threadIdx.x, kInferenceThreads, kInferenceItems);
     V r[kInferenceItems];
@@ -59,13 +57,9 @@ __global__ void __launch_bounds__(kInferenceThreads) inference_kernel(const Kern
 #pragma unroll
     for (int j = 0; j < kInferenceItems; ++j) {
       if (j < valid) {
-        V o;
-        switch (p.activation) {
-          case Activation::kRelu: o = normalize_vector<Activation::kRelu>(r[j], ep); break;
-          case Activation::kSilu: o = normalize_vector<Activation::kSilu>(r[j], ep); break;
-          default: o = normalize_vector<Activation::kNone>(r[j], ep); break;
-        }
-        store_vector(d + j * kInferenceThreads, o);
+        with_activation(p.activation, [&](auto act) {
+          store_vector(d + j * kInferenceThreads, normalize_vector<decltype(act)::value>(r[j], ep));
+        });
       }
     }
   }
