@@ -33,43 +33,65 @@ struct PlaneStats {
   double mean = 0, var = 0;
 };
 
+/// The grouping both references share: G groups of cpg channels, planes of len elements.
+struct RefShape {
+  int64_t c, spatial, groups, cpg, len;
+  bool nhwc;
+  RefShape(int64_t c_, int64_t spatial_, const Options& opt)
+      : c(c_), spatial(spatial_), groups(opt.groups == 0 ? c_ : opt.groups), cpg(c_ / groups),
+        len(cpg * spatial_), nhwc(opt.layout == Layout::kNHWC) {}
+  struct RefPlane plane(int64_t p) const;
+};
+
+/// One normalized plane (an (n, group) pair) as both references walk it: element k's index in
+/// x, and its statistics in float64 (two passes, biased variance; the running statistics of its
+/// channel in eval mode).
+struct RefPlane {
+  int64_t i, g, cpg, spatial, c, len;
+  bool nhwc;
+  int64_t channel(int64_t k) const { return g * cpg + k / spatial; }
+  int64_t index(int64_t k) const {
+    const int64_t ch = channel(k), pos = k % spatial;
+    return nhwc ? (i * spatial + pos) * c + ch : (i * c + ch) * spatial + pos;
+  }
+  template <class T>
+  PlaneStats stats(const T* x, const Options& opt) const {
+    double sum = 0;
+    for (int64_t k = 0; k < len; ++k) sum += to_double(x[index(k)]);
+    const double mean = sum / double(len);
+    double m2 = 0;
+    for (int64_t k = 0; k < len; ++k) {
+      const double d = to_double(x[index(k)]) - mean;
+      m2 += d * d;
+    }
+    if (!opt.use_input_stats) return PlaneStats{opt.running_mean[g], opt.running_var[g]};
+    return PlaneStats{mean, m2 / double(len)};
+  }
+};
+
+inline RefPlane RefShape::plane(int64_t p) const {
+  return RefPlane{p / groups, p % groups, cpg, spatial, c, len, nhwc};
+}
+
 /// y (float64) for x in opt.layout (NCHW or NHWC) with `opt` (groups, gamma/beta of type P,
 /// activation, eps, running statistics in eval mode). Returns the per-plane statistics in
 /// `stats` (n * G entries) when it is non-null.
 template <class T, class P = float>
 void forward(const T* x, double* y, int64_t n, int64_t c, int64_t spatial, const Options& opt,
              std::vector<PlaneStats>* stats = nullptr) {
-  const int64_t groups = opt.groups == 0 ? c : opt.groups;
-  const int64_t cpg = c / groups;
-  const int64_t len = cpg * spatial;
-  const bool nhwc = opt.layout == Layout::kNHWC;
+  const RefShape shape(c, spatial, opt);
+  const int64_t groups = shape.groups, len = shape.len;
   const auto* gamma = static_cast<const P*>(opt.gamma);
   const auto* beta = static_cast<const P*>(opt.beta);
   if (stats) stats->assign(size_t(n * groups), PlaneStats{});
   for (int64_t plane = 0; plane < n * groups; ++plane) {
-    const int64_t i = plane / groups, g = plane % groups;
-    // Element k of the plane: channel g*cpg + k / spatial, position k % spatial.
-    auto index = [&](int64_t k) {
-      const int64_t ch = g * cpg + k / spatial, pos = k % spatial;
-      return nhwc ? (i * spatial + pos) * c + ch : (i * c + ch) * spatial + pos;
-    };
-    double sum = 0;
-    for (int64_t k = 0; k < len; ++k) sum += to_double(x[index(k)]);
-    double mean = sum / double(len);
-    double m2 = 0;
-    for (int64_t k = 0; k < len; ++k) {
-      const double d = to_double(x[index(k)]) - mean;
-      m2 += d * d;
-    }
-    double var = m2 / double(len);
-    if (!opt.use_input_stats) {  // eval mode: the running statistics of the plane's channel
-      mean = opt.running_mean[g];
-      var = opt.running_var[g];
-    }
-    const double rstd = 1.0 / std::sqrt(var + double(opt.eps));
+    const RefPlane pl = shape.plane(plane);
+    const auto index = [&](int64_t k) { return pl.index(k); };
+    const PlaneStats st = pl.stats(x, opt);
+    const double mean = st.mean, var = st.var, rstd = 1.0 / std::sqrt(var + double(opt.eps));
     if (stats) (*stats)[size_t(plane)] = PlaneStats{mean, var};
     for (int64_t k = 0; k < len; ++k) {
-      const int64_t ch = g * cpg + k / spatial;
+      const int64_t ch = pl.channel(k);
       const double gm = gamma ? to_double(gamma[ch]) : 1.0;
       const double b = beta ? to_double(beta[ch]) : 0.0;
       y[index(k)] = activate((to_double(x[index(k)]) - mean) * rstd * gm + b, opt.activation);
@@ -124,10 +146,8 @@ template <class T, class P = float>
 void backward(const T* x, const T* dy, double* dx, int64_t n, int64_t c, int64_t spatial,
               const Options& opt, double* dgamma = nullptr, double* dbeta = nullptr,
               std::vector<PlaneGradSums>* sums = nullptr) {
-  const int64_t groups = opt.groups == 0 ? c : opt.groups;
-  const int64_t cpg = c / groups;
-  const int64_t len = cpg * spatial;
-  const bool nhwc = opt.layout == Layout::kNHWC;
+  const RefShape shape(c, spatial, opt);
+  const int64_t groups = shape.groups, len = shape.len;
   const auto* gamma = static_cast<const P*>(opt.gamma);
   const auto* beta = static_cast<const P*>(opt.beta);
   if (!gamma) dgamma = nullptr;
@@ -138,30 +158,14 @@ void backward(const T* x, const T* dy, double* dx, int64_t n, int64_t c, int64_t
     for (int64_t ch = 0; ch < c; ++ch) dbeta[ch] = 0;
   if (sums) sums->assign(size_t(n * groups), PlaneGradSums{});
   for (int64_t plane = 0; plane < n * groups; ++plane) {
-    const int64_t i = plane / groups, grp = plane % groups;
-    // Element k of the plane: channel grp*cpg + k / spatial, position k % spatial.
-    auto index = [&](int64_t k) {
-      const int64_t ch = grp * cpg + k / spatial, pos = k % spatial;
-      return nhwc ? (i * spatial + pos) * c + ch : (i * c + ch) * spatial + pos;
-    };
-    // Statistics, as forward(): two passes in float64, biased variance.
-    double sum = 0;
-    for (int64_t k = 0; k < len; ++k) sum += to_double(x[index(k)]);
-    double mean = sum / double(len);
-    double m2 = 0;
-    for (int64_t k = 0; k < len; ++k) {
-      const double d = to_double(x[index(k)]) - mean;
-      m2 += d * d;
-    }
-    double var = m2 / double(len);
-    if (!opt.use_input_stats) {  // eval mode: the running statistics of the plane's channel
-      mean = opt.running_mean[grp];
-      var = opt.running_var[grp];
-    }
-    const double rstd = 1.0 / std::sqrt(var + double(opt.eps));
+    const RefPlane pl = shape.plane(plane);
+    const auto index = [&](int64_t k) { return pl.index(k); };
+    // Statistics, as forward().
+    const PlaneStats st = pl.stats(x, opt);
+    const double mean = st.mean, var = st.var, rstd = 1.0 / std::sqrt(var + double(opt.eps));
     // Element k's xhat, and dy_pre (dy through the activation at the forward's pre-activation).
     auto xhat_dypre = [&](int64_t k, double& xhat, double& dy_pre) {
-      const int64_t ch = grp * cpg + k / spatial;
+      const int64_t ch = pl.channel(k);
       const double gm = gamma ? to_double(gamma[ch]) : 1.0;
       const double b = beta ? to_double(beta[ch]) : 0.0;
       xhat = (to_double(x[index(k)]) - mean) * rstd;
@@ -171,7 +175,7 @@ void backward(const T* x, const T* dy, double* dx, int64_t n, int64_t c, int64_t
     // Pass 3: the plane's sums of g = gamma * dy_pre, and the per-channel parameter gradients.
     double sum_g = 0, sum_g_xhat = 0;
     for (int64_t k = 0; k < len; ++k) {
-      const int64_t ch = grp * cpg + k / spatial;
+      const int64_t ch = pl.channel(k);
       double xhat, dy_pre;
       const double gm = xhat_dypre(k, xhat, dy_pre);
       if (dgamma) dgamma[ch] += dy_pre * xhat;
