@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "gpu_util.h"
+#include "path_matrix.h"
 
 #include <cmath>
 #include <cstring>
@@ -604,6 +605,59 @@ TEST(GpuNhwc, GroupNormAffineSiluAndRunningStatistics) {
     nhwc_case<__half>(2, 64, 4096, 0, true, Activation::kSilu, mode);
     nhwc_case<__nv_bfloat16>(2, 5, 49, 0, false, Activation::kNone, mode);
   }
+}
+
+
+// The launch runs the plan the planner makes for this GPU, for every case of the path matrix
+// that fits in 512 MB; on a 132-SM sm_90 card (H100, H200) that is the path the matrix names.
+TEST(PathMatrix, LaunchRunsThePlannersPath) {
+  REQUIRE_GPU();
+  using namespace instnorm_paths;
+  DeviceProps d;
+  CUDA_OK(detail::current_device_props(&d));
+  const bool named = d.cc_major == 9 && d.cc_minor == 0 && d.sm_count == 132;
+  int ran = 0;
+  for (const PathCase& k : kPathCases) {
+    const int64_t total = k.n * k.c * k.s;
+    if (total * k.elem_bytes > (int64_t(512) << 20)) continue;
+    DeviceBuffer<float> x{size_t(total)}, y{size_t(total)};  // fp32 storage: 16-bit cases use half
+    ASSERT_NE(x.ptr, nullptr);
+    ASSERT_NE(y.ptr, nullptr);
+    CUDA_OK(cudaMemset(x.ptr, 0, size_t(total) * 4));
+    const Options opt = options_of(k);
+    Plan used;
+    NhwcPlan used_nhwc;
+    if (k.elem_bytes == 4)
+      CUDA_OK(detail::forward_tuned(x.ptr, y.ptr, k.n, k.c, k.s, opt, PlanOverride{}, nullptr,
+                                    nullptr, &used, &used_nhwc));
+    else
+      CUDA_OK(detail::forward_tuned(reinterpret_cast<const __half*>(x.ptr),
+                                    reinterpret_cast<__half*>(y.ptr), k.n, k.c, k.s, opt,
+                                    PlanOverride{}, nullptr, nullptr, &used, &used_nhwc));
+    CUDA_OK(cudaDeviceSynchronize());
+    Problem prob;
+    ASSERT_EQ(validate(x.ptr, y.ptr, k.n, k.c, k.s, k.elem_bytes, opt, &prob), Invalid::kOk);
+    std::string planned, got;
+    if (k.nhwc) {
+      NhwcPlan q;
+      ASSERT_TRUE(make_nhwc_plan(prob, d, &q)) << k.name;
+      planned = path_of(q);
+      got = path_of(used_nhwc);
+      EXPECT_EQ(used_nhwc.blocks_per_unit, q.blocks_per_unit) << k.name;
+      EXPECT_EQ(used_nhwc.cols_per_block, q.cols_per_block) << k.name;
+    } else {
+      Plan p;
+      ASSERT_TRUE(make_plan(prob, d, policy_for(d), &p)) << k.name;
+      planned = path_of(p);
+      got = path_of(used);
+      EXPECT_EQ(used.blocks_per_plane, p.blocks_per_plane) << k.name;
+      EXPECT_EQ(used.threads, p.threads) << k.name;
+    }
+    EXPECT_EQ(got, planned) << k.name;
+    if (named) EXPECT_EQ(got, k.sm90) << k.name;
+    ++ran;
+  }
+  EXPECT_GE(ran, 10);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <instnorm/validate.cuh>
 
 #include "device_tables.h"
+#include "path_matrix.h"
 #include "hostile_data.h"
 
 #include <algorithm>
@@ -613,6 +614,32 @@ TEST(Planner, StrategyByPlaneLength) {
   EXPECT_EQ(p.strategy, Strategy::kSplit);
   ASSERT_TRUE(make_plan(problem(1, 1, int64_t(1) << 28), d, pol, &p));
   EXPECT_EQ(p.strategy, Strategy::kSplitStream);
+}
+
+// Every named case of the path matrix takes its path on both tuned device tables.
+TEST(PathMatrix, PlannerTakesTheNamedPath) {
+  using namespace instnorm_paths;
+  for (const PathCase& k : kPathCases) {
+    for (const DeviceProps& d : {sm90(), sm89()}) {
+      const char* want = d.cc_major == 9 ? k.sm90 : k.sm89;
+      Problem prob;
+      const void* x = reinterpret_cast<const void*>(uintptr_t(1) << 20);
+      const void* y = reinterpret_cast<const void*>(uintptr_t(1) << 44);
+      ASSERT_EQ(validate(x, y, k.n, k.c, k.s, k.elem_bytes, options_of(k), &prob), Invalid::kOk)
+          << k.name;
+      std::string got;
+      if (k.nhwc) {
+        NhwcPlan q;
+        ASSERT_TRUE(make_nhwc_plan(prob, d, &q)) << k.name;
+        got = path_of(q);
+      } else {
+        Plan p;
+        ASSERT_TRUE(make_plan(prob, d, policy_for(d), &p)) << k.name;
+        got = path_of(p);
+      }
+      EXPECT_EQ(got, want) << k.name << " on " << policy_for(d).name;
+    }
+  }
 }
 
 TEST(Planner, SubWarpThresholdIsTheWarpCapacity) {

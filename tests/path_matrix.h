@@ -1,0 +1,57 @@
+// The path matrix: named shapes (the benchmark's standard rows and a few nobody tuned for) and
+// the path each takes on the two tuned device tables. The CPU test (test_host.cu) checks the
+// planner against it; the device test (test_device.cu) checks that the launch runs the plan the
+// planner makes for the GPU at hand, and on a 132-SM sm_90 card the path named here.
+#pragma once
+#include <instnorm/plan.cuh>
+
+#include <cstdint>
+#include <string>
+
+namespace instnorm_paths {
+
+struct PathCase {
+  const char* name;
+  int64_t n, c, s;
+  int elem_bytes;
+  int groups;
+  bool nhwc;
+  const char* sm90;  ///< NCHW: to_string(Strategy); NHWC: "on-chip", "on-chip-G" (G > 1), "tiled"
+  const char* sm89;
+};
+
+inline const PathCase kPathCases[] = {
+    {"112x64x512x512", 112, 64, 262144, 4, 0, false, "split", "split"},
+    {"16x64x256x256", 16, 64, 65536, 4, 0, false, "split", "split"},
+    {"1x64x1024x1024", 1, 64, 1048576, 4, 0, false, "split", "split"},
+    {"8x256x128x128", 8, 256, 16384, 4, 0, false, "block", "block"},
+    {"4x512x64x64", 4, 512, 4096, 4, 0, false, "block", "block"},
+    {"32x256x32x32", 32, 256, 1024, 4, 0, false, "subwarp", "subwarp"},
+    {"128x512x7x7", 128, 512, 49, 4, 0, false, "staged", "staged"},
+    {"112x64x512x512:bf16", 112, 64, 262144, 2, 0, false, "split", "split"},
+    {"8x512x64x64:bf16", 8, 512, 4096, 2, 0, false, "subwarp", "subwarp"},
+    {"2x320x64x64:fp16:gn32", 2, 320, 4096, 2, 32, false, "block", "block"},
+    {"1x128x20x256x256:bf16:gn32", 1, 128, 1310720, 2, 32, false, "split", "split"},
+    {"1x1x2^28", 1, 1, 268435456, 4, 0, false, "split-stream", "split-stream"},
+    {"112x64x512x512:cl", 112, 64, 262144, 4, 0, true, "on-chip-G", "tiled"},
+    {"16x64x256x256:cl", 16, 64, 65536, 4, 0, true, "on-chip-G", "on-chip-G"},
+    {"128x512x7x7:cl", 128, 512, 49, 4, 0, true, "on-chip", "on-chip"},
+    {"8x512x64x64:bf16:cl", 8, 512, 4096, 2, 0, true, "on-chip-G", "on-chip-G"},
+    {"2x320x64x64:fp16:gn32:cl", 2, 320, 4096, 2, 32, true, "on-chip-G", "on-chip-G"},
+    {"3x5x7:cl", 3, 5, 7, 4, 0, true, "on-chip", "on-chip"},
+};
+
+inline instnorm::Options options_of(const PathCase& k) {
+  instnorm::Options opt;
+  opt.groups = k.groups;
+  if (k.nhwc) opt.layout = instnorm::Layout::kNHWC;
+  return opt;
+}
+
+/// The path name of a plan, as the matrix spells it.
+inline std::string path_of(const instnorm::Plan& p) { return instnorm::to_string(p.strategy); }
+inline std::string path_of(const instnorm::NhwcPlan& p) {
+  return !p.on_chip ? "tiled" : p.blocks_per_unit > 1 ? "on-chip-G" : "on-chip";
+}
+
+}  // namespace instnorm_paths
