@@ -1,6 +1,8 @@
 // CPU tests (run in CI): the float64 reference, Chan's merge, the planner and validation.
 #include <gtest/gtest.h>
 
+#include <array>
+
 #include <instnorm/moments.cuh>
 #include <instnorm/plan.cuh>
 #include <instnorm/reference.h>
@@ -638,6 +640,43 @@ TEST(PathMatrix, PlannerTakesTheNamedPath) {
         got = path_of(p);
       }
       EXPECT_EQ(got, want) << k.name << " on " << policy_for(d).name;
+    }
+  }
+}
+
+// The backward holds x and dy on chip: its plans keep at most half the vectors per thread of
+// the forward's (registers and shared memory alike), so the same planes split across at least
+// as many blocks; every plan stays valid for its direction and the forward's are unchanged.
+TEST(Planner, BackwardPlansHoldTwoTensors) {
+  for (const DeviceProps& d : {sm90(), sm89()}) {
+    const ArchPolicy& pol = policy_for(d);
+    for (const auto& shape : {std::array<int64_t, 4>{112, 64, 262144, 4}, {16, 64, 65536, 4},
+                              {1, 64, 1 << 20, 4}, {8, 256, 16384, 4}, {4, 512, 4096, 4},
+                              {32, 256, 1024, 4}, {128, 512, 49, 4}, {8, 512, 4096, 2},
+                              {1, 128, 20 * 65536, 2}, {1, 1, int64_t(1) << 28, 4}}) {
+      const Problem prob = problem(shape[0], shape[1], shape[2], int(shape[3]));
+      Plan f, b;
+      ASSERT_TRUE(make_plan(prob, d, pol, &f));
+      ASSERT_TRUE(make_plan(prob, d, pol, &b, {}, Direction::kBackward));
+      const std::string where = std::to_string(shape[0]) + "x" + std::to_string(shape[1]) + "x" +
+                                std::to_string(shape[2]) + " on " + pol.name;
+      EXPECT_EQ(f.direction, Direction::kForward);
+      EXPECT_EQ(b.direction, Direction::kBackward) << where;
+      if (b.strategy != Strategy::kStaged) {
+        EXPECT_LE(b.items, max_items_for(b.strategy, b.vec) / 2) << where;
+        EXPECT_LE(int64_t(b.items + b.smem_items) * b.threads,
+                  std::max<int64_t>(int64_t(f.items + f.smem_items) * f.threads, 32 * 8))
+            << where;
+      } else {  // twice the lanes per plane, half the planes per unit: the same stage bytes
+        EXPECT_LE(b.smem_bytes, f.smem_bytes) << where;
+      }
+      if (f.strategy == Strategy::kSplit && b.strategy == Strategy::kSplit)
+        EXPECT_GE(b.blocks_per_plane, f.blocks_per_plane) << where;
+      // A forward plan is not a valid backward plan where it holds more than half the registers.
+      Plan f_as_b = f;
+      f_as_b.direction = Direction::kBackward;
+      if (f.strategy != Strategy::kStaged && f.items > max_items_for(f.strategy, f.vec) / 2)
+        EXPECT_FALSE(plan_is_valid(f_as_b, prob, d)) << where;
     }
   }
 }

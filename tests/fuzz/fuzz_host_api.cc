@@ -7,7 +7,8 @@
 //  - validate() never crashes; on kOk the problem it fills is consistent with the arguments.
 //  - make_plan() never crashes; a plan it accepts is within the device's limits (threads,
 //    registers, shared memory, grid, co-residency of cooperative grids) and covers the plane.
-//  - on a real device's properties with no override, every valid problem gets a plan.
+//  - on a real device's properties with no override, every valid problem gets a plan, forward
+//    and backward (the backward's sizing holds x and dy: half the vectors per thread).
 //  - NHWC problems get a channels-last plan that covers every channel and position within the
 //    grid limits (any L2 budget).
 //  - Chan's merge of arbitrary finite partials keeps the count exact and never makes the
@@ -154,6 +155,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                 p.grid <= int64_t(resident_blocks_per_sm(d, p.threads, p.smem_bytes)) * d.sm_count);
     }
     if (!overridden && device_kind < 2) REQUIRE(ok);
+    // The backward's sizing (x and dy on chip): valid where accepted, half the registers.
+    Plan pb;
+    if (make_plan(prob, d, pol, &pb, ov, Direction::kBackward)) {
+      REQUIRE(plan_is_valid(pb, prob, d));
+      REQUIRE(pb.direction == Direction::kBackward);
+      REQUIRE(pb.strategy == Strategy::kStaged ||
+              pb.items <= max_items_for(pb.strategy, pb.vec, Direction::kBackward));
+    } else if (!overridden && device_kind < 2) {
+      REQUIRE(false);  // every valid problem gets a backward plan on the tuned devices too
+    }
   } else if (v == Invalid::kEmpty) {
     REQUIRE(n == 0 || c == 0 || spatial == 0);
   }

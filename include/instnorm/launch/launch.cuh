@@ -132,6 +132,7 @@ inline cudaError_t launch_inference(const T* x, T* y, const Problem& prob, const
 template <class T>
 inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& opt,
                           const Plan& plan, void* workspace, cudaStream_t stream) {
+  if (plan.direction != Direction::kForward) return cudaErrorInvalidConfiguration;
   KernelFn<T> kernel = select_kernel<T>(plan.vec, plan.strategy);
   if (plan.strategy == Strategy::kStaged) kernel = staged_kernel<T>;
   if (kernel == nullptr) return cudaErrorInvalidConfiguration;

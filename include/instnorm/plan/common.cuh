@@ -36,6 +36,17 @@ inline const char* to_string(Strategy s) {
 /// Problems smaller than this are not split across blocks just to fill the GPU: the cooperative
 /// launch, its workspace and the exchange cost more than idle SMs there.
 constexpr int64_t kMinFillSplitBytes = int64_t(16) << 20;
+/// Which pass a plan is for. The backward holds x and dy on chip where the forward holds x, so
+/// its plans keep half the vectors per thread (in registers and shared memory) and split planes
+/// across more blocks; the NCHW planner sizes both (as Apex's group_norm_v2 planner does with
+/// (1 + BWD) * sizeof(T)); the NHWC planner sizes the forward.
+enum class Direction : int { kForward = 0, kBackward = 1 };
+
+inline const char* to_string(Direction d) { return d == Direction::kBackward ? "backward" : "forward"; }
+
+/// Tensors a pass holds on chip per element.
+constexpr int tensors_on_chip(Direction d) { return d == Direction::kBackward ? 2 : 1; }
+
 /// Knobs the benchmark's tuning mode can force; 0 (or a negative strategy) means "planner's
 /// choice". A forced plan is still checked against the device limits.
 struct PlanOverride {

@@ -9,9 +9,10 @@
 namespace instnorm {
 
 /// Largest items per thread a strategy's kernel accepts.
-inline int max_items_for(Strategy s, int vec) {
+inline int max_items_for(Strategy s, int vec, Direction dir = Direction::kForward) {
   if (s == Strategy::kStaged) return 1 << 30;  // values per lane live in shared memory
-  return s == Strategy::kSplitStream ? max_stream_items(vec) : max_items(vec);
+  return (s == Strategy::kSplitStream ? max_stream_items(vec) : max_items(vec)) /
+         tensors_on_chip(dir);
 }
 /// Values per lane the staged plan aims for when it chooses how many lanes share a plane
 /// (kStagedThreads, contract.cuh).
@@ -45,6 +46,7 @@ struct Plan {
   /// its first partial, unless g is a multiple of `phases`, a power of two (1: every group starts
   /// at once; 2^30: one chain).
   int phases = 2;
+  Direction direction = Direction::kForward;  ///< the pass it sizes (tensors held on chip)
 };
 
 /// Checks a plan against the kernels' contract and the device's limits.
@@ -55,7 +57,7 @@ inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps&
   if (p.lanes > 32 && p.lanes != p.threads) return false;
   if (p.lanes > p.threads) return false;
   if (p.vec != 1 && (p.vec * prob.elem_bytes != 16 || !prob.vector_ok)) return false;
-  if (p.items < 1 || p.items > max_items_for(p.strategy, p.vec)) return false;
+  if (p.items < 1 || p.items > max_items_for(p.strategy, p.vec, p.direction)) return false;
   if (p.blocks_per_plane < 1 || p.slice_len < 1 || p.slice_len % p.vec != 0) return false;
   if (p.slice_len * p.blocks_per_plane < prob.plane_len) return false;
   if (p.blocks_per_plane > 1 && p.lanes != p.threads) return false;
@@ -67,13 +69,15 @@ inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps&
   // The staged kernel: its block size, whole planes per block, two stages of one unit.
   if (p.strategy == Strategy::kStaged &&
       (p.threads != kStagedThreads || p.vec != 1 || p.blocks_per_plane != 1 || p.lanes > 32 ||
-       p.smem_bytes < 2 * staged_stage_bytes(p.threads / p.lanes, prob.plane_len, prob.elem_bytes)))
+       p.smem_bytes < 2 * tensors_on_chip(p.direction) *
+                          staged_stage_bytes(p.threads / p.lanes, prob.plane_len, prob.elem_bytes)))
     return false;
   // smem_items <= 2 * items: the register part's mean centres the whole slice's moments
   // (chunk_moments in kernels/nchw.cuh), accurate while it holds at least a third of it.
   if (p.smem_items > 0 && (p.strategy != Strategy::kSplit || p.lanes != p.threads ||
                            p.smem_items > 2 * p.items || p.smem_bytes > d.smem_per_block_optin ||
-                           p.smem_bytes < int64_t(p.smem_items) * p.threads * p.vec * prob.elem_bytes))
+                           p.smem_bytes < int64_t(p.smem_items) * p.threads * p.vec *
+                                              prob.elem_bytes * tensors_on_chip(p.direction)))
     return false;
   if (p.slice_len > int64_t(p.items + p.smem_items) * p.threads * p.vec &&
       p.strategy != Strategy::kSplitStream)
@@ -98,6 +102,7 @@ struct NchwSizing {
   const DeviceProps& d;
   const ArchPolicy& pol;
   const PlanOverride& ov;
+  Direction dir = Direction::kForward;
   int vec = 1, max_i = 0;
   int64_t L = 0, vecs = 0;  ///< plane length in elements and in vectors
   int split_threads = 0;
@@ -105,10 +110,10 @@ struct NchwSizing {
   bool use_smem = false;    ///< split slices extend into shared memory
 
   NchwSizing(const Problem& prob_, const DeviceProps& d_, const ArchPolicy& pol_,
-             const PlanOverride& ov_)
-      : prob(prob_), d(d_), pol(pol_), ov(ov_) {
+             const PlanOverride& ov_, Direction dir_)
+      : prob(prob_), d(d_), pol(pol_), ov(ov_), dir(dir_) {
     vec = ov.vec > 0 ? ov.vec : (prob.vector_ok ? 16 / prob.elem_bytes : 1);
-    max_i = max_items(vec);
+    max_i = max_items(vec) / tensors_on_chip(dir);
     L = prob.plane_len;
     vecs = ceil_div(L, vec);
     split_threads = ov.threads > 0 ? ov.threads : pol.split_threads;
@@ -122,7 +127,7 @@ struct NchwSizing {
     const int by_regs = std::max(1, resident_blocks_per_sm(d, threads));
     const int64_t budget =
         std::min(d.smem_per_block_optin, d.smem_per_sm / by_regs - kSmemPerBlockOverhead);
-    return int(clamp64(budget / (int64_t(threads) * 16), 0, 32));
+    return int(clamp64(budget / (int64_t(threads) * 16 * tensors_on_chip(dir)), 0, 32));
   }
   /// Blocks of a group wanted to fill the GPU (1: the problem is too small to pay for the
   /// cooperative launch, or has enough planes) and at most for 2 vectors per thread of work.
@@ -146,7 +151,7 @@ inline Strategy choose_strategy(const NchwSizing& z) {
   if (z.vecs <= warp_cap && !(z.prob.planes < ceil_div(z.d.sm_count, 4) && z.vecs > 4 * 32))
     return z.vec == 1 ? Strategy::kStaged : Strategy::kSubWarp;
   const int64_t g_cap = ceil_div(
-      z.vecs, int64_t(z.split_threads) * (max_items(z.vec) + z.smem_cap_for(z.split_threads)));
+      z.vecs, int64_t(z.split_threads) * (z.max_i + z.smem_cap_for(z.split_threads)));
   if (z.vecs <= block_cap && z.fill_groups(z.split_threads, z.resident) <= 1)
     return Strategy::kBlock;
   return g_cap <= z.resident ? Strategy::kSplit : Strategy::kSplitStream;
@@ -173,13 +178,17 @@ inline void size_subwarp(const NchwSizing& z, Plan& p) {
 inline void size_staged(const NchwSizing& z, Plan& p) {
   p.vec = 1;
   p.threads = kStagedThreads;
-  const int64_t want = ceil_div(z.L, z.ov.items > 0 ? z.ov.items : kStagedLaneItems);
+  // The backward's unit holds x and dy: half the values per lane, twice the lanes, so a stage
+  // keeps the forward's bytes.
+  const int64_t want =
+      ceil_div(z.L, z.ov.items > 0 ? z.ov.items : kStagedLaneItems / tensors_on_chip(z.dir));
   p.lanes = int(pow2_ceil(clamp64(want, 1, 32)));
   p.items = int(clamp64(ceil_div(z.L, p.lanes), 1, int64_t(1) << 30));
   p.blocks_per_plane = 1;
   p.slice_len = z.L;
   const int64_t units = ceil_div(z.prob.planes, p.threads / p.lanes);
-  p.smem_bytes = 2 * staged_stage_bytes(p.threads / p.lanes, z.L, z.prob.elem_bytes);
+  p.smem_bytes = 2 * tensors_on_chip(z.dir) *
+                 staged_stage_bytes(p.threads / p.lanes, z.L, z.prob.elem_bytes);
   // __launch_bounds__(kStagedThreads, kStagedBlocksPerSm) caps the kernel's registers.
   const int bps =
       std::min(kStagedBlocksPerSm,
@@ -191,7 +200,7 @@ inline void size_staged(const NchwSizing& z, Plan& p) {
 
 /// One block per plane, the plane in registers.
 inline void size_block(const NchwSizing& z, Plan& p) {
-  const int items = z.ov.items > 0 ? z.ov.items : z.pol.block_items;
+  const int items = z.ov.items > 0 ? z.ov.items : std::min(z.pol.block_items, z.max_i);
   p.threads = z.ov.threads > 0 ? z.ov.threads
                                : int(clamp64(pow2_ceil(ceil_div(z.vecs, items)),
                                              z.pol.min_block_threads, kMaxThreads));
@@ -224,14 +233,15 @@ inline void size_split(const NchwSizing& z, Strategy s, Plan& p) {
   const int64_t resident_t =
       int64_t(std::max(1, resident_blocks_per_sm(
                               z.d, p.threads,
-                              int64_t(smem_cap) * p.threads * p.vec * z.prob.elem_bytes))) *
+                              int64_t(smem_cap) * p.threads * p.vec * z.prob.elem_bytes *
+                                  tensors_on_chip(z.dir)))) *
       z.d.sm_count;
   int64_t g;
   if (z.ov.blocks_per_plane > 0) {
     g = z.ov.blocks_per_plane;
   } else if (s != Strategy::kSplitStream) {
     // Slices are rounded to 512 bytes (32 vectors) before they must fit on chip.
-    const int64_t cap_vecs = int64_t(p.threads) * (max_items_for(s, p.vec) + smem_cap);
+    const int64_t cap_vecs = int64_t(p.threads) * (max_items_for(s, p.vec, z.dir) + smem_cap);
     const int64_t g_cap = ceil_div(z.vecs, cap_vecs);
     g = choose_group_size(z.prob.planes, resident_t, g_cap, z.fill_groups(p.threads, resident_t),
                           [&](int64_t c) {
@@ -247,18 +257,19 @@ inline void size_split(const NchwSizing& z, Strategy s, Plan& p) {
   // the H100.
   const int64_t slice_vecs = ceil_div(ceil_div(z.vecs, g), 32) * 32;
   p.slice_len = slice_vecs * p.vec;
-  p.items = int(clamp64(ceil_div(slice_vecs, p.threads), 1, max_items_for(s, p.vec)));
+  p.items = int(clamp64(ceil_div(slice_vecs, p.threads), 1, max_items_for(s, p.vec, z.dir)));
   if (z.ov.items > 0) p.items = z.ov.items;
   if (s == Strategy::kSplit && smem_cap > 0) {
     const int64_t rest = ceil_div(slice_vecs, p.threads) - p.items;
     if (rest > 0 && rest <= smem_cap) {
       p.smem_items = int(rest);
-      p.smem_bytes = int64_t(p.smem_items) * p.threads * p.vec * z.prob.elem_bytes;
+      p.smem_bytes = int64_t(p.smem_items) * p.threads * p.vec * z.prob.elem_bytes *
+                     tensors_on_chip(z.dir);
     }
   }
   if (s != Strategy::kSplitStream && slice_vecs > int64_t(p.items + p.smem_items) * p.threads) {
     p.strategy = Strategy::kSplitStream;
-    p.items = std::min(p.items, max_stream_items(p.vec));
+    p.items = std::min(p.items, max_items_for(Strategy::kSplitStream, p.vec, z.dir));
   }
   const int64_t resident_final =
       int64_t(std::max(1, resident_blocks_per_sm(z.d, p.threads, p.smem_bytes))) * z.d.sm_count;
@@ -268,13 +279,16 @@ inline void size_split(const NchwSizing& z, Strategy s, Plan& p) {
 
 }  // namespace detail
 
-/// Chooses the plan for `prob` on a device with `d`, using `pol` (normally policy_for(d)).
-/// Returns false if no valid plan exists (then the call reports cudaErrorInvalidConfiguration).
+/// Chooses the plan for `prob` on a device with `d`, using `pol` (normally policy_for(d)), for
+/// the forward or (sizes only, before its kernels exist) the backward pass. Returns false if no
+/// valid plan exists (then the call reports cudaErrorInvalidConfiguration).
 inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolicy& pol,
-                      Plan* out, const PlanOverride& ov = {}) {
-  const detail::NchwSizing z(prob, d, pol, ov);
+                      Plan* out, const PlanOverride& ov = {},
+                      Direction dir = Direction::kForward) {
+  const detail::NchwSizing z(prob, d, pol, ov, dir);
   Plan p;
   p.vec = z.vec;
+  p.direction = dir;
   p.strategy = detail::choose_strategy(z);
   switch (p.strategy) {
     case Strategy::kSubWarp: detail::size_subwarp(z, p); break;
