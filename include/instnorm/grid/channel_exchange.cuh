@@ -30,6 +30,51 @@ struct ChannelPartials {
     lo[i] = m.mean_lo;
     var[i] = m.var;
   }
+  /// Combines the `groups` row-lane groups' entries lane0 + g * cs of one (channel, column) pair
+  /// by shares of the block's rows (see warp_allreduce_shares) into lane0's entry: the high
+  /// parts of the means first, then the deviations from their sum, each walk in two chains
+  /// (even and odd groups: two loads in flight), added at the end. A tree of Chan merges here
+  /// took 2.5-4 us per round on the H100 (trace, debug/trace.cuh); one chain per walk over 32
+  /// row lanes 2.3, two chains 1.8.
+  template <class Groups>
+  __device__ __forceinline__ void combine_groups(int lane0, int groups, int cs, const Groups& rg,
+                                                 float inv_rows, int64_t block_rows) const {
+    const auto f_of = [&](int g) { return float(rg.rows(g)) * inv_rows; };
+    float a0 = 0.f, a1 = 0.f;
+    int g = 0;
+#pragma unroll 1
+    for (; g + 1 < groups; g += 2) {
+      a0 = fmaf(f_of(g), mean[lane0 + g * cs], a0);
+      a1 = fmaf(f_of(g + 1), mean[lane0 + (g + 1) * cs], a1);
+    }
+    if (g < groups) a0 = fmaf(f_of(g), mean[lane0 + g * cs], a0);
+    const float a = a0 + a1;
+    ShareSums rq0, rq1;
+    const auto add = [&](ShareSums& acc, int g) {
+      const int i = lane0 + g * cs;
+      const float d = (mean[i] - a) + lo[i];
+      acc.res = fmaf(f_of(g), d, acc.res);
+      acc.sq = fmaf(f_of(g), fmaf(d, d, var[i]), acc.sq);
+    };
+#pragma unroll 1
+    for (g = 0; g + 1 < groups; g += 2) {
+      add(rq0, g);
+      add(rq1, g + 1);
+    }
+    if (g < groups) add(rq0, g);
+    set(lane0, SharesCombine::result(a, rq0 += rq1, block_rows));
+  }
+};
+
+/// The row-lane groups of an on-chip NHWC block: row i of the block is on row lane
+/// i % row_lanes, and the `wl` row lanes of a column that share a warp form one group, so group
+/// g holds wl * full + clamp(rem - g * wl, 0, wl) rows (full = rows / row_lanes, rem = the rest).
+struct RowLaneGroups {
+  int wl, full, rem;
+  __device__ __forceinline__ int64_t rows(int g) const {
+    const int extra = rem - g * wl;
+    return int64_t(wl) * full + (extra < 0 ? 0 : extra < wl ? extra : wl);
+  }
 };
 
 /// Merges, for `n` channels j = first + i * step (i < n), the G tagged partials

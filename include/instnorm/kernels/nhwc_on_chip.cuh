@@ -158,12 +158,8 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
     // shares of their rows (butterflies over lanes cs, 2 cs, ... apart) into the table's entry
     // of their group.
     const int ch0 = col * kVec;
-    const int full = int(block_rows / row_lanes), rem = int(block_rows % row_lanes);
-    const auto group_rows = [&](int g) {
-      const int extra = rem - g * wl;
-      return int64_t(wl) * full + (extra < 0 ? 0 : extra < wl ? extra : wl);
-    };
-    const int64_t my_group_rows = group_rows(rl / wl);
+    const RowLaneGroups rg{wl, int(block_rows / row_lanes), int(block_rows % row_lanes)};
+    const int64_t my_group_rows = rg.rows(rl / wl);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const float pivot = to_float(ximg[((ch0 + k) / cpg) * cpg]);
@@ -178,43 +174,15 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
     }
     __syncthreads();
     trace_stamp(round, 2);
-    // The row-lane groups' partials of each (channel k, column) combine by shares of the block's
-    // rows (see warp_allreduce_shares): one thread per pair walks its column's groups in order,
-    // for the high parts of the means and then the deviations from their sum, and leaves the
-    // result in group 0's entry. A tree of Chan merges here took 2.5-4 us per round on the H100
-    // (trace, debug/trace.cuh); one chain per walk over 32 row lanes 2.3, two chains 1.8; the
-    // in-warp combine leaves 8 groups to walk where a slice has fewer than 32 columns.
-    // (Splitting the walk over several threads per pair made ptxas spill at the kernel's 128
-    // registers.)
+    // The row-lane groups' partials of each (channel k, column) combine into group 0's entry,
+    // one thread per pair (ChannelPartials::combine_groups); the in-warp combine above leaves
+    // 8 groups to walk where a slice has fewer than 32 columns. (Splitting the walk over several
+    // threads per pair made ptxas spill at the kernel's 128 registers.)
     {
       const int groups = entries / cs;
       const float inv_rows = block_rows > 0 ? 1.f / float(block_rows) : 0.f;
       const auto combine = [&](int lane0) {
-        // Even and odd groups in two chains (two loads in flight), added at the end.
-        const auto f_of = [&](int g) { return float(group_rows(g)) * inv_rows; };
-        float a0 = 0.f, a1 = 0.f;
-        int g = 0;
-#pragma unroll 1
-        for (; g + 1 < groups; g += 2) {
-          a0 = fmaf(f_of(g), red.mean[lane0 + g * cs], a0);
-          a1 = fmaf(f_of(g + 1), red.mean[lane0 + (g + 1) * cs], a1);
-        }
-        if (g < groups) a0 = fmaf(f_of(g), red.mean[lane0 + g * cs], a0);
-        const float a = a0 + a1;
-        ShareSums rq0, rq1;
-        const auto add = [&](ShareSums& acc, int g) {
-          const int i = lane0 + g * cs;
-          const float d = (red.mean[i] - a) + red.lo[i];
-          acc.res = fmaf(f_of(g), d, acc.res);
-          acc.sq = fmaf(f_of(g), fmaf(d, d, red.var[i]), acc.sq);
-        };
-#pragma unroll 1
-        for (g = 0; g + 1 < groups; g += 2) {
-          add(rq0, g);
-          add(rq1, g + 1);
-        }
-        if (g < groups) add(rq0, g);
-        red.set(lane0, SharesCombine::result(a, rq0 += rq1, block_rows));
+        red.combine_groups(lane0, groups, cs, rg, inv_rows, block_rows);
       };
       // Pair j = k * cs + column: thread t < chs takes (k = rl, cl); wider slices loop.
       if (t < chs) combine(rl * entries + cl);
