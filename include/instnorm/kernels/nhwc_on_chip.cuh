@@ -195,31 +195,8 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
     const auto slot_of = [&](int j) { return (j % kVec) * entries + j / kVec; };
     int64_t count = block_rows;
     if (G > 1) {
-      const unsigned tag = round + 1u;
-      TaggedSlot* part = p.slots + size_t(round & 1) * size_t(gridDim.x + block_groups) * chs;
-      TaggedSlot* merged = part + size_t(gridDim.x) * chs + size_t(block_group) * chs;
-      part += size_t(block_group) * G * chs;
-      for (int j = t; j < chs; j += kThreads) store_tagged(part[rank * chs + j], red.get(slot_of(j), 0), tag);
-      __syncthreads();  // red is read above and rewritten below
-      const int64_t slice_rows = p.slice_rows;
-      const auto rows_of = [=](int b) -> int64_t {
-        const int64_t left = S - int64_t(b) * slice_rows;
-        return left < 0 ? 0 : left < slice_rows ? left : slice_rows;
-      };
-      if (G * chs <= kThreads * kBatch) {
-        // One hop: every block merges the G partials of every channel (at most kBatch loads
-        // per thread), in the same order, hence to the same bits.
-        merge_channels<kBatch>(part, chs, G, 0, 1, chs, tag, rows_of, S, red, slot_of, wsm);
-      } else {
-        // Two hops: block `rank` merges channels rank, rank + G, ... over all its threads and
-        // publishes them; then every block reads the merged values. Every block reading
-        // G x channels slots instead cost 21 us per round on 112x64x512x512 NHWC with G = 249
-        // (H100): 31 dependent loads per thread.
-        const int owned = rank < chs ? (chs - 1 - rank) / G + 1 : 0;
-        if (owned > 0)
-          merge_channels<kBatch>(part, chs, G, rank, G, owned, tag, rows_of, S, merged, 0, wsm);
-        for (int j = t; j < chs; j += kThreads) red.set(slot_of(j), load_tagged(merged[j], tag, S));
-      }
+      exchange_slice<kThreads, kBatch>(p.slots, round, chs, G, rank, block_group, block_groups, S,
+                                       p.slice_rows, red, slot_of, wsm);
       count = S;
       __syncthreads();
     }
