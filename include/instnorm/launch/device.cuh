@@ -56,17 +56,21 @@ inline cudaError_t device_props(int device, DeviceProps* out) {
     d.cooperative = prop.cooperativeLaunch != 0;
     INSTNORM_RETURN_IF_ERROR(
         cudaDeviceGetAttribute(&d.mem_bus_bits, cudaDevAttrGlobalMemoryBusWidth, device));
-    // The architecture the kernels were compiled for, as the driver loaded them on this device
-    // (the PTX version also where it JIT-compiled that PTX for a newer GPU).
+    cache[device] = d;
+    filled[device] = true;
+  }
+  // The architecture the kernels were compiled for, as the driver loaded them on this device
+  // (the PTX version also where it JIT-compiled that PTX for a newer GPU). Kernel attributes
+  // are read for the current device only, so a device first queried while another one was
+  // current gets it on its first query as the current one.
+  if (cache[device].code_arch == 0) {
     int current = 0;
     INSTNORM_RETURN_IF_ERROR(cudaGetDevice(&current));
     if (current == device) {
       cudaFuncAttributes fa;
       INSTNORM_RETURN_IF_ERROR(cudaFuncGetAttributes(&fa, detail::arch_probe<0>));
-      d.code_arch = fa.ptxVersion;
+      cache[device].code_arch = fa.ptxVersion;
     }
-    cache[device] = d;
-    filled[device] = true;
   }
   *out = cache[device];
   return cudaSuccess;

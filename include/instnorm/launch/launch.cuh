@@ -17,9 +17,15 @@
 namespace instnorm {
 namespace detail {
 
-/// The fields every kernel's parameters take from the options alike (the epilogue's).
-template <class Params>
-inline void set_epilogue_options(Params& p, const Options& opt) {
+/// The fields every kernel's parameters take from the call alike: the tensors, the plane
+/// geometry both layouts name the same way, and the epilogue's options.
+template <class Params, class T>
+inline void set_common_fields(Params& p, const T* x, T* y, const Problem& prob,
+                              const Options& opt) {
+  p.x = x;
+  p.y = y;
+  p.spatial = prob.spatial;
+  p.groups = prob.groups;
   p.eps = opt.eps;
   p.gamma = opt.gamma;
   p.beta = opt.beta;
@@ -27,6 +33,16 @@ inline void set_epilogue_options(Params& p, const Options& opt) {
   p.save_mean = opt.save_mean;
   p.save_rstd = opt.save_rstd;
   p.activation = opt.activation;
+}
+
+/// Where the kernel leaves each plane's mean and variance for a running-statistics update:
+/// the layout's statistics part (none when the call updates no running statistics).
+template <class Params>
+inline void set_stats_outputs(Params& p, const WorkspaceLayout& w, void* workspace,
+                              const Problem& prob) {
+  if (w.stats_bytes == 0) return;
+  p.stat_mean = WorkspaceLayout::at<float>(workspace, w.stats);
+  p.stat_var = p.stat_mean + prob.planes;
 }
 
 /// NCHW: [tagged slots of cooperative plans][statistics].
@@ -83,14 +99,10 @@ inline KernelFn<T> select_kernel(int vec, Strategy s) {
 template <class T>
 inline KernelParams<T> make_params(const T* x, T* y, const Problem& prob, const Options& opt) {
   KernelParams<T> kp{};
-  kp.x = x;
-  kp.y = y;
+  set_common_fields(kp, x, y, prob, opt);
   kp.planes = prob.planes;
   kp.plane_len = prob.plane_len;
-  kp.spatial = prob.spatial;
-  kp.groups = prob.groups;
   kp.channels_per_group = prob.channels_per_group;
-  set_epilogue_options(kp, opt);
   kp.running_mean = opt.running_mean;
   kp.running_var = opt.running_var;
   return kp;
@@ -144,10 +156,7 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
   kp.blocks_per_plane = plan.blocks_per_plane;
   kp.slice_len = plan.slice_len;
   kp.phases = plan.phases;
-  if (w.stats_bytes > 0) {
-    kp.stat_mean = WorkspaceLayout::at<float>(workspace, w.stats);
-    kp.stat_var = kp.stat_mean + prob.planes;
-  }
+  set_stats_outputs(kp, w, workspace, prob);
   if (w.slots_bytes > 0) kp.slots = WorkspaceLayout::at<TaggedSlot>(workspace, w.slots);
   INSTNORM_RETURN_IF_ERROR(clear_slots(w, workspace, stream));
   LaunchShape shape;
@@ -199,22 +208,15 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
   INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
   const WorkspaceLayout w = workspace_layout(plan, prob, opt);
   NhwcParams<T> np{};
-  np.x = x;
-  np.y = y;
-  np.spatial = prob.spatial;
+  set_common_fields(np, x, y, prob, opt);
   np.c = prob.c;
-  np.groups = prob.groups;
   np.cpg = prob.channels_per_group;
   np.tile_rows = plan.tile_rows;
   np.tiles = plan.tiles;
   np.cols_per_block = plan.cols_per_block;
   np.row_lanes = plan.row_lanes;
   np.finalize_lanes = int(std::min<int64_t>(32, pow2_ceil(plan.tiles * prob.channels_per_group)));
-  set_epilogue_options(np, opt);
-  if (w.stats_bytes > 0) {
-    np.stat_mean = WorkspaceLayout::at<float>(workspace, w.stats);
-    np.stat_var = np.stat_mean + prob.planes;
-  }
+  set_stats_outputs(np, w, workspace, prob);
   const bool eval = !opt.use_input_stats;
   constexpr int kFull = 16 / int(sizeof(T));
   const bool full = plan.vec == kFull;
