@@ -5,6 +5,7 @@
 /// planner and device code both read it: the planner its sizes, kernel bodies its device traits.
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define INSTNORM_HD_CONSTEXPR __host__ __device__ constexpr
@@ -136,10 +137,11 @@ INSTNORM_HD_CONSTEXPR int find_row(const Table& table, int arch, int bus_bits) {
 /// where the table's address cannot be taken).
 INSTNORM_HD_CONSTEXPR ArchPolicy row_value(int arch) {
 #ifdef INSTNORM_USER_ARCH_ROWS
-  if (find_row(kUserArchRows, arch, 0) >= 0) return kUserArchRows[find_row(kUserArchRows, arch, 0)];
+  const int u = find_row(kUserArchRows, arch, 0);
+  if (u >= 0) return kUserArchRows[u];
 #endif
-  return find_row(kArchTable, arch, 0) >= 0 ? kArchTable[find_row(kArchTable, arch, 0)]
-                                            : kPolicyGeneric;
+  const int i = find_row(kArchTable, arch, 0);
+  return i >= 0 ? kArchTable[i] : kPolicyGeneric;
 }
 }  // namespace detail
 
@@ -168,16 +170,12 @@ inline const ArchPolicy& policy_for(const DeviceProps& d) {
 
 /// A row by its name ("sm_90", ...), or null.
 inline const ArchPolicy* policy_named(const char* name) {
-  const auto same = [](const char* a, const char* b) {
-    while (*a && *a == *b) ++a, ++b;
-    return *a == *b;
-  };
 #ifdef INSTNORM_USER_ARCH_ROWS
   for (const ArchPolicy& r : kUserArchRows)
-    if (same(r.name, name)) return &r;
+    if (std::strcmp(r.name, name) == 0) return &r;
 #endif
   for (const ArchPolicy& r : kArchTable)
-    if (same(r.name, name)) return &r;
+    if (std::strcmp(r.name, name) == 0) return &r;
   return nullptr;
 }
 
