@@ -2,6 +2,10 @@
 # On the device machine: the benchmark twice back to back (JSON), the sm_89 table forced on the
 # same GPU, and the peers (../shared/peers copied to .peers) in the same call. Uses the bench
 # binary carried in .dev/ (or build-dev/ when built there). Logs and JSON go to $OUT.
+# BWD=1 adds a backward stage after that one, BWD=only runs the backward stage alone (it fits a
+# device call on its own): instnorm_bench --bwd-standard (the :bwd and :train rows; bench_bwd.json
+# and .log) and the peers on the same shapes ($OUT/peers_bwd/peers.json and peers.log; the
+# peers' :bwd always computes dweight/dbias too, ours only for :affine and GroupNorm rows).
 set -u
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -9,6 +13,8 @@ source bench/device_env.sh > "$out/gpu.txt"
 cat "$out/gpu.txt"
 bench=.dev/instnorm_bench
 [ -x "$bench" ] || bench=build-dev/bench/instnorm_bench
+bwd=${BWD:-0}
+if [ "$bwd" != only ]; then
 timeout 150 "$bench" --benchmark_out="$out/bench.json" --benchmark_out_format=json > "$out/bench.log" 2>&1
 timeout 150 "$bench" --benchmark_out="$out/bench2.json" --benchmark_out_format=json > "$out/bench2.log" 2>&1
 timeout 60 "$bench" --arch=sm_89 --shape=112x64x512x512 --shape=112x64x512x512:bf16 \
@@ -23,4 +29,22 @@ if [ -f .peers/peers.py ]; then
       112x64x512x512:cl 16x64x256x256:cl 8x256x128x128:cl 32x256x32x32:cl 128x512x7x7:cl \
       112x64x512x512:bf16:cl 8x512x64x64:bf16:cl > peers.log 2>&1)
   tail -24 "$out/peers.log"
+fi
+fi
+if [ "$bwd" != 0 ]; then
+  timeout 200 "$bench" --bwd-standard --benchmark_out="$out/bench_bwd.json" \
+    --benchmark_out_format=json > "$out/bench_bwd.log" 2>&1
+  echo "bench --bwd-standard: exit $?"
+  # One line per row: its name and fraction of the copy floor (ERROR: see the log).
+  grep -E "^instnorm/" "$out/bench_bwd.log" | awk '{ n = $1; sub("/iterations.*", "", n); f = "ERROR";
+    for (i = 2; i <= NF; ++i) if ($i ~ /^of_copy=/) f = $i; print n, f }'
+  grep -E "^warning" "$out/bench_bwd.log"
+  if [ -f .peers/peers.py ]; then
+    # The same shapes as the rows (the binary lists them without touching the GPU).
+    shapes=$("$bench" --bwd-standard --benchmark_list_tests | sed -n 's#^instnorm/\([^/]*\)/.*#\1#p')
+    mkdir -p "$out/peers_bwd"
+    (cd "$out/peers_bwd" && OUT="$out/peers_bwd" timeout 360 python3 "$OLDPWD/.peers/peers.py" \
+        $shapes > peers.log 2>&1)
+    tail -20 "$out/peers_bwd/peers.log"
+  fi
 fi

@@ -4,11 +4,22 @@
 // CUDA events; the L2 is flushed (a 256 MB memset, as triton's do_bench does) before every timed
 // run. Each row reports the median in its counters.
 //
-//   instnorm_bench                                 # the standard shapes
+// Backward rows (:bwd, :train) time instnorm::backward (detail::backward_tuned with a
+// preallocated workspace of backward_workspace_size bytes: no allocation timed). :bwd runs the
+// forward once untimed (saving mean/rstd), then times the backward alone: dx into its own buffer,
+// dgamma/dbeta where the shape is affine or GroupNorm; its copy floor moves 3 tensor volumes
+// (1.5x the bytes copied: x and dy read, dx written). :train times forward + backward per run
+// (the forward as the forward rows call it); floor 5 volumes (2.5x the bytes copied). GBps
+// counts those volumes. dx is checked once (all finite; against reference::backward on the
+// first and last plane/image, or on the whole tensor with dgamma/dbeta for small shapes).
+//
+//   instnorm_bench                                 # the standard (forward) shapes
+//   instnorm_bench --bwd-standard                  # the standard :bwd and :train rows instead
 //   instnorm_bench --shape=8x512x64x64:bf16        # any N x C x H x W[...][:fp32|fp16|bf16]
 //                                                  #   [:gnG] GroupNorm + affine, [:silu]
 //                                                  #   [:relu] [:affine] [:save] [:running]
 //                                                  #   [:eval] [:cl] (channels-last, NHWC)
+//                                                  #   [:bwd] backward alone, [:train] fwd + bwd
 //   instnorm_bench --arch=sm_89                    # force a row of the architecture table
 //   instnorm_bench --tune=112x64x512x512           # sweep the planner's knobs for a shape
 //   instnorm_bench --tune=A --tune=B --emit-row=my_gpu.h  # write the tuned row as a header
@@ -52,6 +63,8 @@ using namespace instnorm;
   } while (0)
 
 enum class DType { kF32, kF16, kBF16 };
+/// What a row times: the forward, the backward of one untimed forward (:bwd), or both (:train).
+enum class Mode { kFwd, kBwd, kTrain };
 
 struct Shape {
   std::string name;
@@ -65,9 +78,15 @@ struct Shape {
   bool running = false;  // running statistics updated (training)
   bool eval = false;     // normalize with the running statistics (use_input_stats = false)
   bool nhwc = false;     // channels-last (:cl)
+  Mode mode = Mode::kFwd;
   bool plain() const {
-    return groups == 0 && !silu && !affine && !save && !relu && !running && !eval && !nhwc;
+    return groups == 0 && !silu && !affine && !save && !relu && !running && !eval && !nhwc &&
+           mode == Mode::kFwd;
   }
+  bool backward() const { return mode != Mode::kFwd; }
+  /// Tensor volumes a run must move at least: x read and y written; :bwd x and dy read, dx
+  /// written; :train both. The copy floor copies volumes / 2 times the bytes.
+  int volumes() const { return mode == Mode::kBwd ? 3 : mode == Mode::kTrain ? 5 : 2; }
   int64_t n() const { return dims[0]; }
   int64_t c() const { return dims[1]; }
   int64_t spatial() const {
@@ -108,6 +127,8 @@ bool parse_shape(const std::string& spec, Shape* out) {
     else if (opt == "running") s.running = true;
     else if (opt == "eval") s.eval = true;
     else if (opt == "cl") s.nhwc = true;
+    else if (opt == "bwd") s.mode = Mode::kBwd;
+    else if (opt == "train") s.mode = Mode::kTrain;
     else if (opt.rfind("gn", 0) == 0) s.groups = std::atoll(opt.c_str() + 2);
     else return false;
     pos = next;
@@ -130,6 +151,17 @@ const std::vector<std::string> kStandard = {
     "112x64x512x512:cl", "16x64x256x256:cl", "8x256x128x128:cl", "32x256x32x32:cl",
     "128x512x7x7:cl", "112x64x512x512:bf16:cl", "8x512x64x64:bf16:cl"};
 
+/// --bwd-standard: the backward alone, then forward + backward (named as the peers script takes
+/// them; bench/device_bench.sh passes the same list to it).
+const std::vector<std::string> kBwdStandard = {
+    "16x64x128x128:affine:bwd", "112x64x512x512:bwd", "112x64x512x512:bf16:bwd",
+    "16x64x256x256:bwd", "1x64x1024x1024:bwd", "8x256x128x128:bwd", "4x512x64x64:bwd",
+    "32x256x32x32:bwd", "128x512x7x7:bwd", "8x128x64x64:bf16:cl:affine:bwd",
+    "2x320x64x64:fp16:cl:gn32:silu:bwd", "1x256x256x256:fp16:gn32:silu:bwd",
+    "4x64x256x256:affine:bwd",
+    "16x64x128x128:affine:train", "4x64x256x256:affine:train",
+    "2x320x64x64:fp16:cl:gn32:silu:train", "1x256x256x256:fp16:gn32:silu:train"};
+
 // ------------------------------------------------------------------ device state per shape
 
 struct Buffers {
@@ -139,6 +171,13 @@ struct Buffers {
   float* gamma = nullptr;
   float* beta = nullptr;
   void* scratch = nullptr;  // naive baseline / cuDNN statistics
+  // :bwd and :train rows only.
+  void* dy = nullptr;
+  void* dx = nullptr;
+  float* dgamma = nullptr;
+  float* dbeta = nullptr;
+  void* workspace = nullptr;  // the backward's, backward_workspace_size bytes
+  size_t workspace_bytes = 0;
 };
 
 void* g_flush = nullptr;
@@ -200,6 +239,11 @@ void use_shape(const Shape& s) {
   cudaFree(g_cur.gamma);
   cudaFree(g_cur.beta);
   cudaFree(g_cur.scratch);
+  cudaFree(g_cur.dy);
+  cudaFree(g_cur.dx);
+  cudaFree(g_cur.dgamma);
+  cudaFree(g_cur.dbeta);
+  cudaFree(g_cur.workspace);
   g_cur = Buffers{};
   g_cur.shape = s;
   CHECK_CUDA(cudaMalloc(&g_cur.x, s.bytes()));
@@ -208,6 +252,13 @@ void use_shape(const Shape& s) {
   CHECK_CUDA(cudaMalloc(&g_cur.beta, size_t(s.c()) * 4));
   CHECK_CUDA(cudaMalloc(&g_cur.scratch, size_t(s.n() * s.c()) * 4 * 4 + 1024));
   fill_random(g_cur.x, s, 1234);
+  if (s.backward()) {
+    CHECK_CUDA(cudaMalloc(&g_cur.dy, s.bytes()));
+    CHECK_CUDA(cudaMalloc(&g_cur.dx, s.bytes()));
+    CHECK_CUDA(cudaMalloc(&g_cur.dgamma, size_t(s.c()) * 4));
+    CHECK_CUDA(cudaMalloc(&g_cur.dbeta, size_t(s.c()) * 4));
+    fill_random(g_cur.dy, s, 98765);
+  }
   std::vector<float> g(size_t(s.c())), b(size_t(s.c()));
   for (size_t i = 0; i < g.size(); ++i) {
     g[i] = 1.f + 0.01f * float(i % 7);
@@ -238,7 +289,7 @@ Options options_for(const Shape& s) {
   }
   if (s.silu) opt.activation = Activation::kSilu;
   if (s.relu) opt.activation = Activation::kRelu;
-  if (s.save) {
+  if (s.save || s.backward()) {  // the backward reads the forward's saved statistics
     opt.save_mean = static_cast<float*>(g_cur.scratch);
     opt.save_rstd = opt.save_mean + s.n() * (s.groups ? s.groups : s.c());
   }
@@ -258,6 +309,51 @@ cudaError_t run_instnorm(const Shape& s, const PlanOverride& ov, Plan* plan,
     return detail::forward_tuned(static_cast<const T*>(g_cur.x), static_cast<T*>(g_cur.y), s.n(),
                                  s.c(), s.spatial(), options_for(s), ov, g_policy, nullptr, plan,
                                  nhwc_plan);
+  });
+}
+
+/// dgamma/dbeta where the forward has parameters (affine, GroupNorm), else dx alone.
+Gradients grads_for(const Shape& s) {
+  Gradients g;
+  if (s.groups > 0 || s.affine) {
+    g.dgamma = g_cur.dgamma;
+    g.dbeta = g_cur.dbeta;
+  }
+  return g;
+}
+
+/// Bytes of workspace the backward of `s` needs: backward_workspace_size, and for NCHW the
+/// workspace of the plan --plan / --arch force, where that is larger.
+cudaError_t backward_workspace_bytes(const Shape& s, size_t* bytes) {
+  return with_type(s.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* x = static_cast<const T*>(g_cur.x);
+    const T* dy = static_cast<const T*>(g_cur.dy);
+    const T* dx = static_cast<const T*>(g_cur.dx);
+    const Options opt = options_for(s);
+    const Gradients grads = grads_for(s);
+    INSTNORM_RETURN_IF_ERROR(
+        backward_workspace_size(s.n(), s.c(), s.spatial(), opt, grads, bytes, x, dy, dx));
+    Problem prob;
+    Plan plan;
+    if (!s.nhwc &&
+        validate_backward(x, dy, dx, s.n(), s.c(), s.spatial(), int(sizeof(T)), opt, grads,
+                          &prob) == Invalid::kOk &&
+        detail::current_backward_plan(prob, grads, &plan, g_override, g_policy) == cudaSuccess)
+      *bytes = std::max(*bytes, detail::backward_workspace_layout(plan, prob, grads).total);
+    return cudaSuccess;
+  });
+}
+
+/// The backward of the forward run_instnorm ran, into dx (and dgamma/dbeta), with the
+/// preallocated workspace: instnorm::backward, plus --plan / --arch.
+cudaError_t run_backward(const Shape& s, Plan* plan) {
+  return with_type(s.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return detail::backward_tuned(static_cast<const T*>(g_cur.x), static_cast<const T*>(g_cur.dy),
+                                  static_cast<T*>(g_cur.dx), s.n(), s.c(), s.spatial(),
+                                  options_for(s), grads_for(s), g_override, g_policy,
+                                  g_cur.workspace, g_cur.workspace_bytes, false, nullptr, plan);
   });
 }
 
@@ -386,18 +482,33 @@ void time_loop(benchmark::State& state, Op&& op, double* median_ms, Pre pre = nu
   std::sort(ms.begin(), ms.end());
   *median_ms = ms[ms.size() / 2];
   state.counters["ms"] = *median_ms;
-  state.counters["GBps"] = double(2 * g_cur.shape.bytes()) / (*median_ms * 1e6);
+  state.counters["GBps"] = double(g_cur.shape.volumes()) * double(g_cur.shape.bytes()) /
+                          (*median_ms * 1e6);
 }
 
 int iterations_for(const Shape& s) {
   return s.bytes() > (size_t(1) << 30) ? 15 : s.bytes() > (size_t(64) << 20) ? 100 : 200;
 }
 
+/// The floor: a device-to-device copy moving the row's volumes (y from x for the forward; for
+/// :bwd and :train 1.5x / 2.5x the bytes, between two buffers of that size held for this row).
 void bm_copy(benchmark::State& state, Shape s) {
   use_shape(s);
+  const size_t bytes = s.bytes() * size_t(s.volumes()) / 2;
+  void* src = g_cur.x;
+  void* dst = g_cur.y;
+  if (s.backward()) {
+    CHECK_CUDA(cudaMalloc(&src, bytes));
+    CHECK_CUDA(cudaMalloc(&dst, bytes));
+    CHECK_CUDA(cudaMemset(src, 0, bytes));
+  }
   double ms = 0;
-  time_loop(state, [&] { return cudaMemcpyAsync(g_cur.y, g_cur.x, s.bytes(), cudaMemcpyDeviceToDevice); }, &ms);
+  time_loop(state, [&] { return cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice); }, &ms);
   g_copy_ms[s.name] = ms;
+  if (s.backward()) {
+    CHECK_CUDA(cudaFree(src));
+    CHECK_CUDA(cudaFree(dst));
+  }
 }
 
 void report_fraction(benchmark::State& state, const Shape& s, double ms) {
@@ -430,23 +541,56 @@ double worst_error(const Shape& s, int64_t first, int64_t count, int64_t ref_c, 
   return worst;
 }
 
+/// Host copies of the row's gamma, beta and running statistics, and the Options the float64
+/// reference takes for the whole tensor or for one NCHW plane (host pointers into these).
+struct HostParams {
+  std::vector<float> gamma, beta, running;  // c, c, 2c (running mean, then variance)
+  explicit HostParams(const Shape& s)
+      : gamma(size_t(s.c())), beta(size_t(s.c())), running(size_t(2 * s.c())) {
+    CHECK_CUDA(cudaMemcpy(gamma.data(), g_cur.gamma, gamma.size() * 4, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(beta.data(), g_cur.beta, beta.size() * 4, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(running.data(), running_stats(s), running.size() * 4, cudaMemcpyDeviceToHost));
+  }
+  /// The row's Options (n images, c channels) with host pointers and no saved statistics.
+  Options whole(const Shape& s) const {
+    Options opt = options_for(s);
+    opt.save_mean = opt.save_rstd = nullptr;
+    if (opt.gamma) {
+      opt.gamma = gamma.data();
+      opt.beta = beta.data();
+    }
+    if (opt.running_mean) {
+      opt.running_mean = const_cast<float*>(running.data());
+      opt.running_var = const_cast<float*>(running.data()) + s.c();
+    }
+    return opt;
+  }
+  /// NCHW plane p alone, as one image: its group's cpg channels (GroupNorm, one group) or its
+  /// channel (instance norm), with that channel's running statistics in eval mode.
+  Options plane(const Shape& s, int64_t p) const {
+    const int64_t groups = s.groups ? s.groups : s.c(), cpg = s.c() / groups;
+    Options opt;
+    opt.groups = s.groups ? 1 : 0;
+    if (s.groups || s.affine) {
+      opt.gamma = gamma.data() + (p % groups) * cpg;
+      opt.beta = beta.data() + (p % groups) * cpg;
+    }
+    if (s.silu) opt.activation = Activation::kSilu;
+    if (s.relu) opt.activation = Activation::kRelu;
+    if (s.eval) {
+      opt.running_mean = const_cast<float*>(running.data()) + p % s.c();
+      opt.running_var = const_cast<float*>(running.data()) + s.c() + p % s.c();
+      opt.use_input_stats = false;
+    }
+    return opt;
+  }
+};
+
 /// NHWC: the first and the last image against the float64 reference.
 bool verify_nhwc(const Shape& s, std::string* why) {
   const int64_t img = s.spatial() * s.c();
-  std::vector<float> g(size_t(s.c())), b(size_t(s.c())), rs(size_t(2 * s.c()));
-  CHECK_CUDA(cudaMemcpy(g.data(), g_cur.gamma, g.size() * 4, cudaMemcpyDeviceToHost));
-  CHECK_CUDA(cudaMemcpy(b.data(), g_cur.beta, b.size() * 4, cudaMemcpyDeviceToHost));
-  CHECK_CUDA(cudaMemcpy(rs.data(), running_stats(s), rs.size() * 4, cudaMemcpyDeviceToHost));
-  Options opt = options_for(s);
-  opt.save_mean = opt.save_rstd = nullptr;
-  if (opt.gamma) {
-    opt.gamma = g.data();
-    opt.beta = b.data();
-  }
-  if (opt.running_mean) {
-    opt.running_mean = rs.data();
-    opt.running_var = rs.data() + s.c();
-  }
+  const HostParams h(s);
+  const Options opt = h.whole(s);
   for (int64_t i : {int64_t(0), s.n() - 1}) {
     const double worst = worst_error(s, i * img, img, s.c(), opt);
     if (worst > 1.0) {
@@ -463,34 +607,131 @@ bool verify(const Shape& s, std::string* why) {
   const int64_t groups = s.groups ? s.groups : s.c();
   const int64_t planes = s.n() * groups, len = s.elems() / planes;
   const int64_t cpg = s.c() / groups;
-  std::vector<float> g(size_t(s.c())), b(size_t(s.c()));
-  CHECK_CUDA(cudaMemcpy(g.data(), g_cur.gamma, g.size() * 4, cudaMemcpyDeviceToHost));
-  CHECK_CUDA(cudaMemcpy(b.data(), g_cur.beta, b.size() * 4, cudaMemcpyDeviceToHost));
+  const HostParams h(s);
   for (int64_t p : {int64_t(0), planes - 1}) {
-    Options opt;
-    opt.groups = s.groups ? 1 : 0;  // one plane: its cpg channels form one group
-    std::vector<float> pg(g.begin() + (p % groups) * cpg, g.begin() + (p % groups + 1) * cpg);
-    std::vector<float> pb(b.begin() + (p % groups) * cpg, b.begin() + (p % groups + 1) * cpg);
-    if (s.groups || s.affine) {
-      opt.gamma = pg.data();
-      opt.beta = pb.data();
-    }
-    if (s.silu) opt.activation = Activation::kSilu;
-    if (s.relu) opt.activation = Activation::kRelu;
-    float rs[2];
-    if (s.eval) {
-      CHECK_CUDA(cudaMemcpy(&rs[0], running_stats(s) + p % s.c(), 4, cudaMemcpyDeviceToHost));
-      CHECK_CUDA(cudaMemcpy(&rs[1], running_stats(s) + s.c() + p % s.c(), 4, cudaMemcpyDeviceToHost));
-      opt.running_mean = &rs[0];
-      opt.running_var = &rs[1];
-      opt.use_input_stats = false;
-    }
-    const double worst = worst_error(s, p * len, len, s.groups ? cpg : 1, opt);
+    const double worst = worst_error(s, p * len, len, s.groups ? cpg : 1, h.plane(s, p));
     if (worst > 1.0) {
       *why = "plane " + std::to_string(p) + " off by " + std::to_string(worst) + " x tolerance";
       return false;
     }
   }
+  return true;
+}
+
+template <class T>
+__global__ void count_nonfinite_kernel(const T* x, int64_t n, unsigned long long* count) {
+  unsigned long long local = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    local += isfinite(detail::to_float(x[i])) ? 0 : 1;
+  if (local) atomicAdd(count, local);
+}
+
+/// Elements of the tensor at `p` (the row's shape and type) that are NaN or infinite.
+unsigned long long count_nonfinite(const Shape& s, const void* p) {
+  unsigned long long* d = nullptr;
+  unsigned long long h = 0;
+  CHECK_CUDA(cudaMalloc(&d, sizeof(h)));
+  CHECK_CUDA(cudaMemset(d, 0, sizeof(h)));
+  with_type(s.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    count_nonfinite_kernel<T><<<1024, 256>>>(static_cast<const T*>(p), s.elems(), d);
+    return cudaGetLastError();
+  });
+  CHECK_CUDA(cudaMemcpy(&h, d, sizeof(h), cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaFree(d));
+  return h;
+}
+
+/// dx of the elements from `first` on (ref_n images of ref_c channels under `opt`: one NCHW
+/// plane, one NHWC image or the whole tensor) against reference::backward; with `params` (the
+/// slice is the whole tensor) dgamma and dbeta too. Returns the worst error in units of the
+/// tolerance (above 1 is wrong; loose: 1e-3 fp32, 3e-2 fp16/bf16, relative above 1 in
+/// magnitude; dgamma/dbeta 2e-3 of the larger of the value and the root of the elements
+/// summed) and in `what` the quantity it was found in.
+double backward_worst_error(const Shape& s, int64_t first, int64_t ref_n, int64_t ref_c,
+                            const Options& opt, bool params, std::string* what) {
+  const int64_t count = ref_n * ref_c * s.spatial();
+  const size_t off = size_t(first) * s.elem_bytes(), nb = size_t(count) * s.elem_bytes();
+  std::vector<char> hx(nb), hdy(nb), hdx(nb);
+  CHECK_CUDA(cudaMemcpy(hx.data(), static_cast<char*>(g_cur.x) + off, nb, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(hdy.data(), static_cast<char*>(g_cur.dy) + off, nb, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(hdx.data(), static_cast<char*>(g_cur.dx) + off, nb, cudaMemcpyDeviceToHost));
+  std::vector<double> ref(static_cast<size_t>(count)), rg(static_cast<size_t>(ref_c)),
+      rb(static_cast<size_t>(ref_c));
+  params = params && opt.gamma != nullptr;
+  double worst = 0;
+  const auto take = [&](double got, double want, double tol, const char* name) {
+    const double err = std::fabs(got - want);
+    const double e = std::isfinite(err) ? err / tol : 1e30;
+    if (e > worst) {
+      worst = e;
+      *what = name;
+    }
+  };
+  with_type(s.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* xs = reinterpret_cast<const T*>(hx.data());
+    const T* dys = reinterpret_cast<const T*>(hdy.data());
+    const T* dxs = reinterpret_cast<const T*>(hdx.data());
+    reference::backward(xs, dys, ref.data(), ref_n, ref_c, s.spatial(), opt,
+                        params ? rg.data() : nullptr, params ? rb.data() : nullptr);
+    const double tol = sizeof(T) == 4 ? 1e-3 : 3e-2;
+    for (int64_t k = 0; k < count; ++k) {
+      const double want = ref[size_t(k)];
+      take(reference::to_double(dxs[k]), want, tol * std::max(1.0, std::fabs(want)), "dx");
+    }
+    return cudaSuccess;
+  });
+  if (params) {
+    std::vector<float> dg(static_cast<size_t>(ref_c)), db(static_cast<size_t>(ref_c));
+    CHECK_CUDA(cudaMemcpy(dg.data(), g_cur.dgamma, dg.size() * 4, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(db.data(), g_cur.dbeta, db.size() * 4, cudaMemcpyDeviceToHost));
+    const double root = std::sqrt(double(ref_n * s.spatial()));
+    for (size_t j = 0; j < dg.size(); ++j) {
+      take(dg[j], rg[j], 2e-3 * std::max(root, std::fabs(rg[j])), "dgamma");
+      take(db[j], rb[j], 2e-3 * std::max(root, std::fabs(rb[j])), "dbeta");
+    }
+  }
+  return worst;
+}
+
+/// Tensors up to this many elements are checked whole (dx, dgamma, dbeta); larger ones on the
+/// first and last plane (NCHW) or image (NHWC).
+constexpr int64_t kWholeCheckElems = int64_t(1) << 24;
+
+/// The backward's dx: every element finite, and against the float64 reference (see above).
+bool verify_backward(const Shape& s, std::string* why) {
+  const unsigned long long bad = count_nonfinite(s, g_cur.dx);
+  if (bad > 0) {
+    *why = std::to_string(bad) + " non-finite elements of dx";
+    return false;
+  }
+  const HostParams h(s);
+  std::string what;
+  const auto check = [&](const std::string& where, double worst) {
+    if (worst <= 1.0) return true;
+    *why = where + ": " + what + " off by " + std::to_string(worst) + " x tolerance";
+    return false;
+  };
+  if (s.elems() <= kWholeCheckElems)
+    return check("whole tensor", backward_worst_error(s, 0, s.n(), s.c(), h.whole(s),
+                                                      grads_for(s).dgamma != nullptr, &what));
+  if (s.nhwc) {
+    const int64_t img = s.spatial() * s.c();
+    for (int64_t i : {int64_t(0), s.n() - 1})
+      if (!check("image " + std::to_string(i),
+                 backward_worst_error(s, i * img, 1, s.c(), h.whole(s), false, &what)))
+        return false;
+    return true;
+  }
+  const int64_t groups = s.groups ? s.groups : s.c();
+  const int64_t planes = s.n() * groups, len = s.elems() / planes;
+  for (int64_t p : {int64_t(0), planes - 1})
+    if (!check("plane " + std::to_string(p),
+               backward_worst_error(s, p * len, 1, s.groups ? s.c() / groups : 1, h.plane(s, p),
+                                    false, &what)))
+      return false;
   return true;
 }
 
@@ -562,6 +803,28 @@ void print_trace(const std::function<cudaError_t()>& op, const std::string& name
 #endif
 bool g_trace_on = false;
 
+void plan_counters(benchmark::State& state, const Plan& plan) {
+  state.counters["strategy"] = double(int(plan.strategy));
+  state.counters["threads"] = plan.threads;
+  state.counters["items"] = plan.items;
+  state.counters["vec"] = plan.vec;
+  state.counters["blocks_per_plane"] = double(plan.blocks_per_plane);
+}
+
+/// NCHW: "strategy threads x items vector G policy"; NHWC on chip: "nhwc cols x rows/thread
+/// (+ shared) G"; NHWC tiled: "nhwc-tiled batch".
+std::string plan_label(const Shape& s, const Plan& plan, const NhwcPlan& nplan) {
+  if (s.nhwc)
+    return nplan.on_chip ? "nhwc " + std::to_string(nplan.cols_per_block) + "c x" +
+                               std::to_string(nplan.items) + "+" +
+                               std::to_string(nplan.smem_items) + " G" +
+                               std::to_string(nplan.blocks_per_unit)
+                         : "nhwc-tiled b" + std::to_string(nplan.batch_images);
+  return std::string(to_string(plan.strategy)) + " " + std::to_string(plan.threads) + "x" +
+         std::to_string(plan.items) + " v" + std::to_string(plan.vec) + " G" +
+         std::to_string(plan.blocks_per_plane) + " " + (g_policy ? g_policy->name : "auto");
+}
+
 void bm_instnorm(benchmark::State& state, Shape s) {
   use_shape(s);
   Plan plan;
@@ -593,23 +856,61 @@ void bm_instnorm(benchmark::State& state, Shape s) {
   std::string why;
   if (!verify(s, &why)) state.SkipWithError(("wrong result: " + why).c_str());
   report_fraction(state, s, ms);
-  state.counters["strategy"] = double(int(plan.strategy));
-  state.counters["threads"] = plan.threads;
-  state.counters["items"] = plan.items;
-  state.counters["vec"] = plan.vec;
-  state.counters["blocks_per_plane"] = double(plan.blocks_per_plane);
-  if (s.nhwc) {
-    // On chip: "nhwc cols x rows/thread (+ shared) G"; tiled: "nhwc-tiled batch".
-    state.SetLabel(nplan.on_chip ? "nhwc " + std::to_string(nplan.cols_per_block) + "c x" +
-                                     std::to_string(nplan.items) + "+" +
-                                     std::to_string(nplan.smem_items) + " G" +
-                                     std::to_string(nplan.blocks_per_unit)
-                               : "nhwc-tiled b" + std::to_string(nplan.batch_images));
+  plan_counters(state, plan);
+  state.SetLabel(plan_label(s, plan, nplan));
+}
+
+/// :bwd and :train rows. The forward runs once untimed (writing the saved statistics the
+/// backward reads, and y); then each timed run is the backward alone (:bwd) or forward +
+/// backward (:train), timed as the forward rows are (time_loop). The counters and label are
+/// the backward's NCHW plan ("nhwc" for channels-last, whose backward has no plan to show).
+void bm_backward(benchmark::State& state, Shape s) {
+  use_shape(s);
+  Plan fplan, bplan;
+  NhwcPlan nplan;
+  const auto fwd = [&] { return run_instnorm(s, g_override, &fplan, &nplan); };
+  const auto bwd = [&] { return run_backward(s, &bplan); };
+  cudaError_t e = fwd();
+  size_t ws = 0;
+  if (e == cudaSuccess) e = backward_workspace_bytes(s, &ws);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    state.SkipWithError(cudaGetErrorString(e));
     return;
   }
-  state.SetLabel(std::string(to_string(plan.strategy)) + " " + std::to_string(plan.threads) + "x" +
-                 std::to_string(plan.items) + " v" + std::to_string(plan.vec) + " G" +
-                 std::to_string(plan.blocks_per_plane) + " " + (g_policy ? g_policy->name : "auto"));
+  if (ws > g_cur.workspace_bytes) {
+    CHECK_CUDA(cudaFree(g_cur.workspace));
+    CHECK_CUDA(cudaMalloc(&g_cur.workspace, ws));
+    g_cur.workspace_bytes = ws;
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  double ms = 0;
+  if (s.mode == Mode::kTrain) {
+    time_loop(state, [&] {
+      const cudaError_t fe = fwd();
+      return fe != cudaSuccess ? fe : bwd();
+    }, &ms);
+  } else {
+    time_loop(state, bwd, &ms);
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  if (ms <= 0) return;  // time_loop skipped the row (a failed call): dx was never written
+  std::string why;
+  if (!verify_backward(s, &why)) {
+    std::fprintf(stderr, "warning: %s: wrong backward: %s\n", s.name.c_str(), why.c_str());
+    state.SkipWithError(("wrong result: " + why).c_str());
+  }
+  report_fraction(state, s, ms);
+  state.counters["workspace_bytes"] = double(g_cur.workspace_bytes);
+  if (s.nhwc) {
+    state.SetLabel(s.mode == Mode::kTrain ? "fwd " + plan_label(s, fplan, nplan) + " + bwd nhwc"
+                                          : "bwd nhwc");
+    return;
+  }
+  plan_counters(state, bplan);
+  state.SetLabel(s.mode == Mode::kTrain
+                     ? "fwd " + plan_label(s, fplan, nplan) + " + bwd " + plan_label(s, bplan, nplan)
+                     : "bwd " + plan_label(s, bplan, nplan));
 }
 
 void bm_naive(benchmark::State& state, Shape s) {
@@ -635,6 +936,10 @@ void bm_cudnn(benchmark::State& state, Shape s) {
 void register_shape(const Shape& s) {
   const int it = iterations_for(s);
   benchmark::RegisterBenchmark(("copy/" + s.name).c_str(), bm_copy, s)->UseManualTime()->Iterations(it);
+  if (s.backward()) {
+    benchmark::RegisterBenchmark(("instnorm/" + s.name).c_str(), bm_backward, s)->UseManualTime()->Iterations(it);
+    return;
+  }
   benchmark::RegisterBenchmark(("instnorm/" + s.name).c_str(), bm_instnorm, s)->UseManualTime()->Iterations(it);
   if (s.plain()) {
     benchmark::RegisterBenchmark(("naive/" + s.name).c_str(), bm_naive, s)->UseManualTime()->Iterations(it);
@@ -781,6 +1086,7 @@ int main(int argc, char** argv) {
   std::vector<Shape> shapes;
   std::vector<std::string> tunes;
   std::string emit_row;
+  bool bwd_standard = false;
   std::vector<char*> rest = {argv[0]};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -788,10 +1094,18 @@ int main(int argc, char** argv) {
       Shape s;
       const std::string spec = a.substr(a.find('=') + 1);
       if (!parse_shape(spec, &s)) {
-        std::fprintf(stderr, "bad shape '%s' (want NxCxHxW[:fp32|fp16|bf16][:gnG][:silu])\n", spec.c_str());
+        std::fprintf(stderr, "bad shape '%s' (want NxCxHxW[:fp32|fp16|bf16][:gnG][:silu]"
+                             "[:relu][:affine][:save][:running][:eval][:cl][:bwd|:train])\n",
+                     spec.c_str());
+        return 1;
+      }
+      if (a[2] == 't' && s.backward()) {
+        std::fprintf(stderr, "--tune times the forward; '%s' asks for a backward\n", spec.c_str());
         return 1;
       }
       (a[2] == 's' ? shapes.push_back(s) : tunes.push_back(spec));
+    } else if (a == "--bwd-standard") {  // the standard :bwd and :train rows
+      bwd_standard = true;
     } else if (a.rfind("--nhwc-chunks=", 0) == 0) {  // least row chunks per thread per tile
       g_override.nhwc_chunks = std::atoi(a.c_str() + 14);
     } else if (a.rfind("--nhwc-budget=", 0) == 0) {  // MB per batch of NHWC images
@@ -829,6 +1143,12 @@ int main(int argc, char** argv) {
       rest.push_back(argv[i]);
     }
   }
+  if (bwd_standard)
+    for (const auto& spec : kBwdStandard) {
+      Shape s;
+      parse_shape(spec, &s);
+      shapes.push_back(s);
+    }
   if (shapes.empty())
     for (const auto& spec : kStandard) {
       Shape s;
