@@ -929,7 +929,8 @@ TEST(Validate, EveryReasonHasItsOwnSentence) {
       {Invalid::kBadGroups, "groups"},   {Invalid::kOverlap, "overlap"},
       {Invalid::kNotSupported, "layout"}, {Invalid::kBadRunningStats, "running_mean"},
       {Invalid::kBadMomentum, "momentum"}, {Invalid::kBadActivation, "activation"},
-      {Invalid::kBadParamType, "param_type"}};
+      {Invalid::kBadParamType, "param_type"}, {Invalid::kNoSavedStats, "save_mean"},
+      {Invalid::kBadGradients, "dgamma"}};
   std::vector<std::string> seen;
   for (const auto& r : reasons) {
     const std::string s = to_string(r.first);

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "launch/backward.cuh"
 #include "launch/launch.cuh"
 #include "options.cuh"
 #include "plan.cuh"
@@ -108,6 +109,91 @@ cudaError_t forward(const T* x, T* y, int64_t n, int64_t c, int64_t spatial, flo
   Options opt;
   opt.eps = eps;
   return forward(x, y, n, c, spatial, opt, stream);
+}
+
+// ---------------------------------------------------------------- backward
+
+/// The gradient of forward(x, y, n, c, spatial, opt): dx from dy, and dgamma/dbeta where
+/// `grads` asks for them. Pass the Options of the forward call: its save_mean and save_rstd
+/// (which the forward must have written, when use_input_stats) are read, not written, and its
+/// running statistics are read (use_input_stats false), not updated. The backward needs x as
+/// the forward read it: a forward run in place (y == x) destroys it. dx may be dy or x (same
+/// buffer), never a part of either. ReLU/SiLU: the derivative is taken at the pre-activation
+/// recomputed from x, so y need not be kept. Asynchronous and graph-capturable; dgamma/dbeta
+/// are reduced in a fixed order (bit-identical reruns).
+
+/// Bytes of workspace the backward needs (validates like backward; no launch).
+template <class T>
+cudaError_t backward_workspace_size(int64_t n, int64_t c, int64_t spatial, const Options& opt,
+                                    const Gradients& grads, size_t* bytes, const T* x = nullptr,
+                                    const T* dy = nullptr, const T* dx = nullptr) {
+  if (bytes == nullptr) return cudaErrorInvalidValue;
+  *bytes = 0;
+  const T* aligned = reinterpret_cast<const T*>(uintptr_t(256));
+  Problem prob;
+  const Invalid v = validate_backward(x ? x : aligned, dy ? dy : aligned + 0,
+                                      dx ? dx : aligned, n, c, spatial, int(sizeof(T)), opt,
+                                      grads, &prob);
+  if (v != Invalid::kOk) return detail::to_cuda_error(v);
+  if (prob.nhwc) return detail::nhwc_backward_workspace(prob, opt, grads, bytes);
+  Plan plan;
+  INSTNORM_RETURN_IF_ERROR(detail::current_backward_plan(prob, grads, &plan));
+  *bytes = detail::backward_workspace_layout(plan, prob, grads).total;
+  return cudaSuccess;
+}
+
+namespace detail {
+/// The backward with the planner's knobs exposed (tests and the benchmark); `used` receives
+/// the NCHW plan that ran.
+template <class T>
+cudaError_t backward_tuned(const T* x, const T* dy, T* dx, int64_t n, int64_t c,
+                           int64_t spatial, const Options& opt, const Gradients& grads,
+                           const PlanOverride& ov, const ArchPolicy* policy, void* workspace,
+                           size_t workspace_bytes, bool own_workspace, cudaStream_t stream,
+                           Plan* used = nullptr) {
+  Problem prob;
+  const Invalid v = validate_backward(x, dy, dx, n, c, spatial, int(sizeof(T)), opt, grads, &prob);
+  if (v != Invalid::kOk) return to_cuda_error(v);
+  if (prob.nhwc) {
+    size_t need = 0;
+    INSTNORM_RETURN_IF_ERROR(nhwc_backward_workspace(prob, opt, grads, &need));
+    if (own_workspace)
+      return with_scratch(need, stream, [&](void* ws) {
+        return launch_nhwc_backward(x, dy, dx, prob, opt, grads, ws, stream);
+      });
+    if (need > 0 && (workspace == nullptr || workspace_bytes < need)) return cudaErrorInvalidValue;
+    return launch_nhwc_backward(x, dy, dx, prob, opt, grads, workspace, stream);
+  }
+  Plan plan;
+  INSTNORM_RETURN_IF_ERROR(current_backward_plan(prob, grads, &plan, ov, policy));
+  if (used) *used = plan;
+  const size_t need = backward_workspace_layout(plan, prob, grads).total;
+  if (own_workspace)
+    return with_scratch(need, stream, [&](void* ws) {
+      return launch_backward(x, dy, dx, prob, opt, grads, plan, ws, stream);
+    });
+  if (need > 0 && (workspace == nullptr || workspace_bytes < need)) return cudaErrorInvalidValue;
+  return launch_backward(x, dy, dx, prob, opt, grads, plan, workspace, stream);
+}
+}  // namespace detail
+
+/// The backward with a caller-provided workspace of at least backward_workspace_size() bytes
+/// (may be null when that is 0); a smaller one is refused with cudaErrorInvalidValue.
+template <class T>
+cudaError_t backward(const T* x, const T* dy, T* dx, int64_t n, int64_t c, int64_t spatial,
+                     const Options& opt, const Gradients& grads, void* workspace,
+                     size_t workspace_bytes, cudaStream_t stream) {
+  return detail::backward_tuned(x, dy, dx, n, c, spatial, opt, grads, PlanOverride{}, nullptr,
+                                workspace, workspace_bytes, false, stream);
+}
+
+/// The backward taking its scratch memory stream-ordered (cudaMallocAsync/cudaFreeAsync).
+template <class T>
+cudaError_t backward(const T* x, const T* dy, T* dx, int64_t n, int64_t c, int64_t spatial,
+                     const Options& opt, const Gradients& grads = {},
+                     cudaStream_t stream = nullptr) {
+  return detail::backward_tuned(x, dy, dx, n, c, spatial, opt, grads, PlanOverride{}, nullptr,
+                                nullptr, 0, true, stream);
 }
 
 }  // namespace instnorm

@@ -46,4 +46,10 @@ struct Options {
   bool use_input_stats = true;
 };
 
+/// What the backward writes besides dx (backward, api.cuh). Both optional.
+struct Gradients {
+  float* dgamma = nullptr;  ///< c floats: the gradient of gamma (as if 1 where gamma is null), or null
+  float* dbeta = nullptr;   ///< c floats: the gradient of beta, or null
+};
+
 }  // namespace instnorm

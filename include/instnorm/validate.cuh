@@ -32,6 +32,8 @@ enum class Invalid : int {
   kBadMomentum,     ///< momentum outside [0, 1] or NaN
   kBadActivation,   ///< activation is not one of the Activation values
   kBadParamType,    ///< param_type is not one of the ParamType values
+  kNoSavedStats,    ///< backward with use_input_stats but without save_mean and save_rstd
+  kBadGradients,    ///< backward: dgamma and dbeta are the same buffer, or overlap a tensor
 };
 
 /// One sentence per reason, for error messages (never null; "unknown reason" for values outside
@@ -53,6 +55,11 @@ inline const char* to_string(Invalid v) {
     case Invalid::kBadMomentum: return "momentum must be in [0, 1]";
     case Invalid::kBadActivation: return "activation must be kNone, kRelu or kSilu";
     case Invalid::kBadParamType: return "param_type must be kFloat or kSameAsInput";
+    case Invalid::kNoSavedStats:
+      return "the backward reads the forward's saved statistics: save_mean and save_rstd are "
+             "required when use_input_stats is true";
+    case Invalid::kBadGradients:
+      return "dgamma and dbeta must be distinct buffers that overlap none of x, dy and dx";
   }
   return "unknown reason";
 }
@@ -133,6 +140,49 @@ inline Invalid validate(const T* x, const T* y, int64_t n, int64_t c, int64_t sp
                         const Options& opt) {
   Problem prob;
   return validate(x, y, n, c, spatial, int(sizeof(T)), opt, &prob);
+}
+
+namespace detail {
+/// Whether [a, a + bytes) and [b, b + bytes) overlap without being the same buffer.
+inline bool partial_overlap(const void* a, const void* b, uint64_t a_bytes, uint64_t b_bytes) {
+  const auto ab = reinterpret_cast<uintptr_t>(a), bb = reinterpret_cast<uintptr_t>(b);
+  if (a == nullptr || b == nullptr || ab == bb) return false;
+  return ab < bb + b_bytes && bb < ab + a_bytes;
+}
+}  // namespace detail
+
+/// The checks of backward<T>: those of the forward with the same Options (x and dx in the
+/// roles of x and y), then dy (dx == dy and dx == x are allowed; any other overlap of dx with
+/// x or dy is not), the saved statistics the backward reads (opt.save_mean and opt.save_rstd,
+/// as the forward wrote them) and the gradient buffers. No CUDA call.
+inline Invalid validate_backward(const void* x, const void* dy, const void* dx, int64_t n,
+                                 int64_t c, int64_t spatial, int elem_bytes, const Options& opt,
+                                 const Gradients& grads, Problem* prob) {
+  Invalid v = validate(x, dx, n, c, spatial, elem_bytes, opt, prob);
+  if (v != Invalid::kOk) return v;
+  if (dy == nullptr) return Invalid::kNullPointer;
+  const uint64_t bytes = uint64_t(n * c * spatial) * uint64_t(elem_bytes);
+  if (detail::partial_overlap(dx, dy, bytes, bytes)) return Invalid::kOverlap;
+  if (reinterpret_cast<uintptr_t>(dy) % 16 != 0) prob->vector_ok = false;  // dy is read in vectors too
+  if (opt.use_input_stats && (opt.save_mean == nullptr || opt.save_rstd == nullptr))
+    return Invalid::kNoSavedStats;
+  const uint64_t cb = uint64_t(c) * sizeof(float);
+  if (grads.dgamma != nullptr && grads.dgamma == grads.dbeta) return Invalid::kBadGradients;
+  for (const float* g : {grads.dgamma, grads.dbeta}) {
+    if (g == nullptr) continue;
+    for (const void* t : {x, dy, dx})
+      if (t == g || detail::partial_overlap(g, t, cb, bytes)) return Invalid::kBadGradients;
+  }
+  if (detail::partial_overlap(grads.dgamma, grads.dbeta, cb, cb)) return Invalid::kBadGradients;
+  return Invalid::kOk;
+}
+
+/// validate_backward for element type T: kOk, kEmpty (nothing to do) or the reason.
+template <class T>
+inline Invalid validate_backward(const T* x, const T* dy, const T* dx, int64_t n, int64_t c,
+                                 int64_t spatial, const Options& opt, const Gradients& grads = {}) {
+  Problem prob;
+  return validate_backward(x, dy, dx, n, c, spatial, int(sizeof(T)), opt, grads, &prob);
 }
 
 }  // namespace instnorm

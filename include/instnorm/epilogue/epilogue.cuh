@@ -154,9 +154,10 @@ struct ChannelCursor {
     step_ch = step / spatial;
     step_rem = step % spatial;
   }
-  /// Sets ep's channel for vector j (called for j = 0, 1, 2, ... in order).
-  template <class Params>
-  __device__ __forceinline__ void visit(int j, Epilogue<T>& ep, const Params& p) {
+  /// Sets ep's channel for vector j (called for j = 0, 1, 2, ... in order). `ep` is anything
+  /// with set_channel(p, ch): the forward's Epilogue, the backward's GradChannel.
+  template <class Ep, class Params>
+  __device__ __forceinline__ void visit(int j, Ep& ep, const Params& p) {
     if (!on) return;
     if (j > 0) {
       ch += step_ch;

@@ -11,8 +11,9 @@ namespace instnorm {
 /// Largest items per thread a strategy's kernel accepts.
 inline int max_items_for(Strategy s, int vec, Direction dir = Direction::kForward) {
   if (s == Strategy::kStaged) return 1 << 30;  // values per lane live in shared memory
-  return (s == Strategy::kSplitStream ? max_stream_items(vec) : max_items(vec)) /
-         tensors_on_chip(dir);
+  if (dir == Direction::kBackward)
+    return s == Strategy::kSplitStream ? max_backward_stream_items(vec) : max_backward_items(vec);
+  return s == Strategy::kSplitStream ? max_stream_items(vec) : max_items(vec);
 }
 /// Values per lane the staged plan aims for when it chooses how many lanes share a plane
 /// (kStagedThreads, contract.cuh).
@@ -113,7 +114,7 @@ struct NchwSizing {
              const PlanOverride& ov_, Direction dir_)
       : prob(prob_), d(d_), pol(pol_), ov(ov_), dir(dir_) {
     vec = ov.vec > 0 ? ov.vec : (prob.vector_ok ? 16 / prob.elem_bytes : 1);
-    max_i = max_items(vec) / tensors_on_chip(dir);
+    max_i = max_items_for(Strategy::kBlock, vec, dir);
     L = prob.plane_len;
     vecs = ceil_div(L, vec);
     split_threads = ov.threads > 0 ? ov.threads : pol.split_threads;

@@ -1,0 +1,219 @@
+#pragma once
+/// \file kernels/backward_nhwc.cuh
+/// The channels-last backward, a tiled fallback in three steps: tile sums (each block a tile of
+/// rows of one image and a range of channel columns; per channel the float-float sum of x - c
+/// and the sums of d and d * (x - c), relative to the saved mean c), a per-(image, group)
+/// finalize that adds the tiles in a fixed order into the plane coefficients of dx (and the
+/// per-(image, channel) partials of dgamma/dbeta), then dx elementwise. x and dy are read twice
+/// (three times with an activation, whose pre-activation needs the mean's residual first): not
+/// the one-pass floor of the NCHW kernel (docs/design.md).
+
+#include "backward.cuh"
+
+namespace instnorm {
+namespace detail {
+
+template <class T>
+struct NhwcGradParams {
+  const T* x;
+  const T* dy;
+  T* dx;
+  int64_t n, c, spatial, groups, cpg;
+  float eps;
+  const void* gamma;
+  const void* beta;
+  bool params_float;
+  const float* save_mean;
+  const float* save_rstd;
+  const float* running_mean;
+  const float* running_var;
+  bool use_input_stats;
+  Activation activation;
+  int64_t tiles;      ///< row tiles per image
+  int64_t tile_rows;  ///< rows per tile
+  int cols;           ///< column vectors per block (blockDim.x / cols row lanes)
+  float4* tile_sums;  ///< [n][tiles][c]: (s0_hi, s0_lo, a, b)
+  float4* unit;       ///< [n * groups][2]: (c, r, rstd, k1), (k2, 0, 0, 0)
+  float2* partials;   ///< [n * c]: (sum of d, sum of d * xhat), or null
+};
+
+/// The plane quantities of the unit channel `ch` of image `i` belongs to, as the last finalize
+/// left them (c and rstd only, before the first).
+template <class T>
+__device__ __forceinline__ GradPlane nhwc_unit(const NhwcGradParams<T>& p, int64_t i, int64_t ch,
+                                               bool finalized) {
+  GradPlane pl;
+  if (!p.use_input_stats) {
+    pl.c = p.running_mean[ch];
+    pl.rstd = 1.f / sqrtf(p.running_var[ch] + p.eps);
+    return pl;
+  }
+  const int64_t u = i * p.groups + ch / p.cpg;
+  if (!finalized) {
+    pl.c = p.save_mean[u];
+    pl.rstd = p.save_rstd[u];
+    return pl;
+  }
+  const float4 a = p.unit[2 * u], b = p.unit[2 * u + 1];
+  pl.c = a.x;
+  pl.r = a.y;
+  pl.rstd = a.z;
+  pl.k1 = a.w;
+  pl.k2 = b.x;
+  return pl;
+}
+
+/// Step 1: the tile sums. kResidualOnly: only s0 (the first pass of an activation's backward).
+/// Dynamic shared memory: blockDim.x * kVec float4.
+template <class T, int kVec, bool kResidualOnly>
+__global__ void __launch_bounds__(256) nhwc_grad_sums(const NhwcGradParams<T> p) {
+  using V = Vector<T, kVec>;
+  extern __shared__ uint4 dyn_smem[];
+  float4* red = reinterpret_cast<float4*>(dyn_smem);
+  const int col = threadIdx.x % p.cols, rl = threadIdx.x / p.cols;
+  const int row_lanes = blockDim.x / p.cols;
+  const int64_t image = blockIdx.x / p.tiles, tile = blockIdx.x % p.tiles;
+  const int64_t colv = int64_t(blockIdx.y) * p.cols + col;
+  const bool valid = colv * kVec < p.c && rl < row_lanes;
+  const int64_t j0 = valid ? colv * kVec : 0;
+  GradPlane pl[kVec];
+  GradChannel<T> gc[kVec];
+  GradSums s[kVec];
+  const bool finalized = p.activation != Activation::kNone && !kResidualOnly && p.use_input_stats;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    pl[k] = nhwc_unit(p, image, j0 + k, finalized);
+    gc[k].set_channel(p, j0 + k);
+  }
+  const int64_t r0 = tile * p.tile_rows;
+  const int64_t r1 = r0 + p.tile_rows < p.spatial ? r0 + p.tile_rows : p.spatial;
+  with_activation(p.activation, [&](auto act_tag) {
+    constexpr Activation kAct = decltype(act_tag)::value;
+    if (!valid) return;
+#pragma unroll 4
+    for (int64_t row = r0 + rl; row < r1; row += row_lanes) {
+      const int64_t at = (image * p.spatial + row) * p.c + j0;
+      float xc[kVec], d[kVec];
+      unpack(load_vector(reinterpret_cast<const V*>(p.x + at)), xc);
+      if (!kResidualOnly) unpack(load_vector(reinterpret_cast<const V*>(p.dy + at)), d);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        xc[k] -= pl[k].c;
+        if (kResidualOnly || (kAct == Activation::kNone && p.use_input_stats))
+          add_compensated(s[k], xc[k]);
+        if (!kResidualOnly) {
+          if constexpr (kAct != Activation::kNone)
+            d[k] *= activate_derivative<kAct>(
+                fmaf((xc[k] - pl[k].r) * pl[k].rstd, gc[k].gamma, gc[k].beta));
+          s[k].a += d[k];
+          s[k].b = fmaf(d[k], xc[k], s[k].b);
+        }
+      }
+    }
+  });
+#pragma unroll
+  for (int k = 0; k < kVec; ++k)
+    red[threadIdx.x * kVec + k] = make_float4(s[k].s0_hi, s[k].s0_lo, s[k].a, s[k].b);
+  __syncthreads();
+  if (rl != 0 || !valid) return;
+#pragma unroll 1
+  for (int k = 0; k < kVec; ++k) {
+    GradSums t;
+#pragma unroll 1
+    for (int l = 0; l < row_lanes; ++l) {
+      const float4 v = red[(l * p.cols + col) * kVec + k];
+      t = combine(t, GradSums{v.x, v.y, v.z, v.w});
+    }
+    p.tile_sums[(image * p.tiles + tile) * p.c + j0 + k] = make_float4(t.s0_hi, t.s0_lo, t.a, t.b);
+  }
+}
+
+/// Step 2: one warp per (image, group), or per (image, channel) with running statistics. Adds
+/// the tiles of its channels in a fixed order (lanes over entries, then a butterfly) into the
+/// unit's coefficients; kResidualOnly stores the residual only.
+template <class T, bool kResidualOnly>
+__global__ void nhwc_grad_finalize(const NhwcGradParams<T> p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t units = p.n * p.groups;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  const bool act = p.activation != Activation::kNone;
+  const float inv_len = 1.f / float(p.cpg * p.spatial);
+  for (int64_t u = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); u < units;
+       u += warps) {
+    const int64_t image = u / p.groups, ch0 = (u % p.groups) * p.cpg;
+    GradPlane pl = nhwc_unit(p, image, ch0, act && !kResidualOnly && p.use_input_stats);
+    const int64_t entries = p.tiles * p.cpg;
+    const float4* ts = p.tile_sums + image * p.tiles * p.c;
+    GradSums s;
+    float sg = 0.f, sgb = 0.f;
+    for (int64_t e = lane; e < entries; e += 32) {
+      const int64_t ch = ch0 + e / p.tiles, t = e % p.tiles;
+      const float4 v = ts[t * p.c + ch];
+      const float g = p.gamma ? load_param<T>(p.gamma, p.params_float, ch) : 1.f;
+      s = combine(s, GradSums{v.x, v.y, 0.f, 0.f});
+      sg = fmaf(g, v.z, sg);
+      sgb = fmaf(g, v.w, sgb);
+    }
+    s.a = sg;
+    s.b = sgb;
+    s = warp_allreduce(s, 32);
+    if (p.use_input_stats && (kResidualOnly || !act)) pl.r = (s.s0_hi + s.s0_lo) * inv_len;
+    if (!kResidualOnly && p.use_input_stats) {
+      pl.k1 = s.a * inv_len;
+      pl.k2 = pl.rstd * fmaf(-pl.r, s.a, s.b) * inv_len;
+    }
+    if (lane == 0 && p.use_input_stats) {
+      p.unit[2 * u] = make_float4(pl.c, pl.r, pl.rstd, pl.k1);
+      p.unit[2 * u + 1] = make_float4(pl.k2, 0.f, 0.f, 0.f);
+    }
+    if constexpr (kResidualOnly) continue;
+    if (p.partials == nullptr) continue;
+#pragma unroll 1
+    for (int64_t k = 0; k < p.cpg; ++k) {
+      float a = 0.f, b = 0.f;
+      for (int64_t t = lane; t < p.tiles; t += 32) {
+        const float4 v = ts[t * p.c + ch0 + k];
+        a += v.z;
+        b += v.w;
+      }
+      a = butterfly_sum(a, 32);
+      b = butterfly_sum(b, 32);
+      if (lane == 0)
+        p.partials[image * p.c + ch0 + k] = make_float2(a, pl.rstd * fmaf(-pl.r, a, b));
+    }
+  }
+}
+
+/// Step 3: dx = rstd * (gamma * d - k1 - xhat * k2), elementwise (grid-stride over vectors).
+template <class T, int kVec>
+__global__ void __launch_bounds__(256) nhwc_grad_dx(const NhwcGradParams<T> p) {
+  using V = Vector<T, kVec>;
+  const int64_t cols = p.c / kVec;
+  const int64_t total = p.n * p.spatial * cols;
+  with_activation(p.activation, [&](auto act_tag) {
+    constexpr Activation kAct = decltype(act_tag)::value;
+    for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < total;
+         v += int64_t(gridDim.x) * blockDim.x) {
+      const int64_t j0 = (v % cols) * kVec, image = v / (p.spatial * cols);
+      float xc[kVec], d[kVec];
+      unpack(load_vector(reinterpret_cast<const V*>(p.x) + v), xc);
+      unpack(load_vector(reinterpret_cast<const V*>(p.dy) + v), d);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const GradPlane pl = nhwc_unit(p, image, j0 + k, true);
+        GradChannel<T> gc;
+        gc.set_channel(p, j0 + k);
+        const float x0 = xc[k] - pl.c;
+        const float xhat = (x0 - pl.r) * pl.rstd;
+        float dk = d[k];
+        if constexpr (kAct != Activation::kNone)
+          dk *= activate_derivative<kAct>(fmaf(xhat, gc.gamma, gc.beta));
+        d[k] = pl.rstd * (fmaf(gc.gamma, dk, -pl.k1) - xhat * pl.k2);
+      }
+      store_vector(reinterpret_cast<V*>(p.dx) + v, pack<T, kVec>(d));
+    }
+  });
+}
+
+}  // namespace detail
+}  // namespace instnorm

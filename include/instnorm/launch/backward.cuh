@@ -1,0 +1,249 @@
+#pragma once
+/// \file launch/backward.cuh
+/// The backward's plan, workspace and launches (NCHW: kernels/backward.cuh).
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../kernels/backward.cuh"
+#include "../kernels/backward_nhwc.cuh"
+#include "../options.cuh"
+#include "../plan.cuh"
+#include "../validate.cuh"
+#include "device.cuh"
+
+namespace instnorm {
+namespace detail {
+
+/// Whether the call asks for dgamma or dbeta (so the kernel leaves per-block partials).
+inline bool wants_param_grads(const Gradients& g) { return g.dgamma != nullptr || g.dbeta != nullptr; }
+
+/// The backward's NCHW plan: the forward's planner sized for two tensors on chip, with slices
+/// in registers only (no shared-memory extension), sub-warp plans where the forward would stage
+/// a misaligned plane, and, for GroupNorm's per-channel partials, a float2 of shared memory per
+/// vector a block holds.
+inline bool make_backward_plan(const Problem& prob, const DeviceProps& d, const ArchPolicy& pol,
+                               bool param_grads, Plan* out, PlanOverride ov = {}) {
+  if (ov.strategy == int(Strategy::kStaged)) return false;
+  ov.split_smem = 0;
+  bool ok = make_plan(prob, d, pol, out, ov, Direction::kBackward);
+  if (out->strategy == Strategy::kStaged) {
+    ov.strategy = int(Strategy::kSubWarp);
+    ok = make_plan(prob, d, pol, out, ov, Direction::kBackward);
+  }
+  if (param_grads && prob.channels_per_group > 1) {
+    out->smem_bytes = int64_t(out->threads) * out->items * int64_t(sizeof(float2));
+    ok = ok && plan_is_valid(*out, prob, d);
+  }
+  return ok;
+}
+
+inline cudaError_t current_backward_plan(const Problem& prob, const Gradients& g, Plan* plan,
+                                         const PlanOverride& ov = {},
+                                         const ArchPolicy* policy = nullptr) {
+  DeviceProps d;
+  INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
+  const ArchPolicy& pol = policy ? *policy : policy_for(d);
+  return make_backward_plan(prob, d, pol, wants_param_grads(g), plan, ov)
+             ? cudaSuccess
+             : cudaErrorInvalidConfiguration;
+}
+
+/// [tagged slots of cooperative plans][per-(image, channel, block) partials of dgamma/dbeta].
+inline WorkspaceLayout backward_workspace_layout(const Plan& p, const Problem& prob,
+                                                 const Gradients& g) {
+  WorkspaceLayout w;
+  w.slots_bytes = p.cooperative ? 2 * size_t(p.grid) * sizeof(GradSlot) : 0;
+  w.slots = w.add(w.slots_bytes);
+  w.partials_bytes = wants_param_grads(g) ? size_t(prob.n) * size_t(prob.c) *
+                                                size_t(p.blocks_per_plane) * sizeof(float2)
+                                          : 0;
+  w.partials = w.add(w.partials_bytes);
+  return w;
+}
+
+template <class T>
+using BackwardFn = void (*)(BackwardParams<T>);
+template <class T>
+inline BackwardFn<T> select_backward_kernel(int vec, Strategy s) {
+  constexpr int kFull = 16 / int(sizeof(T));
+  if (vec != kFull && vec != 1) return nullptr;
+  const bool full = vec == kFull;
+  if (s == Strategy::kSplitStream)
+    return full ? backward_kernel<T, kFull, max_backward_stream_items(kFull), true>
+                : backward_kernel<T, 1, max_backward_stream_items(1), true>;
+  return full ? backward_kernel<T, kFull, max_backward_items(kFull), false>
+              : backward_kernel<T, 1, max_backward_items(1), false>;
+}
+
+template <class T>
+inline cudaError_t launch_backward(const T* x, const T* dy, T* dx, const Problem& prob,
+                                   const Options& opt, const Gradients& g, const Plan& plan,
+                                   void* workspace, cudaStream_t stream) {
+  if (plan.direction != Direction::kBackward || plan.strategy == Strategy::kStaged)
+    return cudaErrorInvalidConfiguration;
+  const BackwardFn<T> kernel = select_backward_kernel<T>(plan.vec, plan.strategy);
+  if (kernel == nullptr) return cudaErrorInvalidConfiguration;
+  const WorkspaceLayout w = backward_workspace_layout(plan, prob, g);
+  BackwardParams<T> bp{};
+  bp.x = x;
+  bp.dy = dy;
+  bp.dx = dx;
+  bp.planes = prob.planes;
+  bp.plane_len = prob.plane_len;
+  bp.spatial = prob.spatial;
+  bp.groups = prob.groups;
+  bp.channels_per_group = prob.channels_per_group;
+  bp.eps = opt.eps;
+  bp.gamma = opt.gamma;
+  bp.beta = opt.beta;
+  bp.params_float = opt.param_type == ParamType::kFloat;
+  bp.save_mean = opt.save_mean;
+  bp.save_rstd = opt.save_rstd;
+  bp.running_mean = opt.running_mean;
+  bp.running_var = opt.running_var;
+  bp.use_input_stats = opt.use_input_stats;
+  bp.activation = opt.activation;
+  bp.lanes = plan.lanes;
+  bp.items = plan.items;
+  bp.blocks_per_plane = plan.blocks_per_plane;
+  bp.slice_len = plan.slice_len;
+  if (w.slots_bytes > 0) bp.slots = WorkspaceLayout::at<GradSlot>(workspace, w.slots);
+  if (w.partials_bytes > 0) bp.partials = WorkspaceLayout::at<float2>(workspace, w.partials);
+  INSTNORM_RETURN_IF_ERROR(clear_slots(w, workspace, stream));
+  LaunchShape shape;
+  shape.grid = dim3(static_cast<unsigned>(plan.grid));
+  shape.block = dim3(static_cast<unsigned>(plan.threads));
+  shape.dyn_smem = size_t(plan.smem_bytes);
+  shape.static_smem = sizeof(GradReduceStorage);
+  shape.cooperative = plan.cooperative;
+  INSTNORM_RETURN_IF_ERROR(launch_kernel(kernel, shape, stream, bp));
+  if (bp.partials == nullptr) return cudaSuccess;
+  constexpr int kThreads = 256;  // 8 channels per block
+  LaunchShape fin;
+  fin.grid = dim3(static_cast<unsigned>(std::min<int64_t>((prob.c + 7) / 8, 65535)));
+  fin.block = dim3(kThreads);
+  return launch_kernel(grad_params_kernel, fin, stream, static_cast<const float2*>(bp.partials),
+                       prob.n, prob.c, plan.blocks_per_plane, g.dgamma, g.dbeta);
+}
+
+// ---------------------------------------------------------------- channels-last
+
+/// The tiled NHWC backward's geometry: `cols` column vectors per 256-thread block, `tiles` row
+/// tiles per image so that about four blocks per SM run each pass.
+struct NhwcGradShape {
+  int vec = 1, cols = 1;
+  int64_t col_chunks = 1, tiles = 1, tile_rows = 1;
+};
+constexpr int kNhwcGradThreads = 256;
+
+inline NhwcGradShape nhwc_grad_shape(const Problem& prob, const DeviceProps& d) {
+  NhwcGradShape s;
+  s.vec = prob.vector_ok ? 16 / prob.elem_bytes : 1;
+  const int64_t cvec = prob.c / s.vec;
+  s.cols = int(std::min<int64_t>(cvec, 128));
+  s.col_chunks = ceil_div(cvec, s.cols);
+  const int64_t row_lanes = kNhwcGradThreads / s.cols;
+  const int64_t want = ceil_div(4 * int64_t(std::max(1, d.sm_count)), prob.n * s.col_chunks);
+  s.tiles = clamp64(want, 1, ceil_div(prob.spatial, row_lanes));
+  s.tile_rows = ceil_div(prob.spatial, s.tiles);
+  s.tiles = ceil_div(prob.spatial, s.tile_rows);
+  return s;
+}
+
+/// [tile sums][unit coefficients][per-(image, channel) partials of dgamma/dbeta].
+inline WorkspaceLayout nhwc_backward_layout(const NhwcGradShape& s, const Problem& prob,
+                                            const Gradients& g) {
+  WorkspaceLayout w;
+  w.partials_bytes = wants_param_grads(g) ? size_t(prob.n) * size_t(prob.c) * sizeof(float2) : 0;
+  w.partials = w.add(w.partials_bytes);
+  w.group_stats_bytes = size_t(prob.planes) * 2 * sizeof(float4);
+  w.group_stats = w.add(w.group_stats_bytes);
+  w.slots_bytes = size_t(prob.n) * size_t(s.tiles) * size_t(prob.c) * sizeof(float4);
+  w.slots = w.add(w.slots_bytes);
+  return w;
+}
+
+inline cudaError_t nhwc_backward_workspace(const Problem& prob, const Options&,
+                                           const Gradients& g, size_t* bytes) {
+  DeviceProps d;
+  INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
+  const NhwcGradShape s = nhwc_grad_shape(prob, d);
+  if (prob.n * s.tiles > d.max_grid_x || s.col_chunks > 65535) return cudaErrorInvalidConfiguration;
+  *bytes = nhwc_backward_layout(s, prob, g).total;
+  return cudaSuccess;
+}
+
+template <class T>
+inline cudaError_t launch_nhwc_backward(const T* x, const T* dy, T* dx, const Problem& prob,
+                                        const Options& opt, const Gradients& g, void* workspace,
+                                        cudaStream_t stream) {
+  DeviceProps d;
+  INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
+  const NhwcGradShape s = nhwc_grad_shape(prob, d);
+  if (prob.n * s.tiles > d.max_grid_x || s.col_chunks > 65535) return cudaErrorInvalidConfiguration;
+  const WorkspaceLayout w = nhwc_backward_layout(s, prob, g);
+  NhwcGradParams<T> p{};
+  p.x = x;
+  p.dy = dy;
+  p.dx = dx;
+  p.n = prob.n;
+  p.c = prob.c;
+  p.spatial = prob.spatial;
+  p.groups = prob.groups;
+  p.cpg = prob.channels_per_group;
+  p.eps = opt.eps;
+  p.gamma = opt.gamma;
+  p.beta = opt.beta;
+  p.params_float = opt.param_type == ParamType::kFloat;
+  p.save_mean = opt.save_mean;
+  p.save_rstd = opt.save_rstd;
+  p.running_mean = opt.running_mean;
+  p.running_var = opt.running_var;
+  p.use_input_stats = opt.use_input_stats;
+  p.activation = opt.activation;
+  p.tiles = s.tiles;
+  p.tile_rows = s.tile_rows;
+  p.cols = s.cols;
+  p.tile_sums = WorkspaceLayout::at<float4>(workspace, w.slots);
+  p.unit = WorkspaceLayout::at<float4>(workspace, w.group_stats);
+  if (w.partials_bytes > 0) p.partials = WorkspaceLayout::at<float2>(workspace, w.partials);
+  constexpr int kFull = 16 / int(sizeof(T));
+  const bool full = s.vec == kFull;
+  LaunchShape sums;
+  sums.grid = dim3(static_cast<unsigned>(prob.n * s.tiles), static_cast<unsigned>(s.col_chunks));
+  sums.block = dim3(kNhwcGradThreads);
+  sums.dyn_smem = size_t(kNhwcGradThreads) * size_t(s.vec) * sizeof(float4);
+  LaunchShape fin;
+  fin.grid = dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(prob.planes, 8), 65535)));
+  fin.block = dim3(256);
+  // The sums and the finalize need the statistics (or, eval, the partials of dgamma/dbeta).
+  const bool sums_needed = opt.use_input_stats || p.partials != nullptr;
+  if (sums_needed) {
+    if (opt.use_input_stats && opt.activation != Activation::kNone) {
+      INSTNORM_RETURN_IF_ERROR(launch_kernel(full ? nhwc_grad_sums<T, kFull, true>
+                                                  : nhwc_grad_sums<T, 1, true>,
+                                             sums, stream, p));
+      INSTNORM_RETURN_IF_ERROR(launch_kernel(nhwc_grad_finalize<T, true>, fin, stream, p));
+    }
+    INSTNORM_RETURN_IF_ERROR(launch_kernel(
+        full ? nhwc_grad_sums<T, kFull, false> : nhwc_grad_sums<T, 1, false>, sums, stream, p));
+    INSTNORM_RETURN_IF_ERROR(launch_kernel(nhwc_grad_finalize<T, false>, fin, stream, p));
+  }
+  const int64_t total = prob.n * prob.spatial * (prob.c / s.vec);
+  LaunchShape el;
+  el.grid = dim3(static_cast<unsigned>(
+      std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, 256), int64_t(d.sm_count) * 8))));
+  el.block = dim3(256);
+  INSTNORM_RETURN_IF_ERROR(
+      launch_kernel(full ? nhwc_grad_dx<T, kFull> : nhwc_grad_dx<T, 1>, el, stream, p));
+  if (p.partials == nullptr) return cudaSuccess;
+  LaunchShape pg;
+  pg.grid = dim3(static_cast<unsigned>(std::min<int64_t>((prob.c + 7) / 8, 65535)));
+  pg.block = dim3(256);
+  return launch_kernel(grad_params_kernel, pg, stream, static_cast<const float2*>(p.partials),
+                       prob.n, prob.c, int64_t(1), g.dgamma, g.dbeta);
+}
+
+}  // namespace detail
+}  // namespace instnorm

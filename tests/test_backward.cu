@@ -1,0 +1,501 @@
+// The backward (instnorm::backward): its validation and plans on the CPU, and on the device
+// every strategy x type x layout x feature against the float64 reference backward
+// (reference.h), with the accuracy bounds of issue 20:
+//  - fp32: ||dx - ref|| / ||rstd * g|| <= 1e-5 per plane (g = gamma * dy through the
+//    activation's derivative; dx itself may be near 0);
+//  - fp16/bf16: each element within 2 ulp of T at the reference's magnitude plus
+//    2^-20 * max|rstd * g| of its plane, and the plane's error norm at most 1.5x that of the
+//    float64 answer rounded to T (plus the fp32 floor);
+//  - dgamma, dbeta: within 1e-5 of the sum of the magnitudes of their terms;
+//  - bit-identical reruns.
+// Also at |mean| = 1e4 std and with outliers, in place (dx == dy), and with the plan checked:
+// a case named after a strategy asserts that strategy ran.
+#include "gpu_util.h"
+#include "hostile_data.h"
+
+namespace {
+
+using namespace instnorm;
+using namespace instnorm_test;
+
+// ---------------------------------------------------------------- CPU: validation and plans
+
+const void* const kX = reinterpret_cast<const void*>(uintptr_t(1) << 32);
+const void* const kDy = reinterpret_cast<const void*>(uintptr_t(2) << 32);
+void* const kDx = reinterpret_cast<void*>(uintptr_t(3) << 32);
+float* const kStats = reinterpret_cast<float*>(uintptr_t(4) << 32);
+float* const kGrad = reinterpret_cast<float*>(uintptr_t(5) << 32);
+
+Invalid check_bwd(const void* x, const void* dy, const void* dx, const Options& opt,
+                  const Gradients& g = {}) {
+  Problem prob;
+  return validate_backward(x, dy, dx, 2, 3, 16, 4, opt, g, &prob);
+}
+
+Options trained() {
+  Options opt;
+  opt.save_mean = kStats;
+  opt.save_rstd = kStats + 1024;
+  return opt;
+}
+
+TEST(BackwardValidate, RefusesWithAReasonBeforeAnyLaunch) {
+  const Options ok = trained();
+  EXPECT_EQ(check_bwd(kX, kDy, kDx, ok), Invalid::kOk);
+  // dx may be dy or x, never a part of either.
+  EXPECT_EQ(check_bwd(kX, kDy, const_cast<void*>(kDy), ok), Invalid::kOk);
+  EXPECT_EQ(check_bwd(kX, kDy, const_cast<void*>(kX), ok), Invalid::kOk);
+  EXPECT_EQ(check_bwd(kX, kDy, static_cast<const char*>(kDy) + 4, ok), Invalid::kOverlap);
+  EXPECT_EQ(check_bwd(kX, kDy, static_cast<const char*>(kX) + 4, ok), Invalid::kOverlap);
+  EXPECT_EQ(check_bwd(kX, nullptr, kDx, ok), Invalid::kNullPointer);
+  EXPECT_EQ(check_bwd(kX, kDy, nullptr, ok), Invalid::kNullPointer);
+  // The saved statistics are required with use_input_stats, not in eval mode.
+  Options no_stats;
+  EXPECT_EQ(check_bwd(kX, kDy, kDx, no_stats), Invalid::kNoSavedStats);
+  Options eval;
+  eval.use_input_stats = false;
+  eval.running_mean = kStats;
+  eval.running_var = kStats + 64;
+  EXPECT_EQ(check_bwd(kX, kDy, kDx, eval), Invalid::kOk);
+  // Gradient buffers: distinct, and not inside a tensor.
+  EXPECT_EQ(check_bwd(kX, kDy, kDx, ok, Gradients{kGrad, kGrad + 3}), Invalid::kOk);
+  EXPECT_EQ(check_bwd(kX, kDy, kDx, ok, Gradients{kGrad, kGrad}), Invalid::kBadGradients);
+  EXPECT_EQ(check_bwd(kX, kDy, kDx, ok, Gradients{kGrad, kGrad + 1}), Invalid::kBadGradients);
+  EXPECT_EQ(check_bwd(kX, kDy, kDx, ok, Gradients{static_cast<float*>(kDx) + 8, nullptr}),
+            Invalid::kBadGradients);
+  // The forward's rules carry over.
+  Options bad = ok;
+  bad.eps = -1.f;
+  EXPECT_EQ(check_bwd(kX, kDy, kDx, bad), Invalid::kBadEps);
+  bad = ok;
+  bad.groups = 2;
+  EXPECT_EQ(check_bwd(kX, kDy, kDx, bad), Invalid::kBadGroups);
+  // The public calls map the reasons before any CUDA call (no device needed).
+  Options none;
+  EXPECT_EQ(backward(static_cast<const float*>(kX), static_cast<const float*>(kDy),
+                     static_cast<float*>(kDx), 2, 3, 16, none),
+            cudaErrorInvalidValue);
+  size_t bytes = 1;
+  EXPECT_EQ(backward_workspace_size<float>(2, 3, 16, none, Gradients{}, &bytes),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(backward_workspace_size<float>(0, 3, 16, none, Gradients{}, &bytes), cudaSuccess);
+  EXPECT_EQ(bytes, 0u);
+}
+
+DeviceProps h200() {
+  DeviceProps d;
+  d.sm_count = 132;
+  d.max_threads_per_sm = 2048;
+  d.max_threads_per_block = 1024;
+  d.regs_per_sm = 65536;
+  d.max_blocks_per_sm = 32;
+  d.smem_per_sm = 233472;
+  d.smem_per_block_optin = 232448;
+  d.max_grid_x = 2147483647;
+  d.cooperative = true;
+  d.cc_major = 9;
+  d.cc_minor = 0;
+  d.l2_bytes = 60 << 20;
+  return d;
+}
+
+// Backward plans: sized for two tensors within the kernel's item limits, never staged (a
+// misaligned plane runs the scalar kernel), per-channel shared memory for GroupNorm's
+// parameter gradients, and valid for every shape of a sweep.
+TEST(BackwardPlan, HoldsTwoTensorsAndNeverStages) {
+  const DeviceProps d = h200();
+  const ArchPolicy& pol = policy_for(d);
+  std::mt19937_64 rng(7);
+  int checked = 0;
+  for (int i = 0; i < 3000; ++i) {
+    const int64_t n = 1 + rng() % 64, g = 1 + rng() % 8, cpg = 1 + rng() % 6;
+    const int64_t s = 1 + rng() % 20000;
+    const int eb = (rng() & 1) ? 4 : 2;
+    Problem prob;
+    Options opt = trained();
+    opt.groups = cpg > 1 ? g : 0;
+    const int64_t c = opt.groups ? g * cpg : g;
+    if (validate(kX, kDx, n, c, s, eb, opt, &prob) != Invalid::kOk) continue;
+    const bool grads = rng() & 1;
+    Plan plan;
+    ASSERT_TRUE(detail::make_backward_plan(prob, d, pol, grads, &plan))
+        << n << "x" << c << "x" << s << " eb " << eb;
+    EXPECT_NE(plan.strategy, Strategy::kStaged);
+    EXPECT_EQ(plan.direction, Direction::kBackward);
+    EXPECT_EQ(plan.smem_items, 0);
+    EXPECT_LE(plan.items, plan.strategy == Strategy::kSplitStream
+                              ? max_backward_stream_items(plan.vec)
+                              : max_backward_items(plan.vec));
+    if (grads && prob.channels_per_group > 1)
+      EXPECT_EQ(plan.smem_bytes, int64_t(plan.threads) * plan.items * 8);
+    else
+      EXPECT_EQ(plan.smem_bytes, 0);
+    ++checked;
+  }
+  EXPECT_GT(checked, 2000);
+  // A forced staged plan is refused, not run by a kernel that cannot.
+  Problem prob;
+  ASSERT_EQ(validate(kX, kDx, 4, 8, 49, 4, trained(), &prob), Invalid::kOk);
+  Plan plan;
+  PlanOverride ov;
+  ov.strategy = int(Strategy::kStaged);
+  EXPECT_FALSE(detail::make_backward_plan(prob, d, pol, false, &plan, ov));
+  EXPECT_TRUE(detail::make_backward_plan(prob, d, pol, false, &plan));
+  EXPECT_EQ(plan.strategy, Strategy::kSubWarp);
+  EXPECT_EQ(plan.vec, 1);
+}
+
+// ---------------------------------------------------------------- device
+
+struct BwdCase {
+  int64_t n, c, s;
+  int64_t groups = 0;
+  Layout layout = Layout::kNCHW;
+  Activation act = Activation::kNone;
+  bool affine = false;
+  bool eval = false;
+  bool grads = true;     // ask for dgamma/dbeta
+  bool in_place = false; // dx == dy
+  int strategy = -1;     // forced (and asserted) NCHW strategy
+  int64_t blocks = 0;    // forced G
+  int items = 0;         // forced items
+  std::string describe() const {
+    const char* acts[] = {"none", "relu", "silu"};
+    return std::to_string(n) + "x" + std::to_string(c) + "x" + std::to_string(s) +
+           (groups ? " gn" + std::to_string(groups) : "") +
+           (layout == Layout::kNHWC ? " NHWC" : " NCHW") + (affine ? " affine" : "") +
+           " act=" + acts[int(act)] + (eval ? " eval" : "") + (in_place ? " in-place" : "") +
+           (strategy >= 0 ? std::string(" ") + to_string(Strategy(strategy)) : "");
+  }
+};
+
+struct BwdData {
+  std::vector<double> x, dy;  // values before rounding to T
+  double offset = 0;
+};
+
+BwdData normal_data(const BwdCase& k, double offset, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  BwdData d;
+  const size_t size = size_t(k.n * k.c * k.s);
+  d.x.resize(size);
+  d.dy.resize(size);
+  for (auto& v : d.x) v = offset + nd(rng);
+  for (auto& v : d.dy) v = nd(rng);
+  return d;
+}
+
+template <class T>
+std::vector<T> to_type(const std::vector<double>& v) {
+  std::vector<T> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) r[i] = to_t<T>(float(v[i]));
+  return r;
+}
+
+template <class T>
+void run_case(const BwdCase& k, const BwdData& data, const std::string& what) {
+  SCOPED_TRACE(std::string(type_name<T>()) + " " + k.describe() + " " + what);
+  const size_t total = size_t(k.n * k.c * k.s);
+  const std::vector<T> hx = to_type<T>(data.x), hdy = to_type<T>(data.dy);
+  std::mt19937_64 rng(99);
+  std::uniform_real_distribution<double> ud(0.5, 1.5);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::vector<float> gamma(size_t(k.c)), beta(size_t(k.c)), rm(size_t(k.c)), rv(size_t(k.c));
+  for (auto& v : gamma) v = float((rng() & 1 ? 1 : -1) * ud(rng));
+  for (auto& v : beta) v = float(0.3 * nd(rng));
+  for (auto& v : rm) v = float(0.2 * nd(rng) + data.offset);
+  for (auto& v : rv) v = float(ud(rng));
+  const int64_t G = k.groups ? k.groups : k.c;
+
+  DeviceBuffer<T> x(total), y(total), dy(total), dx(total);
+  DeviceBuffer<float> dgamma(size_t(k.c)), dbeta(size_t(k.c)), dg2(size_t(k.c)), db2(size_t(k.c));
+  DeviceBuffer<float> mean(size_t(k.n * G)), rstd(size_t(k.n * G));
+  DeviceBuffer<float> g_d(size_t(k.c)), b_d(size_t(k.c)), rm_d(size_t(k.c)), rv_d(size_t(k.c));
+  ASSERT_TRUE(x.ptr && y.ptr && dy.ptr && dx.ptr && mean.ptr && rstd.ptr);
+  CUDA_OK(cudaMemcpy(x.ptr, hx.data(), total * sizeof(T), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(dy.ptr, hdy.data(), total * sizeof(T), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(g_d.ptr, gamma.data(), gamma.size() * 4, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(b_d.ptr, beta.data(), beta.size() * 4, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(rm_d.ptr, rm.data(), rm.size() * 4, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(rv_d.ptr, rv.data(), rv.size() * 4, cudaMemcpyHostToDevice));
+
+  Options opt;
+  opt.groups = k.groups;
+  opt.layout = k.layout;
+  opt.activation = k.act;
+  if (k.affine) {
+    opt.gamma = g_d.ptr;
+    opt.beta = b_d.ptr;
+  }
+  if (k.eval) {
+    opt.use_input_stats = false;
+    opt.running_mean = rm_d.ptr;
+    opt.running_var = rv_d.ptr;
+  } else {
+    opt.save_mean = mean.ptr;
+    opt.save_rstd = rstd.ptr;
+    CUDA_OK(forward(x.ptr, y.ptr, k.n, k.c, k.s, opt));
+  }
+  PlanOverride ov;
+  ov.strategy = k.strategy;
+  ov.blocks_per_plane = k.blocks;
+  ov.items = k.items;
+  const Gradients grads = k.grads ? Gradients{dgamma.ptr, dbeta.ptr} : Gradients{};
+  T* out = k.in_place ? dy.ptr : dx.ptr;
+  Plan used;
+  CUDA_OK(detail::backward_tuned(x.ptr, dy.ptr, out, k.n, k.c, k.s, opt, grads, ov, nullptr,
+                                 nullptr, 0, true, nullptr, &used));
+  CUDA_OK(cudaDeviceSynchronize());
+  if (k.layout == Layout::kNCHW) {
+    EXPECT_EQ(used.direction, Direction::kBackward);
+    if (k.strategy >= 0) EXPECT_EQ(int(used.strategy), k.strategy) << "the forced strategy ran";
+    if (k.blocks > 0) EXPECT_EQ(used.blocks_per_plane, k.blocks);
+  }
+  std::vector<T> hdx(total);
+  CUDA_OK(cudaMemcpy(hdx.data(), out, total * sizeof(T), cudaMemcpyDeviceToHost));
+  std::vector<float> hdg(size_t(k.c)), hdb(size_t(k.c));
+  if (k.grads) {
+    CUDA_OK(cudaMemcpy(hdg.data(), dgamma.ptr, hdg.size() * 4, cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(hdb.data(), dbeta.ptr, hdb.size() * 4, cudaMemcpyDeviceToHost));
+  }
+
+  // The reference, from the values the kernel read.
+  Options ref_opt = opt;
+  std::vector<float> one(size_t(k.c), 1.f), zero(size_t(k.c), 0.f);
+  ref_opt.gamma = k.affine ? gamma.data() : one.data();  // dgamma exists without gamma too
+  ref_opt.beta = k.affine ? beta.data() : zero.data();
+  ref_opt.running_mean = rm.data();
+  ref_opt.running_var = rv.data();
+  std::vector<double> ref(total), rdg(size_t(k.c)), rdb(size_t(k.c));
+  std::vector<reference::PlaneGradSums> sums;
+  reference::backward<T, float>(hx.data(), hdy.data(), ref.data(), k.n, k.c, k.s, ref_opt,
+                                rdg.data(), rdb.data(), &sums);
+
+  // Per plane: the scale ||rstd * g|| and the bounds.
+  const reference::RefShape shape(k.c, k.s, ref_opt);
+  std::vector<double> dg_scale(size_t(k.c), 0.0), db_scale(size_t(k.c), 0.0);
+  int bad = 0;
+  for (int64_t plane = 0; plane < k.n * G; ++plane) {
+    const reference::RefPlane pl = shape.plane(plane);
+    const double mu = sums[size_t(plane)].mean, rs = sums[size_t(plane)].rstd;
+    double g2 = 0, gmax = 0, err2 = 0, round2 = 0;
+    for (int64_t e = 0; e < pl.len; ++e) {
+      const int64_t i = pl.index(e), ch = pl.channel(e);
+      const double xhat = (reference::to_double(hx[size_t(i)]) - mu) * rs;
+      const double gm = ref_opt.gamma ? double(static_cast<const float*>(ref_opt.gamma)[ch]) : 1;
+      const double bt = ref_opt.beta ? double(static_cast<const float*>(ref_opt.beta)[ch]) : 0;
+      const double dpre = reference::to_double(hdy[size_t(i)]) *
+                          reference::activate_derivative(xhat * gm + bt, k.act);
+      g2 += (rs * gm * dpre) * (rs * gm * dpre);
+      gmax = std::max(gmax, std::fabs(rs * gm * dpre));
+      dg_scale[size_t(ch)] += std::fabs(dpre * xhat);
+      db_scale[size_t(ch)] += std::fabs(dpre);
+      const double got = reference::to_double(hdx[size_t(i)]);
+      const double err = std::fabs(got - ref[size_t(i)]);
+      err2 += err * err;
+      const double rounded = reference::to_double(to_t<T>(float(ref[size_t(i)])));
+      round2 += (rounded - ref[size_t(i)]) * (rounded - ref[size_t(i)]);
+      if (!std::is_same<T, float>::value) {
+        const double tol = 2 * ulp_of<T>(ref[size_t(i)]) + 0x1p-20 * gmax + 1e-6 * rs;
+        if (!(err <= tol) && bad++ < 3)
+          ADD_FAILURE() << "plane " << plane << " element " << e << ": " << got << " vs "
+                        << ref[size_t(i)];
+      }
+    }
+    const double norm = std::sqrt(g2);
+    if (std::is_same<T, float>::value) {
+      EXPECT_LE(std::sqrt(err2), 1e-5 * norm + 1e-30) << "plane " << plane;
+    } else {
+      EXPECT_LE(std::sqrt(err2), 1.5 * std::sqrt(round2) + 1e-5 * norm) << "plane " << plane;
+    }
+  }
+  if (k.grads) {
+    for (int64_t ch = 0; ch < k.c; ++ch) {
+      EXPECT_NEAR(hdg[size_t(ch)], rdg[size_t(ch)], 1e-5 * dg_scale[size_t(ch)] + 1e-30)
+          << "dgamma " << ch;
+      EXPECT_NEAR(hdb[size_t(ch)], rdb[size_t(ch)], 1e-5 * db_scale[size_t(ch)] + 1e-30)
+          << "dbeta " << ch;
+    }
+  }
+  // Bit-identical rerun (not in place: dy was overwritten).
+  if (!k.in_place) {
+    DeviceBuffer<T> dx2(total);
+    const Gradients g2 = k.grads ? Gradients{dg2.ptr, db2.ptr} : Gradients{};
+    CUDA_OK(detail::backward_tuned(x.ptr, dy.ptr, dx2.ptr, k.n, k.c, k.s, opt, g2, ov, nullptr,
+                                   nullptr, 0, true, nullptr));
+    std::vector<T> again(total);
+    CUDA_OK(cudaMemcpy(again.data(), dx2.ptr, total * sizeof(T), cudaMemcpyDeviceToHost));
+    EXPECT_EQ(std::memcmp(again.data(), hdx.data(), total * sizeof(T)), 0) << "rerun differs";
+    if (k.grads) {
+      std::vector<float> a(size_t(k.c)), b(size_t(k.c));
+      CUDA_OK(cudaMemcpy(a.data(), dg2.ptr, a.size() * 4, cudaMemcpyDeviceToHost));
+      CUDA_OK(cudaMemcpy(b.data(), db2.ptr, b.size() * 4, cudaMemcpyDeviceToHost));
+      EXPECT_EQ(std::memcmp(a.data(), hdg.data(), a.size() * 4), 0) << "dgamma rerun differs";
+      EXPECT_EQ(std::memcmp(b.data(), hdb.data(), b.size() * 4), 0) << "dbeta rerun differs";
+    }
+  }
+}
+
+template <class T>
+void run_normal(const BwdCase& k, double offset = 0, uint64_t seed = 1) {
+  run_case<T>(k, normal_data(k, offset, seed), "offset " + std::to_string(offset));
+}
+
+BwdCase with(BwdCase k, int strategy, int64_t blocks = 0, int items = 0) {
+  k.strategy = strategy;
+  k.blocks = blocks;
+  k.items = items;
+  return k;
+}
+
+constexpr int kSub = int(Strategy::kSubWarp), kBlk = int(Strategy::kBlock),
+              kSpl = int(Strategy::kSplit), kStr = int(Strategy::kSplitStream);
+
+// The NCHW strategies, instance norm and GroupNorm, with and without affine and activation.
+template <class T>
+void strategies_for() {
+  const Activation acts[] = {Activation::kNone, Activation::kRelu, Activation::kSilu};
+  for (const Activation a : acts) {
+    for (const bool affine : {false, true}) {
+      BwdCase in{4, 6, 256};
+      in.act = a;
+      in.affine = affine;
+      run_normal<T>(with(in, kSub));
+      BwdCase big{2, 3, 64 * 64};
+      big.act = a;
+      big.affine = affine;
+      run_normal<T>(with(big, kBlk));
+      run_normal<T>(with(big, kSpl, 3));
+      run_normal<T>(with(big, kStr, 2, 2));
+      BwdCase gn{2, 12, 20 * 20, 3};
+      gn.act = a;
+      gn.affine = affine;
+      run_normal<T>(with(gn, kSub));
+      run_normal<T>(with(gn, kBlk));
+      run_normal<T>(with(gn, kSpl, 4));
+      run_normal<T>(with(gn, kStr, 3, 1));
+    }
+  }
+  // Misaligned planes run the scalar kernel (7x7, odd lengths), and a block-sized odd plane.
+  BwdCase odd{3, 5, 49};
+  odd.affine = true;
+  odd.act = Activation::kSilu;
+  run_normal<T>(with(odd, kSub));
+  BwdCase odd_big{2, 3, 65 * 65};
+  odd_big.affine = true;
+  run_normal<T>(with(odd_big, kBlk));
+  run_normal<T>(with(odd_big, kSpl, 2));
+  // Eval mode (running statistics), planner's choice and forced split.
+  BwdCase ev{3, 4, 32 * 32};
+  ev.eval = true;
+  ev.affine = true;
+  ev.act = Activation::kRelu;
+  run_normal<T>(ev);
+  run_normal<T>(with(ev, kSpl, 2));
+  // In place, and without parameter gradients.
+  BwdCase ip{2, 8, 32 * 32, 4};
+  ip.affine = true;
+  ip.in_place = true;
+  run_normal<T>(ip);
+  ip.in_place = false;
+  ip.grads = false;
+  run_normal<T>(ip);
+}
+
+TEST(BackwardDevice, EveryStrategyFp32) {
+  REQUIRE_GPU();
+  strategies_for<float>();
+}
+TEST(BackwardDevice, EveryStrategyFp16) {
+  REQUIRE_GPU();
+  strategies_for<__half>();
+}
+TEST(BackwardDevice, EveryStrategyBf16) {
+  REQUIRE_GPU();
+  strategies_for<__nv_bfloat16>();
+}
+
+// Channels-last (the tiled fallback): instance norm, GroupNorm, a channel count that is not a
+// multiple of a vector, eval mode.
+template <class T>
+void channels_last_for() {
+  for (const Activation a : {Activation::kNone, Activation::kSilu}) {
+    BwdCase in{2, 64, 16 * 16};
+    in.layout = Layout::kNHWC;
+    in.affine = true;
+    in.act = a;
+    run_normal<T>(in);
+    BwdCase gn{2, 320, 8 * 8, 32};
+    gn.layout = Layout::kNHWC;
+    gn.affine = true;
+    gn.act = a;
+    run_normal<T>(gn);
+    BwdCase odd{3, 5, 7 * 9};
+    odd.layout = Layout::kNHWC;
+    odd.act = a;
+    run_normal<T>(odd);
+  }
+  BwdCase ev{2, 16, 12 * 12};
+  ev.layout = Layout::kNHWC;
+  ev.eval = true;
+  ev.affine = true;
+  run_normal<T>(ev);
+  BwdCase big{1, 32, 96 * 96, 8};
+  big.layout = Layout::kNHWC;
+  big.affine = true;
+  big.in_place = true;
+  run_normal<T>(big);
+}
+
+TEST(BackwardDevice, ChannelsLastFp32) {
+  REQUIRE_GPU();
+  channels_last_for<float>();
+}
+TEST(BackwardDevice, ChannelsLastFp16) {
+  REQUIRE_GPU();
+  channels_last_for<__half>();
+}
+TEST(BackwardDevice, ChannelsLastBf16) {
+  REQUIRE_GPU();
+  channels_last_for<__nv_bfloat16>();
+}
+
+// Far from zero (|mean| = 1e4 std: the saved fp32 mean alone would be 60x the bound off) and
+// hostile planes (outliers at any position, heavy tails, clusters), every strategy and layout.
+TEST(BackwardDevice, AccurateAtLargeMeansAndWithOutliers) {
+  REQUIRE_GPU();
+  std::vector<BwdCase> cases;
+  BwdCase sub{4, 6, 256};
+  BwdCase blk{2, 3, 64 * 64};
+  BwdCase gn{2, 12, 20 * 20, 3};
+  BwdCase cl{2, 16, 24 * 24};
+  cl.layout = Layout::kNHWC;
+  for (BwdCase k : {with(sub, kSub), with(blk, kBlk), with(blk, kSpl, 3), with(blk, kStr, 2, 2),
+                    with(gn, kBlk), with(gn, kSpl, 4), cl}) {
+    k.affine = true;
+    for (const Activation a : {Activation::kNone, Activation::kSilu}) {
+      k.act = a;
+      run_normal<float>(k, 1e4);
+      for (const HostileCase& h : hostile_cases(true)) {
+        if (h.kind == Hostile::kConstant) continue;  // eps-limited: the forward's tests
+        const int64_t G = k.groups ? k.groups : k.c;
+        const int64_t len = k.c / G * k.s;
+        BwdData d = normal_data(k, 0, 3);
+        const std::vector<double> planes = hostile_planes(h, k.n * G, len, 5);
+        // Plane p's element e goes where the reference's plane p, element e lies.
+        Options o;
+        o.groups = k.groups;
+        o.layout = k.layout;
+        const reference::RefShape shape(k.c, k.s, o);
+        for (int64_t p = 0; p < k.n * G; ++p) {
+          const reference::RefPlane pl = shape.plane(p);
+          for (int64_t e = 0; e < len; ++e) d.x[size_t(pl.index(e))] = planes[size_t(p * len + e)];
+        }
+        run_case<float>(k, d, h.name());
+      }
+    }
+  }
+}
+
+}  // namespace
