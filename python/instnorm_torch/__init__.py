@@ -6,10 +6,20 @@
     model = it.convert(model)                                # swap nn.InstanceNorm*d / nn.GroupNorm
 
 The forward is one instnorm kernel call on PyTorch's current stream (contiguous or channels-last
-input, no copy; fp32, fp16, bf16). It is registered as the custom op
-``torch.ops.instnorm_torch.forward`` with a fake implementation, so it runs under
-``torch.compile(fullgraph=True)`` and CUDA graphs. The backward is written with PyTorch ops from
-the saved mean and rstd: correct, not yet a fused kernel.
+input, no copy; fp32, fp16, bf16), and so is the backward: instnorm's fused backward kernel
+computes dx, dweight and dbias in one pass over x and dy from the forward's saved mean and rstd
+(the activation's derivative taken at the pre-activation recomputed from x). Custom ops, each
+with a fake implementation, so training runs under ``torch.compile(fullgraph=True)`` and CUDA
+graphs:
+
+  ``torch.ops.instnorm_torch.norm``      the forward, functional; its autograd formula
+                                         (torch.library.register_autograd) calls
+  ``torch.ops.instnorm_torch.backward``  the fused backward kernel;
+  ``torch.ops.instnorm_torch.forward``   the forward updating the running statistics in place,
+                                         for calls that need no gradient.
+
+Double backward (differentiating a gradient) raises RuntimeError; float64 input runs PyTorch's
+ops, which support it.
 
 Arguments are checked before anything runs: a tensor argument on another device than x, of an
 integer, bool or complex dtype, or not 1-D with C elements raises RuntimeError; a bad eps,

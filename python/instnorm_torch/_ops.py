@@ -7,6 +7,13 @@ names the argument, the rule and the value. What passes runs the kernel when x i
 CUDA tensor of float32, float16 or bfloat16 with parameters it takes; any other input (CPU,
 float64, empty, other parameter dtypes) runs PyTorch's own implementation plus the activation,
 so it behaves exactly as F.instance_norm / F.group_norm.
+
+Autograd: the kernel's forward is the functional custom op instnorm_torch::norm, whose gradient
+(torch.library.register_autograd) is the custom op instnorm_torch::backward, instnorm's fused
+backward kernel (dx, dweight, dbias in one call). register_autograd refuses an op that mutates an
+argument, so the running statistics are not updated by norm itself: it returns their new values
+and _run copies them in. A call that needs no gradient runs instnorm_torch::forward, which
+updates them in place.
 """
 import numbers
 
@@ -21,74 +28,111 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "silu": 2}
 _FLT_MAX = 3.4028234663852886e38  # eps reaches the kernel as a float32
 
+
+def _memory_format(x):
+    """The layout the kernel reads x in (and writes y and dx in): channels-last when x is that
+    and not also contiguous, else contiguous."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _stats_fake(x, groups):
+    g = groups if groups else x.shape[1]
+    return (x.new_empty((x.shape[0], g), dtype=torch.float32),
+            x.new_empty((x.shape[0], g), dtype=torch.float32))
+
+
+def _norm_setup_context(ctx, inputs, output):
+    x, weight, bias, running_mean, running_var, use_input_stats, _, eps, groups, act = inputs
+    _, mean, rstd, new_rm, new_rv = output
+    ctx.mark_non_differentiable(mean, rstd, new_rm, new_rv)
+    ctx.set_materialize_grads(False)  # no zero tensors for the statistics outputs' gradients
+    # The running statistics are read by the backward only in eval mode (use_input_stats False);
+    # when they are updated, the caller copies the new values into them, so they are not saved.
+    keep = not use_input_stats
+    ctx.save_for_backward(x, weight, bias, running_mean if keep else None,
+                          running_var if keep else None, mean, rstd)
+    ctx.use_input_stats, ctx.eps, ctx.groups, ctx.act = use_input_stats, eps, groups, act
+
+
+def _norm_backward(ctx, gy, *_):
+    """The gradient of instnorm_torch::norm: one call of instnorm's fused backward kernel
+    (instnorm_torch::backward), dx, dweight and dbias together."""
+    if gy is None:
+        return (None,) * 10
+    x, weight, bias, running_mean, running_var, mean, rstd = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx, dw, db = torch.ops.instnorm_torch.backward(
+        x, gy, weight, bias, running_mean, running_var, mean, rstd, ctx.use_input_stats, ctx.eps,
+        ctx.groups, ctx.act, bool(need_w), bool(need_b))
+    return (dx if need_x else None, dw.to(weight.dtype) if need_w else None,
+            db.to(bias.dtype) if need_b else None, None, None, None, None, None, None, None)
+
+
+def _double_backward(ctx, *grads):
+    raise RuntimeError("instnorm_torch: double backward is not supported (the gradient of "
+                       "instance_norm / group_norm is computed by a fused kernel that has no "
+                       "gradient of its own); float64 input runs PyTorch's op, which has one")
+
+
 if _KERNEL:
     _build.load()
 
     @torch.library.register_fake("instnorm_torch::forward")
     def _fake(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, groups,
               activation):
-        g = groups if groups else x.shape[1]
-        mf = torch.channels_last if (x.dim() == 4 and not x.is_contiguous()
-                                     and x.is_contiguous(memory_format=torch.channels_last)) else \
-            torch.channels_last_3d if (x.dim() == 5 and not x.is_contiguous()
-                                       and x.is_contiguous(memory_format=torch.channels_last_3d)) else \
-            torch.contiguous_format
-        y = torch.empty_like(x, memory_format=mf)
-        return y, x.new_empty((x.shape[0], g), dtype=torch.float32), \
-            x.new_empty((x.shape[0], g), dtype=torch.float32)
+        y = torch.empty_like(x, memory_format=_memory_format(x))
+        return (y,) + _stats_fake(x, groups)
+
+    @torch.library.register_fake("instnorm_torch::norm")
+    def _norm_fake(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+                   groups, activation):
+        y = torch.empty_like(x, memory_format=_memory_format(x))
+        c = x.shape[1] if running_mean is not None and use_input_stats else 0
+        return (y,) + _stats_fake(x, groups) + (x.new_empty((c,), dtype=torch.float32),
+                                                x.new_empty((c,), dtype=torch.float32))
+
+    @torch.library.register_fake("instnorm_torch::backward")
+    def _backward_fake(x, dy, weight, bias, running_mean, running_var, mean, rstd,
+                       use_input_stats, eps, groups, activation, weight_grad, bias_grad):
+        c = x.shape[1]
+        return (torch.empty_like(x, memory_format=_memory_format(x)),
+                x.new_empty((c if weight_grad else 0,), dtype=torch.float32),
+                x.new_empty((c if bias_grad else 0,), dtype=torch.float32))
+
+    # The autograd formula lives on the functional op: register_autograd refuses
+    # instnorm_torch::forward, whose schema mutates running_mean/running_var ("Cannot register
+    # autograd formula for non-functional operator"). The backward op gets a formula that
+    # raises, so differentiating a gradient fails with a clear message (when that second
+    # backward runs, not when create_graph=True merely records it).
+    torch.library.register_autograd("instnorm_torch::norm", _norm_backward,
+                                    setup_context=_norm_setup_context)
+    torch.library.register_autograd("instnorm_torch::backward", _double_backward)
 
 
-def _act_grad(g, pre, activation):
-    if activation == 1:
-        return g * (pre > 0).to(g.dtype)
-    if activation == 2:
-        s = torch.sigmoid(pre)
-        return g * (s * (1 + pre * (1 - s)))
-    return g
-
-
-class _Norm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
-                groups, activation):
-        y, mean, rstd = torch.ops.instnorm_torch.forward(
+def _run(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, groups,
+         act):
+    """The kernel's forward. When autograd needs it: the functional op instnorm_torch::norm
+    (whose backward is the fused kernel) and, with running statistics and use_input_stats, the
+    updated statistics copied into running_mean/running_var. Otherwise instnorm_torch::forward,
+    which updates them in place. Neither writes into x."""
+    args = (x, weight, bias, running_mean, running_var)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        y, _, _, new_rm, new_rv = torch.ops.instnorm_torch.norm(
             x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, groups,
-            activation)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.groups, ctx.activation, ctx.use_input_stats = groups, activation, use_input_stats
+            act)
+        if running_mean is not None and use_input_stats:
+            with torch.no_grad():
+                running_mean.copy_(new_rm)
+                running_var.copy_(new_rv)
         return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        n, c = x.shape[:2]
-        g = ctx.groups if ctx.groups else c
-        bshape = (1, c) + (1,) * (x.dim() - 2)
-        red = [0] + list(range(2, x.dim()))
-        xf = x.float()
-        xhat = ((xf.reshape(n, g, -1) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
-        go = gy.float()
-        if ctx.activation:
-            pre = xhat
-            if weight is not None:
-                pre = pre * weight.float().reshape(bshape)
-            if bias is not None:
-                pre = pre + bias.float().reshape(bshape)
-            go = _act_grad(go, pre, ctx.activation)
-        gw = (go * xhat).sum(red).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        gb = go.sum(red).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gxh = go * weight.float().reshape(bshape) if weight is not None else go
-            gxh = gxh.reshape(n, g, -1)
-            r = rstd[..., None]
-            if ctx.use_input_stats:
-                xh = xhat.reshape(n, g, -1)
-                gx = r * (gxh - gxh.mean(-1, keepdim=True) - xh * (gxh * xh).mean(-1, keepdim=True))
-            else:
-                gx = gxh * r
-            gx = gx.reshape(x.shape).to(x.dtype)
-        return gx, gw, gb, None, None, None, None, None, None, None
+    return torch.ops.instnorm_torch.forward(x, weight, bias, running_mean, running_var,
+                                            use_input_stats, momentum, eps, groups, act)[0]
 
 
 # Checks. Each raises with "<function>: <rule> (got <value>)".
@@ -223,8 +267,8 @@ def instance_norm(x, weight=None, bias=None, running_mean=None, running_var=None
         y = F.instance_norm(x, running_mean, running_var, weight, bias, bool(use_input_stats),
                             momentum, eps)
         return _apply_activation(y, act)
-    return _Norm.apply(x, weight, bias, running_mean, running_var, bool(use_input_stats),
-                       momentum, eps, 0, act)
+    return _run(x, weight, bias, running_mean, running_var, bool(use_input_stats), momentum, eps,
+                0, act)
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):
@@ -259,4 +303,4 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None)
         x, weight, bias = _autocast_fp32(x), _autocast_fp32(weight), _autocast_fp32(bias)
     if not _kernel_takes(x, [weight, bias], False):
         return _apply_activation(F.group_norm(x, num_groups, weight, bias, eps), act)
-    return _Norm.apply(x, weight, bias, None, None, True, 0.0, eps, int(num_groups), act)
+    return _run(x, weight, bias, None, None, True, 0.0, eps, int(num_groups), act)

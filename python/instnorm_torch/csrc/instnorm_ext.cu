@@ -1,5 +1,8 @@
-// PyTorch binding of instnorm: one custom op, instnorm_torch::forward, registered with
-// torch.library (schema below) for CUDA tensors. Built with PyTorch's extension flags, which
+// PyTorch binding of instnorm: three custom ops registered with torch.library (schemas below)
+// for CUDA tensors: instnorm_torch::forward (updates the running statistics in place; the
+// no-grad path), instnorm_torch::norm (the same forward, functional: the op the Python package
+// registers its autograd formula on) and instnorm_torch::backward (instnorm's fused backward
+// kernel). Built with PyTorch's extension flags, which
 // define __CUDA_NO_HALF_OPERATORS__ and friends: the headers use conversion intrinsics only.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -67,83 +70,270 @@ void check_param(const char* name, const c10::optional<at::Tensor>& t, const at:
                                       static_cast<long long>(t->numel())));
 }
 
-// Returns (y, mean, rstd): mean and rstd are (n, G) float32, the statistics the normalize used
-// (the running ones, per channel, in eval mode).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
-    const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
-    const c10::optional<at::Tensor>& running_var, bool use_input_stats, double momentum,
-    double eps, int64_t groups, int64_t activation) {
-  TORCH_CHECK(x_in.is_cuda(), "instnorm_torch: x must be a CUDA tensor (got ", x_in.device(), ")");
+// What the three ops share: x's checks, its layout (contiguous -> NCHW, channels-last ->
+// NHWC without a copy, anything else made contiguous), and the Options every call fills the
+// same way from the arguments. The running statistics and the saved ones are each op's own.
+struct Call {
+  at::Tensor x, w, b;  // x in the layout the kernel reads; gamma/beta as the kernel reads them
+  int64_t n = 0, c = 0, spatial = 0, G = 0;
+  bool has_running = false;
+  instnorm::Options opt;
+};
+
+void check_cuda(const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), "instnorm_torch: x must be a CUDA tensor (got ", x.device(), ")");
+}
+
+// "(2, 3, 5)" (format(), not a stream of int64_t: see format()).
+std::string shape_str(at::IntArrayRef s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i)
+    out += format(i ? ", %lld" : "%lld", static_cast<long long>(s[i]));
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+
+Call prepare(const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
+             const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+             const c10::optional<at::Tensor>& running_var, bool use_input_stats, double momentum,
+             double eps, int64_t groups, int64_t activation) {
+  check_cuda(x_in);
   TORCH_CHECK(x_in.dim() >= 2, format("instnorm_torch: x must be (N, C, ...) (got %lld dimensions)",
                                       static_cast<long long>(x_in.dim())));
   const auto st = x_in.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
               "instnorm_torch: x must be float32, float16 or bfloat16 (got ", st, ")");
-  c10::cuda::CUDAGuard guard(x_in.device());
-  const int64_t n = x_in.size(0), c = x_in.size(1);
-  check_param("weight", weight, x_in, c);
-  check_param("bias", bias, x_in, c);
-  check_param("running_mean", running_mean, x_in, c);
-  check_param("running_var", running_var, x_in, c);
-  const bool has_running = running_mean && running_mean->defined();
-  TORCH_CHECK(has_running == (running_var && running_var->defined()),
+  Call k;
+  k.n = x_in.size(0);
+  k.c = x_in.size(1);
+  check_param("weight", weight, x_in, k.c);
+  check_param("bias", bias, x_in, k.c);
+  check_param("running_mean", running_mean, x_in, k.c);
+  check_param("running_var", running_var, x_in, k.c);
+  k.has_running = running_mean && running_mean->defined();
+  TORCH_CHECK(k.has_running == (running_var && running_var->defined()),
               "instnorm_torch: running_mean and running_var must both be given or both be None");
-  const int64_t spatial = n * c == 0 ? 0 : x_in.numel() / (n * c);
-  instnorm::Options opt;
-  at::Tensor x = x_in;
-  const auto cl = x.dim() == 4 ? at::MemoryFormat::ChannelsLast
-                  : x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
-                                 : at::MemoryFormat::Contiguous;
-  if (x.is_contiguous()) {
-    opt.layout = instnorm::Layout::kNCHW;
-  } else if (cl != at::MemoryFormat::Contiguous && x.is_contiguous(cl)) {
-    opt.layout = instnorm::Layout::kNHWC;  // channels-last: no copy
+  k.spatial = k.n * k.c == 0 ? 0 : x_in.numel() / (k.n * k.c);
+  k.G = groups == 0 ? k.c : groups;
+  k.x = x_in;
+  const auto cl = k.x.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                  : k.x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
+                                   : at::MemoryFormat::Contiguous;
+  if (k.x.is_contiguous()) {
+    k.opt.layout = instnorm::Layout::kNCHW;
+  } else if (cl != at::MemoryFormat::Contiguous && k.x.is_contiguous(cl)) {
+    k.opt.layout = instnorm::Layout::kNHWC;  // channels-last: no copy
   } else {
-    x = x.contiguous();
+    k.x = k.x.contiguous();
   }
-  at::Tensor y = at::empty_like(x);  // keeps x's memory format
-  const int64_t G = groups == 0 ? c : groups;
-  auto fopts = x.options().dtype(at::kFloat);
-  at::Tensor mean = at::empty({n, G}, fopts), rstd = at::empty({n, G}, fopts);
-  opt.eps = static_cast<float>(eps);
-  opt.groups = groups;
-  opt.momentum = static_cast<float>(momentum);
-  opt.use_input_stats = use_input_stats;
-  opt.activation = static_cast<instnorm::Activation>(activation);
-  opt.save_mean = mean.data_ptr<float>();
-  opt.save_rstd = rstd.data_ptr<float>();
+  k.opt.eps = static_cast<float>(eps);
+  k.opt.groups = groups;
+  k.opt.momentum = static_cast<float>(momentum);
+  k.opt.use_input_stats = use_input_stats;
+  k.opt.activation = static_cast<instnorm::Activation>(activation);
   // gamma/beta: float32, or x's type; anything else is converted to float32.
-  at::Tensor w, b;
   const bool same = (!weight || weight->scalar_type() == st) && (!bias || bias->scalar_type() == st);
-  if (weight && weight->defined()) w = (same ? *weight : weight->to(at::kFloat)).contiguous();
-  if (bias && bias->defined()) b = (same ? *bias : bias->to(at::kFloat)).contiguous();
-  opt.param_type = same && st != at::kFloat ? instnorm::ParamType::kSameAsInput
-                                            : instnorm::ParamType::kFloat;
-  if (w.defined()) opt.gamma = w.data_ptr();
-  if (b.defined()) opt.beta = b.data_ptr();
+  if (weight && weight->defined()) k.w = (same ? *weight : weight->to(at::kFloat)).contiguous();
+  if (bias && bias->defined()) k.b = (same ? *bias : bias->to(at::kFloat)).contiguous();
+  k.opt.param_type = same && st != at::kFloat ? instnorm::ParamType::kSameAsInput
+                                              : instnorm::ParamType::kFloat;
+  if (k.w.defined()) k.opt.gamma = k.w.data_ptr();
+  if (k.b.defined()) k.opt.beta = k.b.data_ptr();
+  return k;
+}
+
+// A float32 contiguous tensor of t's values: t itself where it is one already.
+at::Tensor as_f32(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
+
+// The forward with the statistics outputs of every op: (y, mean, rstd), mean and rstd (n, G)
+// float32, the statistics the normalize used (the running ones, per channel, in eval mode).
+// opt.running_mean/running_var are the caller's (read, and updated when use_input_stats).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(Call& k) {
+  at::Tensor y = at::empty_like(k.x);  // keeps x's memory format; never x itself (no in place)
+  auto fopts = k.x.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty({k.n, k.G}, fopts), rstd = at::empty({k.n, k.G}, fopts);
+  k.opt.save_mean = mean.data_ptr<float>();
+  k.opt.save_rstd = rstd.data_ptr<float>();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  switch (k.x.scalar_type()) {
+    case at::kHalf: run<__half>(k.x, y, k.n, k.c, k.spatial, k.opt, stream); break;
+    case at::kBFloat16: run<__nv_bfloat16>(k.x, y, k.n, k.c, k.spatial, k.opt, stream); break;
+    default: run<float>(k.x, y, k.n, k.c, k.spatial, k.opt, stream); break;
+  }
+  return {y, mean, rstd};
+}
+
+// instnorm_torch::forward: returns (y, mean, rstd) and updates running_mean/running_var in
+// place (use_input_stats). Mutable, so it has no autograd formula: the package calls it when no
+// gradient is needed (inference, no_grad, frozen layers).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool use_input_stats, double momentum,
+    double eps, int64_t groups, int64_t activation) {
+  check_cuda(x_in);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  Call k = prepare(x_in, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+                   groups, activation);
   // Running statistics: float32 contiguous views, or float32 copies written back afterwards.
   at::Tensor rm, rv;
-  if (has_running) {
-    auto as_f32 = [](const at::Tensor& t) {
-      return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
-    };
+  if (k.has_running) {
     rm = as_f32(*running_mean);
     rv = as_f32(*running_var);
-    opt.running_mean = rm.data_ptr<float>();
-    opt.running_var = rv.data_ptr<float>();
+    k.opt.running_mean = rm.data_ptr<float>();
+    k.opt.running_var = rv.data_ptr<float>();
   }
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  switch (st) {
-    case at::kHalf: run<__half>(x, y, n, c, spatial, opt, stream); break;
-    case at::kBFloat16: run<__nv_bfloat16>(x, y, n, c, spatial, opt, stream); break;
-    default: run<float>(x, y, n, c, spatial, opt, stream); break;
-  }
-  if (has_running && use_input_stats) {
+  auto out = run_forward(k);
+  if (k.has_running && use_input_stats) {
     if (!rm.is_same(*running_mean)) running_mean->copy_(rm);
     if (!rv.is_same(*running_var)) running_var->copy_(rv);
   }
-  return {y, mean, rstd};
+  return out;
+}
+
+// instnorm_torch::norm: the functional forward, which the autograd formula is registered on
+// (torch.library.register_autograd refuses an op that mutates its arguments). Returns
+// (y, mean, rstd, new_running_mean, new_running_var): with running statistics and
+// use_input_stats, the kernel updates float32 copies of them, returned (c,) for the caller to
+// copy back; otherwise those two are empty (0,) float32 and the running statistics are only read
+// (use_input_stats false).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_functional(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool use_input_stats, double momentum,
+    double eps, int64_t groups, int64_t activation) {
+  check_cuda(x_in);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  Call k = prepare(x_in, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+                   groups, activation);
+  const auto fopts = k.x.options().dtype(at::kFloat);
+  at::Tensor rm = at::empty({0}, fopts), rv = at::empty({0}, fopts);
+  at::Tensor rm_read, rv_read;
+  if (k.has_running) {
+    if (use_input_stats) {  // updated: fresh copies, never the caller's tensors
+      rm = running_mean->to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+      rv = running_var->to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+      k.opt.running_mean = rm.data_ptr<float>();
+      k.opt.running_var = rv.data_ptr<float>();
+    } else {  // read only
+      rm_read = as_f32(*running_mean);
+      rv_read = as_f32(*running_var);
+      k.opt.running_mean = rm_read.data_ptr<float>();
+      k.opt.running_var = rv_read.data_ptr<float>();
+    }
+  }
+  auto [y, mean, rstd] = run_forward(k);
+  return {y, mean, rstd, rm, rv};
+}
+
+// Validates (no CUDA call), then runs the fused backward.
+template <class T>
+void run_backward(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dx, const Call& k,
+                  const instnorm::Gradients& grads, cudaStream_t stream) {
+  const T* px = static_cast<const T*>(x.data_ptr());
+  const T* pdy = static_cast<const T*>(dy.data_ptr());
+  T* pdx = static_cast<T*>(dx.data_ptr());
+  const instnorm::Invalid why =
+      instnorm::validate_backward<T>(px, pdy, pdx, k.n, k.c, k.spatial, k.opt, grads);
+  if (why == instnorm::Invalid::kEmpty) return;
+  TORCH_CHECK(why == instnorm::Invalid::kOk,
+              format("instnorm_torch: backward: %s (n = %lld, c = %lld, spatial = %lld, "
+                     "groups = %lld, eps = %g, activation = %d, use_input_stats = %s)",
+                     instnorm::to_string(why), static_cast<long long>(k.n),
+                     static_cast<long long>(k.c), static_cast<long long>(k.spatial),
+                     static_cast<long long>(k.opt.groups), double(k.opt.eps),
+                     static_cast<int>(k.opt.activation), k.opt.use_input_stats ? "true" : "false"));
+  size_t bytes = 0;
+  cudaError_t err = instnorm::backward_workspace_size<T>(k.n, k.c, k.spatial, k.opt, grads,
+                                                         &bytes, px, pdy, pdx);
+  TORCH_CHECK(err == cudaSuccess, "instnorm_torch: backward_workspace_size: ",
+              cudaGetErrorString(err));
+  at::Tensor ws;  // from PyTorch's caching allocator: graph-capturable, no cudaMalloc per call
+  if (bytes > 0) ws = at::empty({int64_t(bytes)}, x.options().dtype(at::kByte));
+  err = instnorm::backward(px, pdy, pdx, k.n, k.c, k.spatial, k.opt, grads,
+                           bytes > 0 ? ws.data_ptr() : nullptr, bytes, stream);
+  TORCH_CHECK(err == cudaSuccess, "instnorm_torch: backward: ", cudaGetErrorString(err));
+}
+
+void check_stats(const char* name, const at::Tensor& t, const at::Tensor& x, int64_t count) {
+  TORCH_CHECK(t.device() == x.device(), "instnorm_torch: backward: ", name,
+              " must be on x's device ", x.device(), " (got ", t.device(), ")");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "instnorm_torch: backward: ", name,
+              " must be float32 (got ", t.scalar_type(), ")");
+  TORCH_CHECK(t.numel() == count,
+              format("instnorm_torch: backward: %s must have N * G = %lld elements (got %lld)",
+                     name, static_cast<long long>(count), static_cast<long long>(t.numel())));
+}
+
+// instnorm_torch::backward: the gradient of norm/forward called with the same arguments, from
+// the forward's saved mean and rstd (read when use_input_stats) or the running statistics (read
+// when not). Returns (dx, dweight, dbias): dx of x's dtype in the layout the forward read x in;
+// dweight/dbias float32 (C,) where weight_grad/bias_grad ask for them, else empty (0,).
+// dweight is the gradient of a weight of ones where weight is None.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fused(
+    const at::Tensor& x_in, const at::Tensor& dy_in, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const at::Tensor& mean, const at::Tensor& rstd,
+    bool use_input_stats, double eps, int64_t groups, int64_t activation, bool weight_grad,
+    bool bias_grad) {
+  check_cuda(x_in);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  Call k = prepare(x_in, weight, bias, running_mean, running_var, use_input_stats, 0.0, eps,
+                   groups, activation);
+  TORCH_CHECK(dy_in.device() == k.x.device(), "instnorm_torch: backward: dy must be on x's device ",
+              k.x.device(), " (got ", dy_in.device(), ")");
+  TORCH_CHECK(dy_in.scalar_type() == k.x.scalar_type(),
+              "instnorm_torch: backward: dy must have x's dtype ", k.x.scalar_type(), " (got ",
+              dy_in.scalar_type(), ")");
+  TORCH_CHECK(dy_in.sizes() == k.x.sizes(), "instnorm_torch: backward: dy must have x's shape ",
+              shape_str(k.x.sizes()), " (got ", shape_str(dy_in.sizes()), ")");
+  // dy in the layout the kernel reads x in (a gradient may come expanded or in any strides).
+  at::Tensor dy;
+  if (k.opt.layout == instnorm::Layout::kNHWC)
+    dy = dy_in.contiguous(k.x.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                         : at::MemoryFormat::ChannelsLast3d);
+  else
+    dy = dy_in.contiguous();
+  at::Tensor m, r, rm, rv;
+  if (use_input_stats) {
+    if (k.G > 0 && k.c % k.G == 0) {  // else validate_backward names the bad groups
+      check_stats("mean", mean, k.x, k.n * k.G);
+      check_stats("rstd", rstd, k.x, k.n * k.G);
+    }
+    m = mean.contiguous();
+    r = rstd.contiguous();
+    k.opt.save_mean = m.data_ptr<float>();
+    k.opt.save_rstd = r.data_ptr<float>();
+  } else {
+    TORCH_CHECK(k.has_running, "instnorm_torch: backward: running_mean and running_var are "
+                               "required when use_input_stats is false");
+  }
+  if (k.has_running && !use_input_stats) {  // read only; unused with use_input_stats
+    rm = as_f32(*running_mean);
+    rv = as_f32(*running_var);
+    k.opt.running_mean = rm.data_ptr<float>();
+    k.opt.running_var = rv.data_ptr<float>();
+  }
+  at::Tensor dx = at::empty_like(k.x);  // x's layout (empty_like keeps a dense x's strides)
+  const auto fopts = k.x.options().dtype(at::kFloat);
+  at::Tensor dw = at::empty({weight_grad ? k.c : 0}, fopts);
+  at::Tensor db = at::empty({bias_grad ? k.c : 0}, fopts);
+  instnorm::Gradients grads;
+  if (weight_grad) grads.dgamma = dw.data_ptr<float>();
+  if (bias_grad) grads.dbeta = db.data_ptr<float>();
+  if (k.x.numel() == 0) {  // nothing to normalize: the parameters' gradients are zero
+    dw.zero_();
+    db.zero_();
+    return {dx, dw, db};
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  switch (k.x.scalar_type()) {
+    case at::kHalf: run_backward<__half>(k.x, dy, dx, k, grads, stream); break;
+    case at::kBFloat16: run_backward<__nv_bfloat16>(k.x, dy, dx, k, grads, stream); break;
+    default: run_backward<float>(k.x, dy, dx, k, grads, stream); break;
+  }
+  return {dx, dw, db};
 }
 
 }  // namespace
@@ -153,6 +343,19 @@ TORCH_LIBRARY(instnorm_torch, m) {
       "forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool use_input_stats, float momentum, float eps, int groups, "
       "int activation) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+      "bool use_input_stats, float momentum, float eps, int groups, int activation) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "backward(Tensor x, Tensor dy, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, Tensor mean, Tensor rstd, bool use_input_stats, float eps, "
+      "int groups, int activation, bool weight_grad, bool bias_grad) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(instnorm_torch, CUDA, m) { m.impl("forward", &forward); }
+TORCH_LIBRARY_IMPL(instnorm_torch, CUDA, m) {
+  m.impl("forward", &forward);
+  m.impl("norm", &norm_functional);
+  m.impl("backward", &backward_fused);
+}
