@@ -17,9 +17,10 @@ constexpr int max_items(int vec) { return vec > 1 ? 16 : 32; }
 /// re-reads anyway, and the full array left it a few bytes of spill for 16-bit types.
 constexpr int max_stream_items(int vec) { return vec > 1 ? max_items(vec) / 2 : max_items(vec); }
 /// The backward kernel holds x and dy: vectors per thread of each, in registers and streamed.
-/// Half the forward's would be 8 16-byte vectors; beside the backward's sums and per-channel
-/// state, 8 spilled on sm_90 (float 16-36 bytes, bf16 112-252) and 7 still did for bf16, so 6.
-constexpr int max_backward_items(int vec) { return vec > 1 ? 6 : max_items(vec) / 2; }
+/// Half the forward's would be 8 16-byte vectors (16 scalars); beside the backward's sums,
+/// per-channel state and shared-memory extension, ptxas (nvcc 13.0) spilled 16-252 bytes at 8,
+/// 8 bytes on sm_89 at 6 (16 scalars: 4-12 bytes), none at 5 and 12.
+constexpr int max_backward_items(int vec) { return vec > 1 ? 5 : 12; }
 constexpr int max_backward_stream_items(int vec) { return vec > 1 ? 4 : max_items(vec) / 2; }
 /// Registers per thread the kernels may use (ptxas: 101-128, 0 spills, sm_89 and sm_90).
 constexpr int kMaxRegsPerThread = 128;

@@ -164,6 +164,7 @@ struct BackwardParams {
   Activation activation;
   int lanes;
   int items;
+  int smem_items;              ///< further vectors of x and of dy per thread in shared memory
   int64_t blocks_per_plane;
   int64_t slice_len;
   GradSlot* slots;             ///< [2][grid] (cooperative plans)
@@ -220,7 +221,8 @@ enum class PartialMode : int {
 /// (inactive groups too), with the same channel count.
 template <int kVec, class T>
 __device__ __forceinline__ void channel_partial_sums(const BackwardParams<T>& p,
-                                                  const float2* vec_sums, int64_t plane,
+                                                  const float2* vec_sums, int held,
+                                                  int64_t plane,
                                                   int64_t first, int64_t clen, int rank,
                                                   bool active, PartialMode mode,
                                                   const GradPlane& pl) {
@@ -233,7 +235,7 @@ __device__ __forceinline__ void channel_partial_sums(const BackwardParams<T>& p,
   const int team = lanes < 32 ? 0 : lane / 32;
   const int64_t image = plane / p.groups, channel_base = (plane % p.groups) * cpg;
   const int tl = lane % team_width;
-  const float2* mine = vec_sums + int64_t(group) * p.items * p.lanes;
+  const float2* mine = vec_sums + int64_t(group) * held * p.lanes;
 #pragma unroll 1
   for (int64_t k = team; k < cpg; k += teams) {
     float2* slot = p.partials + ((image * c + channel_base + k) * G + rank);
@@ -293,15 +295,17 @@ __global__ void grad_params_kernel(const float2* partials, int64_t n, int64_t c,
 }
 
 /// The backward kernel; see the file comment. kStream: slices larger than one chunk are read
-/// again for each pass (an activation's residual, the sums, dx); otherwise x and dy stay in
-/// registers. Dynamic shared memory (GroupNorm with dgamma or dbeta asked): a float2 per
-/// vector a block holds, the per-vector sums that the per-channel partials are cut from.
+/// again for each pass (an activation's residual, the sums, dx); otherwise x and dy stay on
+/// chip: in registers, and beyond them (split plans' smem_items) in dynamic shared memory,
+/// filled by cp.async as the forward's split slices are. Dynamic shared memory:
+/// [x part][dy part] (smem_items vectors per thread each), then, for GroupNorm with dgamma or
+/// dbeta, a float2 per vector a block holds: the per-vector sums the per-channel partials are
+/// cut from.
 template <class T, int kVec, int kMaxItems, bool kStream>
 __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardParams<T> p) {
   using V = Vector<T, kVec>;
   __shared__ GradReduceStorage st;
   extern __shared__ uint4 dyn_smem[];
-  float2* vec_sums = reinterpret_cast<float2*>(dyn_smem);
   const int lanes = p.lanes;
   const int lane = threadIdx.x % lanes;
   const int per_block = blockDim.x / lanes;
@@ -311,6 +315,14 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
   const int block_group = int(blockIdx.x) / G;
   const int block_groups = int(gridDim.x) / G;
   const int chunk = lanes * p.items * kVec;
+  // The extension holds 16-byte vectors only (cp.async; the planner gives scalar plans none).
+  const int sitems = kStream || sizeof(V) != 16 ? 0 : p.smem_items;
+  // Addresses from dyn_smem where they are used: kept as pointers, they cost the registers
+  // that made the scalar and sm_89 kernels spill.
+  const auto smem_vec = [&](int k) -> V& { return reinterpret_cast<V*>(dyn_smem)[k]; };
+  const auto vec_sum = [&](int k) -> float2& {
+    return reinterpret_cast<float2*>(reinterpret_cast<V*>(dyn_smem) + 2 * sitems * lanes)[k];
+  };
   const int64_t cpg = p.channels_per_group;
   const bool per_channel = cpg > 1 && (p.gamma != nullptr || p.beta != nullptr);
   const bool channel_partials = p.partials != nullptr && cpg > 1;
@@ -325,8 +337,6 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
     const int64_t len = active && end > begin ? end - begin : 0;
     const int64_t base = (active ? plane : 0) * p.plane_len + begin;
     const int64_t channel_base = (active ? plane % p.groups : 0) * cpg;
-    const ChunkChannel cc0 = per_channel ? chunk_channel(channel_base, begin, p.spatial)
-                                         : ChunkChannel{channel_base, 0};
 
     GradPlane pl;
     GradChannel<T> plane_ch;  // instance norm: the plane's channel
@@ -342,31 +352,58 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
     }
 
     V xr[kMaxItems], dr[kMaxItems];
-    // Visits the slice chunk by chunk: f(chunk offset, chunk length, valid vectors), with the
-    // chunk's x (and dy, unless x_only) in xr/dr. Without kStream the slice is one chunk,
-    // loaded by the first visit.
+    // Visits the slice chunk by chunk: start(offset) before a chunk, item(j, x, dy) for each of
+    // the lane's valid vectors j = 0, 1, ... (vector j at element (j * lanes + lane) * kVec of
+    // the chunk), finish(offset, length) after it. On chip, the slice is one chunk, loaded by
+    // the first visit; its shared-memory vectors continue the register ones (j >= items: the
+    // register part is then full on every lane, so vector positions run on unbroken).
     bool loaded = false;
-    const auto visit = [&](bool x_only, auto&& f) {
+    const auto visit = [&](bool x_only, auto&& start, auto&& item, auto&& finish) {
       if constexpr (!kStream) {
         const int valid = valid_items<kVec>(int(len), lane, lanes, p.items);
+        const int svalid = sitems > 0 && len > chunk
+                               ? valid_items<kVec>(int(len - chunk), lane, lanes, sitems)
+                               : 0;
         if (!loaded) {
           load_chunk<T, kVec, kMaxItems>(xr, p.x + base, valid, lane, lanes);
           load_chunk<T, kVec, kMaxItems>(dr, p.dy + base, valid, lane, lanes);
-          loaded = true;
+          if (svalid > 0) {
+            smem_fill<T, kVec>(&smem_vec(lane), p.x + base + chunk, svalid, lane, lanes);
+            smem_fill<T, kVec>(&smem_vec(sitems * lanes + lane), p.dy + base + chunk, svalid,
+                               lane, lanes);
+          }
         }
-        f(int64_t(0), len, valid);
+        start(int64_t(0));
+#pragma unroll
+        for (int j = 0; j < kMaxItems; ++j)
+          if (j < valid) item(j, xr[j], dr[j]);
+        if (svalid > 0) {
+          if (!loaded) {
+            if constexpr (sizeof(V) == 16) copy_async_wait_all();  // each lane reads its own
+          }
+#pragma unroll 1
+          for (int j = 0; j < svalid; ++j)
+            item(p.items + j, smem_vec(j * lanes + lane), smem_vec((sitems + j) * lanes + lane));
+        }
+        loaded = true;
+        finish(int64_t(0), len);
       } else {
         // Streamed plans are split plans (one group per block): every thread of the block
-        // takes every iteration, so the barriers inside f hold.
+        // takes every iteration, so the barriers inside finish hold.
         for (int64_t off = 0; off < len; off += chunk) {
           const int clen = int(len - off < chunk ? len - off : chunk);
           const int valid = valid_items<kVec>(clen, lane, lanes, p.items);
           load_chunk<T, kVec, kMaxItems>(xr, p.x + base + off, valid, lane, lanes);
           if (!x_only) load_chunk<T, kVec, kMaxItems>(dr, p.dy + base + off, valid, lane, lanes);
-          f(off, int64_t(clen), valid);
+          start(off);
+#pragma unroll
+          for (int j = 0; j < kMaxItems; ++j)
+            if (j < valid) item(j, xr[j], dr[j]);
+          finish(off, int64_t(clen));
         }
       }
     };
+    const auto nothing = [](auto&&...) {};
     // The group's (lane group's or block's) all-reduce, then the exchange among the G blocks.
     const auto reduce = [&](GradSums s, GradSums* own) {
       s = lanes <= 32 ? warp_allreduce(s, lanes) : block_allreduce(s, st);
@@ -380,20 +417,27 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
 
     with_activation(p.activation, [&](auto act_tag) {
       constexpr Activation kAct = decltype(act_tag)::value;
+      // gamma/beta of the current vector's channel (GroupNorm), tracked per chunk.
+      GradChannel<T> ch = plane_ch;
+      ChannelCursor<T> cursor(false, ChunkChannel{0, 0}, 0, 1, kVec, 1);
+      const auto start_chunk = [&](int64_t off) {
+        ch = plane_ch;
+        cursor = ChannelCursor<T>(per_channel, chunk_channel(channel_base, begin + off, p.spatial),
+                                  lane, lanes, kVec, p.spatial);
+      };
+
       // Pass 1 (with an activation): the residual, which pre needs.
       if (p.use_input_stats && kAct != Activation::kNone) {
         GradSums s;
-        visit(true, [&](int64_t, int64_t, int valid) {
-#pragma unroll
-          for (int j = 0; j < kMaxItems; ++j) {
-            if (j < valid) {
+        visit(
+            true, nothing,
+            [&](int, const V& xv, const V&) {
               float f[kVec];
-              unpack(xr[j], f);
+              unpack(xv, f);
 #pragma unroll
               for (int k = 0; k < kVec; ++k) add_compensated(s, f[k] - pl.c);
-            }
-          }
-        });
+            },
+            nothing);
         s = reduce(s, nullptr);
         pl.r = (s.s0_hi + s.s0_lo) * inv_len;
       }
@@ -401,18 +445,13 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
       // Pass 2: the sums (and, in GroupNorm with dgamma/dbeta, the per-vector sums).
       GradSums own;
       GradSums s;
-      visit(false, [&](int64_t off, int64_t clen, int valid) {
-        GradChannel<T> ch = plane_ch;
-        ChannelCursor<T> cursor(per_channel,
-                                per_channel ? chunk_channel(channel_base, begin + off, p.spatial)
-                                            : cc0,
-                                lane, lanes, kVec, p.spatial);
-#pragma unroll
-        for (int j = 0; j < kMaxItems; ++j) {
-          if (j < valid) {
+      const int held = p.items + sitems;  // vectors per lane in vec_sums
+      visit(
+          false, start_chunk,
+          [&](int j, const V& xv, const V& dv) {
             cursor.visit(j, ch, p);
             float xc[kVec], d[kVec];
-            grad_terms<kAct>(xr[j], dr[j], pl, ch, xc, d);
+            grad_terms<kAct>(xv, dv, pl, ch, xc, d);
             float va = 0.f, vb = 0.f;
 #pragma unroll
             for (int k = 0; k < kVec; ++k) {
@@ -423,19 +462,20 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
             const float w = per_channel ? ch.gamma : 1.f;
             s.a = fmaf(w, va, s.a);
             s.b = fmaf(w, vb, s.b);
-            if (channel_partials) vec_sums[(group * p.items + j) * lanes + lane] = make_float2(va, vb);
-          }
-        }
-        if (channel_partials && kStream) {
-          // Streamed GroupNorm: this chunk's per-channel sums are added to the block's partials
-          // (the slot of each channel always by the same thread, so in program order).
-          __syncthreads();
-          channel_partial_sums<kVec>(p, vec_sums, active ? plane : 0, begin + off, clen, rank,
-                                     active, off > 0 ? PartialMode::kAdd : PartialMode::kStore,
-                                     pl);
-          __syncthreads();
-        }
-      });
+            if (channel_partials)
+              vec_sum((group * held + j) * lanes + lane) = make_float2(va, vb);
+          },
+          [&](int64_t off, int64_t clen) {
+            if (channel_partials && kStream) {
+              // Streamed GroupNorm: this chunk's per-channel sums are added to the block's
+              // partials (each channel's slot always by the same thread, in program order).
+              __syncthreads();
+              channel_partial_sums<kVec>(p, &vec_sum(0), held, active ? plane : 0, begin + off,
+                                         clen, rank, active,
+                                         off > 0 ? PartialMode::kAdd : PartialMode::kStore, pl);
+              __syncthreads();
+            }
+          });
       if (p.use_input_stats) {
         s = reduce(s, &own);
         if (kAct == Activation::kNone) pl.r = (s.s0_hi + s.s0_lo) * inv_len;
@@ -457,7 +497,8 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
                 make_float2(own.a, pl.rstd * fmaf(-pl.r, own.a, own.b));
         } else {
           if (!kStream) __syncthreads();
-          channel_partial_sums<kVec>(p, vec_sums, active ? plane : 0, begin, len, rank, active,
+          channel_partial_sums<kVec>(p, &vec_sum(0), held, active ? plane : 0, begin, len, rank,
+                                     active,
                                      kStream ? PartialMode::kFinish : PartialMode::kStoreFinished,
                                      pl);
           if (!kStream) __syncthreads();
@@ -465,28 +506,27 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
       }
 
       // Pass 3: dx.
-      visit(false, [&](int64_t off, int64_t, int valid) {
-        GradChannel<T> ch = plane_ch;
-        ChannelCursor<T> cursor(per_channel,
-                                per_channel ? chunk_channel(channel_base, begin + off, p.spatial)
-                                            : cc0,
-                                lane, lanes, kVec, p.spatial);
-        auto* out = reinterpret_cast<V*>(p.dx + base + off) + lane;
-#pragma unroll
-        for (int j = 0; j < kMaxItems; ++j) {
-          if (j < valid) {
+      T* out = p.dx + base;
+      int64_t chunk_off = 0;
+      visit(
+          false,
+          [&](int64_t off) {
+            start_chunk(off);
+            chunk_off = off;
+          },
+          [&](int j, const V& xv, const V& dv) {
             cursor.visit(j, ch, p);
             float xc[kVec], d[kVec];
-            grad_terms<kAct>(xr[j], dr[j], pl, ch, xc, d);
+            grad_terms<kAct>(xv, dv, pl, ch, xc, d);
 #pragma unroll
             for (int k = 0; k < kVec; ++k) {
               const float xhat = (xc[k] - pl.r) * pl.rstd;
               d[k] = pl.rstd * (fmaf(ch.gamma, d[k], -pl.k1) - xhat * pl.k2);
             }
-            store_vector(out + j * lanes, pack<T, kVec>(d));
-          }
-        }
-      });
+            store_vector(reinterpret_cast<V*>(out + chunk_off) + lane + j * lanes,
+                         pack<T, kVec>(d));
+          },
+          nothing);
     });
   }
 }

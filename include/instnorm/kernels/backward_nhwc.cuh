@@ -142,17 +142,31 @@ __global__ void nhwc_grad_finalize(const NhwcGradParams<T> p) {
        u += warps) {
     const int64_t image = u / p.groups, ch0 = (u % p.groups) * p.cpg;
     GradPlane pl = nhwc_unit(p, image, ch0, act && !kResidualOnly && p.use_input_stats);
-    const int64_t entries = p.tiles * p.cpg;
     const float4* ts = p.tile_sums + image * p.tiles * p.c;
+    // Channel by channel, lanes over the tiles: the unit's sums, and each channel's own sums
+    // (its partial of dgamma/dbeta), in a fixed order.
     GradSums s;
     float sg = 0.f, sgb = 0.f;
-    for (int64_t e = lane; e < entries; e += 32) {
-      const int64_t ch = ch0 + e / p.tiles, t = e % p.tiles;
-      const float4 v = ts[t * p.c + ch];
+#pragma unroll 1
+    for (int64_t k = 0; k < p.cpg; ++k) {
+      const int64_t ch = ch0 + k;
+      float a = 0.f, b = 0.f;
+      for (int64_t t = lane; t < p.tiles; t += 32) {
+        const float4 v = ts[t * p.c + ch];
+        s = combine(s, GradSums{v.x, v.y, 0.f, 0.f});
+        a += v.z;
+        b += v.w;
+      }
+      if constexpr (kResidualOnly) continue;
       const float g = p.gamma ? load_param<T>(p.gamma, p.params_float, ch) : 1.f;
-      s = combine(s, GradSums{v.x, v.y, 0.f, 0.f});
-      sg = fmaf(g, v.z, sg);
-      sgb = fmaf(g, v.w, sgb);
+      sg = fmaf(g, a, sg);
+      sgb = fmaf(g, b, sgb);
+      if (p.partials != nullptr) {
+        a = butterfly_sum(a, 32);
+        b = butterfly_sum(b, 32);
+        // Corrected below, once the residual is known.
+        if (lane == 0) p.partials[image * p.c + ch] = make_float2(a, b);
+      }
     }
     s.a = sg;
     s.b = sgb;
@@ -166,20 +180,14 @@ __global__ void nhwc_grad_finalize(const NhwcGradParams<T> p) {
       p.unit[2 * u] = make_float4(pl.c, pl.r, pl.rstd, pl.k1);
       p.unit[2 * u + 1] = make_float4(pl.k2, 0.f, 0.f, 0.f);
     }
-    if constexpr (kResidualOnly) continue;
-    if (p.partials == nullptr) continue;
-#pragma unroll 1
-    for (int64_t k = 0; k < p.cpg; ++k) {
-      float a = 0.f, b = 0.f;
-      for (int64_t t = lane; t < p.tiles; t += 32) {
-        const float4 v = ts[t * p.c + ch0 + k];
-        a += v.z;
-        b += v.w;
+    if constexpr (!kResidualOnly) {
+      if (p.partials != nullptr && lane == 0) {
+        for (int64_t k = 0; k < p.cpg; ++k) {  // lane 0 wrote these slots above
+          float2* slot = p.partials + image * p.c + ch0 + k;
+          const float2 v = *slot;
+          *slot = make_float2(v.x, pl.rstd * fmaf(-pl.r, v.x, v.y));
+        }
       }
-      a = butterfly_sum(a, 32);
-      b = butterfly_sum(b, 32);
-      if (lane == 0)
-        p.partials[image * p.c + ch0 + k] = make_float2(a, pl.rstd * fmaf(-pl.r, a, b));
     }
   }
 }

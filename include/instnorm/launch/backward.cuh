@@ -18,24 +18,32 @@ namespace detail {
 /// Whether the call asks for dgamma or dbeta (so the kernel leaves per-block partials).
 inline bool wants_param_grads(const Gradients& g) { return g.dgamma != nullptr || g.dbeta != nullptr; }
 
-/// The backward's NCHW plan: the forward's planner sized for two tensors on chip, with slices
-/// in registers only (no shared-memory extension), sub-warp plans where the forward would stage
-/// a misaligned plane, and, for GroupNorm's per-channel partials, a float2 of shared memory per
-/// vector a block holds.
+/// The backward's NCHW plan: the forward's planner sized for two tensors on chip (registers,
+/// and for split plans the shared-memory extension, x's part and dy's), sub-warp plans where
+/// the forward would stage a misaligned plane, and, for GroupNorm's per-channel partials, a
+/// float2 of shared memory per vector a block holds (without the extension if both do not fit).
 inline bool make_backward_plan(const Problem& prob, const DeviceProps& d, const ArchPolicy& pol,
                                bool param_grads, Plan* out, PlanOverride ov = {}) {
   if (ov.strategy == int(Strategy::kStaged)) return false;
+  if (!prob.vector_ok) ov.split_smem = 0;  // the kernel extends 16-byte vectors only
+  const auto plan_with = [&](const PlanOverride& o) {
+    bool ok = make_plan(prob, d, pol, out, o, Direction::kBackward);
+    if (out->strategy == Strategy::kStaged) {
+      PlanOverride sub = o;
+      sub.strategy = int(Strategy::kSubWarp);
+      ok = make_plan(prob, d, pol, out, sub, Direction::kBackward);
+    }
+    if (param_grads && prob.channels_per_group > 1) {
+      out->smem_bytes +=
+          int64_t(out->threads) * (out->items + out->smem_items) * int64_t(sizeof(float2));
+      ok = ok && plan_is_valid(*out, prob, d);
+    }
+    return ok;
+  };
+  if (plan_with(ov)) return true;
+  if (ov.split_smem == 0) return false;
   ov.split_smem = 0;
-  bool ok = make_plan(prob, d, pol, out, ov, Direction::kBackward);
-  if (out->strategy == Strategy::kStaged) {
-    ov.strategy = int(Strategy::kSubWarp);
-    ok = make_plan(prob, d, pol, out, ov, Direction::kBackward);
-  }
-  if (param_grads && prob.channels_per_group > 1) {
-    out->smem_bytes = int64_t(out->threads) * out->items * int64_t(sizeof(float2));
-    ok = ok && plan_is_valid(*out, prob, d);
-  }
-  return ok;
+  return plan_with(ov);
 }
 
 inline cudaError_t current_backward_plan(const Problem& prob, const Gradients& g, Plan* plan,
@@ -106,6 +114,7 @@ inline cudaError_t launch_backward(const T* x, const T* dy, T* dx, const Problem
   bp.activation = opt.activation;
   bp.lanes = plan.lanes;
   bp.items = plan.items;
+  bp.smem_items = plan.smem_items;
   bp.blocks_per_plane = plan.blocks_per_plane;
   bp.slice_len = plan.slice_len;
   if (w.slots_bytes > 0) bp.slots = WorkspaceLayout::at<GradSlot>(workspace, w.slots);
@@ -144,8 +153,10 @@ inline NhwcGradShape nhwc_grad_shape(const Problem& prob, const DeviceProps& d) 
   s.cols = int(std::min<int64_t>(cvec, 128));
   s.col_chunks = ceil_div(cvec, s.cols);
   const int64_t row_lanes = kNhwcGradThreads / s.cols;
-  const int64_t want = ceil_div(4 * int64_t(std::max(1, d.sm_count)), prob.n * s.col_chunks);
-  s.tiles = clamp64(want, 1, ceil_div(prob.spatial, row_lanes));
+  // About two blocks per SM, each thread at least 8 rows (a tile's sums are what the
+  // finalize walks: fewer tiles, a shorter walk).
+  const int64_t want = ceil_div(2 * int64_t(std::max(1, d.sm_count)), prob.n * s.col_chunks);
+  s.tiles = clamp64(want, 1, std::max<int64_t>(1, prob.spatial / (8 * row_lanes)));
   s.tile_rows = ceil_div(prob.spatial, s.tiles);
   s.tiles = ceil_div(prob.spatial, s.tile_rows);
   return s;

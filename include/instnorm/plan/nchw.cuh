@@ -73,10 +73,12 @@ inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps&
        p.smem_bytes < 2 * tensors_on_chip(p.direction) *
                           staged_stage_bytes(p.threads / p.lanes, prob.plane_len, prob.elem_bytes)))
     return false;
-  // smem_items <= 2 * items: the register part's mean centres the whole slice's moments
-  // (chunk_moments in kernels/nchw.cuh), accurate while it holds at least a third of it.
+  // Forward: smem_items <= 2 * items, the register part's mean centres the whole slice's
+  // moments (chunk_moments in kernels/nchw.cuh), accurate while it holds at least a third of
+  // it. The backward centres on the saved mean.
   if (p.smem_items > 0 && (p.strategy != Strategy::kSplit || p.lanes != p.threads ||
-                           p.smem_items > 2 * p.items || p.smem_bytes > d.smem_per_block_optin ||
+                           (p.direction == Direction::kForward && p.smem_items > 2 * p.items) ||
+                           p.smem_bytes > d.smem_per_block_optin ||
                            p.smem_bytes < int64_t(p.smem_items) * p.threads * p.vec *
                                               prob.elem_bytes * tensors_on_chip(p.direction)))
     return false;

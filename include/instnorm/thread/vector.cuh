@@ -175,5 +175,33 @@ __device__ __forceinline__ void copy_async_wait() {
 }
 
 
+/// The part of a slice beyond the registers, held in dynamic shared memory (lanes == block):
+/// each thread owns the slots j * lanes + lane, so no barrier is needed between its writes and
+/// its reads. Lets a block hold up to 227 KB more on sm_90, so fewer blocks share a plane.
+/// smem_fill issues the copies right after the register loads: 16-byte vectors go by cp.async,
+/// all in flight at once and without registers (copying through registers four at a time made
+/// a 1 MB plane on 3 blocks run at 0.71 of copy on the H100); scalars of 16-bit types, which
+/// cp.async cannot move, go through registers.
+template <class T, int kVec>
+__device__ __forceinline__ void smem_fill(Vector<T, kVec>* sm, const T* src, int valid,
+                                          int lane, int lanes) {
+  const auto* s = reinterpret_cast<const Vector<T, kVec>*>(src) + lane;
+  if constexpr (sizeof(Vector<T, kVec>) == 16) {
+#pragma unroll 1
+    for (int j = 0; j < valid; ++j) copy_async16(sm + j * lanes, s + j * lanes);
+  } else {
+    constexpr int kBatch = 4;  // loads in flight per thread
+    int j = 0;
+    for (; j + kBatch <= valid; j += kBatch) {
+      Vector<T, kVec> v[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) v[b] = load_vector(s + (j + b) * lanes);
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) sm[(j + b) * lanes] = v[b];
+    }
+    for (; j < valid; ++j) sm[j * lanes] = load_vector(s + j * lanes);
+  }
+}
+
 }  // namespace detail
 }  // namespace instnorm
