@@ -99,17 +99,17 @@ DeviceProps h200() {
   return d;
 }
 
-// Backward plans: sized for two tensors within the kernel's item limits, never staged (a
-// misaligned plane runs the scalar kernel), per-channel shared memory for GroupNorm's
-// parameter gradients, and valid for every shape of a sweep.
-TEST(BackwardPlan, HoldsTwoTensorsAndNeverStages) {
+// Backward plans: sized for two tensors within the kernel's item limits, staged units of x
+// and dy for misaligned planes, per-channel shared memory for GroupNorm's parameter gradients,
+// and valid for every shape of a sweep.
+TEST(BackwardPlan, HoldsTwoTensors) {
   const DeviceProps d = h200();
   const ArchPolicy& pol = policy_for(d);
   std::mt19937_64 rng(7);
-  int checked = 0;
+  int checked = 0, staged = 0;
   for (int i = 0; i < 3000; ++i) {
     const int64_t n = 1 + rng() % 64, g = 1 + rng() % 8, cpg = 1 + rng() % 6;
-    const int64_t s = 1 + rng() % 20000;
+    const int64_t s = 1 + (i % 2 ? rng() % 20000 : rng() % 64);  // half of them small planes
     const int eb = (rng() & 1) ? 4 : 2;
     Problem prob;
     Options opt = trained();
@@ -120,8 +120,13 @@ TEST(BackwardPlan, HoldsTwoTensorsAndNeverStages) {
     Plan plan;
     ASSERT_TRUE(detail::make_backward_plan(prob, d, pol, grads, &plan))
         << n << "x" << c << "x" << s << " eb " << eb;
-    EXPECT_NE(plan.strategy, Strategy::kStaged);
     EXPECT_EQ(plan.direction, Direction::kBackward);
+    ++checked;
+    if (plan.strategy == Strategy::kStaged) {
+      ++staged;
+      EXPECT_GE(plan.smem_bytes, 2 * ((plan.threads / plan.lanes) * prob.plane_len * eb));
+      continue;
+    }
     EXPECT_LE(plan.items, plan.strategy == Strategy::kSplitStream
                               ? max_backward_stream_items(plan.vec)
                               : max_backward_items(plan.vec));
@@ -132,19 +137,15 @@ TEST(BackwardPlan, HoldsTwoTensorsAndNeverStages) {
                              : 0;
     EXPECT_EQ(plan.smem_bytes, ext + sums);
     if (plan.smem_items > 0) EXPECT_EQ(plan.strategy, Strategy::kSplit);
-    ++checked;
   }
   EXPECT_GT(checked, 2000);
-  // A forced staged plan is refused, not run by a kernel that cannot.
+  EXPECT_GT(staged, 50);
+  // A misaligned 7x7 plane is staged.
   Problem prob;
   ASSERT_EQ(validate(kX, kDx, 4, 8, 49, 4, trained(), &prob), Invalid::kOk);
   Plan plan;
-  PlanOverride ov;
-  ov.strategy = int(Strategy::kStaged);
-  EXPECT_FALSE(detail::make_backward_plan(prob, d, pol, false, &plan, ov));
   EXPECT_TRUE(detail::make_backward_plan(prob, d, pol, false, &plan));
-  EXPECT_EQ(plan.strategy, Strategy::kSubWarp);
-  EXPECT_EQ(plan.vec, 1);
+  EXPECT_EQ(plan.strategy, Strategy::kStaged);
 }
 
 // ---------------------------------------------------------------- device
@@ -352,7 +353,8 @@ BwdCase with(BwdCase k, int strategy, int64_t blocks = 0, int items = 0) {
 }
 
 constexpr int kSub = int(Strategy::kSubWarp), kBlk = int(Strategy::kBlock),
-              kSpl = int(Strategy::kSplit), kStr = int(Strategy::kSplitStream);
+              kSpl = int(Strategy::kSplit), kStr = int(Strategy::kSplitStream),
+              kStg = int(Strategy::kStaged);
 
 // The NCHW strategies, instance norm and GroupNorm, with and without affine and activation.
 template <class T>
@@ -382,11 +384,26 @@ void strategies_for() {
       run_normal<T>(with(gn, kStr, 3, 1));
     }
   }
-  // Misaligned planes run the scalar kernel (7x7, odd lengths), and a block-sized odd plane.
-  BwdCase odd{3, 5, 49};
-  odd.affine = true;
-  odd.act = Activation::kSilu;
-  run_normal<T>(with(odd, kSub));
+  // Misaligned planes: staged (7x7, odd lengths, GroupNorm of them), or the scalar kernel
+  // (sub-warp, and a block-sized odd plane).
+  for (const Activation a : acts) {
+    BwdCase odd{3, 5, 49};
+    odd.affine = true;
+    odd.act = a;
+    run_normal<T>(with(odd, kStg));
+    run_normal<T>(with(odd, kSub));
+    BwdCase odd_gn{2, 12, 7 * 7, 3};
+    odd_gn.affine = true;
+    odd_gn.act = a;
+    run_normal<T>(with(odd_gn, kStg));
+    BwdCase many{33, 7, 3 * 3};  // several units per block, a last part-full unit
+    many.act = a;
+    run_normal<T>(with(many, kStg));
+  }
+  BwdCase ev_odd{3, 5, 49};
+  ev_odd.eval = true;
+  ev_odd.affine = true;
+  run_normal<T>(with(ev_odd, kStg));
   BwdCase odd_big{2, 3, 65 * 65};
   odd_big.affine = true;
   run_normal<T>(with(odd_big, kBlk));
@@ -476,8 +493,9 @@ TEST(BackwardDevice, AccurateAtLargeMeansAndWithOutliers) {
   BwdCase gn{2, 12, 20 * 20, 3};
   BwdCase cl{2, 16, 24 * 24};
   cl.layout = Layout::kNHWC;
+  BwdCase odd{4, 6, 49};
   for (BwdCase k : {with(sub, kSub), with(blk, kBlk), with(blk, kSpl, 3), with(blk, kStr, 2, 2),
-                    with(gn, kBlk), with(gn, kSpl, 4), cl}) {
+                    with(gn, kBlk), with(gn, kSpl, 4), with(odd, kStg), cl}) {
     k.affine = true;
     for (const Activation a : {Activation::kNone, Activation::kSilu}) {
       k.act = a;

@@ -19,21 +19,15 @@ namespace detail {
 inline bool wants_param_grads(const Gradients& g) { return g.dgamma != nullptr || g.dbeta != nullptr; }
 
 /// The backward's NCHW plan: the forward's planner sized for two tensors on chip (registers,
-/// and for split plans the shared-memory extension, x's part and dy's), sub-warp plans where
-/// the forward would stage a misaligned plane, and, for GroupNorm's per-channel partials, a
-/// float2 of shared memory per vector a block holds (without the extension if both do not fit).
+/// and for split plans the shared-memory extension, x's part and dy's; staged units of x and
+/// dy), and, for GroupNorm's per-channel partials, a float2 of shared memory per vector a block
+/// holds (without the extension if both do not fit).
 inline bool make_backward_plan(const Problem& prob, const DeviceProps& d, const ArchPolicy& pol,
                                bool param_grads, Plan* out, PlanOverride ov = {}) {
-  if (ov.strategy == int(Strategy::kStaged)) return false;
   if (!prob.vector_ok) ov.split_smem = 0;  // the kernel extends 16-byte vectors only
   const auto plan_with = [&](const PlanOverride& o) {
     bool ok = make_plan(prob, d, pol, out, o, Direction::kBackward);
-    if (out->strategy == Strategy::kStaged) {
-      PlanOverride sub = o;
-      sub.strategy = int(Strategy::kSubWarp);
-      ok = make_plan(prob, d, pol, out, sub, Direction::kBackward);
-    }
-    if (param_grads && prob.channels_per_group > 1) {
+    if (param_grads && prob.channels_per_group > 1 && out->strategy != Strategy::kStaged) {
       out->smem_bytes +=
           int64_t(out->threads) * (out->items + out->smem_items) * int64_t(sizeof(float2));
       ok = ok && plan_is_valid(*out, prob, d);
@@ -88,9 +82,10 @@ template <class T>
 inline cudaError_t launch_backward(const T* x, const T* dy, T* dx, const Problem& prob,
                                    const Options& opt, const Gradients& g, const Plan& plan,
                                    void* workspace, cudaStream_t stream) {
-  if (plan.direction != Direction::kBackward || plan.strategy == Strategy::kStaged)
-    return cudaErrorInvalidConfiguration;
-  const BackwardFn<T> kernel = select_backward_kernel<T>(plan.vec, plan.strategy);
+  if (plan.direction != Direction::kBackward) return cudaErrorInvalidConfiguration;
+  const BackwardFn<T> kernel = plan.strategy == Strategy::kStaged
+                                   ? staged_backward_kernel<T>
+                                   : select_backward_kernel<T>(plan.vec, plan.strategy);
   if (kernel == nullptr) return cudaErrorInvalidConfiguration;
   const WorkspaceLayout w = backward_workspace_layout(plan, prob, g);
   BackwardParams<T> bp{};

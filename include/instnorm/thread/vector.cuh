@@ -203,5 +203,33 @@ __device__ __forceinline__ void smem_fill(Vector<T, kVec>* sm, const T* src, int
   }
 }
 
+/// Copies `n` elements of a staged unit from global to shared memory: 16-byte cp.async copies
+/// (none waited for here) where the unit is 16-byte aligned, and the remainder element by
+/// element; otherwise every element through registers, 8 loads in flight per thread.
+template <class T>
+__device__ __forceinline__ void stage_in(T* dst, const T* src, int n, bool vec_ok) {
+  constexpr int kPer = 16 / int(sizeof(T));
+  int done = 0;
+  if (vec_ok) {
+    const int nv = n / kPer;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) copy_async16(dst + i * kPer, src + i * kPer);
+    done = nv * kPer;
+  }
+  constexpr int kInFlight = 8;
+  for (int base = done; base < n; base += kInFlight * blockDim.x) {
+    T v[kInFlight];
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      const int i = base + k * blockDim.x + threadIdx.x;
+      if (i < n) v[k] = src[i];
+    }
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      const int i = base + k * blockDim.x + threadIdx.x;
+      if (i < n) dst[i] = v[k];
+    }
+  }
+}
+
 }  // namespace detail
 }  // namespace instnorm
