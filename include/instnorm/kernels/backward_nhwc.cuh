@@ -192,33 +192,45 @@ __global__ void nhwc_grad_finalize(const NhwcGradParams<T> p) {
   }
 }
 
-/// Step 3: dx = rstd * (gamma * d - k1 - xhat * k2), elementwise (grid-stride over vectors).
+/// Step 3: dx = rstd * (gamma * d - k1 - xhat * k2), elementwise. The threads sit as in step 1
+/// (a column vector each, row lanes over the rows of all images), so a thread's channels, their
+/// gamma/beta and (per image) their units' coefficients are loaded once, not per element.
 template <class T, int kVec>
 __global__ void __launch_bounds__(256) nhwc_grad_dx(const NhwcGradParams<T> p) {
   using V = Vector<T, kVec>;
-  const int64_t cols = p.c / kVec;
-  const int64_t total = p.n * p.spatial * cols;
+  const int col = threadIdx.x % p.cols, rl = threadIdx.x / p.cols;
+  const int row_lanes = blockDim.x / p.cols;
+  const int64_t colv = int64_t(blockIdx.y) * p.cols + col;
+  if (colv * kVec >= p.c || rl >= row_lanes) return;
+  const int64_t j0 = colv * kVec, rows = p.n * p.spatial;
+  GradChannel<T> gc[kVec];
+  GradPlane pl[kVec];
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) gc[k].set_channel(p, j0 + k);
+  int64_t image = -1, image_end = 0;  // rows [.., image_end) belong to `image`
   with_activation(p.activation, [&](auto act_tag) {
     constexpr Activation kAct = decltype(act_tag)::value;
-    for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < total;
-         v += int64_t(gridDim.x) * blockDim.x) {
-      const int64_t j0 = (v % cols) * kVec, image = v / (p.spatial * cols);
+    for (int64_t row = int64_t(blockIdx.x) * row_lanes + rl; row < rows;
+         row += int64_t(gridDim.x) * row_lanes) {
+      if (row >= image_end) {
+        image = row / p.spatial;
+        image_end = (image + 1) * p.spatial;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) pl[k] = nhwc_unit(p, image, j0 + k, true);
+      }
+      const int64_t at = row * p.c + j0;
       float xc[kVec], d[kVec];
-      unpack(load_vector(reinterpret_cast<const V*>(p.x) + v), xc);
-      unpack(load_vector(reinterpret_cast<const V*>(p.dy) + v), d);
+      unpack(load_vector(reinterpret_cast<const V*>(p.x + at)), xc);
+      unpack(load_vector(reinterpret_cast<const V*>(p.dy + at)), d);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        const GradPlane pl = nhwc_unit(p, image, j0 + k, true);
-        GradChannel<T> gc;
-        gc.set_channel(p, j0 + k);
-        const float x0 = xc[k] - pl.c;
-        const float xhat = (x0 - pl.r) * pl.rstd;
+        const float xhat = (xc[k] - pl[k].c - pl[k].r) * pl[k].rstd;
         float dk = d[k];
         if constexpr (kAct != Activation::kNone)
-          dk *= activate_derivative<kAct>(fmaf(xhat, gc.gamma, gc.beta));
-        d[k] = pl.rstd * (fmaf(gc.gamma, dk, -pl.k1) - xhat * pl.k2);
+          dk *= activate_derivative<kAct>(fmaf(xhat, gc[k].gamma, gc[k].beta));
+        d[k] = pl[k].rstd * (fmaf(gc[k].gamma, dk, -pl[k].k1) - xhat * pl[k].k2);
       }
-      store_vector(reinterpret_cast<V*>(p.dx) + v, pack<T, kVec>(d));
+      store_vector(reinterpret_cast<V*>(p.dx + at), pack<T, kVec>(d));
     }
   });
 }

@@ -236,11 +236,14 @@ inline cudaError_t launch_nhwc_backward(const T* x, const T* dy, T* dx, const Pr
         full ? nhwc_grad_sums<T, kFull, false> : nhwc_grad_sums<T, 1, false>, sums, stream, p));
     INSTNORM_RETURN_IF_ERROR(launch_kernel(nhwc_grad_finalize<T, false>, fin, stream, p));
   }
-  const int64_t total = prob.n * prob.spatial * (prob.c / s.vec);
+  // dx: blocks over rows (about eight per SM in all), each thread one column vector.
+  const int64_t row_blocks = ceil_div(prob.n * prob.spatial, kNhwcGradThreads / s.cols);
   LaunchShape el;
-  el.grid = dim3(static_cast<unsigned>(
-      std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, 256), int64_t(d.sm_count) * 8))));
-  el.block = dim3(256);
+  el.grid = dim3(static_cast<unsigned>(std::max<int64_t>(
+                     1, std::min<int64_t>(row_blocks, ceil_div(int64_t(d.sm_count) * 8,
+                                                               s.col_chunks)))),
+                 static_cast<unsigned>(s.col_chunks));
+  el.block = dim3(kNhwcGradThreads);
   INSTNORM_RETURN_IF_ERROR(
       launch_kernel(full ? nhwc_grad_dx<T, kFull> : nhwc_grad_dx<T, 1>, el, stream, p));
   if (p.partials == nullptr) return cudaSuccess;
