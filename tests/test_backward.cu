@@ -140,6 +140,19 @@ TEST(BackwardPlan, HoldsTwoTensors) {
   }
   EXPECT_GT(checked, 2000);
   EXPECT_GT(staged, 50);
+  // GroupNorm with dgamma/dbeta keeps its slices extended into shared memory (more blocks per
+  // group rather than register-only slices).
+  {
+    Problem gp;
+    Options go = trained();
+    go.groups = 32;
+    ASSERT_EQ(validate(kX, kDx, 1, 256, 256 * 256, 2, go, &gp), Invalid::kOk);
+    Plan gplan;
+    ASSERT_TRUE(detail::make_backward_plan(gp, d, pol, true, &gplan));
+    EXPECT_EQ(gplan.strategy, Strategy::kSplit);
+    EXPECT_GT(gplan.smem_items, 0);
+    EXPECT_LT(gplan.blocks_per_plane, 52);
+  }
   // A misaligned 7x7 plane is staged.
   Problem prob;
   ASSERT_EQ(validate(kX, kDx, 4, 8, 49, 4, trained(), &prob), Invalid::kOk);
@@ -162,6 +175,7 @@ struct BwdCase {
   int strategy = -1;     // forced (and asserted) NCHW strategy
   int64_t blocks = 0;    // forced G
   int items = 0;         // forced items
+  bool expect_smem = false;  // the plan extends its slices into shared memory
   std::string describe() const {
     const char* acts[] = {"none", "relu", "silu"};
     return std::to_string(n) + "x" + std::to_string(c) + "x" + std::to_string(s) +
@@ -254,6 +268,7 @@ void run_case(const BwdCase& k, const BwdData& data, const std::string& what) {
     EXPECT_EQ(used.direction, Direction::kBackward);
     if (k.strategy >= 0) EXPECT_EQ(int(used.strategy), k.strategy) << "the forced strategy ran";
     if (k.blocks > 0) EXPECT_EQ(used.blocks_per_plane, k.blocks);
+    if (k.expect_smem) EXPECT_GT(used.smem_items, 0) << "the slices extend into shared memory";
   }
   std::vector<T> hdx(total);
   CUDA_OK(cudaMemcpy(hdx.data(), out, total * sizeof(T), cudaMemcpyDeviceToHost));
@@ -382,6 +397,15 @@ void strategies_for() {
       run_normal<T>(with(gn, kBlk));
       run_normal<T>(with(gn, kSpl, 4));
       run_normal<T>(with(gn, kStr, 3, 1));
+      // Slices extended into shared memory, with and without GroupNorm's partials beside.
+      BwdCase ext{2, 8, 128 * 128, 2};
+      ext.act = a;
+      ext.affine = affine;
+      // (16-bit slices of this size fit a 512-thread block's registers: the planner's choice.)
+      ext.expect_smem = std::is_same<T, float>::value;
+      run_normal<T>(with(ext, kSpl, 4));
+      ext.groups = 0;
+      run_normal<T>(with(ext, kSpl, 1));
     }
   }
   // Misaligned planes: staged (7x7, odd lengths, GroupNorm of them), or the scalar kernel

@@ -35,6 +35,18 @@ inline bool make_backward_plan(const Problem& prob, const DeviceProps& d, const 
     return ok;
   };
   if (plan_with(ov)) return true;
+  // The partials' shared memory beside the extension can leave a block too large to be
+  // co-resident: more blocks per plane, smaller slices, until it fits (GroupNorm
+  // 1x256x256x256 fp16 ran register-only slices on 52 blocks per group, 0.22 of the floor).
+  if (param_grads && prob.channels_per_group > 1 && ov.blocks_per_plane == 0 &&
+      out->strategy == Strategy::kSplit && out->smem_items > 0) {
+    const int64_t g0 = out->blocks_per_plane;
+    for (int64_t g = g0 + 1; g <= 2 * g0 + 8; ++g) {
+      PlanOverride more = ov;
+      more.blocks_per_plane = g;
+      if (plan_with(more) && out->smem_items > 0) return true;
+    }
+  }
   if (ov.split_smem == 0) return false;
   ov.split_smem = 0;
   return plan_with(ov);
