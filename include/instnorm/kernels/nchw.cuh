@@ -297,16 +297,7 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
       }
     }
     __syncthreads();
-    T* dst = p.y + first_plane * L;
-    int i0 = 0;
-    if (vec_ok) {
-      constexpr int kPer = 16 / int(sizeof(T));
-      const int nv = n / kPer;
-      for (int i = threadIdx.x; i < nv; i += blockDim.x)
-        reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(buf)[i];
-      i0 = nv * kPer;
-    }
-    for (int i = i0 + threadIdx.x; i < n; i += blockDim.x) dst[i] = buf[i];
+    stage_out(p.y + first_plane * L, buf, n, vec_ok);
     __syncthreads();  // the next unit's prefetch overwrites this stage
   }
 }

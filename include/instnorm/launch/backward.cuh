@@ -7,6 +7,8 @@
 
 #include "../kernels/backward.cuh"
 #include "../kernels/backward_nhwc.cuh"
+#include "../kernels/backward_staged.cuh"
+#include "launch.cuh"
 #include "../options.cuh"
 #include "../plan.cuh"
 #include "../validate.cuh"
@@ -14,6 +16,20 @@
 
 namespace instnorm {
 namespace detail {
+
+/// The fields both backward parameter structs take from the call: the tensors, the options
+/// (as the forward's), and the statistics the backward reads.
+template <class Params, class T>
+inline void set_backward_fields(Params& p, const T* x, const T* dy, T* dx, const Problem& prob,
+                                const Options& opt) {
+  p.x = x;
+  p.dy = dy;
+  p.dx = dx;
+  set_option_fields(p, prob, opt);
+  p.running_mean = opt.running_mean;
+  p.running_var = opt.running_var;
+  p.use_input_stats = opt.use_input_stats;
+}
 
 /// Whether the call asks for dgamma or dbeta (so the kernel leaves per-block partials).
 inline bool wants_param_grads(const Gradients& g) { return g.dgamma != nullptr || g.dbeta != nullptr; }
@@ -101,24 +117,10 @@ inline cudaError_t launch_backward(const T* x, const T* dy, T* dx, const Problem
   if (kernel == nullptr) return cudaErrorInvalidConfiguration;
   const WorkspaceLayout w = backward_workspace_layout(plan, prob, g);
   BackwardParams<T> bp{};
-  bp.x = x;
-  bp.dy = dy;
-  bp.dx = dx;
+  set_backward_fields(bp, x, dy, dx, prob, opt);
   bp.planes = prob.planes;
   bp.plane_len = prob.plane_len;
-  bp.spatial = prob.spatial;
-  bp.groups = prob.groups;
   bp.channels_per_group = prob.channels_per_group;
-  bp.eps = opt.eps;
-  bp.gamma = opt.gamma;
-  bp.beta = opt.beta;
-  bp.params_float = opt.param_type == ParamType::kFloat;
-  bp.save_mean = opt.save_mean;
-  bp.save_rstd = opt.save_rstd;
-  bp.running_mean = opt.running_mean;
-  bp.running_var = opt.running_var;
-  bp.use_input_stats = opt.use_input_stats;
-  bp.activation = opt.activation;
   bp.lanes = plan.lanes;
   bp.items = plan.items;
   bp.smem_items = plan.smem_items;
@@ -202,24 +204,10 @@ inline cudaError_t launch_nhwc_backward(const T* x, const T* dy, T* dx, const Pr
   if (prob.n * s.tiles > d.max_grid_x || s.col_chunks > 65535) return cudaErrorInvalidConfiguration;
   const WorkspaceLayout w = nhwc_backward_layout(s, prob, g);
   NhwcGradParams<T> p{};
-  p.x = x;
-  p.dy = dy;
-  p.dx = dx;
+  set_backward_fields(p, x, dy, dx, prob, opt);
   p.n = prob.n;
   p.c = prob.c;
-  p.spatial = prob.spatial;
-  p.groups = prob.groups;
   p.cpg = prob.channels_per_group;
-  p.eps = opt.eps;
-  p.gamma = opt.gamma;
-  p.beta = opt.beta;
-  p.params_float = opt.param_type == ParamType::kFloat;
-  p.save_mean = opt.save_mean;
-  p.save_rstd = opt.save_rstd;
-  p.running_mean = opt.running_mean;
-  p.running_var = opt.running_var;
-  p.use_input_stats = opt.use_input_stats;
-  p.activation = opt.activation;
   p.tiles = s.tiles;
   p.tile_rows = s.tile_rows;
   p.cols = s.cols;

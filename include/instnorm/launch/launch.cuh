@@ -19,11 +19,9 @@ namespace detail {
 
 /// The fields every kernel's parameters take from the call alike: the tensors, the plane
 /// geometry both layouts name the same way, and the epilogue's options.
-template <class Params, class T>
-inline void set_common_fields(Params& p, const T* x, T* y, const Problem& prob,
-                              const Options& opt) {
-  p.x = x;
-  p.y = y;
+/// The option fields (every kernel's parameters, forward and backward, name them alike).
+template <class Params>
+inline void set_option_fields(Params& p, const Problem& prob, const Options& opt) {
   p.spatial = prob.spatial;
   p.groups = prob.groups;
   p.eps = opt.eps;
@@ -33,6 +31,13 @@ inline void set_common_fields(Params& p, const T* x, T* y, const Problem& prob,
   p.save_mean = opt.save_mean;
   p.save_rstd = opt.save_rstd;
   p.activation = opt.activation;
+}
+template <class Params, class T>
+inline void set_common_fields(Params& p, const T* x, T* y, const Problem& prob,
+                              const Options& opt) {
+  p.x = x;
+  p.y = y;
+  set_option_fields(p, prob, opt);
 }
 
 /// Where the kernel leaves each plane's mean and variance for a running-statistics update:

@@ -231,5 +231,20 @@ __device__ __forceinline__ void stage_in(T* dst, const T* src, int n, bool vec_o
   }
 }
 
+/// Copies a staged unit of `n` elements from shared memory back to global memory: 16-byte
+/// stores where vec_ok (dst 16-byte aligned), the rest element by element.
+template <class T>
+__device__ __forceinline__ void stage_out(T* dst, const T* src, int n, bool vec_ok) {
+  int i0 = 0;
+  if (vec_ok) {
+    constexpr int kPer = 16 / int(sizeof(T));
+    const int nv = n / kPer;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x)
+      reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+    i0 = nv * kPer;
+  }
+  for (int i = i0 + threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+}
+
 }  // namespace detail
 }  // namespace instnorm
