@@ -50,7 +50,25 @@ inline bool make_backward_plan(const Problem& prob, const DeviceProps& d, const 
     }
     return ok;
   };
-  if (plan_with(ov)) return true;
+  if (plan_with(ov)) {
+    // A plane a block holds in registers runs faster as a split plan of one block with fewer
+    // threads and the slice extended into shared memory: more planes in flight per SM (two
+    // 256-thread blocks of 128 registers otherwise). H200, fraction of the copy floor, block
+    // plan -> split G 1 of 64/128 threads: 4x512x64x64 0.69 -> 0.79/0.82, 32x256x32x32 0.75 ->
+    // 0.79 (64), 8x512x64x64 bf16 0.61 -> 0.71 (64). About 8 vectors per thread. Instance
+    // norm only: those were the rows measured (forced plans, dx checked by the bench).
+    if (out->strategy == Strategy::kBlock && ov.strategy < 0 && ov.threads == 0 &&
+        ov.blocks_per_plane == 0 && prob.vector_ok && prob.channels_per_group == 1) {
+      const Plan block = *out;
+      PlanOverride small = ov;
+      small.strategy = int(Strategy::kSplit);
+      small.blocks_per_plane = 1;
+      const int64_t vecs = ceil_div(prob.plane_len, 16 / prob.elem_bytes);
+      small.threads = int(clamp64(pow2_ceil(ceil_div(vecs, 8)), 64, kMaxThreads));
+      if (!plan_with(small)) *out = block;
+    }
+    return true;
+  }
   // The partials' shared memory beside the extension can leave a block too large to be
   // co-resident: more blocks per plane, smaller slices, until it fits (GroupNorm
   // 1x256x256x256 fp16 ran register-only slices on 52 blocks per group, 0.22 of the floor).
