@@ -153,6 +153,26 @@ TEST(BackwardPlan, HoldsTwoTensors) {
     EXPECT_GT(gplan.smem_items, 0);
     EXPECT_LT(gplan.blocks_per_plane, 52);
   }
+  // An instance-norm plane a block would hold runs as one smaller split block with its slice
+  // extended into shared memory (more planes in flight per SM); GroupNorm keeps its block plan.
+  {
+    Problem ip;
+    ASSERT_EQ(validate(kX, kDx, 4, 512, 64 * 64, 4, trained(), &ip), Invalid::kOk);
+    Plan iplan;
+    ASSERT_TRUE(detail::make_backward_plan(ip, d, pol, false, &iplan));
+    EXPECT_EQ(iplan.strategy, Strategy::kSplit);
+    EXPECT_EQ(iplan.blocks_per_plane, 1);
+    EXPECT_EQ(iplan.threads, 128);
+    EXPECT_GT(iplan.smem_items, 0);
+    EXPECT_FALSE(iplan.cooperative);
+    Problem gp;
+    Options go = trained();
+    go.groups = 256;
+    ASSERT_EQ(validate(kX, kDx, 4, 512, 64 * 64, 4, go, &gp), Invalid::kOk);
+    Plan gplan;
+    ASSERT_TRUE(detail::make_backward_plan(gp, d, pol, false, &gplan));
+    EXPECT_EQ(gplan.strategy, Strategy::kBlock);
+  }
   // A misaligned 7x7 plane is staged.
   Problem prob;
   ASSERT_EQ(validate(kX, kDx, 4, 8, 49, 4, trained(), &prob), Invalid::kOk);
