@@ -10,6 +10,7 @@
 //  - bit-identical reruns.
 // Also at |mean| = 1e4 std and with outliers, in place (dx == dy), and with the plan checked:
 // a case named after a strategy asserts that strategy ran.
+#include "device_tables.h"
 #include "gpu_util.h"
 #include "hostile_data.h"
 
@@ -82,28 +83,12 @@ TEST(BackwardValidate, RefusesWithAReasonBeforeAnyLaunch) {
   EXPECT_EQ(bytes, 0u);
 }
 
-DeviceProps h200() {
-  DeviceProps d;
-  d.sm_count = 132;
-  d.max_threads_per_sm = 2048;
-  d.max_threads_per_block = 1024;
-  d.regs_per_sm = 65536;
-  d.max_blocks_per_sm = 32;
-  d.smem_per_sm = 233472;
-  d.smem_per_block_optin = 232448;
-  d.max_grid_x = 2147483647;
-  d.cooperative = true;
-  d.cc_major = 9;
-  d.cc_minor = 0;
-  d.l2_bytes = 60 << 20;
-  return d;
-}
 
 // Backward plans: sized for two tensors within the kernel's item limits, staged units of x
 // and dy for misaligned planes, per-channel shared memory for GroupNorm's parameter gradients,
 // and valid for every shape of a sweep.
 TEST(BackwardPlan, HoldsTwoTensors) {
-  const DeviceProps d = h200();
+  const DeviceProps d = instnorm_tables::sm90();
   const ArchPolicy& pol = policy_for(d);
   std::mt19937_64 rng(7);
   int checked = 0, staged = 0;
