@@ -6,6 +6,11 @@
 # device call on its own): instnorm_bench --bwd-standard (the :bwd and :train rows; bench_bwd.json
 # and .log) and the peers on the same shapes ($OUT/peers_bwd/peers.json and peers.log; the
 # peers' :bwd always computes dweight/dbias too, ours only for :affine and GroupNorm rows).
+# SWEEP=K (or K:seed; default 0, none) adds instnorm_bench --sweep=K after those: K random
+# shapes, each timed against its interleaved copy, into sweep.json and sweep.log (the summary,
+# min / median / max of of_copy and the minimum over shapes of >= 64 MiB, ends the log; for
+# BENCHMARKS.md: report.py --sweep sweep.json). FWD=0 leaves out the forward stage (the two bench
+# runs, sm_89 and peers), so that `FWD=0 SWEEP=64 bash bench/device_bench.sh` runs the sweep alone.
 set -u
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -14,11 +19,14 @@ cat "$out/gpu.txt"
 bench=.dev/instnorm_bench
 [ -x "$bench" ] || bench=build-dev/bench/instnorm_bench
 bwd=${BWD:-0}
-if [ "$bwd" != only ]; then
+fwd=${FWD:-1}
+[ "$bwd" = only ] && fwd=0
+sweep=${SWEEP:-0}
+if [ "$fwd" != 0 ]; then
 timeout 150 "$bench" --benchmark_out="$out/bench.json" --benchmark_out_format=json > "$out/bench.log" 2>&1
 timeout 150 "$bench" --benchmark_out="$out/bench2.json" --benchmark_out_format=json > "$out/bench2.log" 2>&1
 timeout 60 "$bench" --arch=sm_89 --shape=112x64x512x512 --shape=112x64x512x512:bf16 \
-  --benchmark_filter='copy|instnorm' > "$out/sm89.log" 2>&1
+  --benchmark_filter='^instnorm/' > "$out/sm89.log" 2>&1
 grep -E "^instnorm" "$out/sm89.log" | grep -oE "^instnorm/[^/]+|of_copy=[0-9.]+" | paste - -
 if [ -f .peers/peers.py ]; then
   (cd "$out" && timeout 400 python3 "$OLDPWD/.peers/peers.py" \
@@ -47,4 +55,10 @@ if [ "$bwd" != 0 ]; then
         $shapes > peers.log 2>&1)
     tail -20 "$out/peers_bwd/peers.log"
   fi
+fi
+if [ "$sweep" != 0 ]; then
+  timeout 420 "$bench" --sweep="$sweep" --benchmark_out="$out/sweep.json" \
+    --benchmark_out_format=json > "$out/sweep.log" 2>&1
+  echo "bench --sweep=$sweep: exit $?"
+  sed -n '/^sweep of /,$p' "$out/sweep.log"
 fi

@@ -2,14 +2,23 @@
 """Turns one device run into BENCHMARKS.md's table and plot.
 
     python3 bench/report.py --bench bench.json [--bench2 bench2.json] --peers peers.json \
-        --commit $(git rev-parse --short HEAD) --out-md table.md --out-png docs/benchmarks.png
+        [--sweep sweep.json] --commit $(git rev-parse --short HEAD) --out-md table.md \
+        --out-png docs/benchmarks.png
 
 bench.json is instnorm_bench's --benchmark_out (JSON); peers.json comes from
 ../shared/peers/peers.py run in the same device call. With --bench2 (a second, back-to-back bench
-run) the table gains the run-to-run difference of instnorm's time per row.
+run) the table gains the run-to-run difference of instnorm's time per row. With --sweep
+sweep.json (instnorm_bench --sweep=K, bench/device_bench.sh's SWEEP=K) the page gains the
+sweep's section: min / median / max of `of copy`, the minimum over shapes of 64 MiB or more,
+and every shape; --sweep alone (no --bench) writes that section only.
+
+Each row's copy (the floor) is timed in the row's own loop, alternating with the row's call
+(counters copy_ms, copy_GBps, copy_remeasured); JSON from before that change has separate copy/
+rows instead, which are read where the counters are missing.
 """
 import argparse
 import json
+import statistics
 
 
 def load_bench(path):
@@ -25,9 +34,81 @@ def load_bench(path):
     return rows, ctx
 
 
+def copy_of(row, kind='instnorm'):
+    """The row's copy (floor) as (ms, GB/s, re-measured): its own counters, or for older JSON
+    the separate copy/ row of the same shape."""
+    b = row.get(kind, {})
+    if 'copy_ms' in b:
+        return b['copy_ms'], b.get('copy_GBps'), b.get('copy_remeasured', 0) > 0
+    if 'copy' in row:
+        return row['copy']['ms'], row['copy'].get('GBps'), False
+    return None, None, False
+
+
+def shape_bytes(shape):
+    """Tensor bytes of a shape string (NxCxHxW[:fp16|:bf16][...])."""
+    parts = shape.split(':')
+    n = 1
+    for d in parts[0].split('x'):
+        n *= int(d)
+    return n * (2 if ('fp16' in parts or 'bf16' in parts) else 4)
+
+
+def sweep_section(path):
+    """Markdown lines for an instnorm_bench --sweep=K run: the summary, then each shape from the
+    lowest fraction of the copy up, then the shapes that were not timed."""
+    with open(path) as f:
+        d = json.load(f)
+    ctx = d.get('context', {})
+    done, failed = [], []
+    for b in d['benchmarks']:
+        kind, shape = b['name'].split('/')[:2]
+        if kind != 'sweep':
+            continue
+        if b.get('error_occurred') or 'of_copy' not in b:
+            failed.append((shape, b.get('error_message', 'not timed')))
+        else:
+            done.append((b['of_copy'], shape, b))
+    done.sort()
+    lines = ['', '## Sweep: %s random shapes, seed %s' % (ctx.get('sweep_k', '?'), ctx.get('sweep_seed', '?')),
+             '']
+    lines.append('Shapes drawn by `instnorm_bench --sweep=K[:seed]` (the distribution is in the '
+                 'README\'s benchmark section), each timed as the rows above, alternating with its '
+                 'copy. GPU: %s; steady copy %s GB/s.' % (ctx.get('gpu', '?'), steady_text(ctx)))
+    lines.append('')
+    if done:
+        fr = [x[0] for x in done]
+        big = [x[0] for x in done if shape_bytes(x[1]) >= 64 << 20]
+        lines.append('`of copy` over %d shapes: min %.3f, median %.3f, max %.3f; min over the %d '
+                     'shapes of 64 MiB or more: %s.' %
+                     (len(fr), min(fr), statistics.median(fr), max(fr), len(big),
+                      ('%.3f' % min(big)) if big else 'n/a'))
+        lines.append('')
+        lines.append('| shape | MiB | of copy | instnorm ms | copy ms | copy GB/s | plan |')
+        lines.append('|---|---|---|---|---|---|---|')
+        for frac, shape, b in done:
+            lines.append('| %s | %.1f | %.3f | %.4f | %.4f | %.0f%s | %s |' %
+                         (shape, shape_bytes(shape) / 2**20, frac, b['ms'], b['copy_ms'],
+                          b['copy_GBps'], '*' if b.get('copy_remeasured', 0) > 0 else '',
+                          b.get('label', '')))
+        lines.append('')
+        lines.append('\\* the copy was more than 3% off the steady rate and the row was measured '
+                     'again (the measurement kept is the one whose copy was closest to it).')
+    for shape, why in failed:
+        lines.append('')
+        lines.append('Not timed: %s (%s)' % (shape, why))
+    return lines
+
+
+def steady_text(ctx):
+    v = ctx.get('steady_copy_GBps')
+    return '%.0f' % float(v) if v else 'n/a'
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument('--bench', required=True)
+    ap.add_argument('--bench')
+    ap.add_argument('--sweep')
     ap.add_argument('--bench2')
     ap.add_argument('--peers')
     ap.add_argument('--commit', default='?')
@@ -36,6 +117,12 @@ def main():
     ap.add_argument('--out-md', required=True)
     ap.add_argument('--out-png')
     a = ap.parse_args()
+    if not a.bench and not a.sweep:
+        ap.error('give --bench, --sweep or both')
+    if not a.bench:
+        with open(a.out_md, 'w') as f:
+            f.write('\n'.join(sweep_section(a.sweep)[1:]) + '\n')
+        return
 
     rows, ctx = load_bench(a.bench)
     rows2 = load_bench(a.bench2)[0] if a.bench2 else {}
@@ -51,13 +138,21 @@ def main():
         return ('%.*f' % (digits, v)) if v is not None else 'n/a'
 
     lines = []
+    if 'steady_copy_GBps' in ctx:
+        floor = ('device-to-device copy time of the same bytes / instnorm time, both medians of '
+                 'one loop that alternates them (flush, copy, flush, instnorm; 1.0 = the floor of '
+                 'one read and one write). The run\'s steady copy rate (1 GiB): %s GB/s; `copy '
+                 'GB/s` marked * was more than 3%% off it and re-measured (the measurement whose '
+                 'copy came closest is kept).' % steady_text(ctx))
+    else:  # JSON of a run with separate copy/ rows
+        floor = ('same-run device-to-device copy time / instnorm time (1.0 = the floor of one '
+                 'read and one write).')
     lines.append('GPU: %s, driver %s, commit %s, date %s. Times are medians in ms with the L2 '
-                 'flushed before every run; `of copy` = same-run device-to-device copy time / '
-                 'instnorm time (1.0 = the floor of one read and one write).' %
-                 (ctx.get('gpu', '?'), a.driver, a.commit, a.date))
+                 'flushed before every run; `of copy` = %s' %
+                 (ctx.get('gpu', '?'), a.driver, a.commit, a.date, floor))
     lines.append('')
-    head = ['shape', 'instnorm ms', 'GB/s', 'of copy', 'copy ms', 'naive ms', 'cuDNN ms',
-            'PyTorch eager ms', 'torch.compile ms', 'Triton start ms', 'plan']
+    head = ['shape', 'instnorm ms', 'GB/s', 'of copy', 'copy ms', 'copy GB/s', 'naive ms',
+            'cuDNN ms', 'PyTorch eager ms', 'torch.compile ms', 'Triton start ms', 'plan']
     if rows2:
         head.insert(4, 'rerun diff')
     lines.append('| ' + ' | '.join(head) + ' |')
@@ -69,9 +164,10 @@ def main():
             continue
         t = ms(row, 'instnorm')
         p = peers.get(shape, {})
-        copy = ms(row, 'copy')
+        copy, copy_gbps, remeasured = copy_of(row)
         frac = row['instnorm'].get('of_copy')
         cells = [shape, fmt(t), '%.0f' % row['instnorm']['GBps'], fmt(frac, 3), fmt(copy),
+                 ('%.0f' % copy_gbps + ('*' if remeasured else '')) if copy_gbps else 'n/a',
                  fmt(ms(row, 'naive')), fmt(ms(row, 'cudnn')), fmt(p.get('torch_eager_ms')),
                  fmt(p.get('torch_compile_ms')), fmt(p.get('seed_triton_ms')),
                  row['instnorm'].get('label', '')]
@@ -89,7 +185,10 @@ def main():
                 if p.get(key):
                     fr[name] = copy / p[key]
             for name, kind in [('naive', 'naive'), ('cuDNN', 'cudnn')]:
-                if ms(row, kind):
+                # Each baseline row has its own alternating copy; older JSON: the shared one.
+                if kind in row and row[kind].get('of_copy'):
+                    fr[name] = row[kind]['of_copy']
+                elif ms(row, kind):
                     fr[name] = copy / ms(row, kind)
         plot.append((shape, fr))
     if rows2:
@@ -114,6 +213,8 @@ def main():
         lines.append('| shape | plain ms | with features ms | overhead |')
         lines.append('|---|---|---|---|')
         lines.extend(feat)
+    if a.sweep:
+        lines.extend(sweep_section(a.sweep))
     with open(a.out_md, 'w') as f:
         f.write('\n'.join(lines) + '\n')
 
