@@ -66,17 +66,12 @@ cudaError_t forward(const T* x, T* y, int64_t n, int64_t c, int64_t spatial, con
 }
 
 namespace detail {
-/// The full call with the planner's knobs exposed: `ov` forces strategy, block size, items,
-/// vector width or blocks per plane, `policy` forces an architecture's table (the benchmark's
-/// tuning mode and the tests use both); `used` / `used_nhwc` receive the plan that ran.
+/// A validated forward (y null: statistics only) on the plan the planner makes with the
+/// overrides `ov` and table `policy`; `used` / `used_nhwc` receive the plan that ran.
 template <class T>
-cudaError_t forward_tuned(const T* x, T* y, int64_t n, int64_t c, int64_t spatial,
-                          const Options& opt, const PlanOverride& ov, const ArchPolicy* policy,
-                          cudaStream_t stream, Plan* used = nullptr,
-                          NhwcPlan* used_nhwc = nullptr) {
-  Problem prob;
-  const Invalid v = prepare(x, y, n, c, spatial, opt, &prob);
-  if (v != Invalid::kOk) return to_cuda_error(v);
+cudaError_t run_forward(const T* x, T* y, const Problem& prob, const Options& opt,
+                        const PlanOverride& ov, const ArchPolicy* policy, cudaStream_t stream,
+                        Plan* used, NhwcPlan* used_nhwc) {
   if (prob.nhwc) {
     NhwcPlan np;
     INSTNORM_RETURN_IF_ERROR(current_nhwc_plan(prob, opt, &np, ov, policy));
@@ -91,7 +86,59 @@ cudaError_t forward_tuned(const T* x, T* y, int64_t n, int64_t c, int64_t spatia
   return with_scratch(workspace_layout(plan, prob, opt).total, stream,
                       [&](void* ws) { return launch(x, y, prob, opt, plan, ws, stream); });
 }
+
+/// The full call with the planner's knobs exposed: `ov` forces strategy, block size, items,
+/// vector width or blocks per plane, `policy` forces an architecture's table (the benchmark's
+/// tuning mode and the tests use both); `used` / `used_nhwc` receive the plan that ran.
+template <class T>
+cudaError_t forward_tuned(const T* x, T* y, int64_t n, int64_t c, int64_t spatial,
+                          const Options& opt, const PlanOverride& ov, const ArchPolicy* policy,
+                          cudaStream_t stream, Plan* used = nullptr,
+                          NhwcPlan* used_nhwc = nullptr) {
+  Problem prob;
+  const Invalid v = prepare(x, y, n, c, spatial, opt, &prob);
+  if (v != Invalid::kOk) return to_cuda_error(v);
+  return run_forward(x, y, prob, opt, ov, policy, stream, used, used_nhwc);
+}
+
+/// The options statistics() runs the forward's planner and kernels with: the grouping, layout,
+/// eps and variance of `opt`, and its outputs in place of the saved statistics.
+inline Options statistics_options(const Options& opt, float* mean, float* stddev) {
+  Options s;
+  s.eps = opt.eps;
+  s.groups = opt.groups;
+  s.layout = opt.layout;
+  s.unbiased = opt.unbiased;
+  s.save_mean = mean;
+  s.save_rstd = stddev;
+  return s;
+}
+
+/// statistics() with the planner's knobs exposed (as forward_tuned).
+template <class T>
+cudaError_t statistics_tuned(const T* x, float* mean, float* stddev, int64_t n, int64_t c,
+                             int64_t spatial, const Options& opt, const PlanOverride& ov,
+                             const ArchPolicy* policy, cudaStream_t stream, Plan* used = nullptr,
+                             NhwcPlan* used_nhwc = nullptr) {
+  const Options s = statistics_options(opt, mean, stddev);
+  Problem prob;
+  const Invalid v = validate_statistics(x, mean, stddev, n, c, spatial, int(sizeof(T)), s, &prob);
+  if (v != Invalid::kOk) return to_cuda_error(v);
+  return run_forward(x, static_cast<T*>(nullptr), prob, s, ov, policy, stream, used, used_nhwc);
+}
 }  // namespace detail
+
+/// The statistics of each normalized plane (or group) without the normalize: mean[i * G + g]
+/// and stddev[i * G + g] = sqrt(var + eps), var the biased variance or, with opt.unbiased, the
+/// unbiased one (AdaIN's style statistics: opt.unbiased, eps 1e-5), n*G floats each, where
+/// G = opt.groups (0: c, one entry per (sample, channel)). Reads opt.eps, groups, layout and
+/// unbiased only; one read of x, no workspace beyond the forward's.
+template <class T>
+cudaError_t statistics(const T* x, float* mean, float* stddev, int64_t n, int64_t c,
+                       int64_t spatial, const Options& opt = {}, cudaStream_t stream = nullptr) {
+  return detail::statistics_tuned(x, mean, stddev, n, c, spatial, opt, PlanOverride{}, nullptr,
+                                  stream);
+}
 
 /// Full call; takes any scratch memory it needs stream-ordered (cudaMallocAsync/cudaFreeAsync),
 /// so it stays asynchronous and can be captured in a CUDA graph.

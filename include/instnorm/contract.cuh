@@ -14,14 +14,16 @@ namespace instnorm {
 /// (64 registers) even 8 vectors spilled: the strided 16-byte loads need their own addresses.
 constexpr int max_items(int vec) { return vec > 1 ? 16 : 32; }
 /// The streaming kernel (planes larger than the chip) holds half as many 16-byte vectors: it
-/// re-reads anyway, and the full array left it a few bytes of spill for 16-bit types.
-constexpr int max_stream_items(int vec) { return vec > 1 ? max_items(vec) / 2 : max_items(vec); }
+/// re-reads anyway, and the full array left it a few bytes of spill for 16-bit types. Scalars
+/// (misaligned planes): 24, since the per-sample modulation's loads spilled 12-20 bytes at 32.
+constexpr int max_stream_items(int vec) { return vec > 1 ? max_items(vec) / 2 : 24; }
 /// The backward kernel holds x and dy: vectors per thread of each, in registers and streamed.
 /// Half the forward's would be 8 16-byte vectors (16 scalars); beside the backward's sums,
 /// per-channel state and shared-memory extension, ptxas (nvcc 13.0) spilled 16-252 bytes at 8,
-/// 8 bytes on sm_89 at 6 (16 scalars: 4-12 bytes), none at 5 and 12.
-constexpr int max_backward_items(int vec) { return vec > 1 ? 5 : 12; }
-constexpr int max_backward_stream_items(int vec) { return vec > 1 ? 4 : max_items(vec) / 2; }
+/// 8 bytes on sm_89 at 6 (16 scalars: 4-12 bytes), none at 5 and 12; with the per-sample
+/// modulation's loads 12 scalars (16 streamed) spilled 4-24 bytes, 10 (12) none.
+constexpr int max_backward_items(int vec) { return vec > 1 ? 5 : 10; }
+constexpr int max_backward_stream_items(int vec) { return vec > 1 ? 4 : 12; }
 /// Registers per thread the kernels may use (ptxas: 101-128, 0 spills, sm_89 and sm_90).
 constexpr int kMaxRegsPerThread = 128;
 /// Largest block the kernels are compiled for (__launch_bounds__).

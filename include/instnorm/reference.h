@@ -67,34 +67,63 @@ struct RefPlane {
     if (!opt.use_input_stats) return PlaneStats{opt.running_mean[g], opt.running_var[g]};
     return PlaneStats{mean, m2 / double(len)};
   }
+  /// 1 / sqrt(var + eps) of the call: the unbiased variance var * len / (len - 1) where
+  /// opt.unbiased asks for it (input statistics only).
+  double rstd(const PlaneStats& st, const Options& opt) const {
+    const double v = opt.unbiased && opt.use_input_stats ? st.var * double(len) / double(len - 1)
+                                                         : st.var;
+    return 1.0 / std::sqrt(v + double(opt.eps));
+  }
 };
+
+/// The affine map after the normalize of channel ch of sample i, pre = xhat * gamma + beta, with
+/// the per-sample modulation (Modulation, options.cuh; elements of type M) folded in, and the
+/// modulation's factor m and the un-modulated gamma/beta (for the gradients).
+struct RefAffine {
+  double gamma, beta;  ///< the folded map
+  double m;            ///< the factor of gamma: 1 + scale, scale, or 1
+  double g0, b0;       ///< the per-channel gamma and beta alone
+};
+template <class P, class M>
+RefAffine affine_of(const Options& opt, int64_t c, int64_t i, int64_t ch) {
+  const auto* gamma = static_cast<const P*>(opt.gamma);
+  const auto* beta = static_cast<const P*>(opt.beta);
+  const Modulation& md = opt.modulation;
+  RefAffine a;
+  a.g0 = gamma ? to_double(gamma[ch]) : 1.0;
+  a.b0 = beta ? to_double(beta[ch]) : 0.0;
+  const int64_t ss = md.scale_stride ? md.scale_stride : c, hs = md.shift_stride ? md.shift_stride : c;
+  const double s = md.scale ? to_double(static_cast<const M*>(md.scale)[i * ss + ch]) : 0.0;
+  const double t = md.shift ? to_double(static_cast<const M*>(md.shift)[i * hs + ch]) : 0.0;
+  a.m = !md.scale ? 1.0 : md.one_plus_scale ? 1.0 + s : s;
+  a.gamma = a.g0 * a.m;
+  a.beta = (md.one_plus_scale ? a.b0 * a.m : a.b0) + t;
+  return a;
+}
 
 inline RefPlane RefShape::plane(int64_t p) const {
   return RefPlane{p / groups, p % groups, cpg, spatial, c, len, nhwc};
 }
 
 /// y (float64) for x in opt.layout (NCHW or NHWC) with `opt` (groups, gamma/beta of type P,
-/// activation, eps, running statistics in eval mode). Returns the per-plane statistics in
-/// `stats` (n * G entries) when it is non-null.
-template <class T, class P = float>
+/// the modulation of type M, activation, eps, unbiased, running statistics in eval mode).
+/// Returns the per-plane statistics in `stats` (n * G entries, biased variance) when non-null.
+template <class T, class P = float, class M = float>
 void forward(const T* x, double* y, int64_t n, int64_t c, int64_t spatial, const Options& opt,
              std::vector<PlaneStats>* stats = nullptr) {
   const RefShape shape(c, spatial, opt);
   const int64_t groups = shape.groups, len = shape.len;
-  const auto* gamma = static_cast<const P*>(opt.gamma);
-  const auto* beta = static_cast<const P*>(opt.beta);
   if (stats) stats->assign(size_t(n * groups), PlaneStats{});
   for (int64_t plane = 0; plane < n * groups; ++plane) {
     const RefPlane pl = shape.plane(plane);
     const auto index = [&](int64_t k) { return pl.index(k); };
     const PlaneStats st = pl.stats(x, opt);
-    const double mean = st.mean, var = st.var, rstd = 1.0 / std::sqrt(var + double(opt.eps));
-    if (stats) (*stats)[size_t(plane)] = PlaneStats{mean, var};
+    const double mean = st.mean, rstd = pl.rstd(st, opt);
+    if (stats) (*stats)[size_t(plane)] = st;
     for (int64_t k = 0; k < len; ++k) {
-      const int64_t ch = pl.channel(k);
-      const double gm = gamma ? to_double(gamma[ch]) : 1.0;
-      const double b = beta ? to_double(beta[ch]) : 0.0;
-      y[index(k)] = activate((to_double(x[index(k)]) - mean) * rstd * gm + b, opt.activation);
+      const RefAffine a = affine_of<P, M>(opt, c, pl.i, pl.channel(k));
+      y[index(k)] =
+          activate((to_double(x[index(k)]) - mean) * rstd * a.gamma + a.beta, opt.activation);
     }
   }
 }
@@ -140,55 +169,66 @@ struct PlaneGradSums {
 ///    parameter (opt.gamma, resp. opt.beta, non-null); otherwise left untouched.
 ///  - sums: when non-null, resized to n * G and filled with each plane's PlaneGradSums (also in
 ///    eval mode, where dx does not use sum_g and sum_g_xhat).
+///  - Modulation (elements of type M): gamma and beta above are the folded map of affine_of;
+///    dgamma[j] sums dy_pre * xhat * m, dbeta[j] dy_pre * m (1 + scale) or dy_pre; dscale[i * c
+///    + j] sums dy_pre * (xhat * gamma_j + beta_j) (1 + scale) or dy_pre * xhat * gamma_j, and
+///    dshift[i * c + j] dy_pre, over the spatial positions (n * c entries each, written where
+///    non-null). Unbiased (opt.unbiased): mean(g * xhat) becomes sum(g * xhat) / (N - 1).
 /// gamma and beta have type P (float, or T for ParamType::kSameAsInput); T may also be double.
 /// As in forward(), eps = 0 on a constant plane gives rstd = inf and non-finite gradients.
-template <class T, class P = float>
+template <class T, class P = float, class M = float>
 void backward(const T* x, const T* dy, double* dx, int64_t n, int64_t c, int64_t spatial,
               const Options& opt, double* dgamma = nullptr, double* dbeta = nullptr,
-              std::vector<PlaneGradSums>* sums = nullptr) {
+              std::vector<PlaneGradSums>* sums = nullptr, double* dscale = nullptr,
+              double* dshift = nullptr) {
   const RefShape shape(c, spatial, opt);
   const int64_t groups = shape.groups, len = shape.len;
-  const auto* gamma = static_cast<const P*>(opt.gamma);
-  const auto* beta = static_cast<const P*>(opt.beta);
-  if (!gamma) dgamma = nullptr;
-  if (!beta) dbeta = nullptr;
+  if (!opt.gamma) dgamma = nullptr;
+  if (!opt.beta) dbeta = nullptr;
   if (dgamma)
     for (int64_t ch = 0; ch < c; ++ch) dgamma[ch] = 0;
   if (dbeta)
     for (int64_t ch = 0; ch < c; ++ch) dbeta[ch] = 0;
+  for (double* d : {dscale, dshift})
+    if (d)
+      for (int64_t e = 0; e < n * c; ++e) d[e] = 0;
   if (sums) sums->assign(size_t(n * groups), PlaneGradSums{});
   for (int64_t plane = 0; plane < n * groups; ++plane) {
     const RefPlane pl = shape.plane(plane);
     const auto index = [&](int64_t k) { return pl.index(k); };
     // Statistics, as forward().
     const PlaneStats st = pl.stats(x, opt);
-    const double mean = st.mean, var = st.var, rstd = 1.0 / std::sqrt(var + double(opt.eps));
+    const double mean = st.mean, rstd = pl.rstd(st, opt);
     // Element k's xhat, and dy_pre (dy through the activation at the forward's pre-activation).
     auto xhat_dypre = [&](int64_t k, double& xhat, double& dy_pre) {
-      const int64_t ch = pl.channel(k);
-      const double gm = gamma ? to_double(gamma[ch]) : 1.0;
-      const double b = beta ? to_double(beta[ch]) : 0.0;
+      const RefAffine a = affine_of<P, M>(opt, c, pl.i, pl.channel(k));
       xhat = (to_double(x[index(k)]) - mean) * rstd;
-      dy_pre = to_double(dy[index(k)]) * activate_derivative(xhat * gm + b, opt.activation);
-      return gm;
+      dy_pre = to_double(dy[index(k)]) * activate_derivative(xhat * a.gamma + a.beta, opt.activation);
+      return a;
     };
     // Pass 3: the plane's sums of g = gamma * dy_pre, and the per-channel parameter gradients.
     double sum_g = 0, sum_g_xhat = 0;
     for (int64_t k = 0; k < len; ++k) {
       const int64_t ch = pl.channel(k);
       double xhat, dy_pre;
-      const double gm = xhat_dypre(k, xhat, dy_pre);
-      if (dgamma) dgamma[ch] += dy_pre * xhat;
-      if (dbeta) dbeta[ch] += dy_pre;
+      const RefAffine a = xhat_dypre(k, xhat, dy_pre);
+      const double gm = a.gamma;
+      const bool one_plus = opt.modulation.one_plus_scale;
+      if (dgamma) dgamma[ch] += dy_pre * xhat * a.m;
+      if (dbeta) dbeta[ch] += one_plus ? dy_pre * a.m : dy_pre;
+      const size_t e = size_t(pl.i * c + ch);
+      if (dscale) dscale[e] += one_plus ? dy_pre * (xhat * a.g0 + a.b0) : dy_pre * xhat * a.g0;
+      if (dshift) dshift[e] += dy_pre;
       sum_g += gm * dy_pre;
       sum_g_xhat += gm * dy_pre * xhat;
     }
     if (sums) (*sums)[size_t(plane)] = PlaneGradSums{mean, rstd, sum_g, sum_g_xhat};
     // Pass 4: dx.
-    const double mean_g = sum_g / double(len), mean_g_xhat = sum_g_xhat / double(len);
+    const double mean_g = sum_g / double(len);
+    const double mean_g_xhat = sum_g_xhat / double(opt.unbiased ? len - 1 : len);
     for (int64_t k = 0; k < len; ++k) {
       double xhat, dy_pre;
-      const double g = xhat_dypre(k, xhat, dy_pre) * dy_pre;
+      const double g = xhat_dypre(k, xhat, dy_pre).gamma * dy_pre;
       dx[index(k)] = opt.use_input_stats ? rstd * (g - mean_g - xhat * mean_g_xhat) : rstd * g;
     }
   }

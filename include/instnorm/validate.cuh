@@ -33,7 +33,9 @@ enum class Invalid : int {
   kBadActivation,   ///< activation is not one of the Activation values
   kBadParamType,    ///< param_type is not one of the ParamType values
   kNoSavedStats,    ///< backward with use_input_stats but without save_mean and save_rstd
-  kBadGradients,    ///< backward: dgamma and dbeta are the same buffer, or overlap a tensor
+  kBadGradients,    ///< backward: two gradient buffers alias, or one overlaps a tensor
+  kBadModulation,   ///< modulation: a stride below c, an unknown type, or a buffer overlapping y
+  kBadUnbiased,     ///< unbiased variance of planes of one element
 };
 
 /// One sentence per reason, for error messages (never null; "unknown reason" for values outside
@@ -59,7 +61,13 @@ inline const char* to_string(Invalid v) {
       return "the backward reads the forward's saved statistics: save_mean and save_rstd are "
              "required when use_input_stats is true";
     case Invalid::kBadGradients:
-      return "dgamma and dbeta must be distinct buffers that overlap none of x, dy and dx";
+      return "dgamma, dbeta, dscale and dshift must be distinct buffers that overlap none of "
+             "x, dy and dx";
+    case Invalid::kBadModulation:
+      return "modulation: strides must be 0 (contiguous) or >= c, type kFloat or kSameAsInput, "
+             "n * c below 2^31, and scale and shift must not overlap y";
+    case Invalid::kBadUnbiased:
+      return "unbiased variance needs more than one element per plane (or group)";
   }
   return "unknown reason";
 }
@@ -85,6 +93,44 @@ struct Problem {
 namespace detail {
 inline bool mul_overflows(int64_t a, int64_t b, int64_t* out) {
   return __builtin_mul_overflow(a, b, out);
+}
+
+/// Whether [a, a + a_bytes) and [b, b + b_bytes) overlap (false for a null pointer).
+inline bool ranges_overlap(const void* a, const void* b, uint64_t a_bytes, uint64_t b_bytes) {
+  const auto ab = reinterpret_cast<uintptr_t>(a), bb = reinterpret_cast<uintptr_t>(b);
+  if (a == nullptr || b == nullptr) return false;
+  return ab < bb + b_bytes && bb < ab + a_bytes;
+}
+
+/// Bytes one modulation tensor spans: n rows `stride` apart, c elements in the last (0 if the
+/// stride is refused or the span overflows).
+inline uint64_t modulation_span(int64_t n, int64_t c, int64_t stride, int elem_bytes) {
+  const int64_t s = stride == 0 ? c : stride;
+  int64_t rows = 0, elems = 0;
+  if (s < c || mul_overflows(n - 1, s, &rows) || __builtin_add_overflow(rows, c, &elems))
+    return 0;
+  return uint64_t(elems) * uint64_t(elem_bytes);
+}
+
+/// The modulation's rules: a known type, strides 0 or >= c, buffers that leave y alone.
+inline Invalid validate_modulation(const void* y, int64_t n, int64_t c, int elem_bytes,
+                                   uint64_t y_bytes, const Options& opt) {
+  const Modulation& m = opt.modulation;
+  if (m.scale == nullptr && m.shift == nullptr) return Invalid::kOk;
+  if (m.type != ParamType::kFloat && m.type != ParamType::kSameAsInput)
+    return Invalid::kBadModulation;
+  // The kernels find a plane's sample with a 32-bit division (image_of, epilogue.cuh).
+  if (n * c >= (int64_t(1) << 31)) return Invalid::kBadModulation;
+  const int mb = m.type == ParamType::kFloat ? 4 : elem_bytes;
+  const void* bufs[2] = {m.scale, m.shift};
+  const int64_t strides[2] = {m.scale_stride, m.shift_stride};
+  for (int i = 0; i < 2; ++i) {
+    if (bufs[i] == nullptr) continue;
+    const uint64_t span = modulation_span(n, c, strides[i], mb);
+    if (strides[i] < 0 || span == 0 || ranges_overlap(bufs[i], y, span, y_bytes))
+      return Invalid::kBadModulation;
+  }
+  return Invalid::kOk;
 }
 }  // namespace detail
 
@@ -115,6 +161,10 @@ inline Invalid validate(const void* x, const void* y, int64_t n, int64_t c, int6
   const auto xb = reinterpret_cast<uintptr_t>(x), yb = reinterpret_cast<uintptr_t>(y);
   const auto ub = static_cast<uintptr_t>(bytes);
   if (xb != yb && xb < yb + ub && yb < xb + ub) return Invalid::kOverlap;
+  const Invalid mod = detail::validate_modulation(y, n, c, elem_bytes, uint64_t(bytes), opt);
+  if (mod != Invalid::kOk) return mod;
+  if (opt.unbiased && opt.use_input_stats && (c / groups) * spatial == 1)
+    return Invalid::kBadUnbiased;
 
   prob->n = n;
   prob->c = c;
@@ -151,6 +201,22 @@ inline bool partial_overlap(const void* a, const void* b, uint64_t a_bytes, uint
 }
 }  // namespace detail
 
+/// The checks of statistics<T> (api.cuh): those of the forward with y = x, then the outputs:
+/// mean and stddev non-null, n*G floats each, overlapping neither x nor each other. No CUDA call.
+inline Invalid validate_statistics(const void* x, const float* mean, const float* stddev,
+                                   int64_t n, int64_t c, int64_t spatial, int elem_bytes,
+                                   const Options& opt, Problem* prob) {
+  const Invalid v = validate(x, x, n, c, spatial, elem_bytes, opt, prob);
+  if (v != Invalid::kOk) return v;
+  if (mean == nullptr || stddev == nullptr) return Invalid::kNullPointer;
+  const uint64_t bytes = uint64_t(n * c * spatial) * uint64_t(elem_bytes);
+  const uint64_t sb = uint64_t(prob->planes) * sizeof(float);
+  if (detail::ranges_overlap(mean, x, sb, bytes) || detail::ranges_overlap(stddev, x, sb, bytes) ||
+      detail::ranges_overlap(mean, stddev, sb, sb))
+    return Invalid::kOverlap;
+  return Invalid::kOk;
+}
+
 /// The checks of backward<T>: those of the forward with the same Options (x and dx in the
 /// roles of x and y), then dy (dx == dy and dx == x are allowed; any other overlap of dx with
 /// x or dy is not), the saved statistics the backward reads (opt.save_mean and opt.save_rstd,
@@ -166,14 +232,18 @@ inline Invalid validate_backward(const void* x, const void* dy, const void* dx, 
   if (reinterpret_cast<uintptr_t>(dy) % 16 != 0) prob->vector_ok = false;  // dy is read in vectors too
   if (opt.use_input_stats && (opt.save_mean == nullptr || opt.save_rstd == nullptr))
     return Invalid::kNoSavedStats;
-  const uint64_t cb = uint64_t(c) * sizeof(float);
-  if (grads.dgamma != nullptr && grads.dgamma == grads.dbeta) return Invalid::kBadGradients;
-  for (const float* g : {grads.dgamma, grads.dbeta}) {
-    if (g == nullptr) continue;
+  // The gradient buffers: c floats (dgamma, dbeta) or n*c floats (dscale, dshift) each, no two
+  // of them and no tensor sharing a byte.
+  const float* g[4] = {grads.dgamma, grads.dbeta, grads.dscale, grads.dshift};
+  const uint64_t gb[4] = {uint64_t(c) * 4, uint64_t(c) * 4, uint64_t(n * c) * 4,
+                          uint64_t(n * c) * 4};
+  for (int i = 0; i < 4; ++i) {
+    if (g[i] == nullptr) continue;
     for (const void* t : {x, dy, dx})
-      if (t == g || detail::partial_overlap(g, t, cb, bytes)) return Invalid::kBadGradients;
+      if (detail::ranges_overlap(g[i], t, gb[i], bytes)) return Invalid::kBadGradients;
+    for (int j = 0; j < i; ++j)
+      if (detail::ranges_overlap(g[i], g[j], gb[i], gb[j])) return Invalid::kBadGradients;
   }
-  if (detail::partial_overlap(grads.dgamma, grads.dbeta, cb, cb)) return Invalid::kBadGradients;
   return Invalid::kOk;
 }
 

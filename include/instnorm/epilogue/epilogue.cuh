@@ -45,21 +45,84 @@ __device__ __forceinline__ void with_activation(Activation a, F&& f) {
   }
 }
 
+/// The options every kernel reads through the epilogue, forward and backward, both layouts:
+/// each kernel's parameter struct derives from it, and set_option_fields (launch.cuh) fills it.
+struct EpilogueFields {
+  int64_t spatial;
+  int64_t groups;               ///< G
+  float eps;
+  /// The factor of the variance the normalize uses: S / (S - 1) for the unbiased variance of
+  /// planes of S elements, else 1 (exact: the biased path's bits do not change).
+  float var_scale;
+  Activation activation;
+  bool params_float;            ///< gamma/beta are float (else T)
+  bool mod_float;               ///< mod_scale/mod_shift are float (else T)
+  bool one_plus_scale;          ///< Modulation::one_plus_scale
+  bool save_std;                ///< save_rstd receives sqrt(var + eps) instead (statistics())
+  const void* gamma;            ///< per channel, or null
+  const void* beta;
+  const void* mod_scale;        ///< per (image, channel): [image * scale_stride + channel], or null
+  const void* mod_shift;
+  int64_t scale_stride, shift_stride;
+  const float* running_mean;    ///< per channel (eval mode)
+  const float* running_var;
+};
+
 template <class T>
 __device__ __forceinline__ float load_param(const void* p, bool is_float, int64_t i) {
   return is_float ? static_cast<const float*>(p)[i] : to_float(static_cast<const T*>(p)[i]);
 }
 
+/// Whether the call has per-channel (gamma, beta) or per-sample (scale, shift) parameters, so
+/// that a lane must know the channel (and the image) of its elements.
+__device__ __forceinline__ bool has_channel_params(const EpilogueFields& p) {
+  return p.gamma != nullptr || p.beta != nullptr || p.mod_scale != nullptr ||
+         p.mod_shift != nullptr;
+}
+__device__ __forceinline__ bool is_modulated(const EpilogueFields& p) {
+  return p.mod_scale != nullptr || p.mod_shift != nullptr;
+}
+
+/// The sample of plane `plane` (n * G planes) in a modulated call, where validate guarantees
+/// n * G < 2^31: a 32-bit division, whose 64-bit form left the staged kernel spilling on sm_89.
+__device__ __forceinline__ int64_t image_of(const EpilogueFields& p, int64_t plane) {
+  return int64_t(uint32_t(plane) / uint32_t(p.groups));
+}
+
+/// The affine map of channel ch of image `image` after the normalize, pre = xhat * gamma + beta,
+/// with the per-sample modulation folded in (Modulation, options.cuh): scale m (1 + scale with
+/// one_plus_scale; 1 where absent) and shift t give gamma * m and beta * m + t (one_plus_scale)
+/// or beta + t. The forward's epilogue and the backward's channel both read it.
+struct ChannelAffine {
+  float gamma, beta;
+};
+template <class T>
+__device__ __forceinline__ ChannelAffine channel_affine(const EpilogueFields& p, int64_t image,
+                                                        int64_t ch) {
+  float g = p.gamma ? load_param<T>(p.gamma, p.params_float, ch) : 1.f;
+  float b = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
+  if (p.mod_scale != nullptr) {
+    const float s = load_param<T>(p.mod_scale, p.mod_float, image * p.scale_stride + ch);
+    const float m = p.one_plus_scale ? 1.f + s : s;
+    g *= m;
+    if (p.one_plus_scale) b *= m;
+  }
+  if (p.mod_shift != nullptr) b += load_param<T>(p.mod_shift, p.mod_float, image * p.shift_stride + ch);
+  return ChannelAffine{g, b};
+}
+
 /// A plane's (or group's) statistics as the normalize uses them: `center` is the mean rounded to
 /// fp32 and `residual` the rest of it (center_of, moments.cuh), so that x - center is exact when
-/// |mean| >> std and the residual is not lost; `var` the biased variance.
+/// |mean| >> std and the residual is not lost; `var` the biased variance; rstd from var *
+/// var_scale (the unbiased variance where the call asks for it).
 struct PlaneStats {
   float center, residual, rstd, var;
 };
-__device__ __forceinline__ PlaneStats plane_stats(float pivot, const Moments& m, float eps) {
+__device__ __forceinline__ PlaneStats plane_stats(float pivot, const Moments& m,
+                                                  const EpilogueFields& p) {
   const CenterResidual cr = center_of(pivot, m);
   const float var = variance(m);
-  return PlaneStats{cr.center, cr.residual, 1.f / sqrtf(var + eps), var};
+  return PlaneStats{cr.center, cr.residual, 1.f / sqrtf(var * p.var_scale + p.eps), var};
 }
 
 /// Eval mode: the running statistics of channel ch stand for the plane's.
@@ -69,39 +132,41 @@ __device__ __forceinline__ PlaneStats running_plane_stats(const Params& p, int64
   return PlaneStats{p.running_mean[ch], 0.f, 1.f / sqrtf(var + p.eps), var};
 }
 
-/// The saved statistics (mean, rstd) and the running update's inputs (mean, biased variance) of
-/// `plane`, where the call asks for them.
+/// The saved statistics (mean, rstd; or the standard deviation for statistics()) and the
+/// running update's inputs (mean, biased variance) of `plane`, where the call asks for them.
 template <class Params>
 __device__ __forceinline__ void store_plane_stats(const Params& p, int64_t plane,
                                                   const PlaneStats& s) {
   if (p.save_mean) p.save_mean[plane] = s.center + s.residual;
-  if (p.save_rstd) p.save_rstd[plane] = s.rstd;
+  if (p.save_rstd) p.save_rstd[plane] = p.save_std ? sqrtf(s.var * p.var_scale + p.eps) : s.rstd;
   if (p.stat_mean) {
     p.stat_mean[plane] = s.center + s.residual;
     p.stat_var[plane] = s.var;
   }
 }
 
-/// Channel ch's y = act((x - center) * scale + shift): scale = rstd * gamma_ch, shift = beta_ch -
-/// residual * scale (gamma 1 and beta 0 where absent).
+/// Channel ch's y = act((x - center) * scale + shift): scale = rstd * gamma, shift = beta -
+/// residual * scale, of the channel's affine map (channel_affine: gamma 1 and beta 0 where
+/// absent, the modulation of image `image` folded in).
 struct ScaleShift {
   float scale, shift;
 };
-template <class T, class Params>
-__device__ __forceinline__ ScaleShift scale_shift(const Params& p, int64_t ch, float rstd,
-                                                  float residual) {
-  const float scale = p.gamma ? rstd * load_param<T>(p.gamma, p.params_float, ch) : rstd;
-  const float beta = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
-  return ScaleShift{scale, fmaf(-residual, scale, beta)};
+template <class T>
+__device__ __forceinline__ ScaleShift scale_shift(const EpilogueFields& p, int64_t image,
+                                                  int64_t ch, float rstd, float residual) {
+  const ChannelAffine a = channel_affine<T>(p, image, ch);
+  const float scale = rstd * a.gamma;
+  return ScaleShift{scale, fmaf(-residual, scale, a.beta)};
 }
 
-/// A plane's statistics and its current channel's scale and shift, as a lane normalizes.
+/// A plane's statistics and its current channel's scale and shift, as a lane normalizes;
+/// `image` (the plane's sample) matters only to a modulated call.
 template <class T>
 struct Epilogue {
   float center, residual, rstd, scale, shift;
-  template <class Params>
-  __device__ __forceinline__ void set_channel(const Params& p, int64_t ch) {
-    const ScaleShift ss = scale_shift<T>(p, ch, rstd, residual);
+  int64_t image = 0;
+  __device__ __forceinline__ void set_channel(const EpilogueFields& p, int64_t ch) {
+    const ScaleShift ss = scale_shift<T>(p, image, ch, rstd, residual);
     scale = ss.scale;
     shift = ss.shift;
   }
@@ -113,12 +178,13 @@ template <class T, template <class> class Params>
 __device__ __forceinline__ Epilogue<T> plane_epilogue(const Params<T>& p, float pivot,
                                                       const Moments& m, int64_t plane,
                                                       bool writer) {
-  const PlaneStats s = plane_stats(pivot, m, p.eps);
+  const PlaneStats s = plane_stats(pivot, m, p);
   if (writer) store_plane_stats(p, plane, s);
   Epilogue<T> ep;
   ep.center = s.center;
   ep.residual = s.residual;
   ep.rstd = s.rstd;
+  if (is_modulated(p)) ep.image = image_of(p, plane);
   return ep;
 }
 

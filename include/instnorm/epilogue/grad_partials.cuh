@@ -11,14 +11,16 @@
 namespace instnorm {
 namespace detail {
 
-/// gamma and beta of the channel a lane's vector lies in (the cursor of epilogue.cuh sets it).
+/// The affine map (gamma and beta, the modulation of `image` folded in: channel_affine) of the
+/// channel a lane's vector lies in (the cursor of epilogue.cuh sets it).
 template <class T>
 struct GradChannel {
   float gamma = 1.f, beta = 0.f;
-  template <class Params>
-  __device__ __forceinline__ void set_channel(const Params& p, int64_t ch) {
-    gamma = p.gamma ? load_param<T>(p.gamma, p.params_float, ch) : 1.f;
-    beta = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
+  int64_t image = 0;  ///< the plane's sample (read by a modulated call only)
+  __device__ __forceinline__ void set_channel(const EpilogueFields& p, int64_t ch) {
+    const ChannelAffine a = channel_affine<T>(p, image, ch);
+    gamma = a.gamma;
+    beta = a.beta;
   }
 };
 
@@ -93,11 +95,23 @@ __device__ __forceinline__ void channel_partial_sums(const Params& p,
   }
 }
 
-/// dbeta[ch] and dgamma[ch]: the partials of channel ch over images and blocks, added in a
-/// fixed order (one warp per channel: lanes take entries lane, lane + 32, ..., then a
-/// butterfly), so reruns give the same bits.
+/// The modulation's factor of image i, channel ch (1 + scale, scale, or 1 without a scale).
+template <class T>
+__device__ __forceinline__ float modulation_factor(const EpilogueFields& f, int64_t i,
+                                                   int64_t ch) {
+  if (f.mod_scale == nullptr) return 1.f;
+  const float s = load_param<T>(f.mod_scale, f.mod_float, i * f.scale_stride + ch);
+  return f.one_plus_scale ? 1.f + s : s;
+}
+
+/// dbeta[ch] and dgamma[ch]: the partials (sum of d, sum of d * xhat) of channel ch over images
+/// and blocks, added in a fixed order (one warp per channel: lanes take entries lane, lane + 32,
+/// ..., then a butterfly), so reruns give the same bits. With a modulation each image's part is
+/// weighted by its factor m (pre = xhat * gamma * m + ...): dgamma by m, dbeta by m where the
+/// factor is 1 + scale and multiplies beta too.
+template <class T>
 __global__ void grad_params_kernel(const float2* partials, int64_t n, int64_t c, int64_t G,
-                                   float* dgamma, float* dbeta) {
+                                   const EpilogueFields f, float* dgamma, float* dbeta) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
   for (int64_t ch = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); ch < c;
@@ -105,14 +119,39 @@ __global__ void grad_params_kernel(const float2* partials, int64_t n, int64_t c,
     float a = 0.f, b = 0.f;
     for (int64_t i = lane; i < n * G; i += 32) {
       const float2 v = partials[((i / G) * c + ch) * G + i % G];
-      a += v.x;
-      b += v.y;
+      const float m = modulation_factor<T>(f, i / G, ch);  // fmaf(1, v, s) == v + s
+      a = fmaf(f.one_plus_scale ? m : 1.f, v.x, a);
+      b = fmaf(m, v.y, b);
     }
     a = butterfly_sum(a, 32);
     b = butterfly_sum(b, 32);
     if (lane == 0) {
       if (dbeta) dbeta[ch] = a;
       if (dgamma) dgamma[ch] = b;
+    }
+  }
+}
+
+/// dshift[i * c + ch] and dscale[i * c + ch]: the G block partials of (image i, channel ch) in
+/// order, as B = sum of d and A = sum of d * xhat; dshift = B, dscale = gamma * A (+ beta * B
+/// where the factor is 1 + scale: pre = (xhat * gamma + beta) * (1 + scale) + shift).
+template <class T>
+__global__ void grad_modulation_kernel(const float2* partials, int64_t n, int64_t c, int64_t G,
+                                       const EpilogueFields f, float* dscale, float* dshift) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n * c; e += stride) {
+    float a = 0.f, b = 0.f;
+    for (int64_t r = 0; r < G; ++r) {
+      const float2 v = partials[e * G + r];
+      b += v.x;
+      a += v.y;
+    }
+    if (dshift) dshift[e] = b;
+    if (dscale) {
+      const int64_t ch = e % c;
+      const float g = f.gamma ? load_param<T>(f.gamma, f.params_float, ch) : 1.f;
+      const float bt = f.beta ? load_param<T>(f.beta, f.params_float, ch) : 0.f;
+      dscale[e] = f.one_plus_scale ? fmaf(g, a, bt * b) : g * a;
     }
   }
 }

@@ -29,25 +29,16 @@ namespace detail {
 
 /// Everything the backward kernel reads.
 template <class T>
-struct BackwardParams {
+struct BackwardParams : EpilogueFields {
   const T* x;
   const T* dy;
   T* dx;
   int64_t planes;              ///< n * G
   int64_t plane_len;           ///< channels_per_group * spatial
-  int64_t spatial;
-  int64_t groups;              ///< G
   int64_t channels_per_group;
-  float eps;
-  const void* gamma;
-  const void* beta;
-  bool params_float;
   const float* save_mean;      ///< the forward's, per plane (use_input_stats)
   const float* save_rstd;
-  const float* running_mean;   ///< per channel (use_input_stats false)
-  const float* running_var;
   bool use_input_stats;
-  Activation activation;
   int lanes;
   int items;
   int smem_items;              ///< further vectors of x and of dy per thread in shared memory
@@ -104,7 +95,7 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
     return reinterpret_cast<float2*>(reinterpret_cast<V*>(dyn_smem) + 2 * sitems * lanes)[k];
   };
   const int64_t cpg = p.channels_per_group;
-  const bool per_channel = cpg > 1 && (p.gamma != nullptr || p.beta != nullptr);
+  const bool per_channel = cpg > 1 && has_channel_params(p);
   const bool channel_partials = p.partials != nullptr && cpg > 1;
   const float inv_len = 1.f / float(p.plane_len);
 
@@ -121,6 +112,7 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
     GradPlane pl;
     GradChannel<T> plane_ch;  // instance norm: the plane's channel
     if (active) {
+      if (is_modulated(p)) plane_ch.image = image_of(p, plane);
       plane_ch.set_channel(p, channel_base);
       if (p.use_input_stats) {
         pl.c = p.save_mean[plane];
@@ -264,7 +256,7 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
         const float sg = w * s.a;
         const float sgx = w * fmaf(-pl.r, s.a, s.b);  // sum of g * (x - mean)
         pl.k1 = sg * inv_len;
-        pl.k2 = pl.rstd * sgx * inv_len;
+        pl.k2 = pl.rstd * sgx * inv_len * p.var_scale;  // 1/(S-1) for the unbiased variance
       } else if (p.partials != nullptr) {
         own = lanes <= 32 ? warp_allreduce(s, lanes) : block_allreduce(s, st);
       }

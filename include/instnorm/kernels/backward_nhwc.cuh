@@ -14,21 +14,14 @@ namespace instnorm {
 namespace detail {
 
 template <class T>
-struct NhwcGradParams {
+struct NhwcGradParams : EpilogueFields {
   const T* x;
   const T* dy;
   T* dx;
-  int64_t n, c, spatial, groups, cpg;
-  float eps;
-  const void* gamma;
-  const void* beta;
-  bool params_float;
+  int64_t n, c, cpg;
   const float* save_mean;
   const float* save_rstd;
-  const float* running_mean;
-  const float* running_var;
   bool use_input_stats;
-  Activation activation;
   int64_t tiles;      ///< row tiles per image
   int64_t tile_rows;  ///< rows per tile
   int cols;           ///< column vectors per block (blockDim.x / cols row lanes)
@@ -83,6 +76,7 @@ __global__ void __launch_bounds__(256) nhwc_grad_sums(const NhwcGradParams<T> p)
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {
     pl[k] = nhwc_unit(p, image, j0 + k, finalized);
+    gc[k].image = image;
     gc[k].set_channel(p, j0 + k);
   }
   const int64_t r0 = tile * p.tile_rows;
@@ -158,7 +152,7 @@ __global__ void nhwc_grad_finalize(const NhwcGradParams<T> p) {
         b += v.w;
       }
       if constexpr (kResidualOnly) continue;
-      const float g = p.gamma ? load_param<T>(p.gamma, p.params_float, ch) : 1.f;
+      const float g = channel_affine<T>(p, image, ch).gamma;
       sg = fmaf(g, a, sg);
       sgb = fmaf(g, b, sgb);
       if (p.partials != nullptr) {
@@ -174,7 +168,7 @@ __global__ void nhwc_grad_finalize(const NhwcGradParams<T> p) {
     if (p.use_input_stats && (kResidualOnly || !act)) pl.r = (s.s0_hi + s.s0_lo) * inv_len;
     if (!kResidualOnly && p.use_input_stats) {
       pl.k1 = s.a * inv_len;
-      pl.k2 = pl.rstd * fmaf(-pl.r, s.a, s.b) * inv_len;
+      pl.k2 = pl.rstd * fmaf(-pl.r, s.a, s.b) * inv_len * p.var_scale;
     }
     if (lane == 0 && p.use_input_stats) {
       p.unit[2 * u] = make_float4(pl.c, pl.r, pl.rstd, pl.k1);
@@ -216,7 +210,13 @@ __global__ void __launch_bounds__(256) nhwc_grad_dx(const NhwcGradParams<T> p) {
         image = row / p.spatial;
         image_end = (image + 1) * p.spatial;
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) pl[k] = nhwc_unit(p, image, j0 + k, true);
+        for (int k = 0; k < kVec; ++k) {
+          pl[k] = nhwc_unit(p, image, j0 + k, true);
+          if (is_modulated(p)) {  // the channel's affine map is per image
+            gc[k].image = image;
+            gc[k].set_channel(p, j0 + k);
+          }
+        }
       }
       const int64_t at = row * p.c + j0;
       float xc[kVec], d[kVec];

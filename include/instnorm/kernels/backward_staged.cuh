@@ -47,6 +47,7 @@ __global__ void __launch_bounds__(kStagedThreads, 2) staged_backward_kernel(cons
     const int64_t channel_base = (plane % p.groups) * cpg;
     GradPlane pl;
     GradChannel<T> plane_ch;
+    if (is_modulated(p)) plane_ch.image = image_of(p, plane);
     plane_ch.set_channel(p, channel_base);
     if (p.use_input_stats) {
       pl.c = active ? p.save_mean[plane] : 0.f;
@@ -94,7 +95,7 @@ __global__ void __launch_bounds__(kStagedThreads, 2) staged_backward_kernel(cons
         if (kAct == Activation::kNone) pl.r = (s.s0_hi + s.s0_lo) * inv_len;
         const float w = cpg > 1 ? 1.f : plane_ch.gamma;
         pl.k1 = w * s.a * inv_len;
-        pl.k2 = pl.rstd * w * fmaf(-pl.r, s.a, s.b) * inv_len;
+        pl.k2 = pl.rstd * w * fmaf(-pl.r, s.a, s.b) * inv_len * p.var_scale;
       }
       if (p.partials != nullptr) {
         if (cpg == 1) {

@@ -22,21 +22,14 @@ namespace detail {
 
 /// Everything the kernel reads, flattened from the problem, options and plan.
 template <class T>
-struct KernelParams {
+struct KernelParams : EpilogueFields {
   const T* x;
-  T* y;
+  T* y;                        ///< null: statistics only (statistics(), api.cuh)
   int64_t planes;              ///< n * G
   int64_t plane_len;           ///< channels_per_group * spatial
-  int64_t spatial;
-  int64_t groups;              ///< G
   int64_t channels_per_group;
-  float eps;
-  const void* gamma;
-  const void* beta;
-  bool params_float;           ///< gamma/beta are float (else T)
   float* save_mean;
   float* save_rstd;
-  Activation activation;
   int lanes;                   ///< threads per plane slice
   int items;                   ///< vectors per thread per chunk
   int smem_items;              ///< further vectors per thread held in dynamic shared memory
@@ -44,8 +37,6 @@ struct KernelParams {
   int64_t slice_len;           ///< elements per block slice
   float* stat_mean;            ///< planes floats: mean of each plane (running-stat updates), or null
   float* stat_var;             ///< planes floats: biased variance of each plane, or null
-  const float* running_mean;   ///< c floats, used instead of the input's (use_input_stats false)
-  const float* running_var;
   TaggedSlot* slots;           ///< [2][grid] tagged block partials, zeroed per launch
                                ///< (cooperative plans)
   int phases;                  ///< Plan::phases
@@ -129,7 +120,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
   const int block_group = int(blockIdx.x) / G;
   const int block_groups = int(gridDim.x) / G;
   const int chunk = lanes * p.items * kVec;  // <= 512 * 32
-  const bool affine = p.gamma != nullptr || p.beta != nullptr;
+  const bool affine = has_channel_params(p);
   const bool per_channel = affine && p.channels_per_group > 1;
 
   unsigned round = 0;  // only its parity and the exchange tag (which may wrap) use it
@@ -147,8 +138,8 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
     // The pivot: the plane's first element. Shifting by a value of the plane removes the common
     // offset before anything is merged, so fp32 moments stay accurate when |mean| >> std.
     const float pivot = active ? to_float(p.x[base]) : 0.f;
-    // Channels matter only with gamma/beta; skip the 64-bit divisions otherwise (they cost
-    // more than the data of a 7x7 plane).
+    // Channels matter only with gamma/beta or a modulation; skip the 64-bit divisions otherwise
+    // (they cost more than the data of a 7x7 plane).
     int64_t channel_base = 0;
     ChunkChannel cc{0, 0};
     if (affine) {
@@ -200,6 +191,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
 
     Epilogue<T> ep = plane_epilogue(p, pivot, m, plane, active && rank == 0 && lane == 0);
     if (active) ep.set_channel(p, cc.channel);
+    if (p.y == nullptr) continue;  // statistics only
     T* ys = p.y + base + begin;
     with_activation(p.activation, [&](auto act) {
       normalize_slice<decltype(act)::value, kStream>(regs, xs, ys, len, chunk, lane, lanes, ep, p,
@@ -229,7 +221,7 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
   const int per_block = blockDim.x / lanes;
   const int64_t L = p.plane_len;
   const int64_t units = (p.planes + per_block - 1) / per_block;
-  const bool affine = p.gamma != nullptr || p.beta != nullptr;
+  const bool affine = has_channel_params(p);
   // Full units are whole multiples of 16 bytes (per_block >= 8 planes of >= 2-byte elements).
   const bool vec_ok =
       ((reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.y)) & 15) == 0;
@@ -279,25 +271,25 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
       const int64_t plane = first_plane + group;
       Epilogue<T> ep = plane_epilogue(p, pivot, m, plane, lane == 0);
       const int64_t channel_base = affine ? (plane % p.groups) * p.channels_per_group : 0;
-      ep.set_channel(p, channel_base);
-      int64_t loaded = channel_base;
-      for (int k = 0; k < mine; ++k) {
-        const int i = lane + k * lanes;
-        if (affine && p.channels_per_group > 1) {
-          const int64_t ch = channel_base + i / p.spatial;
-          if (ch != loaded) {
-            ep.set_channel(p, ch);
-            loaded = ch;
-          }
+      // Channel by channel (one run of the plane each; the whole plane without parameters):
+      // the parameters are loaded outside the element loop. Element i stays with lane
+      // i % lanes. None for statistics only.
+      const int runs = p.y == nullptr ? 0 : affine ? int(p.channels_per_group) : 1;
+      const int run_len = runs > 1 ? int(p.spatial) : int(L);
+      for (int r = 0; r < runs; ++r) {
+        if (affine) ep.set_channel(p, channel_base + r);
+        const int lo = r * run_len, hi = lo + run_len;
+        for (int i = lo + (lane - lo % lanes + lanes) % lanes; i < hi; i += lanes) {
+          const float t = fmaf(to_float(xp[i]) - ep.center, ep.scale, ep.shift);
+          xp[i] = from_float<T>(p.activation == Activation::kRelu ? activate<Activation::kRelu>(t)
+                                : p.activation == Activation::kSilu
+                                    ? activate<Activation::kSilu>(t)
+                                    : t);
         }
-        const float t = fmaf(to_float(xp[i]) - ep.center, ep.scale, ep.shift);
-        xp[i] = from_float<T>(p.activation == Activation::kRelu   ? activate<Activation::kRelu>(t)
-                              : p.activation == Activation::kSilu ? activate<Activation::kSilu>(t)
-                                                                  : t);
       }
     }
     __syncthreads();
-    stage_out(p.y + first_plane * L, buf, n, vec_ok);
+    if (p.y != nullptr) stage_out(p.y + first_plane * L, buf, n, vec_ok);
     __syncthreads();  // the next unit's prefetch overwrites this stage
   }
 }

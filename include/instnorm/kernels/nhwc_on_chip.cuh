@@ -220,14 +220,15 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
       const Moments m = red.get(slot_of(int((j / cpg) * cpg)), count);
       // The pivot as read before the exchange: in place, the block holding the image's first
       // row may have overwritten it since.
-      const PlaneStats st = plane_stats(pivots[j], m, p.eps);
+      const PlaneStats st = plane_stats(pivots[j], m, p);
       if (rank == 0 && rl == 0 && ch % cpg == 0) store_plane_stats(p, image * p.groups + g, st);
       cen[k] = st.center;
-      const ScaleShift ss = scale_shift<T>(p, ch, st.rstd, st.residual);
+      const ScaleShift ss = scale_shift<T>(p, image, ch, st.rstd, st.residual);
       scale[k] = ss.scale;
       shift[k] = ss.shift;
     }
     __syncthreads();  // red is rewritten by the next unit
+    if (p.y == nullptr) continue;  // statistics only (uniform over the block)
 
     V* yv = reinterpret_cast<V*>(p.y + image * S * C + (row_begin + rl) * C) + col;
     // Row q < items is register q; row items + j is shared-memory row j (dst gets kMaxItems + j).

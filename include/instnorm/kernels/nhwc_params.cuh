@@ -15,26 +15,19 @@ namespace instnorm {
 namespace detail {
 
 template <class T>
-struct NhwcParams {
+struct NhwcParams : EpilogueFields {
   const T* x;
-  T* y;
-  int64_t spatial, c, groups, cpg;
+  T* y;                          ///< null: statistics only
+  int64_t c, cpg;
   int64_t img_first;   ///< first image of this batch
   int64_t img_count;   ///< images in this batch
   int64_t tile_rows, tiles;
   int cols_per_block, row_lanes;
   int finalize_lanes;            ///< threads per (image, group) in nhwc_finalize: 1..32
-  float eps;
-  const void* gamma;
-  const void* beta;
-  bool params_float;
   float* save_mean;
   float* save_rstd;
   float* stat_mean;              ///< [n][c] (G == c) for the running-statistics update, or null
   float* stat_var;
-  Activation activation;
-  const float* running_mean;     ///< eval mode: normalize with these (per channel)
-  const float* running_var;
   Moments* partials;             ///< [img_count][tiles][c]
   float4* group_stats;           ///< [n][groups]: center, residual, rstd
   // On-chip plans (nhwc_on_chip).

@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kNhwcThreads) nhwc_finalize(const NhwcParams<T
     m = warp_allreduce(m, L);
     if (active && lane == 0) {
       const int64_t image = p.img_first + li;
-      const PlaneStats st = plane_stats(group_pivot(p, image, g), m, p.eps);
+      const PlaneStats st = plane_stats(group_pivot(p, image, g), m, p);
       const int64_t plane = image * p.groups + g;
       p.group_stats[plane] = make_float4(st.center, st.residual, st.rstd, 0.f);
       store_plane_stats(p, plane, st);
@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kNhwcThreads, 1) nhwc_normalize(const NhwcPara
         residual = gs.y;
         rstd = gs.z;
       }
-      const ScaleShift ss = scale_shift<T>(p, ch, rstd, residual);
+      const ScaleShift ss = scale_shift<T>(p, image, ch, rstd, residual);
       scale[k] = ss.scale;
       shift[k] = ss.shift;
     }

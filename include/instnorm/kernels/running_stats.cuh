@@ -47,6 +47,7 @@ __global__ void __launch_bounds__(kInferenceThreads) inference_kernel(const Kern
     ep.center = st.center;
     ep.residual = 0.f;
     ep.rstd = st.rstd;
+    if (is_modulated(p)) ep.image = image_of(p, plane);
     ep.set_channel(p, ch);
     const int len = int(p.plane_len - begin < kChunk ? p.plane_len - begin : kChunk);
     const int valid = valid_items<kVec>(len, threadIdx.x, kInferenceThreads, kInferenceItems);

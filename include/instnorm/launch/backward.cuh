@@ -26,13 +26,34 @@ inline void set_backward_fields(Params& p, const T* x, const T* dy, T* dx, const
   p.dy = dy;
   p.dx = dx;
   set_option_fields(p, prob, opt);
-  p.running_mean = opt.running_mean;
-  p.running_var = opt.running_var;
   p.use_input_stats = opt.use_input_stats;
 }
 
-/// Whether the call asks for dgamma or dbeta (so the kernel leaves per-block partials).
-inline bool wants_param_grads(const Gradients& g) { return g.dgamma != nullptr || g.dbeta != nullptr; }
+/// Whether the call asks for a parameter's gradient (so the kernel leaves per-block partials).
+inline bool wants_param_grads(const Gradients& g) {
+  return g.dgamma != nullptr || g.dbeta != nullptr || g.dscale != nullptr || g.dshift != nullptr;
+}
+
+/// After the backward kernels: the parameter gradients the call asks for, from the kernels'
+/// per-(image, channel, block) partials (G blocks per plane).
+template <class T>
+inline cudaError_t launch_grad_params(const float2* partials, const Problem& prob, int64_t G,
+                                      const EpilogueFields& f, const Gradients& g,
+                                      cudaStream_t stream) {
+  if (g.dgamma != nullptr || g.dbeta != nullptr) {
+    LaunchShape fin;  // a warp per channel, 8 per block
+    fin.grid = dim3(static_cast<unsigned>(std::min<int64_t>((prob.c + 7) / 8, 65535)));
+    fin.block = dim3(256);
+    INSTNORM_RETURN_IF_ERROR(launch_kernel(grad_params_kernel<T>, fin, stream, partials, prob.n,
+                                           prob.c, G, f, g.dgamma, g.dbeta));
+  }
+  if (g.dscale == nullptr && g.dshift == nullptr) return cudaSuccess;
+  LaunchShape mod;  // a thread per (image, channel)
+  mod.grid = dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(prob.n * prob.c, 256), 65535)));
+  mod.block = dim3(256);
+  return launch_kernel(grad_modulation_kernel<T>, mod, stream, partials, prob.n, prob.c, G, f,
+                       g.dscale, g.dshift);
+}
 
 /// The backward's NCHW plan: the forward's planner sized for two tensors on chip (registers,
 /// and for split plans the shared-memory extension, x's part and dy's; staged units of x and
@@ -155,12 +176,7 @@ inline cudaError_t launch_backward(const T* x, const T* dy, T* dx, const Problem
   shape.cooperative = plan.cooperative;
   INSTNORM_RETURN_IF_ERROR(launch_kernel(kernel, shape, stream, bp));
   if (bp.partials == nullptr) return cudaSuccess;
-  constexpr int kThreads = 256;  // 8 channels per block
-  LaunchShape fin;
-  fin.grid = dim3(static_cast<unsigned>(std::min<int64_t>((prob.c + 7) / 8, 65535)));
-  fin.block = dim3(kThreads);
-  return launch_kernel(grad_params_kernel, fin, stream, static_cast<const float2*>(bp.partials),
-                       prob.n, prob.c, plan.blocks_per_plane, g.dgamma, g.dbeta);
+  return launch_grad_params<T>(bp.partials, prob, plan.blocks_per_plane, bp, g, stream);
 }
 
 // ---------------------------------------------------------------- channels-last
@@ -265,11 +281,7 @@ inline cudaError_t launch_nhwc_backward(const T* x, const T* dy, T* dx, const Pr
   INSTNORM_RETURN_IF_ERROR(
       launch_kernel(full ? nhwc_grad_dx<T, kFull> : nhwc_grad_dx<T, 1>, el, stream, p));
   if (p.partials == nullptr) return cudaSuccess;
-  LaunchShape pg;
-  pg.grid = dim3(static_cast<unsigned>(std::min<int64_t>((prob.c + 7) / 8, 65535)));
-  pg.block = dim3(256);
-  return launch_kernel(grad_params_kernel, pg, stream, static_cast<const float2*>(p.partials),
-                       prob.n, prob.c, int64_t(1), g.dgamma, g.dbeta);
+  return launch_grad_params<T>(p.partials, prob, 1, p, g, stream);
 }
 
 }  // namespace detail

@@ -17,20 +17,34 @@
 namespace instnorm {
 namespace detail {
 
-/// The fields every kernel's parameters take from the call alike: the tensors, the plane
-/// geometry both layouts name the same way, and the epilogue's options.
-/// The option fields (every kernel's parameters, forward and backward, name them alike).
+/// The option fields every kernel's parameters share (EpilogueFields, forward and backward,
+/// both layouts), and the saved statistics each names in its own constness.
 template <class Params>
 inline void set_option_fields(Params& p, const Problem& prob, const Options& opt) {
-  p.spatial = prob.spatial;
-  p.groups = prob.groups;
-  p.eps = opt.eps;
-  p.gamma = opt.gamma;
-  p.beta = opt.beta;
-  p.params_float = opt.param_type == ParamType::kFloat;
+  EpilogueFields& e = p;
+  e.spatial = prob.spatial;
+  e.groups = prob.groups;
+  e.eps = opt.eps;
+  e.var_scale = opt.unbiased && opt.use_input_stats && prob.plane_len > 1
+                    ? float(double(prob.plane_len) / double(prob.plane_len - 1))
+                    : 1.f;
+  e.activation = opt.activation;
+  e.params_float = opt.param_type == ParamType::kFloat;
+  e.gamma = opt.gamma;
+  e.beta = opt.beta;
+  const Modulation& m = opt.modulation;
+  e.mod_float = m.type == ParamType::kFloat;
+  e.one_plus_scale = m.one_plus_scale;
+  e.mod_scale = m.scale;
+  e.mod_shift = m.shift;
+  e.scale_stride = m.scale_stride != 0 ? m.scale_stride : prob.c;
+  e.shift_stride = m.shift_stride != 0 ? m.shift_stride : prob.c;
+  // Read only in eval mode (the NHWC normalize tells the modes apart by them).
+  e.running_mean = opt.use_input_stats ? nullptr : opt.running_mean;
+  e.running_var = opt.use_input_stats ? nullptr : opt.running_var;
+  e.save_std = false;
   p.save_mean = opt.save_mean;
   p.save_rstd = opt.save_rstd;
-  p.activation = opt.activation;
 }
 template <class Params, class T>
 inline void set_common_fields(Params& p, const T* x, T* y, const Problem& prob,
@@ -38,6 +52,7 @@ inline void set_common_fields(Params& p, const T* x, T* y, const Problem& prob,
   p.x = x;
   p.y = y;
   set_option_fields(p, prob, opt);
+  p.save_std = y == nullptr;  // statistics(): no y, save_rstd receives the standard deviation
 }
 
 /// Where the kernel leaves each plane's mean and variance for a running-statistics update:
@@ -108,8 +123,6 @@ inline KernelParams<T> make_params(const T* x, T* y, const Problem& prob, const 
   kp.planes = prob.planes;
   kp.plane_len = prob.plane_len;
   kp.channels_per_group = prob.channels_per_group;
-  kp.running_mean = opt.running_mean;
-  kp.running_var = opt.running_var;
   return kp;
 }
 
@@ -249,10 +262,7 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
     return np.stat_mean ? update_running(np.stat_mean, np.stat_var, prob, opt, stream)
                         : cudaSuccess;
   }
-  if (eval) {
-    np.running_mean = opt.running_mean;
-    np.running_var = opt.running_var;
-  } else {
+  if (!eval) {
     np.partials = WorkspaceLayout::at<Moments>(workspace, w.partials);
     np.group_stats = WorkspaceLayout::at<float4>(workspace, w.group_stats);
   }
@@ -274,6 +284,7 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
       fin.block = dim3(kNhwcThreads);
       INSTNORM_RETURN_IF_ERROR(launch_kernel(nhwc_finalize<T>, fin, stream, np));
     }
+    if (y == nullptr) continue;  // statistics only: the finalize stored them
     INSTNORM_RETURN_IF_ERROR(launch_kernel(
         full ? nhwc_normalize<T, kFull> : nhwc_normalize<T, 1>, tiles, stream, np));
   }
