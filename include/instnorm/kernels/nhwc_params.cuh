@@ -6,6 +6,7 @@
 /// or tiled (nhwc_tiled.cuh).
 
 #include "../contract.cuh"
+#include "../epilogue/epilogue.cuh"
 #include "../grid/exchange.cuh"
 #include "../moments.cuh"
 #include "../options.cuh"
