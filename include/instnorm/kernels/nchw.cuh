@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
       const int runs = p.y == nullptr ? 0 : affine ? int(p.channels_per_group) : 1;
       const int run_len = runs > 1 ? int(p.spatial) : int(L);
       for (int r = 0; r < runs; ++r) {
-        if (affine) ep.set_channel(p, channel_base + r);
+        ep.set_channel(p, channel_base + r);  // without parameters: rstd and the residual
         const int lo = r * run_len, hi = lo + run_len;
         for (int i = lo + (lane - lo % lanes + lanes) % lanes; i < hi; i += lanes) {
           const float t = fmaf(to_float(xp[i]) - ep.center, ep.scale, ep.shift);
