@@ -104,54 +104,55 @@ __device__ __forceinline__ float modulation_factor(const EpilogueFields& f, int6
   return f.one_plus_scale ? 1.f + s : s;
 }
 
-/// dbeta[ch] and dgamma[ch]: the partials (sum of d, sum of d * xhat) of channel ch over images
-/// and blocks, added in a fixed order (one warp per channel: lanes take entries lane, lane + 32,
-/// ..., then a butterfly), so reruns give the same bits. With a modulation each image's part is
-/// weighted by its factor m (pre = xhat * gamma * m + ...): dgamma by m, dbeta by m where the
-/// factor is 1 + scale and multiplies beta too.
+/// The parameter gradients from the partials (sum of d, sum of d * xhat) of each (image,
+/// channel, block): one warp per channel, and one launch for all of them.
+///  - dbeta[ch], dgamma[ch]: over images and blocks. With a modulation each image's part is
+///    weighted by its factor m (pre = xhat * gamma * m + ...): dgamma by m, dbeta by m where the
+///    factor is 1 + scale and multiplies beta too.
+///  - dshift[i * c + ch] = B, dscale[i * c + ch] = gamma * A (+ beta * B with 1 + scale:
+///    pre = (xhat * gamma + beta) * (1 + scale) + shift), A and B image i's sums of d * xhat
+///    and d over its G blocks.
+/// Fixed orders, so reruns give the same bits: without dscale/dshift, lanes take entries lane,
+/// lane + 32, ... of the n * G; with them, lanes take whole images (their G blocks in order);
+/// then a butterfly.
 template <class T>
 __global__ void grad_params_kernel(const float2* partials, int64_t n, int64_t c, int64_t G,
-                                   const EpilogueFields f, float* dgamma, float* dbeta) {
+                                   const EpilogueFields f, Gradients g) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  const bool per_image = g.dscale != nullptr || g.dshift != nullptr;
   for (int64_t ch = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); ch < c;
        ch += warps) {
     float a = 0.f, b = 0.f;
-    for (int64_t i = lane; i < n * G; i += 32) {
-      const float2 v = partials[((i / G) * c + ch) * G + i % G];
-      const float m = modulation_factor<T>(f, i / G, ch);  // fmaf(1, v, s) == v + s
-      a = fmaf(f.one_plus_scale ? m : 1.f, v.x, a);
-      b = fmaf(m, v.y, b);
+    if (!per_image) {
+      for (int64_t i = lane; i < n * G; i += 32) {
+        const float2 v = partials[((i / G) * c + ch) * G + i % G];
+        const float m = modulation_factor<T>(f, i / G, ch);  // fmaf(1, v, s) == v + s
+        a = fmaf(f.one_plus_scale ? m : 1.f, v.x, a);
+        b = fmaf(m, v.y, b);
+      }
+    } else {
+      const float g0 = f.gamma ? load_param<T>(f.gamma, f.params_float, ch) : 1.f;
+      const float b0 = f.beta ? load_param<T>(f.beta, f.params_float, ch) : 0.f;
+      for (int64_t i = lane; i < n; i += 32) {
+        float sd = 0.f, sdx = 0.f;
+        for (int64_t r = 0; r < G; ++r) {
+          const float2 v = partials[(i * c + ch) * G + r];
+          sd += v.x;
+          sdx += v.y;
+        }
+        if (g.dshift) g.dshift[i * c + ch] = sd;
+        if (g.dscale) g.dscale[i * c + ch] = f.one_plus_scale ? fmaf(g0, sdx, b0 * sd) : g0 * sdx;
+        const float m = modulation_factor<T>(f, i, ch);
+        a = fmaf(f.one_plus_scale ? m : 1.f, sd, a);
+        b = fmaf(m, sdx, b);
+      }
     }
     a = butterfly_sum(a, 32);
     b = butterfly_sum(b, 32);
     if (lane == 0) {
-      if (dbeta) dbeta[ch] = a;
-      if (dgamma) dgamma[ch] = b;
-    }
-  }
-}
-
-/// dshift[i * c + ch] and dscale[i * c + ch]: the G block partials of (image i, channel ch) in
-/// order, as B = sum of d and A = sum of d * xhat; dshift = B, dscale = gamma * A (+ beta * B
-/// where the factor is 1 + scale: pre = (xhat * gamma + beta) * (1 + scale) + shift).
-template <class T>
-__global__ void grad_modulation_kernel(const float2* partials, int64_t n, int64_t c, int64_t G,
-                                       const EpilogueFields f, float* dscale, float* dshift) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n * c; e += stride) {
-    float a = 0.f, b = 0.f;
-    for (int64_t r = 0; r < G; ++r) {
-      const float2 v = partials[e * G + r];
-      b += v.x;
-      a += v.y;
-    }
-    if (dshift) dshift[e] = b;
-    if (dscale) {
-      const int64_t ch = e % c;
-      const float g = f.gamma ? load_param<T>(f.gamma, f.params_float, ch) : 1.f;
-      const float bt = f.beta ? load_param<T>(f.beta, f.params_float, ch) : 0.f;
-      dscale[e] = f.one_plus_scale ? fmaf(g, a, bt * b) : g * a;
+      if (g.dbeta) g.dbeta[ch] = a;
+      if (g.dgamma) g.dgamma[ch] = b;
     }
   }
 }

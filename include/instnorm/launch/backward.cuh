@@ -40,19 +40,10 @@ template <class T>
 inline cudaError_t launch_grad_params(const float2* partials, const Problem& prob, int64_t G,
                                       const EpilogueFields& f, const Gradients& g,
                                       cudaStream_t stream) {
-  if (g.dgamma != nullptr || g.dbeta != nullptr) {
-    LaunchShape fin;  // a warp per channel, 8 per block
-    fin.grid = dim3(static_cast<unsigned>(std::min<int64_t>((prob.c + 7) / 8, 65535)));
-    fin.block = dim3(256);
-    INSTNORM_RETURN_IF_ERROR(launch_kernel(grad_params_kernel<T>, fin, stream, partials, prob.n,
-                                           prob.c, G, f, g.dgamma, g.dbeta));
-  }
-  if (g.dscale == nullptr && g.dshift == nullptr) return cudaSuccess;
-  LaunchShape mod;  // a thread per (image, channel)
-  mod.grid = dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(prob.n * prob.c, 256), 65535)));
-  mod.block = dim3(256);
-  return launch_kernel(grad_modulation_kernel<T>, mod, stream, partials, prob.n, prob.c, G, f,
-                       g.dscale, g.dshift);
+  LaunchShape fin;  // a warp per channel, 8 per block
+  fin.grid = dim3(static_cast<unsigned>(std::min<int64_t>((prob.c + 7) / 8, 65535)));
+  fin.block = dim3(256);
+  return launch_kernel(grad_params_kernel<T>, fin, stream, partials, prob.n, prob.c, G, f, g);
 }
 
 /// The backward's NCHW plan: the forward's planner sized for two tensors on chip (registers,
