@@ -1,8 +1,12 @@
-// PyTorch binding of instnorm: three custom ops registered with torch.library (schemas below)
+// PyTorch binding of instnorm: four custom ops registered with torch.library (schemas below)
 // for CUDA tensors: instnorm_torch::forward (updates the running statistics in place; the
 // no-grad path), instnorm_torch::norm (the same forward, functional: the op the Python package
-// registers its autograd formula on) and instnorm_torch::backward (instnorm's fused backward
-// kernel). Built with PyTorch's extension flags, which
+// registers its autograd formula on), instnorm_torch::backward (instnorm's fused backward
+// kernel) and instnorm_torch::statistics (per (sample, group) mean and standard deviation, the
+// style side of AdaIN). forward, norm and backward take the per-sample modulation (scale,
+// shift: (N, C) tensors, rows used in place where their channels are contiguous) and the
+// unbiased-variance flag as trailing arguments with defaults (none, off), so calls written for
+// the earlier schemas still work. Built with PyTorch's extension flags, which
 // define __CUDA_NO_HALF_OPERATORS__ and friends: the headers use conversion intrinsics only.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -13,6 +17,7 @@
 
 #include <cstdarg>
 #include <cstdio>
+#include <limits>
 #include <string>
 #include <tuple>
 
@@ -41,11 +46,14 @@ void run(const at::Tensor& x, at::Tensor& y, int64_t n, int64_t c, int64_t spati
   const instnorm::Invalid why = instnorm::validate<T>(px, py, n, c, spatial, opt);
   TORCH_CHECK(why == instnorm::Invalid::kOk || why == instnorm::Invalid::kEmpty,
               format("instnorm_torch: %s (n = %lld, c = %lld, spatial = %lld, groups = %lld, "
-                     "eps = %g, momentum = %g, activation = %d, use_input_stats = %s)",
+                     "eps = %g, momentum = %g, activation = %d, use_input_stats = %s, "
+                     "scale = %s, shift = %s, unbiased = %s)",
                      instnorm::to_string(why), static_cast<long long>(n),
                      static_cast<long long>(c), static_cast<long long>(spatial),
                      static_cast<long long>(opt.groups), double(opt.eps), double(opt.momentum),
-                     static_cast<int>(opt.activation), opt.use_input_stats ? "true" : "false"));
+                     static_cast<int>(opt.activation), opt.use_input_stats ? "true" : "false",
+                     opt.modulation.scale ? "yes" : "none", opt.modulation.shift ? "yes" : "none",
+                     opt.unbiased ? "true" : "false"));
   size_t bytes = 0;
   cudaError_t err = instnorm::workspace_size<T>(n, c, spatial, opt, &bytes, px, py);
   TORCH_CHECK(err == cudaSuccess, "instnorm_torch: workspace_size: ", cudaGetErrorString(err));
@@ -54,6 +62,14 @@ void run(const at::Tensor& x, at::Tensor& y, int64_t n, int64_t c, int64_t spati
   err = instnorm::forward(px, py, n, c, spatial, opt, bytes > 0 ? ws.data_ptr() : nullptr, bytes,
                           stream);
   TORCH_CHECK(err == cudaSuccess, "instnorm_torch: forward: ", cudaGetErrorString(err));
+}
+
+// "(2, 3, 5)" (format(), not a stream of int64_t: see format()).
+std::string shape_str(at::IntArrayRef s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i)
+    out += format(i ? ", %lld" : "%lld", static_cast<long long>(s[i]));
+  return out + (s.size() == 1 ? ",)" : ")");
 }
 
 // The Python wrapper makes these checks too; here they keep a direct call of the op from handing
@@ -70,11 +86,43 @@ void check_param(const char* name, const c10::optional<at::Tensor>& t, const at:
                                       static_cast<long long>(t->numel())));
 }
 
-// What the three ops share: x's checks, its layout (contiguous -> NCHW, channels-last ->
+bool given(const c10::optional<at::Tensor>& t) { return t && t->defined(); }
+
+// scale / shift: on x's device, floating point, (N, C) (the Python wrapper views (N, C, 1, ...)
+// as (N, C) before the call).
+void check_modulation(const char* name, const c10::optional<at::Tensor>& t, const at::Tensor& x,
+                      int64_t n, int64_t c) {
+  if (!given(t)) return;
+  TORCH_CHECK(t->device() == x.device(), "instnorm_torch: ", name, " must be on x's device ",
+              x.device(), " (got ", t->device(), ")");
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "instnorm_torch: ", name,
+              " must have a floating-point dtype (got ", t->scalar_type(), ")");
+  TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) == c,
+              format("instnorm_torch: %s must have shape (N, C) = (%lld, %lld) (got ", name,
+                     static_cast<long long>(n), static_cast<long long>(c)),
+              shape_str(t->sizes()), ")");
+}
+
+// A modulation tensor as the kernel reads it: element (i, j) at data[i * stride + j]. The
+// caller's tensor itself where its channels are contiguous and its rows do not overlap (the
+// halves of emb.chunk(2, dim=1): stride 2C), else a contiguous copy (stride 0 means C).
+at::Tensor modulation_rows(const at::Tensor& t, int64_t c, int64_t* stride) {
+  const bool rows_ok = (t.size(1) <= 1 || t.stride(1) == 1) &&
+                       (t.size(0) <= 1 || t.stride(0) >= c);
+  if (rows_ok) {
+    *stride = t.size(0) <= 1 ? 0 : t.stride(0);
+    return t;
+  }
+  *stride = 0;
+  return t.contiguous();
+}
+
+// What the four ops share: x's checks, its layout (contiguous -> NCHW, channels-last ->
 // NHWC without a copy, anything else made contiguous), and the Options every call fills the
 // same way from the arguments. The running statistics and the saved ones are each op's own.
 struct Call {
   at::Tensor x, w, b;  // x in the layout the kernel reads; gamma/beta as the kernel reads them
+  at::Tensor scale, shift;  // the modulation as the kernel reads it (kept alive for the call)
   int64_t n = 0, c = 0, spatial = 0, G = 0;
   bool has_running = false;
   instnorm::Options opt;
@@ -82,14 +130,6 @@ struct Call {
 
 void check_cuda(const at::Tensor& x) {
   TORCH_CHECK(x.is_cuda(), "instnorm_torch: x must be a CUDA tensor (got ", x.device(), ")");
-}
-
-// "(2, 3, 5)" (format(), not a stream of int64_t: see format()).
-std::string shape_str(at::IntArrayRef s) {
-  std::string out = "(";
-  for (size_t i = 0; i < s.size(); ++i)
-    out += format(i ? ", %lld" : "%lld", static_cast<long long>(s[i]));
-  return out + (s.size() == 1 ? ",)" : ")");
 }
 
 Call prepare(const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
@@ -141,6 +181,32 @@ Call prepare(const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
   return k;
 }
 
+// The per-sample modulation and the unbiased variance, after prepare(): scale/shift checked,
+// of one element type for the kernel (x's where both are, else float32: float32 tensors are
+// used as they are, others converted), rows in place where their channels are contiguous.
+void set_modulation(Call& k, const c10::optional<at::Tensor>& scale,
+                    const c10::optional<at::Tensor>& shift, bool one_plus_scale, bool unbiased) {
+  k.opt.unbiased = unbiased;
+  check_modulation("scale", scale, k.x, k.n, k.c);
+  check_modulation("shift", shift, k.x, k.n, k.c);
+  if (!given(scale) && !given(shift)) return;
+  const auto st = k.x.scalar_type();
+  const bool same = (!given(scale) || scale->scalar_type() == st) &&
+                    (!given(shift) || shift->scalar_type() == st);
+  const auto want = same ? st : at::kFloat;
+  instnorm::Modulation& m = k.opt.modulation;
+  m.type = want == at::kFloat ? instnorm::ParamType::kFloat : instnorm::ParamType::kSameAsInput;
+  m.one_plus_scale = one_plus_scale;
+  if (given(scale)) {
+    k.scale = modulation_rows(scale->to(want), k.c, &m.scale_stride);
+    m.scale = k.scale.data_ptr();
+  }
+  if (given(shift)) {
+    k.shift = modulation_rows(shift->to(want), k.c, &m.shift_stride);
+    m.shift = k.shift.data_ptr();
+  }
+}
+
 // A float32 contiguous tensor of t's values: t itself where it is one already.
 at::Tensor as_f32(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
@@ -165,17 +231,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(Call& k) {
 }
 
 // instnorm_torch::forward: returns (y, mean, rstd) and updates running_mean/running_var in
-// place (use_input_stats). Mutable, so it has no autograd formula: the package calls it when no
-// gradient is needed (inference, no_grad, frozen layers).
+// place (use_input_stats); with unbiased, rstd is 1/sqrt(unbiased variance + eps). Mutable, so
+// it has no autograd formula: the package calls it when no gradient is needed (inference,
+// no_grad, frozen layers).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool use_input_stats, double momentum,
-    double eps, int64_t groups, int64_t activation) {
+    double eps, int64_t groups, int64_t activation, const c10::optional<at::Tensor>& scale,
+    const c10::optional<at::Tensor>& shift, bool one_plus_scale, bool unbiased) {
   check_cuda(x_in);
   c10::cuda::CUDAGuard guard(x_in.device());
   Call k = prepare(x_in, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
                    groups, activation);
+  set_modulation(k, scale, shift, one_plus_scale, unbiased);
   // Running statistics: float32 contiguous views, or float32 copies written back afterwards.
   at::Tensor rm, rv;
   if (k.has_running) {
@@ -202,11 +271,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_func
     const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool use_input_stats, double momentum,
-    double eps, int64_t groups, int64_t activation) {
+    double eps, int64_t groups, int64_t activation, const c10::optional<at::Tensor>& scale,
+    const c10::optional<at::Tensor>& shift, bool one_plus_scale, bool unbiased) {
   check_cuda(x_in);
   c10::cuda::CUDAGuard guard(x_in.device());
   Call k = prepare(x_in, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
                    groups, activation);
+  set_modulation(k, scale, shift, one_plus_scale, unbiased);
   const auto fopts = k.x.options().dtype(at::kFloat);
   at::Tensor rm = at::empty({0}, fopts), rv = at::empty({0}, fopts);
   at::Tensor rm_read, rv_read;
@@ -239,11 +310,14 @@ void run_backward(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dx, con
   if (why == instnorm::Invalid::kEmpty) return;
   TORCH_CHECK(why == instnorm::Invalid::kOk,
               format("instnorm_torch: backward: %s (n = %lld, c = %lld, spatial = %lld, "
-                     "groups = %lld, eps = %g, activation = %d, use_input_stats = %s)",
+                     "groups = %lld, eps = %g, activation = %d, use_input_stats = %s, "
+                     "scale = %s, shift = %s, unbiased = %s)",
                      instnorm::to_string(why), static_cast<long long>(k.n),
                      static_cast<long long>(k.c), static_cast<long long>(k.spatial),
                      static_cast<long long>(k.opt.groups), double(k.opt.eps),
-                     static_cast<int>(k.opt.activation), k.opt.use_input_stats ? "true" : "false"));
+                     static_cast<int>(k.opt.activation), k.opt.use_input_stats ? "true" : "false",
+                     k.opt.modulation.scale ? "yes" : "none",
+                     k.opt.modulation.shift ? "yes" : "none", k.opt.unbiased ? "true" : "false"));
   size_t bytes = 0;
   cudaError_t err = instnorm::backward_workspace_size<T>(k.n, k.c, k.spatial, k.opt, grads,
                                                          &bytes, px, pdy, pdx);
@@ -268,19 +342,23 @@ void check_stats(const char* name, const at::Tensor& t, const at::Tensor& x, int
 
 // instnorm_torch::backward: the gradient of norm/forward called with the same arguments, from
 // the forward's saved mean and rstd (read when use_input_stats) or the running statistics (read
-// when not). Returns (dx, dweight, dbias): dx of x's dtype in the layout the forward read x in;
-// dweight/dbias float32 (C,) where weight_grad/bias_grad ask for them, else empty (0,).
-// dweight is the gradient of a weight of ones where weight is None.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fused(
+// when not). Returns (dx, dweight, dbias, dscale, dshift): dx of x's dtype in the layout the
+// forward read x in; dweight/dbias float32 (C,) where weight_grad/bias_grad ask for them, else
+// empty (0,); dscale/dshift float32 (N, C) where scale_grad/shift_grad ask for them, else empty
+// (0,). dweight is the gradient of a weight of ones where weight is None; dscale, where scale is
+// None, that of a scale of zeros (one_plus_scale) or of ones (otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_fused(
     const at::Tensor& x_in, const at::Tensor& dy_in, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, const at::Tensor& mean, const at::Tensor& rstd,
     bool use_input_stats, double eps, int64_t groups, int64_t activation, bool weight_grad,
-    bool bias_grad) {
+    bool bias_grad, const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+    bool one_plus_scale, bool unbiased, bool scale_grad, bool shift_grad) {
   check_cuda(x_in);
   c10::cuda::CUDAGuard guard(x_in.device());
   Call k = prepare(x_in, weight, bias, running_mean, running_var, use_input_stats, 0.0, eps,
                    groups, activation);
+  set_modulation(k, scale, shift, one_plus_scale, unbiased);
   TORCH_CHECK(dy_in.device() == k.x.device(), "instnorm_torch: backward: dy must be on x's device ",
               k.x.device(), " (got ", dy_in.device(), ")");
   TORCH_CHECK(dy_in.scalar_type() == k.x.scalar_type(),
@@ -319,13 +397,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fused(
   const auto fopts = k.x.options().dtype(at::kFloat);
   at::Tensor dw = at::empty({weight_grad ? k.c : 0}, fopts);
   at::Tensor db = at::empty({bias_grad ? k.c : 0}, fopts);
+  at::Tensor ds = scale_grad ? at::empty({k.n, k.c}, fopts) : at::empty({0}, fopts);
+  at::Tensor dt = shift_grad ? at::empty({k.n, k.c}, fopts) : at::empty({0}, fopts);
   instnorm::Gradients grads;
   if (weight_grad) grads.dgamma = dw.data_ptr<float>();
   if (bias_grad) grads.dbeta = db.data_ptr<float>();
+  if (scale_grad) grads.dscale = ds.data_ptr<float>();
+  if (shift_grad) grads.dshift = dt.data_ptr<float>();
   if (k.x.numel() == 0) {  // nothing to normalize: the parameters' gradients are zero
     dw.zero_();
     db.zero_();
-    return {dx, dw, db};
+    ds.zero_();
+    dt.zero_();
+    return {dx, dw, db, ds, dt};
   }
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (k.x.scalar_type()) {
@@ -333,29 +417,91 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fused(
     case at::kBFloat16: run_backward<__nv_bfloat16>(k.x, dy, dx, k, grads, stream); break;
     default: run_backward<float>(k.x, dy, dx, k, grads, stream); break;
   }
-  return {dx, dw, db};
+  return {dx, dw, db, ds, dt};
+}
+
+template <class T>
+void run_statistics(const Call& k, at::Tensor& mean, at::Tensor& stddev, cudaStream_t stream) {
+  const T* px = static_cast<const T*>(k.x.data_ptr());
+  instnorm::Problem prob;
+  const instnorm::Invalid why = instnorm::validate_statistics(
+      px, mean.data_ptr<float>(), stddev.data_ptr<float>(), k.n, k.c, k.spatial,
+      int(sizeof(T)), k.opt, &prob);
+  if (why == instnorm::Invalid::kEmpty) {  // planes of no element: NaN, as torch.var_mean
+    mean.fill_(std::numeric_limits<float>::quiet_NaN());
+    stddev.fill_(std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
+  TORCH_CHECK(why == instnorm::Invalid::kOk,
+              format("instnorm_torch: statistics: %s (n = %lld, c = %lld, spatial = %lld, "
+                     "groups = %lld, eps = %g, unbiased = %s)",
+                     instnorm::to_string(why), static_cast<long long>(k.n),
+                     static_cast<long long>(k.c), static_cast<long long>(k.spatial),
+                     static_cast<long long>(k.opt.groups), double(k.opt.eps),
+                     k.opt.unbiased ? "true" : "false"));
+  // Scratch (cooperative plans of few, very large planes only) is taken stream-ordered by the
+  // library (cudaMallocAsync): statistics() has no caller-workspace form.
+  const cudaError_t err = instnorm::statistics(px, mean.data_ptr<float>(),
+                                               stddev.data_ptr<float>(), k.n, k.c, k.spatial,
+                                               k.opt, stream);
+  TORCH_CHECK(err == cudaSuccess, "instnorm_torch: statistics: ", cudaGetErrorString(err));
+}
+
+// instnorm_torch::statistics: (mean, stddev), float32 (N, G) (G = C for groups 0): the mean of
+// each (sample, group) and sqrt(var + eps), var the biased variance or, with unbiased, the
+// unbiased one. One read of x, in its layout (contiguous or channels-last, no copy).
+std::tuple<at::Tensor, at::Tensor> statistics_op(const at::Tensor& x_in, int64_t groups,
+                                                 double eps, bool unbiased) {
+  check_cuda(x_in);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  Call k = prepare(x_in, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, true, 0.0, eps,
+                   groups, 0);
+  k.opt.unbiased = unbiased;
+  // The outputs' shape depends on groups: refuse a bad one before allocating them.
+  TORCH_CHECK(k.G >= 0 && (k.G == 0 || k.c % k.G == 0),
+              format("instnorm_torch: statistics: %s (c = %lld, groups = %lld)",
+                     instnorm::to_string(k.G < 0 ? instnorm::Invalid::kNegativeSize
+                                                 : instnorm::Invalid::kBadGroups),
+                     static_cast<long long>(k.c), static_cast<long long>(groups)));
+  const auto fopts = k.x.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty({k.n, k.G}, fopts), stddev = at::empty({k.n, k.G}, fopts);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  switch (k.x.scalar_type()) {
+    case at::kHalf: run_statistics<__half>(k, mean, stddev, stream); break;
+    case at::kBFloat16: run_statistics<__nv_bfloat16>(k, mean, stddev, stream); break;
+    default: run_statistics<float>(k, mean, stddev, stream); break;
+  }
+  return {mean, stddev};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(instnorm_torch, m) {
+  // The modulation and the unbiased variance are trailing arguments with defaults: calls written
+  // for the earlier schemas (no modulation) run unchanged.
   m.def(
       "forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool use_input_stats, float momentum, float eps, int groups, "
-      "int activation) -> (Tensor, Tensor, Tensor)");
+      "int activation, Tensor? scale=None, Tensor? shift=None, bool one_plus_scale=False, "
+      "bool unbiased=False) -> (Tensor, Tensor, Tensor)");
   m.def(
       "norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
-      "bool use_input_stats, float momentum, float eps, int groups, int activation) "
+      "bool use_input_stats, float momentum, float eps, int groups, int activation, "
+      "Tensor? scale=None, Tensor? shift=None, bool one_plus_scale=False, bool unbiased=False) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward(Tensor x, Tensor dy, Tensor? weight, Tensor? bias, Tensor? running_mean, "
       "Tensor? running_var, Tensor mean, Tensor rstd, bool use_input_stats, float eps, "
-      "int groups, int activation, bool weight_grad, bool bias_grad) "
-      "-> (Tensor, Tensor, Tensor)");
+      "int groups, int activation, bool weight_grad, bool bias_grad, Tensor? scale=None, "
+      "Tensor? shift=None, bool one_plus_scale=False, bool unbiased=False, "
+      "bool scale_grad=False, bool shift_grad=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("statistics(Tensor x, int groups, float eps, bool unbiased) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(instnorm_torch, CUDA, m) {
   m.impl("forward", &forward);
   m.impl("norm", &norm_functional);
   m.impl("backward", &backward_fused);
+  m.impl("statistics", &statistics_op);
 }
