@@ -11,6 +11,11 @@
 # min / median / max of of_copy and the minimum over shapes of >= 64 MiB, ends the log; for
 # BENCHMARKS.md: report.py --sweep sweep.json). FWD=0 leaves out the forward stage (the two bench
 # runs, sm_89 and peers), so that `FWD=0 SWEEP=64 bash bench/device_bench.sh` runs the sweep alone.
+# MOD=1 adds the modulation stage of issue 21 (MOD=only runs it alone): instnorm_bench
+# --mod-standard (the :ss / :adain rows, each after the same shape without modulation, forward and
+# :bwd, 5 rounds of the list; bench_mod.json and .log), then bench/peers_modulated.py (PyTorch
+# eager and torch.compile of the unfused expressions, from the checkout) on the same shapes
+# (peers_mod.json and .log), and bench/report.py's modulation table of the two (mod.md).
 set -u
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -20,7 +25,9 @@ bench=.dev/instnorm_bench
 [ -x "$bench" ] || bench=build-dev/bench/instnorm_bench
 bwd=${BWD:-0}
 fwd=${FWD:-1}
+mod=${MOD:-0}
 [ "$bwd" = only ] && fwd=0
+[ "$mod" = only ] && fwd=0 && bwd=0
 sweep=${SWEEP:-0}
 if [ "$fwd" != 0 ]; then
 timeout 150 "$bench" --benchmark_out="$out/bench.json" --benchmark_out_format=json > "$out/bench.log" 2>&1
@@ -55,6 +62,23 @@ if [ "$bwd" != 0 ]; then
         $shapes > peers.log 2>&1)
     tail -20 "$out/peers_bwd/peers.log"
   fi
+fi
+if [ "$mod" != 0 ]; then
+  timeout 240 "$bench" --mod-standard --benchmark_out="$out/bench_mod.json" \
+    --benchmark_out_format=json > "$out/bench_mod.log" 2>&1
+  echo "bench --mod-standard: exit $?"
+  grep -E "^warning" "$out/bench_mod.log"
+  # Each shape once (the list runs in rounds), as the binary lists them without the GPU.
+  shapes=$("$bench" --mod-standard --mod-rounds=1 --benchmark_list_tests |
+           sed -n 's#^instnorm/\([^/]*\)/.*#\1#p')
+  timeout 420 python3 bench/peers_modulated.py --out "$out/peers_mod.json" $shapes \
+    > "$out/peers_mod.log" 2>&1
+  echo "peers_modulated.py: exit $?"
+  tail -4 "$out/peers_mod.log"
+  peers_arg=()
+  [ -f "$out/peers_mod.json" ] && peers_arg=(--mod-peers "$out/peers_mod.json")
+  python3 bench/report.py --mod "$out/bench_mod.json" ${peers_arg[@]+"${peers_arg[@]}"} \
+    --out-md "$out/mod.md" && cat "$out/mod.md"
 fi
 if [ "$sweep" != 0 ]; then
   timeout 420 "$bench" --sweep="$sweep" --benchmark_out="$out/sweep.json" \

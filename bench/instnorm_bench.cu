@@ -22,12 +22,27 @@
 // counts those volumes. dx is checked once (all finite; against reference::backward on the
 // first and last plane/image, or on the whole tensor with dgamma/dbeta for small shapes).
 //
+// Per-sample modulation (Options::modulation, issue 21): :ss is the scale-shift of diffusion
+// U-Nets, y = act((xhat * gamma + beta) * (1 + scale) + shift) with float scale and shift per
+// (n, c), taken as the two halves of one (N, 2C) embedding (scale_stride = shift_stride = 2C, as
+// emb.chunk(2, dim=1) gives them); :adain is AdaIN's content side, y = xhat * scale + shift with
+// the unbiased variance, no affine, scale = the style's std and shift = its mean, contiguous
+// (N, C) floats. An :adain row times the content-side forward alone: the style statistics are
+// computed once before the row (instnorm::statistics of a second random tensor, unbiased,
+// eps 1e-5), as a style-transfer network computes them once per style. Their :bwd rows ask
+// for dscale and dshift (n * c floats each) besides dx (and dgamma/dbeta where affine).
+// --mod-standard runs the issue's four modulated rows next to the same shapes without
+// modulation, forward and :bwd, in 5 rounds of the whole list (--mod-rounds=K): the cost of the
+// modulation is read as the median over rounds of modulated / plain time (bench/report.py --mod).
+//
 //   instnorm_bench                                 # the standard (forward) shapes
 //   instnorm_bench --bwd-standard                  # the standard :bwd and :train rows instead
+//   instnorm_bench --mod-standard [--mod-rounds=5]  # modulated rows and their plain shapes
 //   instnorm_bench --shape=8x512x64x64:bf16        # any N x C x H x W[...][:fp32|fp16|bf16]
 //                                                  #   [:gnG] GroupNorm + affine, [:silu]
 //                                                  #   [:relu] [:affine] [:save] [:running]
 //                                                  #   [:eval] [:cl] (channels-last, NHWC)
+//                                                  #   [:ss] scale-shift, [:adain] AdaIN
 //                                                  #   [:bwd] backward alone, [:train] fwd + bwd
 //   instnorm_bench --arch=sm_89                    # force a row of the architecture table
 //   instnorm_bench --tune=112x64x512x512           # sweep the planner's knobs for a shape
@@ -76,6 +91,9 @@ using namespace instnorm;
 enum class DType { kF32, kF16, kBF16 };
 /// What a row times: the forward, the backward of one untimed forward (:bwd), or both (:train).
 enum class Mode { kFwd, kBwd, kTrain };
+/// Per-sample modulation of a row: none, :ss (1 + scale, shift; halves of an (N, 2C) embedding)
+/// or :adain (scale = style std, shift = style mean, contiguous (N, C); unbiased variance).
+enum class Modulated { kNone, kScaleShift, kAdain };
 
 struct Shape {
   std::string name;
@@ -90,9 +108,13 @@ struct Shape {
   bool eval = false;     // normalize with the running statistics (use_input_stats = false)
   bool nhwc = false;     // channels-last (:cl)
   Mode mode = Mode::kFwd;
+  Modulated mod = Modulated::kNone;
+  /// The round of a list run several times (--mod-standard: 1 .. rounds), 0 otherwise; not part
+  /// of the name (every round's row is instnorm/<name>, with the counter `round`).
+  int round = 0;
   bool plain() const {
     return groups == 0 && !silu && !affine && !save && !relu && !running && !eval && !nhwc &&
-           mode == Mode::kFwd;
+           mode == Mode::kFwd && mod == Modulated::kNone;
   }
   bool backward() const { return mode != Mode::kFwd; }
   /// Tensor volumes a run must move at least: x read and y written; :bwd x and dy read, dx
@@ -140,6 +162,8 @@ bool parse_shape(const std::string& spec, Shape* out) {
     else if (opt == "cl") s.nhwc = true;
     else if (opt == "bwd") s.mode = Mode::kBwd;
     else if (opt == "train") s.mode = Mode::kTrain;
+    else if (opt == "ss" && s.mod == Modulated::kNone) s.mod = Modulated::kScaleShift;
+    else if (opt == "adain" && s.mod == Modulated::kNone) s.mod = Modulated::kAdain;
     else if (opt.rfind("gn", 0) == 0) s.groups = std::atoll(opt.c_str() + 2);
     else return false;
     pos = next;
@@ -173,6 +197,22 @@ const std::vector<std::string> kBwdStandard = {
     "16x64x128x128:affine:train", "4x64x256x256:affine:train",
     "2x320x64x64:fp16:cl:gn32:silu:train", "1x256x256x256:fp16:gn32:silu:train"};
 
+/// --mod-standard: the modulated rows of issue 21, each after the same shape without
+/// modulation (the cost of the modulation is their ratio), the forward and then the backward
+/// (:bwd, with dscale/dshift on the modulated rows). main() registers the list kModRounds times
+/// in a row (round 1: every row, round 2: every row, ...), so each pair is timed back to back
+/// in every round; bench/device_bench.sh's MOD=1 passes the same shapes to peers_modulated.py.
+const std::vector<std::string> kModStandard = {
+    "2x320x64x64:fp16:gn32:silu:cl", "2x320x64x64:fp16:gn32:ss:silu:cl",
+    "2x640x32x32:fp16:gn32:silu:cl", "2x640x32x32:fp16:gn32:ss:silu:cl",
+    "8x512x64x64:bf16",              "8x512x64x64:bf16:adain",
+    "4x256x128x128",                 "4x256x128x128:adain",
+    "2x320x64x64:fp16:gn32:silu:cl:bwd", "2x320x64x64:fp16:gn32:ss:silu:cl:bwd",
+    "2x640x32x32:fp16:gn32:silu:cl:bwd", "2x640x32x32:fp16:gn32:ss:silu:cl:bwd",
+    "8x512x64x64:bf16:bwd",              "8x512x64x64:bf16:adain:bwd",
+    "4x256x128x128:bwd",                 "4x256x128x128:adain:bwd"};
+constexpr int kModRounds = 5;  // the issue's bar: median of five alternating runs
+
 // ------------------------------------------------------------------ device state per shape
 
 struct Buffers {
@@ -182,11 +222,14 @@ struct Buffers {
   float* gamma = nullptr;
   float* beta = nullptr;
   void* scratch = nullptr;  // naive baseline / cuDNN statistics
+  float* mod = nullptr;      // :ss / :adain: 2 * n * c floats of scale and shift (mod_layout)
   // :bwd and :train rows only.
   void* dy = nullptr;
   void* dx = nullptr;
   float* dgamma = nullptr;
   float* dbeta = nullptr;
+  float* dscale = nullptr;  // :ss / :adain, n * c floats each
+  float* dshift = nullptr;
   void* workspace = nullptr;  // the backward's, backward_workspace_size bytes
   size_t workspace_bytes = 0;
 };
@@ -243,6 +286,66 @@ void fill_random(void* dst, const Shape& s, uint64_t seed) {
 
 float* running_stats(const Shape& s);
 
+/// Where a row's scale and shift live in its 2 * n * c floats of modulation (`base`, the device
+/// buffer or its host copy): :ss the two halves of an (n, 2c) embedding, scale = columns 0 .. c
+/// and shift = c .. 2c of each row (stride 2c); :adain two contiguous (n, c) blocks, scale (the
+/// style's std) then shift (its mean), stride c.
+struct ModLayout {
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  int64_t stride = 0;  // elements between samples
+};
+ModLayout mod_layout(const Shape& s, const float* base) {
+  if (base == nullptr) return {};  // not allocated: shapes only validated or planned
+  if (s.mod == Modulated::kScaleShift) return {base, base + s.c(), 2 * s.c()};
+  if (s.mod == Modulated::kAdain) return {base, base + s.n() * s.c(), s.c()};
+  return {};
+}
+
+/// The modulation of `s` with scale and shift at `m` (rows m.stride apart): the convention and
+/// the variance the row's kind takes. Leaves opt alone for a row without modulation.
+void set_modulation(const Shape& s, const ModLayout& m, Options* opt) {
+  if (s.mod == Modulated::kNone) return;
+  opt->modulation.scale = m.scale;
+  opt->modulation.shift = m.shift;
+  opt->modulation.scale_stride = m.stride;
+  opt->modulation.shift_stride = m.stride;
+  opt->modulation.type = ParamType::kFloat;
+  opt->modulation.one_plus_scale = s.mod == Modulated::kScaleShift;
+  opt->unbiased = s.mod == Modulated::kAdain;  // AdaIN's calc_mean_std: unbiased var + eps
+}
+
+/// The modulation of a row: :ss scale and shift near 0 from a fixed pattern (1 + scale near 1,
+/// as a diffusion model's embedding gives them); :adain the statistics of a style tensor (the
+/// pattern of fill_random with another seed, written to y, which the rows overwrite), computed
+/// by instnorm::statistics with the unbiased variance and eps 1e-5: std into scale, mean into
+/// shift. Not timed: an AdaIN network computes them once per style, apart from the content's
+/// normalize the row times.
+void fill_modulation(const Shape& s) {
+  const int64_t nc = s.n() * s.c();
+  if (s.mod == Modulated::kScaleShift) {
+    std::vector<float> emb(size_t(2 * nc));
+    for (int64_t i = 0; i < s.n(); ++i)
+      for (int64_t j = 0; j < 2 * s.c(); ++j)
+        emb[size_t(i * 2 * s.c() + j)] = j < s.c() ? 0.05f * float((i * 7 + j) % 9 - 4)
+                                                   : 0.1f * float((i * 3 + j) % 5 - 2);
+    CHECK_CUDA(cudaMemcpy(g_cur.mod, emb.data(), emb.size() * 4, cudaMemcpyHostToDevice));
+    return;
+  }
+  fill_random(g_cur.y, s, 5555);
+  Options style;
+  style.unbiased = true;
+  style.eps = 1e-5f;
+  if (s.nhwc) style.layout = Layout::kNHWC;
+  const ModLayout m = mod_layout(s, g_cur.mod);
+  CHECK_CUDA(with_type(s.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return statistics(static_cast<const T*>(g_cur.y), const_cast<float*>(m.shift),
+                      const_cast<float*>(m.scale), s.n(), s.c(), s.spatial(), style);
+  }));
+  CHECK_CUDA(cudaDeviceSynchronize());
+}
+
 void use_shape(const Shape& s) {
   if (g_cur.x != nullptr && g_cur.shape.name == s.name) return;
   cudaFree(g_cur.x);
@@ -250,10 +353,13 @@ void use_shape(const Shape& s) {
   cudaFree(g_cur.gamma);
   cudaFree(g_cur.beta);
   cudaFree(g_cur.scratch);
+  cudaFree(g_cur.mod);
   cudaFree(g_cur.dy);
   cudaFree(g_cur.dx);
   cudaFree(g_cur.dgamma);
   cudaFree(g_cur.dbeta);
+  cudaFree(g_cur.dscale);
+  cudaFree(g_cur.dshift);
   cudaFree(g_cur.workspace);
   g_cur = Buffers{};
   g_cur.shape = s;
@@ -269,6 +375,14 @@ void use_shape(const Shape& s) {
     CHECK_CUDA(cudaMalloc(&g_cur.dgamma, size_t(s.c()) * 4));
     CHECK_CUDA(cudaMalloc(&g_cur.dbeta, size_t(s.c()) * 4));
     fill_random(g_cur.dy, s, 98765);
+    if (s.mod != Modulated::kNone) {
+      CHECK_CUDA(cudaMalloc(&g_cur.dscale, size_t(s.n() * s.c()) * 4));
+      CHECK_CUDA(cudaMalloc(&g_cur.dshift, size_t(s.n() * s.c()) * 4));
+    }
+  }
+  if (s.mod != Modulated::kNone) {
+    CHECK_CUDA(cudaMalloc(&g_cur.mod, size_t(2 * s.n() * s.c()) * 4));
+    fill_modulation(s);
   }
   std::vector<float> g(size_t(s.c())), b(size_t(s.c()));
   for (size_t i = 0; i < g.size(); ++i) {
@@ -310,6 +424,7 @@ Options options_for(const Shape& s) {
     opt.use_input_stats = !s.eval;
   }
   if (s.nhwc) opt.layout = Layout::kNHWC;
+  set_modulation(s, mod_layout(s, g_cur.mod), &opt);
   return opt;
 }
 
@@ -323,12 +438,17 @@ cudaError_t run_instnorm(const Shape& s, const PlanOverride& ov, Plan* plan,
   });
 }
 
-/// dgamma/dbeta where the forward has parameters (affine, GroupNorm), else dx alone.
+/// dgamma/dbeta where the forward has parameters (affine, GroupNorm), dscale/dshift where it
+/// is modulated (:ss, :adain), else dx alone.
 Gradients grads_for(const Shape& s) {
   Gradients g;
   if (s.groups > 0 || s.affine) {
     g.dgamma = g_cur.dgamma;
     g.dbeta = g_cur.dbeta;
+  }
+  if (s.mod != Modulated::kNone) {
+    g.dscale = g_cur.dscale;
+    g.dshift = g_cur.dshift;
   }
   return g;
 }
@@ -661,15 +781,21 @@ double worst_error(const Shape& s, int64_t first, int64_t count, int64_t ref_c, 
   return worst;
 }
 
-/// Host copies of the row's gamma, beta and running statistics, and the Options the float64
-/// reference takes for the whole tensor or for one NCHW plane (host pointers into these).
+/// Host copies of the row's gamma, beta, running statistics and modulation, and the Options the
+/// float64 reference takes for the whole tensor, for one image or for one NCHW plane (host
+/// pointers into these).
 struct HostParams {
   std::vector<float> gamma, beta, running;  // c, c, 2c (running mean, then variance)
+  std::vector<float> mod;                   // 2 * n * c (mod_layout), modulated rows only
   explicit HostParams(const Shape& s)
       : gamma(size_t(s.c())), beta(size_t(s.c())), running(size_t(2 * s.c())) {
     CHECK_CUDA(cudaMemcpy(gamma.data(), g_cur.gamma, gamma.size() * 4, cudaMemcpyDeviceToHost));
     CHECK_CUDA(cudaMemcpy(beta.data(), g_cur.beta, beta.size() * 4, cudaMemcpyDeviceToHost));
     CHECK_CUDA(cudaMemcpy(running.data(), running_stats(s), running.size() * 4, cudaMemcpyDeviceToHost));
+    if (s.mod != Modulated::kNone) {
+      mod.resize(size_t(2 * s.n() * s.c()));
+      CHECK_CUDA(cudaMemcpy(mod.data(), g_cur.mod, mod.size() * 4, cudaMemcpyDeviceToHost));
+    }
   }
   /// The row's Options (n images, c channels) with host pointers and no saved statistics.
   Options whole(const Shape& s) const {
@@ -683,10 +809,18 @@ struct HostParams {
       opt.running_mean = const_cast<float*>(running.data());
       opt.running_var = const_cast<float*>(running.data()) + s.c();
     }
+    set_modulation(s, mod_layout(s, mod.data()), &opt);
+    return opt;
+  }
+  /// Image i alone (n = 1, all c channels): whole() with the modulation of sample i.
+  Options image(const Shape& s, int64_t i) const {
+    Options opt = whole(s);
+    set_modulation(s, sample(s, i, 0), &opt);
     return opt;
   }
   /// NCHW plane p alone, as one image: its group's cpg channels (GroupNorm, one group) or its
-  /// channel (instance norm), with that channel's running statistics in eval mode.
+  /// channel (instance norm), with that channel's running statistics in eval mode and its
+  /// sample's modulation of those channels.
   Options plane(const Shape& s, int64_t p) const {
     const int64_t groups = s.groups ? s.groups : s.c(), cpg = s.c() / groups;
     Options opt;
@@ -702,7 +836,16 @@ struct HostParams {
       opt.running_var = const_cast<float*>(running.data()) + s.c() + p % s.c();
       opt.use_input_stats = false;
     }
+    set_modulation(s, sample(s, p / groups, (p % groups) * cpg), &opt);
     return opt;
+  }
+  /// The host modulation of sample i from channel ch on (one row: n = 1 in the reference).
+  ModLayout sample(const Shape& s, int64_t i, int64_t ch) const {
+    ModLayout m = mod_layout(s, mod.data());
+    if (s.mod == Modulated::kNone) return m;
+    m.scale += i * m.stride + ch;
+    m.shift += i * m.stride + ch;
+    return m;
   }
 };
 
@@ -716,9 +859,8 @@ std::vector<int64_t> first_and_last(int64_t count) {
 bool verify_nhwc(const Shape& s, std::string* why) {
   const int64_t img = s.spatial() * s.c();
   const HostParams h(s);
-  const Options opt = h.whole(s);
   for (int64_t i : first_and_last(s.n())) {
-    const double worst = worst_error(s, i * img, img, s.c(), opt);
+    const double worst = worst_error(s, i * img, img, s.c(), h.image(s, i));
     if (worst > 1.0) {
       *why = "image " + std::to_string(i) + " off by " + std::to_string(worst) + " x tolerance";
       return false;
@@ -771,12 +913,17 @@ unsigned long long count_nonfinite(const Shape& s, const void* p) {
 
 /// dx of the elements from `first` on (ref_n images of ref_c channels under `opt`: one NCHW
 /// plane, one NHWC image or the whole tensor) against reference::backward; with `params` (the
-/// slice is the whole tensor) dgamma and dbeta too. Returns the worst error in units of the
-/// tolerance (above 1 is wrong; loose: 1e-3 fp32, 3e-2 fp16/bf16, relative above 1 in
-/// magnitude; dgamma/dbeta 2e-3 of the larger of the value and the root of the elements
-/// summed) and in `what` the quantity it was found in.
+/// slice is the whole tensor) dgamma and dbeta too, and dscale and dshift where the row asks
+/// for them (grads_for). Returns the worst error in units of the tolerance (above 1 is wrong;
+/// loose: 1e-3 fp32, 3e-2 fp16/bf16, relative above 1 in magnitude; dgamma/dbeta/dscale/dshift
+/// 2e-3 of the larger of the value and the root of the elements summed) and in `what` the
+/// quantity it was found in.
 double backward_worst_error(const Shape& s, int64_t first, int64_t ref_n, int64_t ref_c,
                             const Options& opt, bool params, std::string* what) {
+  const Gradients grads = grads_for(s);
+  const bool mod_grads = params && grads.dscale != nullptr;
+  const size_t nc = size_t(ref_n * ref_c);
+  std::vector<double> rs(mod_grads ? nc : 0), rt(mod_grads ? nc : 0);
   const int64_t count = ref_n * ref_c * s.spatial();
   const size_t off = size_t(first) * s.elem_bytes(), nb = size_t(count) * s.elem_bytes();
   std::vector<char> hx(nb), hdy(nb), hdx(nb);
@@ -801,7 +948,8 @@ double backward_worst_error(const Shape& s, int64_t first, int64_t ref_n, int64_
     const T* dys = reinterpret_cast<const T*>(hdy.data());
     const T* dxs = reinterpret_cast<const T*>(hdx.data());
     reference::backward(xs, dys, ref.data(), ref_n, ref_c, s.spatial(), opt,
-                        params ? rg.data() : nullptr, params ? rb.data() : nullptr);
+                        params ? rg.data() : nullptr, params ? rb.data() : nullptr, nullptr,
+                        mod_grads ? rs.data() : nullptr, mod_grads ? rt.data() : nullptr);
     const double tol = sizeof(T) == 4 ? 1e-3 : 3e-2;
     for (int64_t k = 0; k < count; ++k) {
       const double want = ref[size_t(k)];
@@ -817,6 +965,16 @@ double backward_worst_error(const Shape& s, int64_t first, int64_t ref_n, int64_
     for (size_t j = 0; j < dg.size(); ++j) {
       take(dg[j], rg[j], 2e-3 * std::max(root, std::fabs(rg[j])), "dgamma");
       take(db[j], rb[j], 2e-3 * std::max(root, std::fabs(rb[j])), "dbeta");
+    }
+  }
+  if (mod_grads) {  // per (n, c): sums over the spatial positions of one channel of one sample
+    std::vector<float> ds(nc), dt(nc);
+    CHECK_CUDA(cudaMemcpy(ds.data(), grads.dscale, nc * 4, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(dt.data(), grads.dshift, nc * 4, cudaMemcpyDeviceToHost));
+    const double root = std::sqrt(double(s.spatial()));
+    for (size_t e = 0; e < nc; ++e) {
+      take(ds[e], rs[e], 2e-3 * std::max(root, std::fabs(rs[e])), "dscale");
+      take(dt[e], rt[e], 2e-3 * std::max(root, std::fabs(rt[e])), "dshift");
     }
   }
   return worst;
@@ -841,13 +999,13 @@ bool verify_backward(const Shape& s, std::string* why) {
     return false;
   };
   if (s.elems() <= kWholeCheckElems)
-    return check("whole tensor", backward_worst_error(s, 0, s.n(), s.c(), h.whole(s),
-                                                      grads_for(s).dgamma != nullptr, &what));
+    return check("whole tensor",
+                 backward_worst_error(s, 0, s.n(), s.c(), h.whole(s), true, &what));
   if (s.nhwc) {
     const int64_t img = s.spatial() * s.c();
     for (int64_t i : first_and_last(s.n()))
       if (!check("image " + std::to_string(i),
-                 backward_worst_error(s, i * img, 1, s.c(), h.whole(s), false, &what)))
+                 backward_worst_error(s, i * img, 1, s.c(), h.image(s, i), false, &what)))
         return false;
     return true;
   }
@@ -1010,6 +1168,7 @@ void time_forward(benchmark::State& state, const Shape& s, SweepRow* out) {
 #endif
   std::string why;
   if (!verify(s, &why)) state.SkipWithError(("wrong result: " + why).c_str());
+  if (s.round > 0) state.counters["round"] = s.round;
   plan_counters(state, plan);
   state.SetLabel(plan_label(s, plan, nplan));
   if (!out) return;
@@ -1060,12 +1219,15 @@ void bm_backward(benchmark::State& state, Shape s) {
   // A failed call skipped the row: dx was never written.
   if (time_and_report(state, s, s.mode == Mode::kTrain ? train : Call(bwd)) != cudaSuccess) return;
   CHECK_CUDA(cudaDeviceSynchronize());
+  // A list run in rounds checks the backward in its first round only (the whole-tensor float64
+  // reference takes seconds; reruns are bit-identical).
   std::string why;
-  if (!verify_backward(s, &why)) {
+  if (s.round <= 1 && !verify_backward(s, &why)) {
     std::fprintf(stderr, "warning: %s: wrong backward: %s\n", s.name.c_str(), why.c_str());
     state.SkipWithError(("wrong result: " + why).c_str());
   }
   state.counters["workspace_bytes"] = double(g_cur.workspace_bytes);
+  if (s.round > 0) state.counters["round"] = s.round;
   if (s.nhwc) {
     state.SetLabel(s.mode == Mode::kTrain ? "fwd " + plan_label(s, fplan, nplan) + " + bwd nhwc"
                                           : "bwd nhwc");
@@ -1100,7 +1262,7 @@ void register_shape(const Shape& s) {
     return;
   }
   benchmark::RegisterBenchmark(("instnorm/" + s.name).c_str(), bm_instnorm, s)->UseManualTime()->Iterations(it);
-  if (s.plain()) {
+  if (s.plain() && s.round == 0) {  // the baselines: not in the rounds of --mod-standard
     benchmark::RegisterBenchmark(("naive/" + s.name).c_str(), bm_naive, s)->UseManualTime()->Iterations(it);
 #ifdef INSTNORM_BENCH_CUDNN
     benchmark::RegisterBenchmark(("cudnn/" + s.name).c_str(), bm_cudnn, s)->UseManualTime()->Iterations(it);
@@ -1457,6 +1619,8 @@ int main(int argc, char** argv) {
   std::vector<std::string> tunes;
   std::string emit_row;
   bool bwd_standard = false;
+  bool mod_standard = false;
+  int mod_rounds = kModRounds;
   int sweep_k = 0;  // --sweep=K[:seed]
   uint64_t sweep_seed = kSweepSeed;
   bool sweep_list = false;
@@ -1468,7 +1632,8 @@ int main(int argc, char** argv) {
       const std::string spec = a.substr(a.find('=') + 1);
       if (!parse_shape(spec, &s)) {
         std::fprintf(stderr, "bad shape '%s' (want NxCxHxW[:fp32|fp16|bf16][:gnG][:silu]"
-                             "[:relu][:affine][:save][:running][:eval][:cl][:bwd|:train])\n",
+                             "[:relu][:affine][:save][:running][:eval][:cl][:ss|:adain]"
+                             "[:bwd|:train])\n",
                      spec.c_str());
         return 1;
       }
@@ -1479,6 +1644,14 @@ int main(int argc, char** argv) {
       (a[2] == 's' ? shapes.push_back(s) : tunes.push_back(spec));
     } else if (a == "--bwd-standard") {  // the standard :bwd and :train rows
       bwd_standard = true;
+    } else if (a == "--mod-standard") {  // the modulated rows and their plain shapes, in rounds
+      mod_standard = true;
+    } else if (a.rfind("--mod-rounds=", 0) == 0) {  // rounds of --mod-standard (default 5)
+      mod_rounds = std::atoi(a.c_str() + 13);
+      if (mod_rounds <= 0) {
+        std::fprintf(stderr, "bad '%s' (want --mod-rounds=K, K > 0)\n", a.c_str());
+        return 1;
+      }
     } else if (a.rfind("--sweep=", 0) == 0) {  // K random shapes [from a seed]
       char* end = nullptr;
       sweep_k = int(std::strtol(a.c_str() + 8, &end, 10));
@@ -1530,6 +1703,15 @@ int main(int argc, char** argv) {
     for (const auto& spec : kBwdStandard) {
       Shape s;
       parse_shape(spec, &s);
+      shapes.push_back(s);
+    }
+  // Round r of every row, then round r + 1: each modulated row is timed right after its plain
+  // shape in every round.
+  for (int r = 1; mod_standard && r <= mod_rounds; ++r)
+    for (const auto& spec : kModStandard) {
+      Shape s;
+      parse_shape(spec, &s);
+      s.round = r;
       shapes.push_back(s);
     }
   if (sweep_list) {

@@ -2,8 +2,8 @@
 """Turns one device run into BENCHMARKS.md's table and plot.
 
     python3 bench/report.py --bench bench.json [--bench2 bench2.json] --peers peers.json \
-        [--sweep sweep.json] --commit $(git rev-parse --short HEAD) --out-md table.md \
-        --out-png docs/benchmarks.png
+        [--sweep sweep.json] [--mod bench_mod.json --mod-peers peers_mod.json] \
+        --commit $(git rev-parse --short HEAD) --out-md table.md --out-png docs/benchmarks.png
 
 bench.json is instnorm_bench's --benchmark_out (JSON); peers.json comes from
 ../shared/peers/peers.py run in the same device call. With --bench2 (a second, back-to-back bench
@@ -11,6 +11,12 @@ run) the table gains the run-to-run difference of instnorm's time per row. With 
 sweep.json (instnorm_bench --sweep=K, bench/device_bench.sh's SWEEP=K) the page gains the
 sweep's section: min / median / max of `of copy`, the minimum over shapes of 64 MiB or more,
 and every shape; --sweep alone (no --bench) writes that section only.
+With --mod bench_mod.json (instnorm_bench --mod-standard, device_bench.sh's MOD=1: the modulated
+rows of issue 21 and the same shapes without modulation, in rounds) and --mod-peers
+peers_mod.json (bench/peers_modulated.py, same device call) the page gains the modulation
+section: per row the medians over rounds, the cost of the modulation as the median over rounds
+of modulated / plain time of the same round, and PyTorch eager and torch.compile of the unfused
+expression; --mod alone writes that section only.
 
 Each row's copy (the floor) is timed in the row's own loop, alternating with the row's call
 (counters copy_ms, copy_GBps, copy_remeasured); JSON from before that change has separate copy/
@@ -100,6 +106,99 @@ def sweep_section(path):
     return lines
 
 
+MOD_TAGS = ('ss', 'adain')
+
+
+def mod_base(shape):
+    """The plain shape of a modulated row (its :ss / :adain left out), or None for a plain row."""
+    parts = shape.split(':')
+    if not any(t in parts for t in MOD_TAGS):
+        return None
+    return ':'.join(x for x in parts if x not in MOD_TAGS)
+
+
+def mod_section(path, peers_path=None):
+    """Markdown lines for an instnorm_bench --mod-standard run (every row in K rounds, each
+    modulated row right after its plain shape): per row the median over rounds of its median
+    time and of_copy; for a modulated row its cost, the median over rounds of (modulated / plain
+    - 1) within the same round, with the range over rounds; the peers of the unfused expression
+    (peers_modulated.py) beside it."""
+    with open(path) as f:
+        d = json.load(f)
+    ctx = d.get('context', {})
+    peers = {}
+    if peers_path:
+        with open(peers_path) as f:
+            peers = {r['shape']: r for r in json.load(f)}
+    runs, errors = {}, {}
+    for b in d['benchmarks']:
+        kind, shape = b['name'].split('/')[:2]
+        if kind != 'instnorm' or b.get('run_type') == 'aggregate':
+            continue
+        ok = not b.get('error_occurred') and 'ms' in b
+        runs.setdefault(shape, []).append(b if ok else None)
+        if not ok:
+            errors[shape] = b.get('error_message', 'not timed')
+
+    def med(vals):
+        vals = [v for v in vals if v is not None]
+        return statistics.median(vals) if vals else None
+
+    def fmt(v, spec='%.4f'):
+        return spec % v if v is not None else 'n/a'
+
+    rounds = max((len(v) for v in runs.values()), default=0)
+    lines = ['', '## Per-sample modulation (issue 21)', '']
+    lines.append('`instnorm_bench --mod-standard`: each modulated row (`:ss` scale-shift '
+                 'GroupNorm, `(1 + scale)` and shift the halves of one (N, 2C) float embedding; '
+                 '`:adain` the content side of AdaIN, unbiased variance, the style\'s std and mean '
+                 'precomputed) timed right after the same shape without modulation, the whole '
+                 'list %d times. `ms` and `of copy`: medians over the rounds of each round\'s '
+                 'median; `cost`: median over rounds of modulated / plain time of the same round, '
+                 'minus 1 (range over rounds in brackets); `:bwd` rows time the backward alone, '
+                 'the modulated ones with dscale/dshift. Eager and compile: PyTorch of the '
+                 'unfused expression (bench/peers_modulated.py), same device call. GPU: %s; '
+                 'steady copy %s GB/s.' % (rounds, ctx.get('gpu', '?'), steady_text(ctx)))
+    lines.append('')
+    lines.append('| row | ms | of copy | plain ms | cost | eager ms | compile ms | plan |')
+    lines.append('|---|---|---|---|---|---|---|---|')
+    over, behind = [], []
+    for shape, rs in runs.items():
+        if shape in errors:
+            lines.append('| %s | ERROR: %s | | | | | | |' % (shape, errors[shape]))
+            continue
+        t = med([b['ms'] for b in rs])
+        frac = med([b.get('of_copy') for b in rs])
+        base = mod_base(shape)
+        base_ms, cost = None, None
+        if base is not None and base in runs and base not in errors:
+            brs = runs[base]
+            base_ms = med([b['ms'] for b in brs])
+            ratios = [m['ms'] / p['ms'] - 1 for m, p in zip(rs, brs)]
+            c = statistics.median(ratios)
+            cost = '%+.1f%% [%+.1f, %+.1f]' % (100 * c, 100 * min(ratios), 100 * max(ratios))
+            if c > 0.03:
+                over.append(shape)
+        elif base is None:
+            cost = '(plain)'
+        p = peers.get(shape, {})
+        eager, comp = p.get('torch_eager_ms'), p.get('torch_compile_ms')
+        if base is not None and t is not None:
+            if any(v is not None and v == v and v <= t for v in (eager, comp)):
+                behind.append(shape)
+        lines.append('| %s | %s | %s | %s | %s | %s | %s | %s |' %
+                     (shape, fmt(t), fmt(frac, '%.3f'), fmt(base_ms) if base else '',
+                      cost or 'n/a', fmt(eager),
+                      fmt(comp), rs[-1].get('label', '')))
+    lines.append('')
+    mods = [s for s in runs if mod_base(s) is not None]
+    lines.append('Issue 21\'s bar (cost at most 3%%, faster than eager and torch.compile of the '
+                 'unfused expression): %d modulated rows; over 3%%: %s; not ahead of both peers: '
+                 '%s.' % (len(mods), ', '.join(over) or 'none',
+                          (', '.join(behind) or 'none') if peers else 'no peers given'))
+    return lines
+
+
 def steady_text(ctx):
     v = ctx.get('steady_copy_GBps')
     return '%.0f' % float(v) if v else 'n/a'
@@ -111,17 +210,26 @@ def main():
     ap.add_argument('--sweep')
     ap.add_argument('--bench2')
     ap.add_argument('--peers')
+    ap.add_argument('--mod')
+    ap.add_argument('--mod-peers')
     ap.add_argument('--commit', default='?')
     ap.add_argument('--date', default='?')
     ap.add_argument('--driver', default='?')
     ap.add_argument('--out-md', required=True)
     ap.add_argument('--out-png')
     a = ap.parse_args()
-    if not a.bench and not a.sweep:
-        ap.error('give --bench, --sweep or both')
+    if not a.bench and not a.sweep and not a.mod:
+        ap.error('give --bench, --sweep, --mod or several')
+    if a.mod_peers and not a.mod:
+        ap.error('--mod-peers goes with --mod')
     if not a.bench:
+        lines = []
+        if a.sweep:
+            lines.extend(sweep_section(a.sweep))
+        if a.mod:
+            lines.extend(mod_section(a.mod, a.mod_peers))
         with open(a.out_md, 'w') as f:
-            f.write('\n'.join(sweep_section(a.sweep)[1:]) + '\n')
+            f.write('\n'.join(lines[1:]) + '\n')
         return
 
     rows, ctx = load_bench(a.bench)
@@ -215,6 +323,8 @@ def main():
         lines.extend(feat)
     if a.sweep:
         lines.extend(sweep_section(a.sweep))
+    if a.mod:
+        lines.extend(mod_section(a.mod, a.mod_peers))
     with open(a.out_md, 'w') as f:
         f.write('\n'.join(lines) + '\n')
 
