@@ -15,7 +15,9 @@
 # --mod-standard (the :ss / :adain rows, each after the same shape without modulation, forward and
 # :bwd, 5 rounds of the list; bench_mod.json and .log), then bench/peers_modulated.py (PyTorch
 # eager and torch.compile of the unfused expressions, from the checkout) on the same shapes
-# (peers_mod.json and .log), and bench/report.py's modulation table of the two (mod.md).
+# (peers_mod.json and .log), and bench/report.py's modulation table of the two (mod.md). The two
+# timeouts (180 s, 360 s) keep MOD=only within one 600 s device call; peers_mod.json is rewritten
+# after every row, so a timeout keeps the rows done.
 set -u
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -64,14 +66,14 @@ if [ "$bwd" != 0 ]; then
   fi
 fi
 if [ "$mod" != 0 ]; then
-  timeout 240 "$bench" --mod-standard --benchmark_out="$out/bench_mod.json" \
+  timeout 180 "$bench" --mod-standard --benchmark_out="$out/bench_mod.json" \
     --benchmark_out_format=json > "$out/bench_mod.log" 2>&1
   echo "bench --mod-standard: exit $?"
   grep -E "^warning" "$out/bench_mod.log"
   # Each shape once (the list runs in rounds), as the binary lists them without the GPU.
   shapes=$("$bench" --mod-standard --mod-rounds=1 --benchmark_list_tests |
            sed -n 's#^instnorm/\([^/]*\)/.*#\1#p')
-  timeout 420 python3 bench/peers_modulated.py --out "$out/peers_mod.json" $shapes \
+  timeout 360 python3 bench/peers_modulated.py --out "$out/peers_mod.json" $shapes \
     > "$out/peers_mod.log" 2>&1
   echo "peers_modulated.py: exit $?"
   tail -4 "$out/peers_mod.log"
