@@ -70,11 +70,16 @@ def bcast(t, like):
     return None if t is None else t.reshape(tuple(like.shape[:2]) + (1,) * (like.dim() - 2))
 
 
-def modulate_ref(pre, scale, shift, one_plus_scale):
-    """The unfused expression after the norm: pre * (1 + scale) + shift, or pre * scale + shift."""
-    if scale is not None:
-        s = bcast(scale, pre)
-        pre = pre * (1 + s) if one_plus_scale else pre * s
+def modulate_ref(pre, scale, shift, one_plus_scale, bias=None):
+    """The unfused expression after the norm, pre = norm(x) * weight: (pre + bias) * (1 + scale)
+    + shift, or pre * scale + bias + shift (AdaIN's convention: the bias is not scaled)."""
+    b = None if bias is None else bias.reshape((1, -1) + (1,) * (pre.dim() - 2))
+    if scale is not None and not one_plus_scale:
+        pre = pre * bcast(scale, pre)
+    if b is not None:
+        pre = pre + b
+    if scale is not None and one_plus_scale:
+        pre = pre * (1 + bcast(scale, pre))
     if shift is not None:
         pre = pre + bcast(shift, pre)
     return pre
@@ -138,8 +143,8 @@ def gn_pair(groups, act, one_plus_scale, eps=1e-5):
         return it.group_norm(x, groups, weight, bias, eps, act, scale, shift, one_plus_scale)
 
     def theirs(x, weight, bias, scale, shift):
-        return modulate_ref(F.group_norm(x, groups, weight, bias, eps), scale, shift,
-                            one_plus_scale)
+        return modulate_ref(F.group_norm(x, groups, weight, None, eps), scale, shift,
+                            one_plus_scale, bias)
     return ours, theirs
 
 
@@ -284,8 +289,8 @@ def test_instance_norm_scale_shift(shape, layout, dtype, one_plus_scale):
                                 one_plus_scale=one_plus_scale)
 
     def theirs(x, weight, bias, scale, shift):
-        return modulate_ref(F.instance_norm(x, weight=weight, bias=bias), scale, shift,
-                            one_plus_scale)
+        return modulate_ref(F.instance_norm(x, weight=weight), scale, shift, one_plus_scale,
+                            bias)
     check(ours, theirs, inputs, dtype, "silu")
 
 
