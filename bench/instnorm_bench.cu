@@ -58,6 +58,8 @@
 #include <instnorm/instnorm.cuh>
 #include <instnorm/reference.h>
 
+#include "../tests/device_tables.h"
+
 #ifdef INSTNORM_BENCH_CUDNN
 #include <cudnn.h>
 #endif
@@ -1365,27 +1367,9 @@ std::vector<SweepRow> sweep_rows(int k, uint64_t seed) {
   return out;
 }
 
-/// An H200's properties as cudaGetDeviceProperties reports them (132 SMs, 228 KB of shared
-/// memory per SM less the runtime's 1 KB per block, 50 MB L2, a 6144-bit bus, sm_90 code): the
-/// plans --sweep-list shows without a GPU. The device's own properties decide on a real run.
-DeviceProps h200_props() {
-  DeviceProps d;
-  d.sm_count = 132;
-  d.cc_major = 9;
-  d.cc_minor = 0;
-  d.max_threads_per_sm = 2048;
-  d.max_threads_per_block = 1024;
-  d.max_blocks_per_sm = 32;
-  d.regs_per_sm = 65536;
-  d.smem_per_sm = 228 * 1024;
-  d.smem_per_block_optin = 227 * 1024 - 1024;
-  d.l2_bytes = 50 << 20;
-  d.max_grid_x = 2147483647;
-  d.cooperative = true;
-  d.mem_bus_bits = 6144;
-  d.code_arch = 90;
-  return d;
-}
+/// An H200's properties (tests/device_tables.h): the plans --sweep-list shows without a GPU.
+/// The device's own properties decide on a real run.
+DeviceProps h200_props() { return instnorm_tables::h200(); }
 
 /// The plan `s` would get on an H200 (h200_props), as the rows label it.
 std::string planned_label(const Shape& s) {

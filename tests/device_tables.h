@@ -1,6 +1,7 @@
 // Hand-made device properties of the two tuned GPUs, as cudaGetDeviceProperties reports them
 // (less the 1 KB of static shared memory the runtime keeps per block), for the CPU tests and the
-// fuzz target: the planner is tested against the limits it must respect without a GPU.
+// fuzz target, and the benchmark's --sweep-list: the planner is tested against the limits it
+// must respect without a GPU.
 #pragma once
 #include <instnorm/plan.cuh>
 
@@ -21,6 +22,15 @@ inline instnorm::DeviceProps sm90() {
   d.l2_bytes = 50 << 20;
   d.max_grid_x = 2147483647;
   d.cooperative = true;
+  return d;
+}
+
+/// H200 (sm_90): an H100's SMs, shared memory and L2 with a 6144-bit bus, running sm_90 code
+/// (the benchmark's --sweep-list plans shapes for it without a GPU).
+inline instnorm::DeviceProps h200() {
+  instnorm::DeviceProps d = sm90();
+  d.mem_bus_bits = 6144;
+  d.code_arch = 90;
   return d;
 }
 

@@ -12,9 +12,13 @@
 #include <string>
 #include <vector>
 
+#include "finite_diff.h"
+
 namespace {
 
 using namespace instnorm;
+using instnorm_test::central;
+using instnorm_test::max_abs;
 
 struct Case {
   int64_t n, c, spatial, groups;
@@ -91,25 +95,6 @@ double min_abs_pre(const Data& d, const Case& k) {
   reference::forward<double, double>(d.x.data(), v.data(), k.n, k.c, k.spatial, o);
   double m = INFINITY;
   for (double e : v) m = std::min(m, std::fabs(e));
-  return m;
-}
-
-// Central difference of f around `p` (modified in place and restored), with the step actually
-// taken (exact in float64 by Sterbenz) in the denominator.
-template <class F>
-double central(double& p, double h, F f) {
-  const double p0 = p, hp = p0 + h, hm = p0 - h;
-  p = hp;
-  const double lp = f();
-  p = hm;
-  const double lm = f();
-  p = p0;
-  return (lp - lm) / (hp - hm);
-}
-
-double max_abs(const std::vector<double>& v) {
-  double m = 0;
-  for (double e : v) m = std::max(m, std::fabs(e));
   return m;
 }
 

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "finite_diff.h"
 #include "gpu_util.h"
 
 namespace {
