@@ -150,24 +150,6 @@ struct HostParams {
   }
 };
 
-double max_abs(const std::vector<double>& v) {
-  double m = 0;
-  for (double e : v) m = std::max(m, std::fabs(e));
-  return m;
-}
-
-// Central difference of f around p (restored), with the step actually taken.
-template <class F>
-double central(double& p, double h, F f) {
-  const double p0 = p, hp = p0 + h, hm = p0 - h;
-  p = hp;
-  const double lp = f();
-  p = hm;
-  const double lm = f();
-  p = p0;
-  return (lp - lm) / (hp - hm);
-}
-
 // Every gradient of the reference backward against central differences of L = sum(y * w).
 TEST(ModulationReference, MatchesFiniteDifferences) {
   int checked = 0;
@@ -284,15 +266,16 @@ struct DevCase {
 };
 
 template <class T>
-std::vector<T> upload_values(const std::vector<T>& h, DeviceBuffer<T>* d) {
-  if (!h.empty()) cudaMemcpy(d->ptr, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice);
-  return h;
+void upload(const std::vector<T>& h, DeviceBuffer<T>* d) {
+  if (!h.empty())
+    EXPECT_EQ(cudaMemcpy(d->ptr, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice),
+              cudaSuccess);
 }
 
 template <class T>
 std::vector<T> download(const T* d, size_t count) {
   std::vector<T> h(count);
-  cudaMemcpy(h.data(), d, count * sizeof(T), cudaMemcpyDeviceToHost);
+  EXPECT_EQ(cudaMemcpy(h.data(), d, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
   return h;
 }
 
@@ -318,14 +301,14 @@ void run_case(const DevCase& k, const Mod& md) {
   DeviceBuffer<float> drm(size_t(k.c)), drv(size_t(k.c));
   DeviceBuffer<M> sc(hp.scale.size()), sh(hp.shift.size());
   DeviceBuffer<float> dg(size_t(k.c)), db(size_t(k.c)), ds(size_t(k.n * k.c)), dt(size_t(k.n * k.c));
-  upload_values(hx, &x);
-  upload_values(hdy, &dy);
-  upload_values(hp.gamma, &g);
-  upload_values(hp.beta, &b);
-  upload_values(hp.scale, &sc);
-  upload_values(hp.shift, &sh);
-  upload_values(rm, &drm);
-  upload_values(rv, &drv);
+  upload(hx, &x);
+  upload(hdy, &dy);
+  upload(hp.gamma, &g);
+  upload(hp.beta, &b);
+  upload(hp.scale, &sc);
+  upload(hp.shift, &sh);
+  upload(rm, &drm);
+  upload(rv, &drv);
   Options opt = hp.options(md, g.ptr, b.ptr, sc.ptr, sh.ptr);
   opt.groups = k.groups;
   opt.layout = k.layout;
@@ -507,7 +490,7 @@ void statistics_case(int64_t n, int64_t c, int64_t s, int64_t groups, Layout lay
   for (auto& v : hx) v = to_t<T>(float(100.0 + 2.0 * nd(rng)));
   DeviceBuffer<T> x(total);
   DeviceBuffer<float> mean(size_t(n * G)), sd(size_t(n * G));
-  upload_values(hx, &x);
+  upload(hx, &x);
   Options opt;
   opt.groups = groups;
   opt.layout = layout;
