@@ -101,6 +101,10 @@ inline bool ranges_overlap(const void* a, const void* b, uint64_t a_bytes, uint6
   if (a == nullptr || b == nullptr) return false;
   return ab < bb + b_bytes && bb < ab + a_bytes;
 }
+/// ranges_overlap without being the same buffer (the in-place calls' rule).
+inline bool partial_overlap(const void* a, const void* b, uint64_t a_bytes, uint64_t b_bytes) {
+  return a != b && ranges_overlap(a, b, a_bytes, b_bytes);
+}
 
 /// Bytes one modulation tensor spans: n rows `stride` apart, c elements in the last (0 if the
 /// stride is refused or the span overflows).
@@ -158,9 +162,7 @@ inline Invalid validate(const void* x, const void* y, int64_t n, int64_t c, int6
     return Invalid::kBadActivation;
   if (opt.param_type != ParamType::kFloat && opt.param_type != ParamType::kSameAsInput)
     return Invalid::kBadParamType;
-  const auto xb = reinterpret_cast<uintptr_t>(x), yb = reinterpret_cast<uintptr_t>(y);
-  const auto ub = static_cast<uintptr_t>(bytes);
-  if (xb != yb && xb < yb + ub && yb < xb + ub) return Invalid::kOverlap;
+  if (detail::partial_overlap(x, y, uint64_t(bytes), uint64_t(bytes))) return Invalid::kOverlap;
   const Invalid mod = detail::validate_modulation(y, n, c, elem_bytes, uint64_t(bytes), opt);
   if (mod != Invalid::kOk) return mod;
   if (opt.unbiased && opt.use_input_stats && (c / groups) * spatial == 1)
@@ -179,6 +181,7 @@ inline Invalid validate(const void* x, const void* y, int64_t n, int64_t c, int6
   const int64_t vec = 16 / elem_bytes;
   prob->nhwc = opt.layout == Layout::kNHWC;
   // NHWC: a vector holds vec channels of one position, so rows of c elements must stay aligned.
+  const auto xb = reinterpret_cast<uintptr_t>(x), yb = reinterpret_cast<uintptr_t>(y);
   prob->vector_ok = (xb % 16 == 0) && (yb % 16 == 0) && ((prob->nhwc ? c : spatial) % vec == 0);
   return Invalid::kOk;
 }
@@ -192,14 +195,6 @@ inline Invalid validate(const T* x, const T* y, int64_t n, int64_t c, int64_t sp
   return validate(x, y, n, c, spatial, int(sizeof(T)), opt, &prob);
 }
 
-namespace detail {
-/// Whether [a, a + bytes) and [b, b + bytes) overlap without being the same buffer.
-inline bool partial_overlap(const void* a, const void* b, uint64_t a_bytes, uint64_t b_bytes) {
-  const auto ab = reinterpret_cast<uintptr_t>(a), bb = reinterpret_cast<uintptr_t>(b);
-  if (a == nullptr || b == nullptr || ab == bb) return false;
-  return ab < bb + b_bytes && bb < ab + a_bytes;
-}
-}  // namespace detail
 
 /// The checks of statistics<T> (api.cuh): those of the forward with y = x, then the outputs:
 /// mean and stddev non-null, n*G floats each, overlapping neither x nor each other. No CUDA call.

@@ -95,15 +95,6 @@ __device__ __forceinline__ void channel_partial_sums(const Params& p,
   }
 }
 
-/// The modulation's factor of image i, channel ch (1 + scale, scale, or 1 without a scale).
-template <class T>
-__device__ __forceinline__ float modulation_factor(const EpilogueFields& f, int64_t i,
-                                                   int64_t ch) {
-  if (f.mod_scale == nullptr) return 1.f;
-  const float s = load_param<T>(f.mod_scale, f.mod_float, i * f.scale_stride + ch);
-  return f.one_plus_scale ? 1.f + s : s;
-}
-
 /// The parameter gradients from the partials (sum of d, sum of d * xhat) of each (image,
 /// channel, block): one warp per channel, and one launch for all of them.
 ///  - dbeta[ch], dgamma[ch]: over images and blocks. With a modulation each image's part is
