@@ -4,7 +4,8 @@
 /// rows of one image and a range of channel columns; per channel the float-float sum of x - c
 /// and the sums of d and d * (x - c), relative to the saved mean c), a per-(image, group)
 /// finalize that adds the tiles in a fixed order into the plane coefficients of dx (and the
-/// per-(image, channel) partials of dgamma/dbeta), then dx elementwise. x and dy are read twice
+/// per-(image, channel) partials of dgamma/dbeta, and dx's coefficients per (image, channel):
+/// GradCoef), then dx elementwise. x and dy are read twice
 /// (three times with an activation, whose pre-activation needs the mean's residual first): not
 /// the one-pass floor of the NCHW kernel (docs/design.md).
 
@@ -26,12 +27,38 @@ struct NhwcGradParams : EpilogueFields {
   int64_t tile_rows;  ///< rows per tile
   int cols;           ///< column vectors per block (blockDim.x / cols row lanes)
   float4* tile_sums;  ///< [n][tiles][c]: (s0_hi, s0_lo, a, b)
-  float4* unit;       ///< [n * groups][2]: (c, r, rstd, k1), (k2, 0, 0, 0)
+  float4* unit;       ///< [n * groups]: (c, r, rstd, 0), for the sums after the residual pass
   float2* partials;   ///< [n * c]: (sum of d, sum of d * xhat), or null
+  float4* coef;       ///< [n * c]: GradCoef's (a, b, c, e)
+  float* coef_pre;    ///< [n * c]: GradCoef's p0 (with an activation)
 };
 
-/// The plane quantities of the unit channel `ch` of image `i` belongs to, as the last finalize
-/// left them (c and rstd only, before the first).
+/// dx of channel ch in image i, folded by the finalize from its unit's plane quantities and the
+/// channel's affine map (gamma and beta with the modulation of image i: channel_affine):
+/// with xc = x - c (c the saved mean, so xc keeps full accuracy at any |mean|),
+///   pre = a * xc + p0,   dx = a * d + b * xc + e,   d = dy * act'(pre),
+/// a = rstd * gamma, p0 = beta - r * a, b = -rstd^2 * k2, e = -rstd * k1 - b * r: the
+/// dx = rstd * (gamma * d - k1 - xhat * k2) of GradPlane. One (or, with an activation, two)
+/// coalesced loads per channel and image, where the dx step otherwise reloaded the unit and,
+/// modulated, gamma, beta, scale and shift of every channel in every image a thread visits.
+struct GradCoef {
+  float a, b, c, e, p0;
+};
+template <class T>
+__device__ __forceinline__ GradCoef grad_coef(const EpilogueFields& p, const GradPlane& pl,
+                                              int64_t image, int64_t ch) {
+  const ChannelAffine af = channel_affine<T>(p, image, ch);
+  GradCoef k;
+  k.a = pl.rstd * af.gamma;
+  k.p0 = fmaf(-pl.r, k.a, af.beta);
+  k.b = -pl.rstd * pl.rstd * pl.k2;
+  k.c = pl.c;
+  k.e = fmaf(-k.b, pl.r, -pl.rstd * pl.k1);
+  return k;
+}
+
+/// The pivot, residual and rstd of the unit channel `ch` of image `i` belongs to: the saved
+/// statistics, or as the residual pass's finalize left them.
 template <class T>
 __device__ __forceinline__ GradPlane nhwc_unit(const NhwcGradParams<T>& p, int64_t i, int64_t ch,
                                                bool finalized) {
@@ -47,12 +74,10 @@ __device__ __forceinline__ GradPlane nhwc_unit(const NhwcGradParams<T>& p, int64
     pl.rstd = p.save_rstd[u];
     return pl;
   }
-  const float4 a = p.unit[2 * u], b = p.unit[2 * u + 1];
+  const float4 a = p.unit[u];
   pl.c = a.x;
   pl.r = a.y;
   pl.rstd = a.z;
-  pl.k1 = a.w;
-  pl.k2 = b.x;
   return pl;
 }
 
@@ -124,7 +149,8 @@ __global__ void __launch_bounds__(256) nhwc_grad_sums(const NhwcGradParams<T> p)
 
 /// Step 2: one warp per (image, group), or per (image, channel) with running statistics. Adds
 /// the tiles of its channels in a fixed order (lanes over entries, then a butterfly) into the
-/// unit's coefficients; kResidualOnly stores the residual only.
+/// unit's coefficients and its channels' GradCoef; kResidualOnly stores the residual only.
+/// With no tiles (eval mode without parameter gradients) it only folds the GradCoef.
 template <class T, bool kResidualOnly>
 __global__ void nhwc_grad_finalize(const NhwcGradParams<T> p) {
   const int lane = threadIdx.x & 31;
@@ -170,11 +196,13 @@ __global__ void nhwc_grad_finalize(const NhwcGradParams<T> p) {
       pl.k1 = s.a * inv_len;
       pl.k2 = pl.rstd * fmaf(-pl.r, s.a, s.b) * inv_len * p.var_scale;
     }
-    if (lane == 0 && p.use_input_stats) {
-      p.unit[2 * u] = make_float4(pl.c, pl.r, pl.rstd, pl.k1);
-      p.unit[2 * u + 1] = make_float4(pl.k2, 0.f, 0.f, 0.f);
-    }
+    if (kResidualOnly && lane == 0) p.unit[u] = make_float4(pl.c, pl.r, pl.rstd, 0.f);
     if constexpr (!kResidualOnly) {
+      for (int64_t k = lane; k < p.cpg; k += 32) {
+        const GradCoef f = grad_coef<T>(p, pl, image, ch0 + k);
+        p.coef[image * p.c + ch0 + k] = make_float4(f.a, f.b, f.c, f.e);
+        if (act) p.coef_pre[image * p.c + ch0 + k] = f.p0;
+      }
       if (p.partials != nullptr && lane == 0) {
         for (int64_t k = 0; k < p.cpg; ++k) {  // lane 0 wrote these slots above
           float2* slot = p.partials + image * p.c + ch0 + k;
@@ -186,9 +214,9 @@ __global__ void nhwc_grad_finalize(const NhwcGradParams<T> p) {
   }
 }
 
-/// Step 3: dx = rstd * (gamma * d - k1 - xhat * k2), elementwise. The threads sit as in step 1
-/// (a column vector each, row lanes over the rows of all images), so a thread's channels, their
-/// gamma/beta and (per image) their units' coefficients are loaded once, not per element.
+/// Step 3: dx elementwise from the GradCoef of each (image, channel). The threads sit as in
+/// step 1 (a column vector each, row lanes over the rows of all images); a thread loads its
+/// channels' coefficients once per image it visits.
 template <class T, int kVec>
 __global__ void __launch_bounds__(256) nhwc_grad_dx(const NhwcGradParams<T> p) {
   using V = Vector<T, kVec>;
@@ -197,25 +225,20 @@ __global__ void __launch_bounds__(256) nhwc_grad_dx(const NhwcGradParams<T> p) {
   const int64_t colv = int64_t(blockIdx.y) * p.cols + col;
   if (colv * kVec >= p.c || rl >= row_lanes) return;
   const int64_t j0 = colv * kVec, rows = p.n * p.spatial;
-  GradChannel<T> gc[kVec];
-  GradPlane pl[kVec];
-#pragma unroll
-  for (int k = 0; k < kVec; ++k) gc[k].set_channel(p, j0 + k);
-  int64_t image = -1, image_end = 0;  // rows [.., image_end) belong to `image`
+  float4 cf[kVec];
+  float p0[kVec];
+  int64_t image_end = 0;  // rows [.., image_end) belong to the image cf was loaded for
   with_activation(p.activation, [&](auto act_tag) {
     constexpr Activation kAct = decltype(act_tag)::value;
     for (int64_t row = int64_t(blockIdx.x) * row_lanes + rl; row < rows;
          row += int64_t(gridDim.x) * row_lanes) {
       if (row >= image_end) {
-        image = row / p.spatial;
+        const int64_t image = row / p.spatial;
         image_end = (image + 1) * p.spatial;
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
-          pl[k] = nhwc_unit(p, image, j0 + k, true);
-          if (is_modulated(p)) {  // the channel's affine map is per image
-            gc[k].image = image;
-            gc[k].set_channel(p, j0 + k);
-          }
+          cf[k] = p.coef[image * p.c + j0 + k];
+          if constexpr (kAct != Activation::kNone) p0[k] = p.coef_pre[image * p.c + j0 + k];
         }
       }
       const int64_t at = row * p.c + j0;
@@ -224,11 +247,10 @@ __global__ void __launch_bounds__(256) nhwc_grad_dx(const NhwcGradParams<T> p) {
       unpack(load_vector(reinterpret_cast<const V*>(p.dy + at)), d);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        const float xhat = (xc[k] - pl[k].c - pl[k].r) * pl[k].rstd;
-        float dk = d[k];
+        xc[k] -= cf[k].z;
         if constexpr (kAct != Activation::kNone)
-          dk *= activate_derivative<kAct>(fmaf(xhat, gc[k].gamma, gc[k].beta));
-        d[k] = pl[k].rstd * (fmaf(gc[k].gamma, dk, -pl[k].k1) - xhat * pl[k].k2);
+          d[k] *= activate_derivative<kAct>(fmaf(cf[k].x, xc[k], p0[k]));
+        d[k] = fmaf(cf[k].x, d[k], fmaf(cf[k].y, xc[k], cf[k].w));
       }
       store_vector(reinterpret_cast<V*>(p.dx + at), pack<T, kVec>(d));
     }

@@ -196,16 +196,19 @@ inline NhwcGradShape nhwc_grad_shape(const Problem& prob, const DeviceProps& d) 
   return s;
 }
 
-/// [tile sums][unit coefficients][per-(image, channel) partials of dgamma/dbeta].
+/// [per-(image, channel) partials of dgamma/dbeta][unit coefficients][tile sums][dx's GradCoef
+/// per (image, channel): float4s, then the floats p0].
 inline WorkspaceLayout nhwc_backward_layout(const NhwcGradShape& s, const Problem& prob,
                                             const Gradients& g) {
   WorkspaceLayout w;
   w.partials_bytes = wants_param_grads(g) ? size_t(prob.n) * size_t(prob.c) * sizeof(float2) : 0;
   w.partials = w.add(w.partials_bytes);
-  w.group_stats_bytes = size_t(prob.planes) * 2 * sizeof(float4);
+  w.group_stats_bytes = size_t(prob.planes) * sizeof(float4);
   w.group_stats = w.add(w.group_stats_bytes);
   w.slots_bytes = size_t(prob.n) * size_t(s.tiles) * size_t(prob.c) * sizeof(float4);
   w.slots = w.add(w.slots_bytes);
+  w.coef_bytes = size_t(prob.n) * size_t(prob.c) * (sizeof(float4) + sizeof(float));
+  w.coef = w.add(w.coef_bytes);
   return w;
 }
 
@@ -239,6 +242,8 @@ inline cudaError_t launch_nhwc_backward(const T* x, const T* dy, T* dx, const Pr
   p.tile_sums = WorkspaceLayout::at<float4>(workspace, w.slots);
   p.unit = WorkspaceLayout::at<float4>(workspace, w.group_stats);
   if (w.partials_bytes > 0) p.partials = WorkspaceLayout::at<float2>(workspace, w.partials);
+  p.coef = WorkspaceLayout::at<float4>(workspace, w.coef);
+  p.coef_pre = reinterpret_cast<float*>(p.coef + prob.n * prob.c);
   constexpr int kFull = 16 / int(sizeof(T));
   const bool full = s.vec == kFull;
   LaunchShape sums;
@@ -260,6 +265,10 @@ inline cudaError_t launch_nhwc_backward(const T* x, const T* dy, T* dx, const Pr
     INSTNORM_RETURN_IF_ERROR(launch_kernel(
         full ? nhwc_grad_sums<T, kFull, false> : nhwc_grad_sums<T, 1, false>, sums, stream, p));
     INSTNORM_RETURN_IF_ERROR(launch_kernel(nhwc_grad_finalize<T, false>, fin, stream, p));
+  } else {
+    NhwcGradParams<T> fold = p;  // no tiles: the finalize only folds dx's coefficients
+    fold.tiles = 0;
+    INSTNORM_RETURN_IF_ERROR(launch_kernel(nhwc_grad_finalize<T, false>, fin, stream, fold));
   }
   // dx: blocks over rows (about eight per SM in all), each thread one column vector.
   const int64_t row_blocks = ceil_div(prob.n * prob.spatial, kNhwcGradThreads / s.cols);

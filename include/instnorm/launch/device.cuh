@@ -113,6 +113,8 @@ struct WorkspaceLayout {
                                                   ///< (image, group)
   size_t stats = 0, stats_bytes = 0;              ///< per-plane mean and variance kept for the
                                                   ///< running-statistics update
+  size_t coef = 0, coef_bytes = 0;                ///< NHWC backward: dx's folded coefficients
+                                                  ///< per (image, channel)
   size_t total = 0;
 
   /// Appends a part of `bytes` at the end; returns its offset.
