@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the device machine: same-run A/B of two instnorm_bench binaries over the standard rows (or
 # the --shape arguments given after the two binaries), alternating A, B, A, B, ... `runs` times
-# each; prints each row's median time of A and B and B/A, and writes them to $OUT/ab.txt.
+# each; prints each row's median over runs of its median call time, A and B, and B/A, and
+# writes them to $OUT/ab.txt.
 # Usage: bash bench/device_ab.sh <bench A> <bench B> [runs] [bench args...]
 # AB_BUDGET (seconds, default 400): no new A/B round starts after it; the summary then covers
 # the rounds that ran.
@@ -36,7 +37,10 @@ for side in "AB":
             continue
         for bm in data["benchmarks"]:
             scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[bm.get("time_unit", "ns")]
-            times.setdefault(bm["name"], {}).setdefault(side, []).append(bm["real_time"] * scale)
+            # The row's median call (counter ms), not real_time (the mean, which a few slow
+            # calls move on rows of tens of microseconds).
+            t = bm["ms"] if "ms" in bm else bm["real_time"] * scale
+            times.setdefault(bm["name"], {}).setdefault(side, []).append(t)
 print(f"{'row':58s} {'A ms':>9s} {'B ms':>9s} {'B/A':>7s}")
 worst = 0.0
 for name, t in times.items():
