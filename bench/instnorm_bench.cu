@@ -473,7 +473,7 @@ cudaError_t backward_workspace_bytes(const Shape& s, size_t* bytes) {
         validate_backward(x, dy, dx, s.n(), s.c(), s.spatial(), int(sizeof(T)), opt, grads,
                           &prob) == Invalid::kOk &&
         detail::current_backward_plan(prob, grads, &plan, g_override, g_policy) == cudaSuccess)
-      *bytes = std::max(*bytes, detail::backward_workspace_layout(plan, prob, grads).total);
+      *bytes = std::max(*bytes, detail::backward_workspace_layout(plan, prob, opt, grads).total);
     return cudaSuccess;
   });
 }

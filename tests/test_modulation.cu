@@ -398,6 +398,29 @@ void run_case(const DevCase& k, const Mod& md) {
   near(db.ptr, rdb, "dbeta");
   near(ds.ptr, rds, "dscale");
   near(dt.ptr, rdt, "dshift");
+  // AdaIN's backward asks for dscale and dshift alone: without gamma and beta, one block per
+  // plane, the NCHW kernel stores them itself (no partials in the workspace); dx unchanged.
+  if (!md.affine && (md.scale || md.shift)) {
+    DeviceBuffer<T> dx2(total);
+    DeviceBuffer<float> ds2(size_t(k.n * k.c)), dt2(size_t(k.n * k.c));
+    const Gradients only{nullptr, nullptr, md.scale ? ds2.ptr : nullptr,
+                         md.shift ? dt2.ptr : nullptr};
+    Plan p2;
+    CUDA_OK(detail::backward_tuned(x.ptr, dy.ptr, dx2.ptr, k.n, k.c, k.s, opt, only, ov, nullptr,
+                                   nullptr, 0, true, nullptr, &p2));
+    CUDA_OK(cudaDeviceSynchronize());
+    const std::vector<T> hdx2 = download(dx2.ptr, total);
+    EXPECT_EQ(std::memcmp(hdx2.data(), hdx.data(), total * sizeof(T)), 0) << "dx differs";
+    if (md.scale) near(ds2.ptr, rds, "dscale alone");
+    if (md.shift) near(dt2.ptr, rdt, "dshift alone");
+    Problem prob;
+    ASSERT_EQ(validate_backward(x.ptr, dy.ptr, dx2.ptr, k.n, k.c, k.s, int(sizeof(T)), opt, only,
+                                &prob),
+              Invalid::kOk);
+    if (!prob.nhwc && prob.channels_per_group == 1 && p2.blocks_per_plane == 1)
+      EXPECT_EQ(detail::backward_workspace_layout(p2, prob, opt, only).partials_bytes, 0u)
+          << "the kernel stores dscale/dshift directly";
+  }
   // Bit-identical rerun of the forward.
   DeviceBuffer<T> y2(total);
   CUDA_OK(detail::forward_tuned(x.ptr, y2.ptr, k.n, k.c, k.s, opt, ov, nullptr, nullptr));

@@ -185,7 +185,7 @@ cudaError_t backward_workspace_size(int64_t n, int64_t c, int64_t spatial, const
   if (prob.nhwc) return detail::nhwc_backward_workspace(prob, opt, grads, bytes);
   Plan plan;
   INSTNORM_RETURN_IF_ERROR(detail::current_backward_plan(prob, grads, &plan));
-  *bytes = detail::backward_workspace_layout(plan, prob, grads).total;
+  *bytes = detail::backward_workspace_layout(plan, prob, opt, grads).total;
   return cudaSuccess;
 }
 
@@ -214,7 +214,7 @@ cudaError_t backward_tuned(const T* x, const T* dy, T* dx, int64_t n, int64_t c,
   Plan plan;
   INSTNORM_RETURN_IF_ERROR(current_backward_plan(prob, grads, &plan, ov, policy));
   if (used) *used = plan;
-  const size_t need = backward_workspace_layout(plan, prob, grads).total;
+  const size_t need = backward_workspace_layout(plan, prob, opt, grads).total;
   if (own_workspace)
     return with_scratch(need, stream, [&](void* ws) {
       return launch_backward(x, dy, dx, prob, opt, grads, plan, ws, stream);

@@ -48,7 +48,30 @@ struct BackwardParams : EpilogueFields {
   /// [n * c][blocks_per_plane]: each block's (sum of d, sum of d * xhat) over its part of each
   /// channel, reduced to dbeta and dgamma by grad_params_kernel; null when neither is asked.
   float2* partials;
+  /// Instance norm without gamma and beta, one block per plane, neither dgamma nor dbeta asked
+  /// (AdaIN): the kernel stores dscale/dshift itself ([n * c]), without partials or
+  /// grad_params_kernel (launch/backward.cuh: direct_scale_shift).
+  float* dscale;
+  float* dshift;
+  /// Whether the kernel forms the parameter sums (partials, or dscale/dshift directly).
+  __host__ __device__ bool param_sums() const {
+    return partials != nullptr || dscale != nullptr || dshift != nullptr;
+  }
 };
+
+/// A plane's parameter sums (sum of d, sum of d * xhat) over block `rank`'s part, instance norm:
+/// its partial slot, or (BackwardParams::dscale: no gamma or beta) dshift and dscale themselves.
+/// kDirect false: partials only (the streamed kernel, which otherwise spills on sm_90).
+template <bool kDirect, class T>
+__device__ __forceinline__ void store_plane_sums(const BackwardParams<T>& p, int64_t plane,
+                                                 int64_t rank, float sd, float sdx) {
+  if (!kDirect || p.partials != nullptr) {
+    p.partials[plane * p.blocks_per_plane + rank] = make_float2(sd, sdx);
+    return;
+  }
+  if (p.dshift != nullptr) p.dshift[plane] = sd;
+  if (p.dscale != nullptr) p.dscale[plane] = sdx;
+}
 
 /// x - c and d = dy * act'(pre) of one vector.
 template <Activation kAct, class T, int kVec>
@@ -97,6 +120,8 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
   const int64_t cpg = p.channels_per_group;
   const bool per_channel = cpg > 1 && has_channel_params(p);
   const bool channel_partials = p.partials != nullptr && cpg > 1;
+  // Whether this kernel forms the parameter sums; the streamed one only into partials.
+  const bool param_sums = kStream ? p.partials != nullptr : p.param_sums();
   const float inv_len = 1.f / float(p.plane_len);
 
   unsigned tag = 0;  // exchanges so far (may wrap: see GradSlot)
@@ -257,16 +282,15 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
         const float sgx = w * fmaf(-pl.r, s.a, s.b);  // sum of g * (x - mean)
         pl.k1 = sg * inv_len;
         pl.k2 = pl.rstd * sgx * inv_len * p.var_scale;  // 1/(S-1) for the unbiased variance
-      } else if (p.partials != nullptr) {
+      } else if (param_sums) {
         own = lanes <= 32 ? warp_allreduce(s, lanes) : block_allreduce(s, st);
       }
 
       // The partials of dgamma/dbeta: (sum of d, sum of d * xhat) of this block's part.
-      if (p.partials != nullptr) {
+      if (param_sums) {
         if (!channel_partials) {
           if (active && lane == 0)
-            p.partials[plane * G + rank] =
-                make_float2(own.a, pl.rstd * fmaf(-pl.r, own.a, own.b));
+            store_plane_sums<!kStream>(p, plane, rank, own.a, pl.rstd * fmaf(-pl.r, own.a, own.b));
         } else {
           if (!kStream) __syncthreads();
           channel_partial_sums<kVec>(p, &vec_sum(0), held, active ? plane : 0, begin, len, rank,

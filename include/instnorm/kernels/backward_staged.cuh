@@ -97,10 +97,10 @@ __global__ void __launch_bounds__(kStagedThreads, 2) staged_backward_kernel(cons
         pl.k1 = w * s.a * inv_len;
         pl.k2 = pl.rstd * w * fmaf(-pl.r, s.a, s.b) * inv_len * p.var_scale;
       }
-      if (p.partials != nullptr) {
+      if (p.param_sums()) {
         if (cpg == 1) {
           if (active && lane == 0)
-            p.partials[plane] = make_float2(s.a, pl.rstd * fmaf(-pl.r, s.a, s.b));
+            store_plane_sums<true>(p, plane, 0, s.a, pl.rstd * fmaf(-pl.r, s.a, s.b));
         } else {
 #pragma unroll 1
           for (int64_t k = 0; k < cpg; ++k) {  // each channel's own sums, lanes over its run

@@ -109,13 +109,28 @@ inline cudaError_t current_backward_plan(const Problem& prob, const Gradients& g
              : cudaErrorInvalidConfiguration;
 }
 
-/// [tagged slots of cooperative plans][per-(image, channel, block) partials of dgamma/dbeta].
+/// Whether the NCHW kernel stores dscale/dshift itself (BackwardParams::dscale): instance norm
+/// without gamma and beta (AdaIN's content side), one block per plane and not streamed, neither
+/// dgamma nor dbeta asked; then dshift = sum of d and dscale = sum of d * xhat in either
+/// convention. (H200, 8x512x64x64 bf16 AdaIN backward: the partials and grad_params_kernel's
+/// launch cost about 3.5 us of a 30 us call.)
+inline bool direct_scale_shift(const Plan& p, const Problem& prob, const Options& opt,
+                               const Gradients& g) {
+  return prob.channels_per_group == 1 && p.blocks_per_plane == 1 &&
+         p.strategy != Strategy::kSplitStream && opt.gamma == nullptr &&
+         opt.beta == nullptr && g.dgamma == nullptr && g.dbeta == nullptr &&
+         (g.dscale != nullptr || g.dshift != nullptr);
+}
+
+/// [tagged slots of cooperative plans][per-(image, channel, block) partials of the parameter
+/// gradients, unless the kernel stores them directly].
 inline WorkspaceLayout backward_workspace_layout(const Plan& p, const Problem& prob,
-                                                 const Gradients& g) {
+                                                 const Options& opt, const Gradients& g) {
   WorkspaceLayout w;
   w.slots_bytes = p.cooperative ? 2 * size_t(p.grid) * sizeof(GradSlot) : 0;
   w.slots = w.add(w.slots_bytes);
-  w.partials_bytes = wants_param_grads(g) ? size_t(prob.n) * size_t(prob.c) *
+  w.partials_bytes = wants_param_grads(g) && !direct_scale_shift(p, prob, opt, g)
+                         ? size_t(prob.n) * size_t(prob.c) *
                                                 size_t(p.blocks_per_plane) * sizeof(float2)
                                           : 0;
   w.partials = w.add(w.partials_bytes);
@@ -145,7 +160,7 @@ inline cudaError_t launch_backward(const T* x, const T* dy, T* dx, const Problem
                                    ? staged_backward_kernel<T>
                                    : select_backward_kernel<T>(plan.vec, plan.strategy);
   if (kernel == nullptr) return cudaErrorInvalidConfiguration;
-  const WorkspaceLayout w = backward_workspace_layout(plan, prob, g);
+  const WorkspaceLayout w = backward_workspace_layout(plan, prob, opt, g);
   BackwardParams<T> bp{};
   set_backward_fields(bp, x, dy, dx, prob, opt);
   bp.planes = prob.planes;
@@ -158,6 +173,10 @@ inline cudaError_t launch_backward(const T* x, const T* dy, T* dx, const Problem
   bp.slice_len = plan.slice_len;
   if (w.slots_bytes > 0) bp.slots = WorkspaceLayout::at<GradSlot>(workspace, w.slots);
   if (w.partials_bytes > 0) bp.partials = WorkspaceLayout::at<float2>(workspace, w.partials);
+  if (direct_scale_shift(plan, prob, opt, g)) {
+    bp.dscale = g.dscale;
+    bp.dshift = g.dshift;
+  }
   INSTNORM_RETURN_IF_ERROR(clear_slots(w, workspace, stream));
   LaunchShape shape;
   shape.grid = dim3(static_cast<unsigned>(plan.grid));
