@@ -25,6 +25,7 @@ for i in $(seq 1 "$runs"); do
   done
 done
 echo "A/B: $done_runs rounds in $((SECONDS - start)) s"
+mkdir -p "$out/ab" && cp "$tmp"/*.json "$out/ab/" 2> /dev/null  # each run's JSON, A.i and B.i
 python3 - "$tmp" "$done_runs" << 'PY' | tee "$out/ab.txt"
 import json, statistics, sys
 tmp, runs = sys.argv[1], int(sys.argv[2])
