@@ -181,11 +181,6 @@ struct Epilogue {
     scale = ss.scale;
     shift = ss.shift;
   }
-  /// set_channel with the channel's affine map loaded earlier (channel_affine).
-  __device__ __forceinline__ void set_affine(const ChannelAffine& a) {
-    scale = rstd * a.gamma;
-    shift = fmaf(-residual, scale, a.beta);
-  }
 };
 
 /// A plane's epilogue from its merged moments (relative to `pivot`); thread `writer` of the
