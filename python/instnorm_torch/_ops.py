@@ -293,21 +293,28 @@ def _check_modulation(fn, x, name, t, xname="x", required=False):
     return t.reshape(shapes[0])
 
 
+def _late_bias(scale, one_plus_scale):
+    """Whether the bias goes after the scale (y * scale + bias + shift, AdaIN's convention), so
+    that PyTorch's op runs without it; otherwise the op takes the bias itself, and without a
+    modulation the fallback is PyTorch's op exactly (its bits, its refusals)."""
+    return scale is not None and not one_plus_scale
+
+
 def _modulate(y, bias, scale, shift, one_plus_scale, act):
     """PyTorch's expression of the modulation and the activation (the paths the kernel does not
-    take), returned in y's dtype as the kernel's output is in x's. y is the normalized x times
-    weight, bias the per-channel bias or None: act((y + bias) * (1 + scale) + shift), or
-    act(y * scale + bias + shift) (the bias is not scaled in that convention); scale and shift
-    (N, C) broadcast over the spatial dimensions."""
-    b = None if bias is None else bias.reshape((1, -1) + (1,) * (y.dim() - 2))
+    take), returned in y's dtype as the kernel's output is in x's. y is PyTorch's norm with the
+    weight, and with the bias unless _late_bias; bias is then the bias, else None:
+    act(y * (1 + scale) + shift), or act(y * scale + bias + shift) (the bias is not scaled in
+    that convention); scale and shift (N, C) broadcast over the spatial dimensions."""
+    if scale is None and shift is None and bias is None:
+        return _apply_activation(y, act)
     bshape = tuple(y.shape[:2]) + (1,) * (y.dim() - 2)
     out = y
-    if scale is not None and not one_plus_scale:
-        out = out * scale.reshape(bshape)
-    if b is not None:
-        out = out + b
-    if scale is not None and one_plus_scale:
-        out = out * (1 + scale.reshape(bshape))
+    if scale is not None:
+        s = scale.reshape(bshape)
+        out = out * (1 + s) if one_plus_scale else out * s
+    if bias is not None:
+        out = out + bias.reshape((1, -1) + (1,) * (y.dim() - 2))
     if shift is not None:
         out = out + shift.reshape(bshape)
     return _apply_activation(out, act).to(y.dtype)
@@ -395,9 +402,10 @@ def instance_norm(x, weight=None, bias=None, running_mean=None, running_var=None
         raise RuntimeError(f"{fn}: running_mean and running_var are required when "
                            f"use_input_stats is False (got None)")
     if not _kernel_takes(x, [t for _, t in params], True):
-        y = F.instance_norm(x, running_mean, running_var, weight, None, bool(use_input_stats),
-                            momentum, eps)
-        return _modulate(y, bias, scale, shift, one_plus_scale, act)
+        late = _late_bias(scale, one_plus_scale)
+        y = F.instance_norm(x, running_mean, running_var, weight, None if late else bias,
+                            bool(use_input_stats), momentum, eps)
+        return _modulate(y, bias if late else None, scale, shift, one_plus_scale, act)
     return _run(x, weight, bias, running_mean, running_var, bool(use_input_stats), momentum, eps,
                 0, act, scale, shift, one_plus_scale)
 
@@ -447,8 +455,9 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
         x, weight, bias = _autocast_fp32(x), _autocast_fp32(weight), _autocast_fp32(bias)
         scale, shift = _autocast_fp32(scale), _autocast_fp32(shift)
     if not _kernel_takes(x, [weight, bias], False):
-        return _modulate(F.group_norm(x, num_groups, weight, None, eps), bias, scale, shift,
-                         one_plus_scale, act)
+        late = _late_bias(scale, one_plus_scale)
+        return _modulate(F.group_norm(x, num_groups, weight, None if late else bias, eps),
+                         bias if late else None, scale, shift, one_plus_scale, act)
     return _run(x, weight, bias, None, None, True, 0.0, eps, int(num_groups), act, scale, shift,
                 one_plus_scale)
 
