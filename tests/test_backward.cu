@@ -166,6 +166,69 @@ TEST(BackwardPlan, HoldsTwoTensors) {
   EXPECT_EQ(plan.strategy, Strategy::kStaged);
 }
 
+
+// The workspace of the parameter gradients. AdaIN's backward (instance norm, no gamma or beta,
+// only dscale/dshift) on a one-block-per-plane plan takes no partials: the kernel stores
+// dscale/dshift itself. Anything that needs the cross-image or cross-block sums keeps them.
+// The NHWC backward keeps dx's folded coefficients: a float4 and a float per (image, channel).
+TEST(BackwardWorkspace, PartialsOnlyWhereSumsAreReduced) {
+  const DeviceProps d = instnorm_tables::sm90();
+  const ArchPolicy& pol = policy_for(d);
+  float* const scale = kGrad + 4096;
+  Options adain = trained();
+  adain.modulation.scale = scale;
+  adain.modulation.shift = scale + 8 * 512;
+  adain.unbiased = true;
+  const Gradients only{nullptr, nullptr, kGrad, kGrad + 8 * 512};
+  Problem prob;
+  ASSERT_EQ(validate_backward(kX, kDy, kDx, 8, 512, 64 * 64, 2, adain, only, &prob), Invalid::kOk);
+  Plan plan;
+  ASSERT_TRUE(detail::make_backward_plan(prob, d, pol, true, &plan));
+  ASSERT_EQ(plan.blocks_per_plane, 1) << "a 4096-element plane fits one block";
+  ASSERT_NE(plan.strategy, Strategy::kSplitStream);
+  EXPECT_TRUE(detail::direct_scale_shift(plan, prob, adain, only));
+  EXPECT_EQ(detail::backward_workspace_layout(plan, prob, adain, only).partials_bytes, 0u);
+
+  const size_t per_plane = size_t(8) * 512 * sizeof(float2);
+  // dgamma asked: its sums run over images, so the partials stay.
+  const Gradients with_dgamma{kGrad + 2 * 8 * 512, nullptr, kGrad, kGrad + 8 * 512};
+  EXPECT_FALSE(detail::direct_scale_shift(plan, prob, adain, with_dgamma));
+  EXPECT_EQ(detail::backward_workspace_layout(plan, prob, adain, with_dgamma).partials_bytes,
+            per_plane);
+  // gamma present: dscale = gamma * sum(d * xhat) (+ beta * sum(d)), formed from the partials.
+  Options affine = adain;
+  affine.gamma = kStats + 4096;
+  EXPECT_FALSE(detail::direct_scale_shift(plan, prob, affine, only));
+  EXPECT_EQ(detail::backward_workspace_layout(plan, prob, affine, only).partials_bytes,
+            per_plane);
+  // Streamed or several blocks per plane: partials per block.
+  Plan split = plan;
+  split.strategy = Strategy::kSplitStream;
+  EXPECT_FALSE(detail::direct_scale_shift(split, prob, adain, only));
+  split = plan;
+  split.blocks_per_plane = 3;
+  EXPECT_EQ(detail::backward_workspace_layout(split, prob, adain, only).partials_bytes,
+            3 * per_plane);
+  // GroupNorm: a group's blocks cover several channels.
+  Options gn = adain;
+  gn.groups = 32;
+  Problem gprob;
+  ASSERT_EQ(validate_backward(kX, kDy, kDx, 8, 512, 64 * 64, 2, gn, only, &gprob), Invalid::kOk);
+  EXPECT_FALSE(detail::direct_scale_shift(plan, gprob, gn, only));
+
+  // Channels-last: dx's coefficients per (image, channel), the unit record per (image, group).
+  Options cl = gn;
+  cl.layout = Layout::kNHWC;
+  Problem cprob;
+  ASSERT_EQ(validate_backward(kX, kDy, kDx, 8, 512, 64 * 64, 2, cl, only, &cprob), Invalid::kOk);
+  const detail::WorkspaceLayout w =
+      detail::nhwc_backward_layout(detail::nhwc_grad_shape(cprob, d), cprob, only);
+  EXPECT_EQ(w.coef_bytes, size_t(8) * 512 * (sizeof(float4) + sizeof(float)));
+  EXPECT_EQ(w.group_stats_bytes, size_t(8) * 32 * sizeof(float4));
+  EXPECT_GE(w.total, w.coef + w.coef_bytes);
+  EXPECT_EQ(w.coef % alignof(float4), 0u);
+}
+
 // ---------------------------------------------------------------- device
 
 struct BwdCase {
