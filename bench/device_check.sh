@@ -2,7 +2,9 @@
 # On the device machine: build with the machine's own GoogleTest and run the whole ctest suite
 # (step "test"), then compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over every
 # strategy, type and feature and ncu's DRAM bytes for the headline shape (step "sanitize").
-# Logs go to $OUT. Usage: bash bench/device_check.sh [test|sanitize|all|carried]
+# Logs go to $OUT. Usage: bash bench/device_check.sh [test|sanitize|all|carried|package]
+# "package": JIT-build python/instnorm_torch and run its pytest in four parallel processes
+# (~120 s build, ~170 s tests), one log per file group in $OUT.
 # "carried": run the ctest suite of a release build made on another machine and carried in
 # build-carry/ (its absolute paths are rewritten to this checkout): ~80 s of device time instead
 # of a build here. Make it with
@@ -29,6 +31,22 @@ if [ "$step" = carried ]; then
   run_ctest build-carry
   exit
 fi
+if [ "$step" = package ]; then
+  (cd python && MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 timeout 240 python3 -c \
+    "import sys; sys.path.insert(0, '.'); import instnorm_torch as it; it._build.load()" \
+    > "$out/package-build.log" 2>&1) || { tail -30 "$out/package-build.log"; exit 1; }
+  pids=()
+  for group in test_fuzz_args test_modulation test_backward "test_instnorm_torch test_package_edges"; do
+    log="$out/pytest-${group%% *}.log"
+    files=$(for f in $group; do printf 'tests/%s.py ' "$f"; done)
+    (cd python && timeout 330 python3 -m pytest -q -p no:cacheprovider $files > "$log" 2>&1) &
+    pids+=($!)
+  done
+  rc=0
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  for log in "$out"/pytest-*.log; do echo "$(basename "$log"): $(tail -1 "$log")"; done
+  exit $rc
+fi
 if [ "$step" = test ] || [ "$step" = all ]; then
   cmake -S . -B build-dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
     > "$out/configure.log" 2>&1 || { tail -20 "$out/configure.log"; exit 1; }
@@ -49,6 +67,10 @@ $(grep -hE "PASSED|FAILED" "$out/$2.log" | tr '\n' ' ')"
 }
 san memcheck memcheck "$dev" "$sizes:$features"
 san memcheck memcheck-hostile "$rel" "$hostile"
+san memcheck memcheck-backward build-dev/tests/test_backward 'BackwardDevice.EveryStrategyFp32:BackwardDevice.ChannelsLastBf16'
+san memcheck memcheck-modulation build-dev/tests/test_modulation 'ModulationDevice.EveryStrategyFp16'
+san racecheck racecheck-backward build-dev/tests/test_backward 'BackwardDevice.EveryStrategyBf16:BackwardDevice.ChannelsLastFp32'
+san initcheck initcheck-backward build-dev/tests/test_backward 'BackwardDevice.EveryStrategyFp32:BackwardDevice.ChannelsLastFp16' 
 san racecheck racecheck "$dev" 'S/GpuSizes.*/49:S/GpuSizes.*/4096:S/GpuSizes.*/65536:S/GpuSizes.*/65537:GpuOptions.GroupNormAffineSilu:GpuNhwc.OnChipSlicesAndExchange'
 san synccheck synccheck "$dev" "S/GpuSizes.*/49:S/GpuSizes.*/4096:S/GpuSizes.*/65537:$features"
 san initcheck initcheck "$dev" "S/GpuSizes.*/49:S/GpuSizes.*/4096:S/GpuSizes.*/65537:$features"
