@@ -11,6 +11,7 @@
 #   cmake -S . -B build-carry -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 &&
 #   cmake --build build-carry -j && find build-carry -name '*.o' -delete
 # and pass carry=["build-carry", ".dev"] (.dev/lib: libbenchmark.so.1*, libcudart.so.13).
+# "carried-all": the carried build's ctest suite, then the sanitize step on its binaries.
 set -u
 step=${1:-all}
 out=${OUT:-/tmp/out}
@@ -22,14 +23,17 @@ run_ctest() {  # build dir: the whole suite, its log in $OUT, its summary printe
   grep -E "tests passed|tests failed|Failed|\*\*\*|Timeout" "$out/ctest.log" | tail -12
   return $rc
 }
-if [ "$step" = carried ]; then
+bdir=build-dev
+if [ "$step" = carried ] || [ "$step" = carried-all ]; then
+  bdir=build-carry
   here=$(pwd)
   src=$(sed -n 's/^CMAKE_HOME_DIRECTORY:INTERNAL=//p' build-carry/CMakeCache.txt)
   cm=$(sed -n 's/^CMAKE_COMMAND:INTERNAL=//p' build-carry/CMakeCache.txt)
   [ "$src" = "$here" ] || grep -rlI "$src" build-carry | xargs sed -i "s#$src#$here#g"
   [ "$cm" = "$(command -v cmake)" ] || grep -rlI "$cm" build-carry | xargs sed -i "s#$cm#$(command -v cmake)#g"
   run_ctest build-carry
-  exit
+  [ "$step" = carried ] && exit
+  step=sanitize
 fi
 if [ "$step" = package ]; then
   (cd python && MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 timeout 240 python3 -c \
@@ -54,8 +58,8 @@ if [ "$step" = test ] || [ "$step" = all ]; then
   run_ctest build-dev
 fi
 [ "$step" = sanitize ] || [ "$step" = all ] || exit 0
-dev=build-dev/tests/test_device
-rel=build-dev/tests/test_reliability
+dev=$bdir/tests/test_device
+rel=$bdir/tests/test_reliability
 sizes='S/GpuSizes.*/1:S/GpuSizes.*/49:S/GpuSizes.*/1024:S/GpuSizes.*/1025:S/GpuSizes.*/4096:S/GpuSizes.*/16385:S/GpuSizes.*/65536:S/GpuSizes.*/65537'
 features='Gpu.ManyTinyPlanes:Gpu.CallerWorkspaceMatchesSimpleCall:GpuOptions.*:GpuNhwc.*'
 hostile='Alignment.*:Aliasing.*:Extreme.NanOrInf*:Extreme.Nhwc*:Extreme.EpsZero*:Graph.*'
@@ -67,18 +71,18 @@ $(grep -hE "PASSED|FAILED" "$out/$2.log" | tr '\n' ' ')"
 }
 san memcheck memcheck "$dev" "$sizes:$features"
 san memcheck memcheck-hostile "$rel" "$hostile"
-san memcheck memcheck-backward build-dev/tests/test_backward 'BackwardDevice.EveryStrategyFp32:BackwardDevice.ChannelsLastBf16'
-san memcheck memcheck-modulation build-dev/tests/test_modulation 'ModulationDevice.EveryStrategyFp16'
-san racecheck racecheck-backward build-dev/tests/test_backward 'BackwardDevice.EveryStrategyBf16:BackwardDevice.ChannelsLastFp32'
-san initcheck initcheck-backward build-dev/tests/test_backward 'BackwardDevice.EveryStrategyFp32:BackwardDevice.ChannelsLastFp16' 
+san memcheck memcheck-backward $bdir/tests/test_backward 'BackwardDevice.EveryStrategyFp32:BackwardDevice.ChannelsLastBf16'
+san memcheck memcheck-modulation $bdir/tests/test_modulation 'ModulationDevice.EveryStrategyFp16'
+san racecheck racecheck-backward $bdir/tests/test_backward 'BackwardDevice.EveryStrategyBf16:BackwardDevice.ChannelsLastFp32'
+san initcheck initcheck-backward $bdir/tests/test_backward 'BackwardDevice.EveryStrategyFp32:BackwardDevice.ChannelsLastFp16' 
 san racecheck racecheck "$dev" 'S/GpuSizes.*/49:S/GpuSizes.*/4096:S/GpuSizes.*/65536:S/GpuSizes.*/65537:GpuOptions.GroupNormAffineSilu:GpuNhwc.OnChipSlicesAndExchange'
 san synccheck synccheck "$dev" "S/GpuSizes.*/49:S/GpuSizes.*/4096:S/GpuSizes.*/65537:$features"
 san initcheck initcheck "$dev" "S/GpuSizes.*/49:S/GpuSizes.*/4096:S/GpuSizes.*/65537:$features"
 timeout 120 ncu --clock-control none --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
   -k regex:forward_kernel --launch-skip 3 --launch-count 1 \
-  build-dev/bench/instnorm_bench --shape=112x64x512x512 --benchmark_filter=instnorm > "$out/ncu.log" 2>&1
+  $bdir/bench/instnorm_bench --shape=112x64x512x512 --benchmark_filter=instnorm > "$out/ncu.log" 2>&1
 grep -E "dram__bytes|gpu__time" "$out/ncu.log"
 timeout 120 ncu --clock-control none --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
   -k regex:nhwc_on_chip --launch-skip 3 --launch-count 1 \
-  build-dev/bench/instnorm_bench --shape=112x64x512x512:cl --benchmark_filter=instnorm > "$out/ncu-nhwc.log" 2>&1
+  $bdir/bench/instnorm_bench --shape=112x64x512x512:cl --benchmark_filter=instnorm > "$out/ncu-nhwc.log" 2>&1
 grep -E "dram__bytes|gpu__time" "$out/ncu-nhwc.log"
