@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the device machine: the benchmark twice back to back (JSON), the sm_89 table forced on the
 # same GPU, and the peers (../shared/peers copied to .peers) in the same call. Uses the bench
-# binary carried in .dev/ (or build-dev/ when built there). Logs and JSON go to $OUT.
+# binary carried in .dev/ (or build-dev/ when built there; BENCH=path names another). Logs and JSON go to $OUT.
 # BWD=1 adds a backward stage after that one, BWD=only runs the backward stage alone (it fits a
 # device call on its own): instnorm_bench --bwd-standard (the :bwd and :train rows; bench_bwd.json
 # and .log) and the peers on the same shapes ($OUT/peers_bwd/peers.json and peers.log; the
@@ -23,7 +23,7 @@ out=${OUT:-/tmp/out}
 mkdir -p "$out"
 source bench/device_env.sh > "$out/gpu.txt"
 cat "$out/gpu.txt"
-bench=.dev/instnorm_bench
+bench=${BENCH:-.dev/instnorm_bench}
 [ -x "$bench" ] || bench=build-dev/bench/instnorm_bench
 bwd=${BWD:-0}
 fwd=${FWD:-1}

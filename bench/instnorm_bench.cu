@@ -1108,7 +1108,7 @@ void plan_counters(benchmark::State& state, const Plan& plan) {
 /// NCHW: "strategy threads x items vector G policy"; NHWC on chip: "nhwc cols x rows/thread
 /// (+ shared) G"; NHWC tiled: "nhwc-tiled batch".
 std::string plan_label(const Shape& s, const Plan& plan, const NhwcPlan& nplan) {
-  if (s.nhwc)
+  if (s.nhwc && nplan.cols_per_block > 0)  // NHWC with one channel or position runs as NCHW
     return nplan.on_chip ? "nhwc " + std::to_string(nplan.cols_per_block) + "c x" +
                                std::to_string(nplan.items) + "+" +
                                std::to_string(nplan.smem_items) + " G" +
@@ -1394,7 +1394,7 @@ std::string planned_label(const Shape& s) {
   const DeviceProps d = h200_props();
   Plan plan;
   NhwcPlan nplan;
-  const bool planned = s.nhwc ? make_nhwc_plan(prob, d, &nplan, g_override, g_policy)
+  const bool planned = prob.nhwc ? make_nhwc_plan(prob, d, &nplan, g_override, g_policy)
                               : make_plan(prob, d, g_policy ? *g_policy : policy_for(d), &plan,
                                           g_override);
   return planned ? plan_label(s, plan, nplan) : "no plan (cudaErrorInvalidConfiguration)";

@@ -11,6 +11,7 @@ shift 3
 out=${OUT:-/tmp/out}
 tmp=$(mktemp -d)
 mkdir -p "$out"
+source bench/device_env.sh > /dev/null
 k=0
 for i in $(seq 1 "$runs"); do
   k=0

@@ -16,7 +16,9 @@ struct PathCase {
   int elem_bytes;
   int groups;
   bool nhwc;
-  const char* sm90;  ///< NCHW: to_string(Strategy); NHWC: "on-chip", "on-chip-G" (G > 1), "tiled"
+  /// NCHW (and NHWC with c or s 1): to_string(Strategy); NHWC: "on-chip", "on-chip-G" (G > 1),
+  /// "tiled"
+  const char* sm90;
   const char* sm89;
 };
 
@@ -39,6 +41,16 @@ inline const PathCase kPathCases[] = {
     {"8x512x64x64:bf16:cl", 8, 512, 4096, 2, 0, true, "on-chip-G", "on-chip-G"},
     {"2x320x64x64:fp16:gn32:cl", 2, 320, 4096, 2, 32, true, "on-chip-G", "on-chip-G"},
     {"3x5x7:cl", 3, 5, 7, 4, 0, true, "on-chip", "on-chip"},
+    // Rows nobody tuned for (the random sweep's): scalar planes longer than a warp holds are
+    // staged where two stages fit in shared memory, else one block per plane.
+    {"4711x16x23x51", 4711, 16, 1173, 4, 0, false, "staged", "staged"},
+    {"2213x8x2x1429:bf16", 2213, 8, 2858, 2, 0, false, "staged", "staged"},
+    {"2080x3x1x4871", 2080, 3, 4871, 4, 0, false, "block", "block"},
+    // Channels-last rows that are not 16-byte aligned take the tiled plan from 4 MiB on; with
+    // one position or one channel the layouts coincide and the NCHW path serves them.
+    {"3067x133x5x47:bf16:cl", 3067, 133, 235, 2, 0, true, "tiled", "tiled"},
+    {"36167x1643x1x1:cl", 36167, 1643, 1, 4, 0, true, "staged", "staged"},
+    {"5532753x1x2x7:bf16:cl", 5532753, 1, 14, 2, 0, true, "staged", "staged"},
 };
 
 inline instnorm::Options options_of(const PathCase& k) {

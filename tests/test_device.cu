@@ -638,7 +638,7 @@ TEST(PathMatrix, LaunchRunsThePlannersPath) {
     Problem prob;
     ASSERT_EQ(validate(x.ptr, y.ptr, k.n, k.c, k.s, k.elem_bytes, opt, &prob), Invalid::kOk);
     std::string planned, got;
-    if (k.nhwc) {
+    if (prob.nhwc) {  // NHWC with one channel or position plans as NCHW
       NhwcPlan q;
       ASSERT_TRUE(make_nhwc_plan(prob, d, &q)) << k.name;
       planned = path_of(q);
