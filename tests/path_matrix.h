@@ -17,7 +17,7 @@ struct PathCase {
   int groups;
   bool nhwc;
   /// NCHW (and NHWC with c or s 1): to_string(Strategy); NHWC: "on-chip", "on-chip-G" (G > 1),
-  /// "tiled"
+  /// "staged", "tiled"
   const char* sm90;
   const char* sm89;
 };
@@ -46,9 +46,14 @@ inline const PathCase kPathCases[] = {
     {"4711x16x23x51", 4711, 16, 1173, 4, 0, false, "staged", "staged"},
     {"2213x8x2x1429:bf16", 2213, 8, 2858, 2, 0, false, "staged", "staged"},
     {"2080x3x1x4871", 2080, 3, 4871, 4, 0, false, "block", "block"},
-    // Channels-last rows that are not 16-byte aligned take the tiled plan from 4 MiB on; with
-    // one position or one channel the layouts coincide and the NCHW path serves them.
-    {"3067x133x5x47:bf16:cl", 3067, 133, 235, 2, 0, true, "tiled", "tiled"},
+    // Channels-last rows that are not 16-byte aligned, from 4 MiB on: small images staged (whole
+    // images per unit), larger ones tiled; with one position or one channel the layouts
+    // coincide and the NCHW path serves them.
+    {"3067x133x5x47:bf16:cl", 3067, 133, 235, 2, 0, true, "staged", "tiled"},
+    {"47x150x60x75:cl", 47, 150, 4500, 4, 0, true, "tiled", "tiled"},
+    {"89278x3x14x15:cl", 89278, 3, 210, 4, 0, true, "staged", "tiled"},
+    {"11713171x3x2x3:fp16:cl", 11713171, 3, 6, 2, 0, true, "staged", "staged"},
+    {"66279x4x1x193:cl", 66279, 4, 193, 4, 0, true, "staged", "staged"},
     {"36167x1643x1x1:cl", 36167, 1643, 1, 4, 0, true, "staged", "staged"},
     {"5532753x1x2x7:bf16:cl", 5532753, 1, 14, 2, 0, true, "staged", "staged"},
 };
@@ -63,7 +68,7 @@ inline instnorm::Options options_of(const PathCase& k) {
 /// The path name of a plan, as the matrix spells it.
 inline std::string path_of(const instnorm::Plan& p) { return instnorm::to_string(p.strategy); }
 inline std::string path_of(const instnorm::NhwcPlan& p) {
-  return !p.on_chip ? "tiled" : p.blocks_per_unit > 1 ? "on-chip-G" : "on-chip";
+  return p.staged ? "staged" : !p.on_chip ? "tiled" : p.blocks_per_unit > 1 ? "on-chip-G" : "on-chip";
 }
 
 }  // namespace instnorm_paths

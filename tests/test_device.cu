@@ -552,6 +552,35 @@ TEST(GpuNhwc, ChannelCountsAndPlaneLengths) {
   nhwc_case<__half>(3, 64, 65536, 0, false, Activation::kNone, 0);  // batches of images
 }
 
+// Channels-last rows that are not 16-byte aligned, tensors of 4 MiB or more, small images:
+// the staged plan (units of whole images through shared memory, one lane per plane), with and
+// without 16-byte aligned units, every type, affine and activations, the running update, a
+// large mean; eval mode runs the tiled normalize.
+TEST(GpuNhwc, StagedSmallImages) {
+  REQUIRE_GPU();
+  NhwcPlan ran;
+  for (int mode : {0, 1, 2}) {
+    nhwc_case<float>(20000, 3, 21, 0, true, Activation::kSilu, mode, 0.0, {}, &ran);
+    EXPECT_EQ(ran.staged, mode != 2) << "fp32 20000x3x21 mode " << mode;
+  }
+  nhwc_case<float>(20000, 3, 21, 0, false, Activation::kNone, 0, 1e4, {}, &ran);
+  EXPECT_TRUE(ran.staged);
+  nhwc_case<__half>(4000, 70, 9, 0, true, Activation::kRelu, 0, 0.0, {}, &ran);
+  EXPECT_TRUE(ran.staged);
+  EXPECT_GE(ran.unit_images * 70, kNhwcStagedMinPlanes);
+  nhwc_case<__nv_bfloat16>(70, 133, 235, 0, false, Activation::kNone, 0, 0.0, {}, &ran);
+  EXPECT_TRUE(ran.staged);  // a unit of one image: 62510 bytes, not 16-byte aligned
+  EXPECT_EQ(ran.unit_images, 1);
+  // Rows of one 16-byte vector: staged too.
+  nhwc_case<float>(2000, 4, 193, 0, true, Activation::kNone, 0, 0.0, {}, &ran);
+  EXPECT_TRUE(ran.staged);
+  nhwc_case<__half>(4000, 8, 100, 0, false, Activation::kSilu, 0, 0.0, {}, &ran);
+  EXPECT_TRUE(ran.staged);
+  // Below 4 MiB the on-chip plan keeps them (one launch).
+  nhwc_case<float>(2000, 3, 21, 0, true, Activation::kNone, 0, 0.0, {}, &ran);
+  EXPECT_FALSE(ran.staged);
+}
+
 PlanOverride nhwc_plan(int on_chip, int cols = 0, int64_t g = 0) {
   PlanOverride ov;
   ov.nhwc_on_chip = on_chip;

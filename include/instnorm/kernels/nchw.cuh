@@ -40,6 +40,11 @@ struct KernelParams : EpilogueFields {
   TaggedSlot* slots;           ///< [2][grid] tagged block partials, zeroed per launch
                                ///< (cooperative plans)
   int phases;                  ///< Plan::phases
+  /// Channels-last staged plans (staged_kernel<T, true>): planes per unit, and the distance in
+  /// elements between a plane's consecutive elements in its unit, c (units hold whole images,
+  /// plane (image i, channel j) at i * plane_len * c + j).
+  int unit_planes;
+  int channel_stride;
 };
 
 /// Normalizes the valid vectors of a chunk held in registers and stores them.
@@ -210,21 +215,28 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
 /// reduced and stored; the persistent grid walks the units. On 128x512x7x7 on the H100: loading
 /// planes in place (lane-strided scalars within each plane) 0.44 of copy, every warp instruction
 /// touching 8-16 scattered plane fragments; the unit copied element by element through
-/// registers 0.74; in 16-byte copies 0.87.
-template <class T>
+/// registers 0.74; in 16-byte copies 0.87. Channels-last (kChannelsLast, stride c): a unit is
+/// whole images, one lane per plane, lane t of a block reading channel t % c of its image, so
+/// a warp reads consecutive channels of a row (NhwcPlan::staged).
+template <class T, bool kChannelsLast = false>
 __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
     staged_kernel(const KernelParams<T> p) {
   extern __shared__ uint4 dyn_smem[];
   const int lanes = p.lanes;
   const int lane = threadIdx.x % lanes;
   const int group = threadIdx.x / lanes;
-  const int per_block = blockDim.x / lanes;
+  // A template argument: the stride and unit size as run-time values left the NCHW
+  // instantiation spilling 4 bytes on sm_90.
+  const int per_block = kChannelsLast ? p.unit_planes : int(blockDim.x) / lanes;
+  const int cs = kChannelsLast ? p.channel_stride : 1;
   const int64_t L = p.plane_len;
   const int64_t units = (p.planes + per_block - 1) / per_block;
   const bool affine = has_channel_params(p);
-  // Full units are whole multiples of 16 bytes (per_block >= 8 planes of >= 2-byte elements).
+  // Units start 16-byte aligned where x and y do and a unit is a whole number of 16 bytes
+  // (always in NCHW: per_block >= 8 planes of >= 2-byte elements).
   const bool vec_ok =
-      ((reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.y)) & 15) == 0;
+      ((reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.y)) & 15) == 0 &&
+      (!kChannelsLast || (per_block * L * int64_t(sizeof(T))) % 16 == 0);
   // Stage k at stage_bytes * k (plan.cuh's staged_stage_bytes); an array of the two pointers,
   // indexed at run time, would live in local memory.
   const int stage_bytes = int((per_block * L * int64_t(sizeof(T)) + 15) / 16 * 16);
@@ -260,10 +272,12 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
 
     const int64_t nplanes = n / L;
     const bool active = group < nplanes;
-    T* xp = buf + (active ? group : 0) * L;
+    const int gi = active ? group : 0;
+    T* xp = buf + (gi / cs) * L * cs + gi % cs;  // element i of the plane at xp[i * cs]
     const float pivot = active ? to_float(xp[0]) : 0.f;
     const int mine = active && lane < L ? int((L - lane + lanes - 1) / lanes) : 0;
-    Moments m = local_moments(mine, [&](int k) { return to_float(xp[lane + k * lanes]); }, pivot);
+    Moments m =
+        local_moments(mine, [&](int k) { return to_float(xp[(lane + k * lanes) * cs]); }, pivot);
     // By shares of the plane's length (SharesCombine); the shuffles also order every lane's
     // pivot read before any write.
     m = warp_allreduce_shares(m, active ? L : 0, lanes);
@@ -280,8 +294,8 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
         ep.set_channel(p, channel_base + r);  // without parameters: rstd and the residual
         const int lo = r * run_len, hi = lo + run_len;
         for (int i = lo + (lane - lo % lanes + lanes) % lanes; i < hi; i += lanes) {
-          const float t = fmaf(to_float(xp[i]) - ep.center, ep.scale, ep.shift);
-          xp[i] = from_float<T>(p.activation == Activation::kRelu ? activate<Activation::kRelu>(t)
+          const float t = fmaf(to_float(xp[i * cs]) - ep.center, ep.scale, ep.shift);
+          xp[i * cs] = from_float<T>(p.activation == Activation::kRelu ? activate<Activation::kRelu>(t)
                                 : p.activation == Activation::kSilu
                                     ? activate<Activation::kSilu>(t)
                                     : t);

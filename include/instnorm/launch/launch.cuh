@@ -204,7 +204,9 @@ inline cudaError_t current_nhwc_plan(const Problem& prob, const Options& opt, Nh
 inline WorkspaceLayout workspace_layout(const NhwcPlan& p, const Problem& prob, const Options& opt) {
   WorkspaceLayout w;
   if (!opt.use_input_stats) return w;
-  if (p.on_chip) {
+  if (p.staged) {
+    // Staged: no partials, only the statistics of a running update.
+  } else if (p.on_chip) {
     w.slots_bytes = p.cooperative ? 2 * size_t(p.grid + p.block_groups) * size_t(p.cols_per_block) *
                                         size_t(p.vec) * sizeof(TaggedSlot)
                                   : 0;
@@ -238,6 +240,25 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
   const bool eval = !opt.use_input_stats;
   constexpr int kFull = 16 / int(sizeof(T));
   const bool full = plan.vec == kFull;
+  if (plan.staged) {  // the NCHW staged kernel on units of whole images
+    if (eval) return cudaErrorInvalidConfiguration;
+    KernelParams<T> kp = make_params(x, y, prob, opt);
+    kp.lanes = 1;
+    kp.items = int(prob.spatial);
+    kp.blocks_per_plane = 1;
+    kp.slice_len = prob.plane_len;
+    kp.phases = 1;
+    kp.unit_planes = int(plan.unit_images * prob.c);
+    kp.channel_stride = int(prob.c);
+    set_stats_outputs(kp, w, workspace, prob);
+    LaunchShape shape;
+    shape.grid = dim3(static_cast<unsigned>(plan.grid));
+    shape.block = dim3(kStagedThreads);
+    shape.dyn_smem = size_t(plan.smem_bytes);
+    INSTNORM_RETURN_IF_ERROR(launch_kernel(staged_kernel<T, true>, shape, stream, kp));
+    return kp.stat_mean ? update_running(kp.stat_mean, kp.stat_var, prob, opt, stream)
+                        : cudaSuccess;
+  }
   if (plan.on_chip) {
     if (eval) return cudaErrorInvalidConfiguration;  // eval runs the tiled normalize
     np.img_first = 0;

@@ -1,10 +1,17 @@
 #pragma once
 /// \file plan/nhwc.cuh
-/// The channels-last planner: on chip (an image slice by all rows over G blocks) or tiled.
+/// The channels-last planner: on chip (an image slice by all rows over G blocks), staged (whole
+/// small images through shared memory) or tiled.
 
 #include "common.cuh"
 
 namespace instnorm {
+
+/// Tensors from which NHWC rows that are not 16-byte aligned leave the on-chip plan for the
+/// staged or the tiled one (make_nhwc_plan); below, one launch of the on-chip kernel is cheaper.
+constexpr int64_t kNhwcScalarPlanBytes = int64_t(4) << 20;
+/// Fewest planes (lanes) a staged NHWC unit keeps busy, of its kStagedThreads.
+constexpr int64_t kNhwcStagedMinPlanes = 64;
 
 /// Co-resident on-chip NHWC blocks per SM with `smem_bytes` of dynamic shared memory (its
 /// static storage is counted exactly, so only the runtime's reserve is added).
@@ -26,6 +33,11 @@ inline int nhwc_on_chip_per_sm(const DeviceProps& d, int64_t smem_bytes, int vec
 /// between the first and the second read of x.
 struct NhwcPlan {
   bool on_chip = false;
+  /// Staged (instance norm, rows not 16-byte aligned, images small enough): the NCHW staged
+  /// kernel with units of `unit_images` whole images and one lane per plane. `smem_bytes`
+  /// holds its two stages, `grid` its persistent blocks.
+  bool staged = false;
+  int64_t unit_images = 0;
   int vec = 1;                   ///< channels per vector (16 bytes, or 1)
   int cols_per_block = 0;        ///< column vectors a block covers
   int row_lanes = 0;             ///< threads per column (threads / cols_per_block)
@@ -46,6 +58,11 @@ struct NhwcPlan {
   int phases = 2;                ///< as Plan::phases
 };
 
+/// Bytes of one stage of an NHWC staged unit of `images` whole images, rounded to 16 bytes.
+inline int64_t staged_unit_bytes(int64_t images, const Problem& prob) {
+  return (images * prob.spatial * prob.c * prob.elem_bytes + 15) / 16 * 16;
+}
+
 /// Bytes of a batch that the second read of x expects to find in L2 (ArchPolicy::nhwc_l2_percent).
 inline int64_t nhwc_l2_budget(const DeviceProps& d, const ArchPolicy& pol) {
   return d.l2_bytes * pol.nhwc_l2_percent / 100;
@@ -53,6 +70,15 @@ inline int64_t nhwc_l2_budget(const DeviceProps& d, const ArchPolicy& pol) {
 
 inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const DeviceProps& d) {
   if (p.vec != 1 && (p.vec * prob.elem_bytes != 16 || !prob.vector_ok)) return false;
+  if (p.staged) {
+    const int64_t planes = p.unit_images * prob.c;
+    return !p.on_chip && p.vec == 1 && prob.channels_per_group == 1 && p.unit_images >= 1 &&
+           planes <= kStagedThreads &&
+           p.smem_bytes >= 2 * staged_unit_bytes(p.unit_images, prob) &&
+           p.smem_bytes <= d.smem_per_block_optin && p.grid >= 1 && p.grid <= d.max_grid_x &&
+           d.max_threads_per_block >= kStagedThreads &&
+           resident_blocks_per_sm(d, kStagedThreads, p.smem_bytes, kSmemRuntimeReserve) >= 1;
+  }
   if (prob.c % p.vec != 0) return false;
   const int64_t cv = prob.c / p.vec;
   if (!p.on_chip) {
@@ -186,6 +212,45 @@ inline bool make_nhwc_on_chip_plan(const Problem& prob, const DeviceProps& d, co
   return nhwc_plan_is_valid(p, prob, d);
 }
 
+/// The staged plan for instance norm with rows that are not 16-byte aligned or at most one
+/// 16-byte vector wide (where the on-chip plan spends a block on one column), or false: units
+/// of whole images, one lane per plane, at least kNhwcStagedMinPlanes planes per unit, two
+/// stages in shared memory. Unit sizes that keep every unit 16-byte aligned come first (cp.async
+/// copies); the largest that fits is taken.
+inline bool make_nhwc_staged_plan(const Problem& prob, const DeviceProps& d, NhwcPlan* out) {
+  if ((prob.vector_ok && prob.c * prob.elem_bytes > 16) || prob.channels_per_group != 1 ||
+      prob.c > kStagedThreads)
+    return false;
+  const int64_t most = kStagedThreads / prob.c;
+  const int64_t image_bytes = prob.spatial * prob.c * prob.elem_bytes;
+  int64_t align = 1;  // images per unit that make a multiple of 16 bytes
+  while (align < 16 && (align * image_bytes) % 16 != 0) align *= 2;
+  const auto fits = [&](int64_t k) {
+    const int64_t smem = 2 * staged_unit_bytes(k, prob);
+    return smem <= d.smem_per_block_optin &&
+           resident_blocks_per_sm(d, kStagedThreads, smem, kSmemRuntimeReserve) >= 1;
+  };
+  int64_t k = 0;
+  for (int64_t i = most / align * align; i >= align && k == 0; i -= align)
+    if (fits(i)) k = i;
+  for (int64_t i = most; i >= 1 && k == 0; --i)
+    if (fits(i)) k = i;
+  if (k == 0 || k * prob.c < kNhwcStagedMinPlanes) return false;
+  NhwcPlan p;
+  p.staged = true;
+  p.vec = 1;
+  p.unit_images = k;
+  p.smem_bytes = 2 * staged_unit_bytes(k, prob);
+  const int per_sm = std::min(kStagedBlocksPerSm,
+                              resident_blocks_per_sm(d, kStagedThreads, p.smem_bytes,
+                                                     kSmemRuntimeReserve,
+                                                     65536 / (kStagedThreads * kStagedBlocksPerSm)));
+  p.grid = std::min({ceil_div(prob.n, k), int64_t(std::max(1, per_sm)) * d.sm_count, d.max_grid_x});
+  p.block_groups = p.grid;
+  *out = p;
+  return nhwc_plan_is_valid(p, prob, d);
+}
+
 /// The tiled plan (x read twice, the second time from L2 where a batch fits).
 inline bool make_nhwc_tiled_plan(const Problem& prob, const DeviceProps& d, const ArchPolicy& pol,
                                  NhwcPlan* out, int64_t l2_budget, int min_chunks) {
@@ -220,8 +285,6 @@ inline bool make_nhwc_tiled_plan(const Problem& prob, const DeviceProps& d, cons
 
 }  // namespace detail
 
-/// Tensors from which scalar NHWC rows take the tiled plan (make_nhwc_plan).
-constexpr int64_t kNhwcScalarTiledBytes = int64_t(4) << 20;
 
 /// The NHWC plan: on chip where a plan fits (unless `ov` forbids it), else tiled; tiled first
 /// for large tensors whose rows are not 16-byte aligned.
@@ -233,15 +296,22 @@ inline bool make_nhwc_plan(const Problem& prob, const DeviceProps& d, NhwcPlan* 
   // NCHW, where the layouts coincide) has no NHWC plan.
   if (prob.c < 1 || prob.elem_bytes < 1 || (prob.vector_ok && prob.c % (16 / prob.elem_bytes) != 0))
     return false;
-  // Rows that are not 16-byte aligned (c * elem_bytes % 16 != 0) read one channel per load:
-  // the on-chip kernel then runs at 125 registers, 25% occupancy, 6% of DRAM bandwidth, and
-  // the tiled plan, x read twice, is faster. H200 forward, on chip -> tiled: 3067x133x5x47 bf16
-  // 1221 -> 776 us, 38x387x19x27 bf16 172 -> 75 us, 47x150x60x75 fp32 413 -> 308 us,
-  // 4x1111x27x39 bf16 100 -> 51 us, 89278x3x14x15 fp32 2532 -> 1309 us. Below a few MiB, one
-  // launch beats three.
-  const bool scalar_rows_tiled = !prob.vector_ok && ov.nhwc_on_chip != 1 &&
-                                 prob.n * prob.spatial * prob.c * prob.elem_bytes >= kNhwcScalarTiledBytes;
-  if (scalar_rows_tiled && detail::make_nhwc_tiled_plan(prob, d, pol, out, ov.nhwc_l2_budget, ov.nhwc_chunks))
+  // From a few MiB on (below, one launch of the on-chip kernel is cheapest), rows that are not
+  // 16-byte aligned or one vector wide leave the on-chip plan, which then spends 256 threads on
+  // a column: scalar rows ran at 125 registers, 25% occupancy, 6% of DRAM bandwidth. Small
+  // images are staged, a unit of whole images per block, one lane per plane (89278x3x14x15,
+  // 11713171x3x2x3 fp16, 49950x20x2x5 bf16, 66279x4x1x193 fp32 ran at 0.001-0.05 of copy on
+  // chip); other scalar rows are tiled, x read twice, which beat the on-chip plan on every
+  // scalar row measured (H200, forward): 3067x133x5x47 bf16 1221 -> 776 us, 38x387x19x27 bf16
+  // 172 -> 75 us, 47x150x60x75 fp32 413 -> 308 us, 4x1111x27x39 bf16 100 -> 51 us,
+  // 89278x3x14x15 fp32 2532 -> 1309 us.
+  const bool big = prob.n * prob.spatial * prob.c * prob.elem_bytes >= kNhwcScalarPlanBytes;
+  const bool scalar_rows = !prob.vector_ok;
+  if (big && ov.nhwc_on_chip < 0 && (scalar_rows || prob.c * prob.elem_bytes <= 16) &&
+      detail::make_nhwc_staged_plan(prob, d, out))
+    return true;
+  if (big && scalar_rows && ov.nhwc_on_chip != 1 &&
+      detail::make_nhwc_tiled_plan(prob, d, pol, out, ov.nhwc_l2_budget, ov.nhwc_chunks))
     return true;
   if (ov.nhwc_on_chip != 0 && detail::make_nhwc_on_chip_plan(prob, d, pol, ov, out)) return true;
   if (ov.nhwc_on_chip == 1) return false;
