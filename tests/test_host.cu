@@ -1002,6 +1002,56 @@ TEST(NhwcPlan, CoversEveryShapeWithinLimits) {
   }
 }
 
+// The staged NHWC plan: instance norm, rows not 16-byte aligned or one vector wide, 4 MiB or
+// more; units of whole images with at least kNhwcStagedMinPlanes planes, at most a block's
+// threads, two stages in shared memory, a whole number of 16 bytes where such a unit fits.
+TEST(NhwcPlan, StagedUnitsOfWholeImages) {
+  struct Case { int64_t n, c, s; int eb; int64_t groups; bool staged; };
+  const Case cases[] = {
+      {11713171, 3, 6, 2, 0, true},  {682537, 2, 6, 4, 0, true},   {89278, 3, 210, 4, 0, true},
+      {66279, 4, 193, 4, 0, true},   {49950, 20, 10, 2, 0, true},  {3067, 133, 235, 2, 0, true},
+      {20000, 3, 21, 4, 0, true},    {4000, 8, 100, 2, 0, true},   // one 16-byte vector: staged
+      {4000, 16, 100, 2, 0, false},  // two vectors wide: on chip
+      {2000, 3, 21, 4, 0, false},    // under 4 MiB
+      {3000, 64, 9, 2, 32, false},   // GroupNorm
+      {314, 13, 1296, 2, 0, false},  // three images per unit: 39 planes
+      {100, 300, 99, 4, 0, false},   // more channels than a block has threads
+  };
+  const DeviceProps d = sm90();
+  for (const Case& k : cases) {
+    Options opt;
+    opt.layout = Layout::kNHWC;
+    opt.groups = k.groups;
+    Problem prob;
+    ASSERT_EQ(validate(kX, kY, k.n, k.c, k.s, k.eb, opt, &prob), Invalid::kOk);
+    NhwcPlan p;
+    ASSERT_TRUE(make_nhwc_plan(prob, d, &p)) << k.n << "x" << k.c << "x" << k.s;
+    EXPECT_EQ(p.staged, k.staged) << k.n << "x" << k.c << "x" << k.s;
+    if (!p.staged) continue;
+    EXPECT_TRUE(nhwc_plan_is_valid(p, prob, d));
+    EXPECT_GE(p.unit_images * k.c, kNhwcStagedMinPlanes);
+    EXPECT_LE(p.unit_images * k.c, kStagedThreads);
+    const int64_t unit = p.unit_images * k.c * k.s * k.eb;
+    EXPECT_EQ(p.smem_bytes, 2 * ((unit + 15) / 16 * 16));
+    EXPECT_LE(p.smem_bytes, d.smem_per_block_optin);
+    EXPECT_LE(p.grid, (k.n + p.unit_images - 1) / p.unit_images);
+    // 16-byte units wherever some number of images makes one and such a unit fits.
+    const int64_t image = k.c * k.s * k.eb;
+    int64_t align = 1;
+    while (align < 16 && (align * image) % 16 != 0) align *= 2;
+    if (align * k.c <= kStagedThreads && 4 * ((align * image + 15) / 16 * 16) <= d.smem_per_block_optin)
+      EXPECT_EQ(unit % 16, 0) << k.n << "x" << k.c << "x" << k.s;
+    // Forcing the on-chip or the tiled plan still works.
+    PlanOverride on_chip, tiled;
+    on_chip.nhwc_on_chip = 1;
+    tiled.nhwc_on_chip = 0;
+    NhwcPlan q;
+    if (make_nhwc_plan(prob, d, &q, on_chip)) EXPECT_TRUE(q.on_chip && !q.staged);
+    ASSERT_TRUE(make_nhwc_plan(prob, d, &q, tiled));
+    EXPECT_TRUE(!q.on_chip && !q.staged);
+  }
+}
+
 TEST(NhwcPlan, StandardShapesRunOnChip) {
   const DeviceProps d = sm90();
   Options opt;
