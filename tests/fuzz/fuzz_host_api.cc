@@ -118,19 +118,24 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     REQUIRE(prob.planes * prob.plane_len == n * c * spatial);
     if (prob.vector_ok)
       REQUIRE(xb % 16 == 0 && yb % 16 == 0 && (prob.nhwc ? c : spatial) % (16 / elem_bytes) == 0);
-    REQUIRE(prob.nhwc == (opt.layout == Layout::kNHWC));
+    // With one channel or one position the layouts coincide: validated as NCHW.
+    REQUIRE(prob.nhwc == (opt.layout == Layout::kNHWC && c > 1 && spatial > 1));
 
     if (prob.nhwc) {
       NhwcPlan q;
       const bool ok = make_nhwc_plan(prob, d, &q, ov);
       if (ok) {
         REQUIRE(nhwc_plan_is_valid(q, prob, d));
-        REQUIRE(q.col_chunks * q.cols_per_block * q.vec >= c);
-        if (q.on_chip) {
+        if (q.staged) {  // units of whole images through the staged kernel
+          REQUIRE(!q.on_chip && prob.channels_per_group == 1 && q.unit_images >= 1 &&
+                  q.unit_images * c <= kStagedThreads);
+          REQUIRE(q.grid >= 1 && q.grid <= d.max_grid_x && q.smem_bytes <= d.smem_per_block_optin);
+        } else if (q.on_chip) {
           REQUIRE(q.col_chunks * q.cols_per_block * q.vec == c);
           REQUIRE(q.blocks_per_unit * q.slice_rows >= spatial && q.grid >= 1);
           REQUIRE(q.cooperative == (q.blocks_per_unit > 1) && (!q.cooperative || d.cooperative));
         } else {
+          REQUIRE(q.col_chunks * q.cols_per_block * q.vec >= c);
           REQUIRE(q.col_chunks <= 65535);
           REQUIRE(q.tiles * q.tile_rows >= spatial && q.batch_images >= 1 && q.batch_images <= n);
           REQUIRE(kNhwcThreads <= d.max_threads_per_block);

@@ -59,8 +59,12 @@ struct NhwcPlan {
 };
 
 /// Bytes of one stage of an NHWC staged unit of `images` whole images, rounded to 16 bytes.
+/// Saturated at 2^40 (no device's shared memory), so that no image count overflows.
 inline int64_t staged_unit_bytes(int64_t images, const Problem& prob) {
-  return (images * prob.spatial * prob.c * prob.elem_bytes + 15) / 16 * 16;
+  constexpr int64_t kCap = int64_t(1) << 40;
+  const int64_t image = prob.spatial * prob.c * prob.elem_bytes;  // <= the tensor's bytes
+  if (images < 0 || image <= 0 || images > kCap / image) return kCap;
+  return (images * image + 15) / 16 * 16;
 }
 
 /// Bytes of a batch that the second read of x expects to find in L2 (ArchPolicy::nhwc_l2_percent).
@@ -221,8 +225,9 @@ inline bool make_nhwc_staged_plan(const Problem& prob, const DeviceProps& d, Nhw
   if ((prob.vector_ok && prob.c * prob.elem_bytes > 16) || prob.channels_per_group != 1 ||
       prob.c > kStagedThreads)
     return false;
-  const int64_t most = kStagedThreads / prob.c;
+  const int64_t most = std::min<int64_t>(kStagedThreads / prob.c, prob.n);
   const int64_t image_bytes = prob.spatial * prob.c * prob.elem_bytes;
+  if (most < 1 || image_bytes > d.smem_per_block_optin) return false;  // not one image fits
   int64_t align = 1;  // images per unit that make a multiple of 16 bytes
   while (align < 16 && (align * image_bytes) % 16 != 0) align *= 2;
   const auto fits = [&](int64_t k) {
@@ -247,8 +252,9 @@ inline bool make_nhwc_staged_plan(const Problem& prob, const DeviceProps& d, Nhw
                                                      65536 / (kStagedThreads * kStagedBlocksPerSm)));
   p.grid = std::min({ceil_div(prob.n, k), int64_t(std::max(1, per_sm)) * d.sm_count, d.max_grid_x});
   p.block_groups = p.grid;
+  if (!nhwc_plan_is_valid(p, prob, d)) return false;  // *out untouched
   *out = p;
-  return nhwc_plan_is_valid(p, prob, d);
+  return true;
 }
 
 /// The tiled plan (x read twice, the second time from L2 where a batch fits).
