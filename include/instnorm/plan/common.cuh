@@ -130,4 +130,13 @@ inline int resident_blocks_per_sm(const DeviceProps& d, int threads, int64_t sme
   return std::max(0, r);
 }
 
+/// Co-resident staged blocks (kStagedThreads threads, `smem_bytes` of two stages) per SM: the
+/// kernel's __launch_bounds__(kStagedThreads, kStagedBlocksPerSm) caps its registers, and no
+/// more than kStagedBlocksPerSm are counted on.
+inline int staged_blocks_per_sm(const DeviceProps& d, int64_t smem_bytes) {
+  return std::min(kStagedBlocksPerSm,
+                  resident_blocks_per_sm(d, kStagedThreads, smem_bytes, kSmemRuntimeReserve,
+                                         65536 / (kStagedThreads * kStagedBlocksPerSm)));
+}
+
 }  // namespace instnorm

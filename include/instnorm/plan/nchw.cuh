@@ -142,6 +142,18 @@ struct NchwSizing {
   }
 };
 
+inline void size_staged(const NchwSizing& z, Plan& p);
+
+/// Whether the staged plan for `z` is valid: two stages of its unit fit in shared memory.
+inline bool staged_fits(const NchwSizing& z) {
+  Plan st;
+  st.direction = z.dir;
+  st.strategy = Strategy::kStaged;
+  size_staged(z, st);
+  st.grid = st.block_groups;
+  return plan_is_valid(st, z.prob, z.d);
+}
+
 /// The strategy for a plane of `vecs` vectors, unless forced: in a warp's registers (sub-warp,
 /// or staged where not 16-byte aligned), a block's, or split across blocks (streamed where the
 /// GPU cannot hold it). Few planes leave SMs idle unless each plane is split across blocks.
@@ -149,10 +161,19 @@ inline Strategy choose_strategy(const NchwSizing& z) {
   if (z.ov.strategy >= 0) return static_cast<Strategy>(z.ov.strategy);
   const int64_t warp_cap = 32 * int64_t(z.max_i);  // vectors a warp holds
   const int64_t block_cap = int64_t(kMaxThreads) * z.max_i;
+  const bool few_planes = z.prob.planes < ceil_div(z.d.sm_count, 4);
   // Scalar planes (not 16-byte aligned: 7x7, 3x3, odd lengths) are staged: the block moves its
   // planes as one contiguous unit, with 16-byte copies.
-  if (z.vecs <= warp_cap && !(z.prob.planes < ceil_div(z.d.sm_count, 4) && z.vecs > 4 * 32))
+  if (z.vecs <= warp_cap && !(few_planes && z.vecs > 4 * 32))
     return z.vec == 1 ? Strategy::kStaged : Strategy::kSubWarp;
+  // Longer scalar planes too, forward, wherever two stages of a unit fit in shared memory: the
+  // scalar block kernel keeps the plane in 128 registers per thread, 25% occupancy, 16% of DRAM
+  // bandwidth. H200 forward, block -> staged: 4711x16x23x51 869 -> 204 us, 2213x8x2x1429 bf16
+  // 462 -> 110 us, 29x28x34x89 30.5 -> 17.6 us, 118x544x7x17 bf16 GroupNorm(32) SiLU 87 -> 41
+  // us. The backward was not measured. A forced geometry keeps the plans it was written for.
+  if (z.vec == 1 && z.dir == Direction::kForward && !few_planes && z.ov.threads == 0 &&
+      z.ov.items == 0 && z.ov.blocks_per_plane == 0 && staged_fits(z))
+    return Strategy::kStaged;
   const int64_t g_cap = ceil_div(
       z.vecs, int64_t(z.split_threads) * (z.max_i + z.smem_cap_for(z.split_threads)));
   if (z.vecs <= block_cap && z.fill_groups(z.split_threads, z.resident) <= 1)
@@ -192,11 +213,7 @@ inline void size_staged(const NchwSizing& z, Plan& p) {
   const int64_t units = ceil_div(z.prob.planes, p.threads / p.lanes);
   p.smem_bytes = 2 * tensors_on_chip(z.dir) *
                  staged_stage_bytes(p.threads / p.lanes, z.L, z.prob.elem_bytes);
-  // __launch_bounds__(kStagedThreads, kStagedBlocksPerSm) caps the kernel's registers.
-  const int bps =
-      std::min(kStagedBlocksPerSm,
-               resident_blocks_per_sm(z.d, p.threads, p.smem_bytes, kSmemRuntimeReserve,
-                                      65536 / (kStagedThreads * kStagedBlocksPerSm)));
+  const int bps = staged_blocks_per_sm(z.d, p.smem_bytes);
   p.blocks_per_sm = bps;
   p.block_groups = std::min({units, int64_t(std::max(1, bps)) * z.d.sm_count, z.d.max_grid_x});
 }
@@ -303,22 +320,6 @@ inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolic
   p.cooperative = p.blocks_per_plane > 1;
   p.phases = ov.phases > 0 ? ov.phases : pol.phases;
   p.grid = p.block_groups * p.blocks_per_plane;
-  // Scalar planes (not 16-byte aligned) longer than a warp holds are staged too, where two
-  // stages of a unit fit in shared memory: the scalar block kernel keeps the plane in 128
-  // registers per thread, 25% occupancy, 16% of DRAM bandwidth. H200 forward, block -> staged:
-  // 4711x16x23x51 869 -> 204 us, 2213x8x2x1429 bf16 462 -> 110 us, 29x28x34x89 30.5 -> 17.6 us,
-  // 118x544x7x17 bf16 GroupNorm(32) SiLU 87 -> 41 us. Forward only: the backward was not measured.
-  if (dir == Direction::kForward && p.vec == 1 && p.strategy != Strategy::kStaged &&
-      p.strategy != Strategy::kSubWarp && ov.strategy < 0 && ov.threads == 0 && ov.items == 0 &&
-      ov.blocks_per_plane == 0 && prob.planes >= detail::ceil_div(d.sm_count, 4)) {
-    Plan st;
-    st.direction = dir;
-    st.strategy = Strategy::kStaged;
-    detail::size_staged(z, st);
-    st.phases = p.phases;
-    st.grid = st.block_groups;
-    if (plan_is_valid(st, prob, d)) p = st;
-  }
   *out = p;
   return plan_is_valid(p, prob, d);
 }

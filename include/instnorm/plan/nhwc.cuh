@@ -80,8 +80,7 @@ inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const Dev
            planes <= kStagedThreads &&
            p.smem_bytes >= 2 * staged_unit_bytes(p.unit_images, prob) &&
            p.smem_bytes <= d.smem_per_block_optin && p.grid >= 1 && p.grid <= d.max_grid_x &&
-           d.max_threads_per_block >= kStagedThreads &&
-           resident_blocks_per_sm(d, kStagedThreads, p.smem_bytes, kSmemRuntimeReserve) >= 1;
+           d.max_threads_per_block >= kStagedThreads && staged_blocks_per_sm(d, p.smem_bytes) >= 1;
   }
   if (prob.c % p.vec != 0) return false;
   const int64_t cv = prob.c / p.vec;
@@ -232,8 +231,7 @@ inline bool make_nhwc_staged_plan(const Problem& prob, const DeviceProps& d, Nhw
   while (align < 16 && (align * image_bytes) % 16 != 0) align *= 2;
   const auto fits = [&](int64_t k) {
     const int64_t smem = 2 * staged_unit_bytes(k, prob);
-    return smem <= d.smem_per_block_optin &&
-           resident_blocks_per_sm(d, kStagedThreads, smem, kSmemRuntimeReserve) >= 1;
+    return smem <= d.smem_per_block_optin && staged_blocks_per_sm(d, smem) >= 1;
   };
   int64_t k = 0;
   for (int64_t i = most / align * align; i >= align && k == 0; i -= align)
@@ -246,11 +244,9 @@ inline bool make_nhwc_staged_plan(const Problem& prob, const DeviceProps& d, Nhw
   p.vec = 1;
   p.unit_images = k;
   p.smem_bytes = 2 * staged_unit_bytes(k, prob);
-  const int per_sm = std::min(kStagedBlocksPerSm,
-                              resident_blocks_per_sm(d, kStagedThreads, p.smem_bytes,
-                                                     kSmemRuntimeReserve,
-                                                     65536 / (kStagedThreads * kStagedBlocksPerSm)));
-  p.grid = std::min({ceil_div(prob.n, k), int64_t(std::max(1, per_sm)) * d.sm_count, d.max_grid_x});
+  p.grid = std::min({ceil_div(prob.n, k),
+                     int64_t(std::max(1, staged_blocks_per_sm(d, p.smem_bytes))) * d.sm_count,
+                     d.max_grid_x});
   p.block_groups = p.grid;
   if (!nhwc_plan_is_valid(p, prob, d)) return false;  // *out untouched
   *out = p;
