@@ -1102,10 +1102,11 @@ void plan_counters(benchmark::State& state, const Plan& plan) {
   state.counters["threads"] = plan.threads;
   state.counters["items"] = plan.items;
   state.counters["vec"] = plan.vec;
+  state.counters["ragged"] = plan.ragged ? 1 : 0;
   state.counters["blocks_per_plane"] = double(plan.blocks_per_plane);
 }
 
-/// NCHW: "strategy threads x items vector G policy"; NHWC on chip: "nhwc cols x rows/thread
+/// NCHW: "strategy threads x items vector G (staged: u planes per unit) policy"; NHWC on chip: "nhwc cols x rows/thread
 /// (+ shared) G"; NHWC tiled: "nhwc-tiled batch".
 std::string plan_label(const Shape& s, const Plan& plan, const NhwcPlan& nplan) {
   if (s.nhwc && nplan.staged) return "nhwc-staged k" + std::to_string(nplan.unit_images);
@@ -1115,9 +1116,12 @@ std::string plan_label(const Shape& s, const Plan& plan, const NhwcPlan& nplan) 
                                std::to_string(nplan.smem_items) + " G" +
                                std::to_string(nplan.blocks_per_unit)
                          : "nhwc-tiled b" + std::to_string(nplan.batch_images);
-  return std::string(to_string(plan.strategy)) + " " + std::to_string(plan.threads) + "x" +
+  return std::string(to_string(plan.strategy)) + (plan.ragged ? "+ragged " : " ") +
+         std::to_string(plan.threads) + "x" +
          std::to_string(plan.items) + " v" + std::to_string(plan.vec) + " G" +
-         std::to_string(plan.blocks_per_plane) + " " + (g_policy ? g_policy->name : "auto");
+         std::to_string(plan.blocks_per_plane) +
+         (plan.strategy == Strategy::kStaged ? " u" + std::to_string(plan.unit_planes) : "") +
+         " " + (g_policy ? g_policy->name : "auto");
 }
 
 /// A sweep shape and its result for the summary (of_copy < 0: not timed, `error` says why).
@@ -1554,11 +1558,9 @@ int tune(const Shape& s) {
           // Skip overrides that land on a plan already timed.
           Problem prob;
           Plan p;
-          if (detail::prepare(static_cast<const float*>(g_cur.x), static_cast<const float*>(g_cur.y),
-                              s.n(), s.c(), s.spatial(), options_for(s), &prob) != Invalid::kOk)
+          if (validate(g_cur.x, g_cur.y, s.n(), s.c(), s.spatial(), int(s.elem_bytes()),
+                       options_for(s), &prob) != Invalid::kOk)
             continue;
-          prob.elem_bytes = int(s.elem_bytes());
-          if (s.elem_bytes() == 2) prob.vector_ok = s.spatial() % 8 == 0;
           if (detail::current_plan(prob, &p, ov, g_policy) != cudaSuccess) continue;
           bool seen = false;
           for (const Row& r : rows)

@@ -136,7 +136,7 @@ void check_input_into(const std::vector<T>& hx, int64_t n, int64_t c, int64_t s,
   const CheckResult r = compare(hy, ref, len);
   const std::string where = std::string(type_name<T>()) + " n=" + std::to_string(n) +
                             " c=" + std::to_string(c) + " S=" + std::to_string(s) +
-                            " plan=" + to_string(plan.strategy) + "/" +
+                            " plan=" + to_string(plan.strategy) + (plan.ragged ? "+ragged/" : "/") +
                             std::to_string(plan.threads) + "x" + std::to_string(plan.items) +
                             "v" + std::to_string(plan.vec) + " G=" +
                             std::to_string(plan.blocks_per_plane);

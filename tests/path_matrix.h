@@ -16,7 +16,7 @@ struct PathCase {
   int elem_bytes;
   int groups;
   bool nhwc;
-  /// NCHW (and NHWC with c or s 1): to_string(Strategy); NHWC: "on-chip", "on-chip-G" (G > 1),
+  /// NCHW (and NHWC with c or s 1): to_string(Strategy), "+ragged" for Plan::ragged; NHWC: "on-chip", "on-chip-G" (G > 1),
   /// "staged", "tiled"
   const char* sm90;
   const char* sm89;
@@ -42,10 +42,12 @@ inline const PathCase kPathCases[] = {
     {"2x320x64x64:fp16:gn32:cl", 2, 320, 4096, 2, 32, true, "on-chip-G", "on-chip-G"},
     {"3x5x7:cl", 3, 5, 7, 4, 0, true, "on-chip", "on-chip"},
     // Rows nobody tuned for (the random sweep's): scalar planes longer than a warp holds are
-    // staged where two stages fit in shared memory, else one block per plane.
+    // staged where two stages fit in shared memory, else one block per plane with 16-byte
+    // bodies and scalar heads and tails.
     {"4711x16x23x51", 4711, 16, 1173, 4, 0, false, "staged", "staged"},
     {"2213x8x2x1429:bf16", 2213, 8, 2858, 2, 0, false, "staged", "staged"},
-    {"2080x3x1x4871", 2080, 3, 4871, 4, 0, false, "block", "block"},
+    {"2080x3x1x4871", 2080, 3, 4871, 4, 0, false, "block+ragged", "block+ragged"},
+    {"1x711x3x2609:bf16", 1, 711, 7827, 2, 0, false, "block+ragged", "block+ragged"},
     // Channels-last rows that are not 16-byte aligned, from 4 MiB on: small images staged (whole
     // images per unit), larger ones tiled; with one position or one channel the layouts
     // coincide and the NCHW path serves them.
@@ -66,7 +68,9 @@ inline instnorm::Options options_of(const PathCase& k) {
 }
 
 /// The path name of a plan, as the matrix spells it.
-inline std::string path_of(const instnorm::Plan& p) { return instnorm::to_string(p.strategy); }
+inline std::string path_of(const instnorm::Plan& p) {
+  return std::string(instnorm::to_string(p.strategy)) + (p.ragged ? "+ragged" : "");
+}
 inline std::string path_of(const instnorm::NhwcPlan& p) {
   return p.staged ? "staged" : !p.on_chip ? "tiled" : p.blocks_per_unit > 1 ? "on-chip-G" : "on-chip";
 }

@@ -151,6 +151,13 @@ TEST(Gpu, ManyTinyPlanes) {
   REQUIRE_GPU();
   run_and_check<float>(1000, 100, 7, 0.0, PlanOverride{});
   run_and_check<__half>(100000, 1, 49, 0.0, PlanOverride{});
+  // Enough planes for staged units of several planes per group of lanes (Plan::unit_planes).
+  for (const PlansRun& r : {run_and_check<float>(2000, 1000, 1, 0.0, PlanOverride{}),
+                            run_and_check<__nv_bfloat16>(4000, 500, 2, 0.0, PlanOverride{}),
+                            run_and_check<__half>(4000, 500, 3, 3.0, PlanOverride{})}) {
+    EXPECT_EQ(r.plan.strategy, Strategy::kStaged);
+    EXPECT_GT(r.plan.unit_planes, r.plan.threads / r.plan.lanes);
+  }
 }
 
 template <class T>
@@ -278,7 +285,8 @@ void options_case(int64_t n, int64_t c, int64_t s, int64_t groups, Activation ac
 
 TEST(GpuOptions, AffineSaveStatsActivations) {
   REQUIRE_GPU();
-  for (int64_t s : {49, 1024, 16384, 262144}) {
+  // 16383: odd planes on the ragged block and split plans (16-byte bodies, scalar head and tail).
+  for (int64_t s : {49, 1024, 16383, 16384, 262144}) {
     options_case<float, float>(2, 8, s, 0, Activation::kNone, true, true);
     options_case<float, float>(2, 8, s, 0, Activation::kRelu, true, false);
     options_case<__half, float>(2, 8, s, 0, Activation::kSilu, true, true);
@@ -292,6 +300,12 @@ TEST(GpuOptions, GroupNormAffineSilu) {
   options_case<__nv_bfloat16, float>(2, 64, 256, 32, Activation::kSilu, true, true);
   options_case<float, float>(2, 64, 49, 8, Activation::kNone, true, true);
   options_case<float, float>(1, 16, 4096, 1, Activation::kRelu, true, true);  // G = 1
+  // Odd groups of several channels with gamma: scalar plans (a vector could straddle two
+  // channels); without gamma, a ragged plan (Accuracy.HostileDataEveryStrategyAndType).
+  options_case<__half, float>(2, 16, 1001, 4, Activation::kSilu, true, true);
+  // Staged units of several tiny planes (or groups) per group of lanes, with parameters.
+  options_case<float, float>(2000, 1000, 1, 0, Activation::kSilu, true, true);
+  options_case<__half, float>(60000, 64, 3, 32, Activation::kSilu, true, true);
 }
 
 }  // namespace

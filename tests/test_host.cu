@@ -470,7 +470,12 @@ TEST_P(PlannerThresholds, PlanIsValidAndCoversThePlane) {
   // Where the slice fits on chip, it is held there (one DRAM read).
   if (plan.strategy != Strategy::kSplitStream)
     EXPECT_LE(plan.slice_len / plan.vec, int64_t(plan.lanes) * (plan.items + plan.smem_items));
-  if (vecs <= 32 * per_thread && prob.planes >= d.sm_count)
+  // Ragged plans (16-byte bodies of unaligned planes) are what the scalar plans leave to
+  // whole blocks.
+  if (plan.ragged)
+    EXPECT_TRUE(plan.strategy == Strategy::kBlock || plan.strategy == Strategy::kSplit ||
+                plan.strategy == Strategy::kSplitStream);
+  else if (vecs <= 32 * per_thread && prob.planes >= d.sm_count)
     EXPECT_EQ(plan.strategy, plan.vec == 1 ? Strategy::kStaged : Strategy::kSubWarp);
   if (vecs > int64_t(kMaxThreads) * per_thread)
     EXPECT_TRUE(plan.strategy == Strategy::kSplit || plan.strategy == Strategy::kSplitStream);
@@ -710,15 +715,138 @@ TEST(Planner, FewPlanesStillFillEverySm) {
   }
 }
 
-TEST(Planner, MisalignedOrRaggedPlanesUseScalars) {
+TEST(Planner, MisalignedPlanesUseScalarsOrRaggedVectors) {
   const DeviceProps d = sm90();
   Plan p;
-  ASSERT_TRUE(make_plan(problem(8, 8, 4096, 4, /*aligned=*/false), d, kPolicySm90, &p));
-  EXPECT_EQ(p.vec, 1);
   ASSERT_TRUE(make_plan(problem(8, 8, 4096, 2), d, kPolicySm90, &p));
   EXPECT_EQ(p.vec, 8);
+  EXPECT_FALSE(p.ragged);
   ASSERT_TRUE(make_plan(problem(8, 8, 4100, 2), d, kPolicySm90, &p));
-  EXPECT_EQ(p.vec, 1);  // 4100 % 8 != 0
+  EXPECT_EQ(p.strategy, Strategy::kStaged);  // 4100 % 8 != 0; two stages fit
+  EXPECT_EQ(p.vec, 1);
+  // x and y offset by one element: planes too long to stage keep 16-byte vectors for each
+  // slice's body (Plan::ragged), with scalar heads and tails.
+  ASSERT_TRUE(make_plan(problem(8, 8, 4096, 4, /*aligned=*/false), d, kPolicySm90, &p));
+  EXPECT_EQ(p.strategy, Strategy::kBlock);
+  EXPECT_EQ(p.vec, 4);
+  EXPECT_TRUE(p.ragged);
+}
+
+// Short staged planes: several per group of lanes, for units of about kStagedUnitBytes, while
+// every resident block still gets a unit; the backward's kernel takes one plane per group.
+TEST(Planner, StagedUnitsOfShortPlanes) {
+  for (const DeviceProps& d : {sm90(), sm89()}) {
+    const ArchPolicy& pol = policy_for(d);
+    Plan p;
+    ASSERT_TRUE(make_plan(problem(20057, 323, 1), d, pol, &p));  // 6.5M one-element planes
+    ASSERT_EQ(p.strategy, Strategy::kStaged);
+    const int groups = p.threads / p.lanes;
+    EXPECT_EQ(p.unit_planes % groups, 0);
+    EXPECT_GT(p.unit_planes, groups);
+    EXPECT_LE(p.unit_planes * 4, 2 * kStagedUnitBytes);
+    EXPECT_GE(detail::ceil_div(int64_t(20057) * 323, p.unit_planes),
+              int64_t(p.blocks_per_sm) * d.sm_count);
+    // Fewer planes: one per group, so that every SM has units.
+    ASSERT_TRUE(make_plan(problem(256, 512, 49), d, pol, &p));
+    EXPECT_EQ(p.unit_planes, p.threads / p.lanes);
+    // Long staged planes: one per group (the unit is already large).
+    ASSERT_TRUE(make_plan(problem(4711, 16, 1173), d, pol, &p));
+    ASSERT_EQ(p.strategy, Strategy::kStaged);
+    EXPECT_EQ(p.unit_planes, p.threads / p.lanes);
+    // The backward: one plane per group, and a plan that says otherwise is refused.
+    const Problem tiny = problem(20057, 323, 1);
+    ASSERT_TRUE(make_plan(tiny, d, pol, &p, {}, Direction::kBackward));
+    ASSERT_EQ(p.strategy, Strategy::kStaged);
+    EXPECT_EQ(p.unit_planes, p.threads / p.lanes);
+    Plan bad = p;
+    bad.unit_planes *= 2;
+    bad.smem_bytes *= 2;
+    EXPECT_FALSE(plan_is_valid(bad, tiny, d));
+    // A unit whose stages do not fit the plan's shared memory is refused.
+    ASSERT_TRUE(make_plan(tiny, d, pol, &p));
+    bad = p;
+    bad.unit_planes *= 2;
+    EXPECT_FALSE(plan_is_valid(bad, tiny, d));
+  }
+}
+
+// Ragged plans (vector bodies, scalar heads and tails) only where the kernel can run them:
+// forward block and split plans, x and y equally misaligned, no vector across two channels
+// with their own parameters, NCHW.
+TEST(Planner, RaggedPlansWhereTheKernelCanRunThem) {
+  const DeviceProps d = sm90();
+  const auto at = [](uintptr_t off) { return reinterpret_cast<const void*>((uintptr_t(1) << 20) + off); };
+  const auto plan_of = [&](int64_t n, int64_t c, int64_t s, int eb, uintptr_t xo, uintptr_t yo,
+                           const Options& opt, Plan* p, Direction dir = Direction::kForward) {
+    Problem prob;
+    EXPECT_EQ(validate(at(xo), at((uintptr_t(1) << 40) + yo), n, c, s, eb, opt, &prob), Invalid::kOk);
+    EXPECT_TRUE(make_plan(prob, d, kPolicySm90, p, {}, dir)) << n << "x" << c << "x" << s;
+    return prob;
+  };
+  const Options none;
+  Plan p;
+  // The sweep's rows that staged cannot hold: a block (or split) plan with 16-byte bodies.
+  for (auto k : {std::array<int64_t, 4>{2080, 3, 4871, 4}, {219, 44, 11718, 2},
+                 {1, 711, 7827, 2}, {1, 1, (int64_t(1) << 22) + 1, 4} /* few planes: split */}) {
+    plan_of(k[0], k[1], k[2], int(k[3]), 0, 0, none, &p);
+    EXPECT_TRUE(p.ragged) << k[0] << "x" << k[1] << "x" << k[2];
+    EXPECT_EQ(p.vec * k[3], 16);
+    EXPECT_TRUE(p.strategy == Strategy::kBlock || p.strategy == Strategy::kSplit ||
+                p.strategy == Strategy::kSplitStream);
+    EXPECT_GE(p.lanes, 32);
+  }
+  // Few short planes: fewer vectors than scalars, still whole blocks.
+  plan_of(2, 3, 999, 4, 0, 0, none, &p);
+  EXPECT_TRUE(p.ragged);
+  EXPECT_EQ(p.strategy, Strategy::kBlock);
+  // Equal misalignment of x and y is enough; different misalignments are not.
+  plan_of(2080, 3, 4871, 4, 4, 4, none, &p);
+  EXPECT_TRUE(p.ragged);
+  const Problem differ = plan_of(2080, 3, 4871, 4, 4, 8, none, &p);
+  EXPECT_FALSE(differ.ragged_ok);
+  EXPECT_EQ(p.vec, 1);
+  // GroupNorm: without parameters a plane of several channels is one run of values; with gamma,
+  // a vector could straddle two channels.
+  Options gn;
+  gn.groups = 1;
+  plan_of(2080, 3, 4871, 4, 0, 0, gn, &p);
+  EXPECT_TRUE(p.ragged);
+  const float g = 1.f;
+  gn.gamma = &g;
+  plan_of(2080, 3, 4871, 4, 0, 0, gn, &p);
+  EXPECT_FALSE(p.ragged);
+  EXPECT_EQ(p.vec, 1);
+  // Instance norm with parameters: one channel per plane.
+  Options affine;
+  affine.gamma = &g;
+  plan_of(2080, 3, 4871, 4, 0, 0, affine, &p);
+  EXPECT_TRUE(p.ragged);
+  // The backward and channels-last keep their plans.
+  Options nhwc;
+  nhwc.layout = Layout::kNHWC;
+  Problem prob_nhwc;
+  ASSERT_EQ(validate(at(0), at(uintptr_t(1) << 40), 64, 3, 4871, 4, nhwc, &prob_nhwc), Invalid::kOk);
+  EXPECT_FALSE(prob_nhwc.ragged_ok);
+  plan_of(2080, 3, 4871, 4, 0, 0, none, &p, Direction::kBackward);
+  EXPECT_FALSE(p.ragged);
+  // A ragged plan the kernel cannot run is refused: sub-warp lanes, aligned planes.
+  const Problem prob = plan_of(2080, 3, 4871, 4, 0, 0, none, &p);
+  ASSERT_TRUE(p.ragged);
+  Plan bad = p;
+  bad.strategy = Strategy::kSubWarp;
+  EXPECT_FALSE(plan_is_valid(bad, prob, d));
+  bad = p;
+  bad.lanes = 4;
+  EXPECT_FALSE(plan_is_valid(bad, prob, d));
+  Plan aligned;
+  const Problem prob_aligned = plan_of(2080, 3, 4872, 4, 0, 0, none, &aligned);
+  aligned.ragged = true;
+  EXPECT_FALSE(plan_is_valid(aligned, prob_aligned, d));
+  // Forced vectors on a ragged problem make a ragged plan; forced scalars keep scalars.
+  PlanOverride scalars;
+  scalars.vec = 1;
+  ASSERT_TRUE(make_plan(prob, d, kPolicySm90, &p, scalars));
+  EXPECT_FALSE(p.ragged);
 }
 
 TEST(Planner, OverridesAreHonouredOrRefused) {

@@ -359,6 +359,7 @@ struct StrategyCase {
   int64_t n, c, s;
   PlanOverride ov;
   Strategy strategy;
+  bool ragged = false;  ///< Plan::ragged must hold (odd plane lengths: 16-byte bodies)
 };
 
 std::vector<StrategyCase> strategy_cases() {
@@ -368,6 +369,8 @@ std::vector<StrategyCase> strategy_cases() {
   PlanOverride split;
   split.strategy = int(Strategy::kSplit);
   split.blocks_per_plane = 3;
+  PlanOverride block;
+  block.strategy = int(Strategy::kBlock);
   PlanOverride stream;
   stream.strategy = int(Strategy::kSplitStream);
   stream.blocks_per_plane = 2;
@@ -379,13 +382,18 @@ std::vector<StrategyCase> strategy_cases() {
           {"block", 4, 4, 16384, {}, Strategy::kBlock},
           {"split", 2, 3, 65536, split, Strategy::kSplit},
           {"split-stream", 1, 3, 65536, stream, Strategy::kSplitStream},
-          {"split-auto", 1, 4, 1 << 20, {}, Strategy::kSplit}};
+          {"split-auto", 1, 4, 1 << 20, {}, Strategy::kSplit},
+          // Odd plane lengths: every plane but the first starts off a 16-byte boundary.
+          {"block-ragged", 5, 3, 16383, block, Strategy::kBlock, true},
+          {"split-ragged", 2, 3, 65535, split, Strategy::kSplit, true},
+          {"split-stream-ragged", 1, 3, 65537, stream, Strategy::kSplitStream, true}};
 }
 
 /// The plan that ran has the strategy the case names.
 void expect_strategy(const StrategyCase& k, const Plan& ran, const char* type) {
   EXPECT_EQ(ran.strategy, k.strategy) << type << " " << k.name << ": " << to_string(ran.strategy)
                                       << " ran";
+  EXPECT_EQ(ran.ragged, k.ragged) << type << " " << k.name;
 }
 
 // ---------------------------------------------------------------- alignment
@@ -401,9 +409,10 @@ void expect_untouched_around(const T* y, int64_t total, bool before) {
   EXPECT_TRUE(std::isnan(reference::to_double(guard[1])));
 }
 
-// x and y offset by 1, 2, 3 elements (independently) from any 16-byte alignment: the scalar or
-// staged path, checked against the reference; aligned buffers keep 16-byte vectors. Adds the
-// strategies that ran to `seen` (a bit per Strategy).
+// x and y offset by 1, 2, 3 elements (independently) from any 16-byte alignment: the scalar,
+// staged or (equal offsets, block and split plans) ragged path, checked against the reference;
+// aligned buffers keep 16-byte vectors. Adds the strategies that ran to `seen` (a bit per
+// Strategy, bit 16 for a ragged plan).
 template <class T>
 void offsets_case(int64_t n, int64_t c, int64_t s, unsigned* seen, const PlanOverride& ov = {}) {
   const int64_t total = n * c * s;
@@ -423,7 +432,13 @@ void offsets_case(int64_t n, int64_t c, int64_t s, unsigned* seen, const PlanOve
     *seen |= 1u << int(plan.strategy);
     const int full = 16 / int(sizeof(T));
     const bool aligned = pr[0] == 0 && pr[1] == 0 && s % full == 0;
-    EXPECT_EQ(plan.vec, aligned ? full : 1) << type_name<T>() << " offsets " << pr[0] << "," << pr[1];
+    // Equal offsets keep 16-byte bodies on the block and split plans (Plan::ragged).
+    const bool ragged = !aligned && pr[0] == pr[1] && plan.strategy != Strategy::kStaged &&
+                        plan.strategy != Strategy::kSubWarp;
+    EXPECT_EQ(plan.ragged, ragged) << type_name<T>() << " offsets " << pr[0] << "," << pr[1];
+    EXPECT_EQ(plan.vec, aligned || ragged ? full : 1)
+        << type_name<T>() << " offsets " << pr[0] << "," << pr[1];
+    *seen |= ragged ? 1u << 16 : 0u;
     std::vector<T> hy(static_cast<size_t>(total));
     CUDA_OK(cudaMemcpy(hy.data(), y, total * sizeof(T), cudaMemcpyDeviceToHost));
     const CheckResult r = compare(hy, ref, s);
@@ -455,6 +470,7 @@ TEST(Alignment, OffsetsOf1To3ElementsEveryTypeAndStrategy) {
   for (Strategy st : {Strategy::kSubWarp, Strategy::kBlock, Strategy::kSplit,
                       Strategy::kSplitStream, Strategy::kStaged})
     EXPECT_TRUE(seen & (1u << int(st))) << to_string(st) << " never ran";
+  EXPECT_TRUE(seen & (1u << 16)) << "no ragged plan ran";
 }
 
 // ---------------------------------------------------------------- in place
@@ -1048,6 +1064,7 @@ struct AccuracyCase {
   PlanOverride ov;
   Strategy strategy;
   bool smem;  ///< the split plan must hold part of its slice in shared memory
+  bool ragged = false;  ///< Plan::ragged must hold
 };
 
 template <class T>
@@ -1074,7 +1091,13 @@ std::vector<AccuracyCase> accuracy_cases() {
           {"split-stream", 1, 3, 65536, 0, stream, Strategy::kSplitStream, false},
           {"groupnorm-block", 2, 32, 4096, 4, forced(Strategy::kBlock), Strategy::kBlock, false},
           {"groupnorm-staged", 4, 64, 49, 16, forced(Strategy::kStaged), Strategy::kStaged, false},
-          {"groupnorm-split", 1, 8, 65536, 2, forced(Strategy::kSplit, 8), Strategy::kSplit, false}};
+          {"groupnorm-split", 1, 8, 65536, 2, forced(Strategy::kSplit, 8), Strategy::kSplit, false},
+          // Odd plane lengths: 16-byte bodies with scalar heads and tails, whose values (first
+          // and last positions included) join the moments by the two-pass sums.
+          {"block-ragged", 4, 4, 16383, 0, forced(Strategy::kBlock), Strategy::kBlock, false, true},
+          {"split-ragged", 2, 3, 65535, 0, forced(Strategy::kSplit, 3), Strategy::kSplit, false, true},
+          {"split-stream-ragged", 1, 3, 65537, 0, stream, Strategy::kSplitStream, false, true},
+          {"groupnorm-ragged", 2, 8, 4097, 4, forced(Strategy::kBlock), Strategy::kBlock, false, true}};
 }
 
 template <class T>
@@ -1088,6 +1111,7 @@ void accuracy_nchw() {
       const auto x = to_type<T>(hostile_planes(h, k.n * groups, (k.c / groups) * k.s, 5, limit_of<T>()));
       const PlansRun run = check_input<T>(x, k.n, k.c, k.s, k.ov, opt);
       ASSERT_EQ(run.plan.strategy, k.strategy);
+      ASSERT_EQ(run.plan.ragged, k.ragged);
       if (k.smem) ASSERT_GT(run.plan.smem_items, 0);
     }
   }

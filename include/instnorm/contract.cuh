@@ -17,6 +17,10 @@ constexpr int max_items(int vec) { return vec > 1 ? 16 : 32; }
 /// re-reads anyway, and the full array left it a few bytes of spill for 16-bit types. Scalars
 /// (misaligned planes): 24, since the per-sample modulation's loads spilled 12-20 bytes at 32.
 constexpr int max_stream_items(int vec) { return vec > 1 ? max_items(vec) / 2 : 24; }
+/// Ragged plans (16-byte bodies of planes that are not 16-byte aligned, a scalar head and tail):
+/// the cut of each slice and its scalar left the register-resident kernel 12-20 bytes of spill
+/// at 16 vectors on sm_90 (nvcc 13.0).
+constexpr int max_ragged_items(int vec) { return vec > 1 ? 14 : max_items(vec); }
 /// The backward kernel holds x and dy: vectors per thread of each, in registers and streamed.
 /// Half the forward's would be 8 16-byte vectors (16 scalars); beside the backward's sums,
 /// per-channel state and shared-memory extension, ptxas (nvcc 13.0) spilled 16-252 bytes at 8,

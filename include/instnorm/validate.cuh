@@ -87,6 +87,10 @@ struct Problem {
   int64_t plane_len = 0;           ///< channels_per_group * spatial
   int elem_bytes = 4;              ///< sizeof(T)
   bool vector_ok = false;          ///< x, y and every plane/channel (NHWC: row) start aligned to 16 bytes
+  /// NCHW planes that are not 16-byte aligned, with x and y equally misaligned and no vector
+  /// straddling two channels with different parameters: a 16-byte body per slice with a scalar
+  /// head and tail (Plan::ragged; forward block and split plans).
+  bool ragged_ok = false;
   bool nhwc = false;               ///< channels-last: element (i, j, s) at x[(i*spatial + s)*c + j]
                                    ///< (c > 1 and spatial > 1: otherwise the layouts coincide)
 };
@@ -187,6 +191,10 @@ inline Invalid validate(const void* x, const void* y, int64_t n, int64_t c, int6
   // NHWC: a vector holds vec channels of one position, so rows of c elements must stay aligned.
   const auto xb = reinterpret_cast<uintptr_t>(x), yb = reinterpret_cast<uintptr_t>(y);
   prob->vector_ok = (xb % 16 == 0) && (yb % 16 == 0) && ((prob->nhwc ? c : spatial) % vec == 0);
+  const bool channel_params = opt.gamma != nullptr || opt.beta != nullptr ||
+                              opt.modulation.scale != nullptr || opt.modulation.shift != nullptr;
+  prob->ragged_ok = !prob->vector_ok && !prob->nhwc && (y == nullptr || xb % 16 == yb % 16) &&
+                    (prob->channels_per_group == 1 || !channel_params);
   return Invalid::kOk;
 }
 
@@ -229,6 +237,7 @@ inline Invalid validate_backward(const void* x, const void* dy, const void* dx, 
   const uint64_t bytes = uint64_t(n * c * spatial) * uint64_t(elem_bytes);
   if (detail::partial_overlap(dx, dy, bytes, bytes)) return Invalid::kOverlap;
   if (reinterpret_cast<uintptr_t>(dy) % 16 != 0) prob->vector_ok = false;  // dy is read in vectors too
+  prob->ragged_ok = false;  // forward plans only
   if (opt.use_input_stats && (opt.save_mean == nullptr || opt.save_rstd == nullptr))
     return Invalid::kNoSavedStats;
   // The gradient buffers: c floats (dgamma, dbeta) or n*c floats (dscale, dshift) each, no two

@@ -107,12 +107,35 @@ __device__ __forceinline__ void normalize_slice(Vector<T, kVec> (&regs)[kMaxItem
   }
 }
 
+/// A slice of a plane that does not start on a 16-byte boundary, cut into a scalar head (up to
+/// the first boundary), a body of whole 16-byte vectors and a scalar tail (Plan::ragged). Each
+/// of the first head + tail lanes (at most 2 * (kVec - 1) <= 14, and ragged plans have at least
+/// 32 lanes) owns one of the scalars: `extra` is its offset in the slice, or -1.
+struct RaggedSlice {
+  int head = 0;
+  int64_t body = 0;    ///< elements, a multiple of kVec
+  int64_t extra = -1;
+};
+template <class T, int kVec>
+__device__ __forceinline__ RaggedSlice ragged_slice(const T* xs, int64_t len, int lane) {
+  RaggedSlice r;
+  const int mis = int((reinterpret_cast<uintptr_t>(xs) / sizeof(T)) % kVec);
+  r.head = int(mis == 0 ? 0 : kVec - mis < len ? kVec - mis : len);
+  r.body = (len - r.head) / kVec * kVec;
+  const int tail = int(len - r.head - r.body);
+  r.extra = lane < r.head ? lane : lane < r.head + tail ? r.body + lane : -1;
+  return r;
+}
+
 /// The forward kernel; see the file comment. kStream: slices larger than one chunk are read
 /// twice (moments, then normalize); otherwise the slice stays in registers between the two.
 /// G > 1 blocks of a plane exchange their partials through tagged global slots.
+/// kRagged: planes that are not 16-byte aligned (x and y equally misaligned) keep 16-byte
+/// vectors for the body of each slice and one scalar per lane for its head and tail
+/// (RaggedSlice); the scalar kernel held such planes at 128 registers and 25% occupancy.
 /// Grid: block_groups * G blocks; each group of G consecutive blocks walks planes (or batches of
 /// planes, for sub-warp groups) in rounds.
-template <class T, int kVec, int kMaxItems, bool kStream>
+template <class T, int kVec, int kMaxItems, bool kStream, bool kRagged = false>
 __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams<T> p) {
   using V = Vector<T, kVec>;
   __shared__ BlockReduceStorage smem;
@@ -151,31 +174,46 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
       channel_base = (plane % p.groups) * p.channels_per_group;
       cc = chunk_channel(channel_base, begin, p.spatial);
     }
+    // The vectors' part of the slice: all of it, or (kRagged) the body between head and tail,
+    // whose scalars the lanes with rs.extra >= 0 hold one each (re-read for the normalize, so
+    // that neither they nor the cut stay in registers across the reduction).
+    int64_t vlen = len;
+    RaggedSlice rs;
+    if constexpr (kRagged) {
+      rs = ragged_slice<T, kVec>(xs, len, lane);
+      vlen = rs.body;
+    }
+    const T* xv = xs + rs.head;
+    const bool has_extra = kRagged && rs.extra >= 0;
+    const float xe = has_extra ? to_float(xs[rs.extra]) : 0.f;
 
     V regs[kMaxItems];
     Moments m;
     if constexpr (!kStream) {
-      const int valid = valid_items<kVec>(int(len), lane, lanes, p.items);
-      load_chunk<T, kVec, kMaxItems>(regs, xs, valid, lane, lanes);
+      const int valid = valid_items<kVec>(int(vlen), lane, lanes, p.items);
+      load_chunk<T, kVec, kMaxItems>(regs, xv, valid, lane, lanes);
       extern __shared__ uint4 dyn_smem[];
-      const int svalid = p.smem_items > 0 && len > chunk
-                             ? valid_items<kVec>(int(len - chunk), lane, lanes, p.smem_items)
+      const int svalid = p.smem_items > 0 && vlen > chunk
+                             ? valid_items<kVec>(int(vlen - chunk), lane, lanes, p.smem_items)
                              : 0;
       if (svalid > 0)
-        smem_fill<T, kVec>(reinterpret_cast<V*>(dyn_smem) + lane, xs + chunk, svalid, lane, lanes);
+        smem_fill<T, kVec>(reinterpret_cast<V*>(dyn_smem) + lane, xv + chunk, svalid, lane, lanes);
       m = chunk_moments<T, kVec, kMaxItems>(regs, valid, pivot,
                                             reinterpret_cast<const V*>(dyn_smem) + lane, svalid,
-                                            lanes);
+                                            lanes, has_extra, xe);
     } else {
-      for (int64_t off = 0; off < len; off += chunk) {
-        const int clen = int(len - off < chunk ? len - off : chunk);
+      for (int64_t off = 0; off < vlen; off += chunk) {
+        const int clen = int(vlen - off < chunk ? vlen - off : chunk);
         const int valid = valid_items<kVec>(clen, lane, lanes, p.items);
-        load_chunk<T, kVec, kMaxItems>(regs, xs + off, valid, lane, lanes);
-        // Chunks do not grow (only the last is shorter), so m is the larger partial; a
-        // thread's count fits in an int (a block's slice over at least 32 threads: 2^36
-        // elements, more than any GPU holds, would still fit).
-        m = merge_into<int>(m, chunk_moments<T, kVec, kMaxItems>(regs, valid, pivot));
+        load_chunk<T, kVec, kMaxItems>(regs, xv + off, valid, lane, lanes);
+        // Chunks do not grow (only the last is shorter; the first may hold the extra value),
+        // so m is the larger partial; a thread's count fits in an int (a block's slice over at
+        // least 32 threads: 2^36 elements, more than any GPU holds, would still fit).
+        m = merge_into<int>(m, chunk_moments<T, kVec, kMaxItems>(regs, valid, pivot, nullptr, 0,
+                                                                 0, has_extra && off == 0, xe));
       }
+      if (vlen == 0 && has_extra)
+        m = chunk_moments<T, kVec, kMaxItems>(regs, 0, pivot, nullptr, 0, 0, true, xe);
     }
     trace_stamp(round, 2);
     m = lanes <= 32 ? warp_allreduce_shares(m, len, lanes) : block_allreduce_shares(m, len, smem);
@@ -198,9 +236,19 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
     if (active) ep.set_channel(p, cc.channel);
     if (p.y == nullptr) continue;  // statistics only
     T* ys = p.y + base + begin;
+    if constexpr (kRagged) rs = ragged_slice<T, kVec>(xs, len, lane);
     with_activation(p.activation, [&](auto act) {
-      normalize_slice<decltype(act)::value, kStream>(regs, xs, ys, len, chunk, lane, lanes, ep, p,
-                                                     per_channel, channel_base, begin, cc);
+      constexpr Activation kAct = decltype(act)::value;
+      normalize_slice<kAct, kStream>(regs, xs + rs.head, ys + rs.head, kRagged ? rs.body : len,
+                                     chunk, lane, lanes, ep, p, per_channel, channel_base,
+                                     begin + rs.head, cc);
+      if constexpr (kRagged) {
+        // No channel changes inside a ragged plane (one channel, or no per-channel parameters).
+        if (rs.extra >= 0) {
+          const float v = to_float(xs[rs.extra]);
+          ys[rs.extra] = from_float<T>(activate<kAct>(fmaf(v - ep.center, ep.scale, ep.shift)));
+        }
+      }
     });
     trace_stamp(round, 5);
   }
@@ -225,9 +273,12 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
   const int lanes = p.lanes;
   const int lane = threadIdx.x % lanes;
   const int group = threadIdx.x / lanes;
-  // A template argument: the stride and unit size as run-time values left the NCHW
-  // instantiation spilling 4 bytes on sm_90.
-  const int per_block = kChannelsLast ? p.unit_planes : int(blockDim.x) / lanes;
+  // Planes per unit: groups of `lanes` threads take them in turns (Plan::unit_planes: several
+  // planes per group where planes are short, so that a unit is large enough to stream).
+  const int groups = int(blockDim.x) / lanes;
+  const int per_block = p.unit_planes;
+  // A template argument: the stride as a run-time value left the NCHW instantiation spilling 4
+  // bytes on sm_90.
   const int cs = kChannelsLast ? p.channel_stride : 1;
   const int64_t L = p.plane_len;
   const int64_t units = (p.planes + per_block - 1) / per_block;
@@ -270,35 +321,42 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
     }
     __syncthreads();
 
-    const int64_t nplanes = n / L;
-    const bool active = group < nplanes;
-    const int gi = active ? group : 0;
-    T* xp = buf + (gi / cs) * L * cs + gi % cs;  // element i of the plane at xp[i * cs]
-    const float pivot = active ? to_float(xp[0]) : 0.f;
-    const int mine = active && lane < L ? int((L - lane + lanes - 1) / lanes) : 0;
-    Moments m =
-        local_moments(mine, [&](int k) { return to_float(xp[(lane + k * lanes) * cs]); }, pivot);
-    // By shares of the plane's length (SharesCombine); the shuffles also order every lane's
-    // pivot read before any write.
-    m = warp_allreduce_shares(m, active ? L : 0, lanes);
-    if (active) {
-      const int64_t plane = first_plane + group;
-      Epilogue<T> ep = plane_epilogue(p, pivot, m, plane, lane == 0);
-      const int64_t channel_base = affine ? (plane % p.groups) * p.channels_per_group : 0;
-      // Channel by channel (one run of the plane each; the whole plane without parameters):
-      // the parameters are loaded outside the element loop. Element i stays with lane
-      // i % lanes. None for statistics only.
-      const int runs = p.y == nullptr ? 0 : affine ? int(p.channels_per_group) : 1;
-      const int run_len = runs > 1 ? int(p.spatial) : int(L);
-      for (int r = 0; r < runs; ++r) {
-        ep.set_channel(p, channel_base + r);  // without parameters: rstd and the residual
-        const int lo = r * run_len, hi = lo + run_len;
-        for (int i = lo + (lane - lo % lanes + lanes) % lanes; i < hi; i += lanes) {
-          const float t = fmaf(to_float(xp[i * cs]) - ep.center, ep.scale, ep.shift);
-          xp[i * cs] = from_float<T>(p.activation == Activation::kRelu ? activate<Activation::kRelu>(t)
-                                : p.activation == Activation::kSilu
-                                    ? activate<Activation::kSilu>(t)
-                                    : t);
+    const int nplanes = int(n / L);
+    // The same trip count in every group (shuffles inside need whole warps); channels-last
+    // units have at most one plane per lane (NhwcPlan::unit_images), and a loop there left the
+    // kernel spilling 4 bytes on sm_90.
+    const int trips = kChannelsLast ? 1 : (nplanes + groups - 1) / groups;
+    for (int trip = 0; trip < trips; ++trip) {
+      const int q = trip * groups + group;
+      const bool active = q < nplanes;
+      const int gi = active ? q : 0;
+      T* xp = buf + (gi / cs) * L * cs + gi % cs;  // element i of the plane at xp[i * cs]
+      const float pivot = active ? to_float(xp[0]) : 0.f;
+      const int mine = active && lane < L ? int((L - lane + lanes - 1) / lanes) : 0;
+      Moments m =
+          local_moments(mine, [&](int k) { return to_float(xp[(lane + k * lanes) * cs]); }, pivot);
+      // By shares of the plane's length (SharesCombine); the shuffles also order every lane's
+      // pivot read before any write.
+      m = warp_allreduce_shares(m, active ? L : 0, lanes);
+      if (active) {
+        const int64_t plane = first_plane + q;
+        Epilogue<T> ep = plane_epilogue(p, pivot, m, plane, lane == 0);
+        const int64_t channel_base = affine ? (plane % p.groups) * p.channels_per_group : 0;
+        // Channel by channel (one run of the plane each; the whole plane without parameters):
+        // the parameters are loaded outside the element loop. Element i stays with lane
+        // i % lanes. None for statistics only.
+        const int runs = p.y == nullptr ? 0 : affine ? int(p.channels_per_group) : 1;
+        const int run_len = runs > 1 ? int(p.spatial) : int(L);
+        for (int r = 0; r < runs; ++r) {
+          ep.set_channel(p, channel_base + r);  // without parameters: rstd and the residual
+          const int lo = r * run_len, hi = lo + run_len;
+          for (int i = lo + (lane - lo % lanes + lanes) % lanes; i < hi; i += lanes) {
+            const float t = fmaf(to_float(xp[i * cs]) - ep.center, ep.scale, ep.shift);
+            xp[i * cs] = from_float<T>(p.activation == Activation::kRelu ? activate<Activation::kRelu>(t)
+                                  : p.activation == Activation::kSilu
+                                      ? activate<Activation::kSilu>(t)
+                                      : t);
+          }
         }
       }
     }

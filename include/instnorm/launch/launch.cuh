@@ -101,17 +101,20 @@ inline cudaError_t current_plan(const Problem& prob, Plan* plan, const PlanOverr
 template <class T>
 using KernelFn = void (*)(KernelParams<T>);
 template <class T>
-inline KernelFn<T> select_kernel(int vec, Strategy s) {
+inline KernelFn<T> select_kernel(int vec, Strategy s, bool ragged = false) {
   constexpr int kFull = 16 / int(sizeof(T));
   if (vec != kFull && vec != 1) return nullptr;
+  if (ragged && vec != kFull) return nullptr;
   const bool full = vec == kFull;
   switch (s) {
     case Strategy::kSplitStream:
-      return full ? forward_kernel<T, kFull, max_stream_items(kFull), true>
-                  : forward_kernel<T, 1, max_stream_items(1), true>;
+      return ragged ? forward_kernel<T, kFull, max_stream_items(kFull), true, true>
+             : full ? forward_kernel<T, kFull, max_stream_items(kFull), true>
+                    : forward_kernel<T, 1, max_stream_items(1), true>;
     default:
-      return full ? forward_kernel<T, kFull, max_items(kFull), false>
-                  : forward_kernel<T, 1, max_items(1), false>;
+      return ragged ? forward_kernel<T, kFull, max_ragged_items(kFull), false, true>
+             : full ? forward_kernel<T, kFull, max_items(kFull), false>
+                    : forward_kernel<T, 1, max_items(1), false>;
   }
 }
 
@@ -163,7 +166,7 @@ template <class T>
 inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& opt,
                           const Plan& plan, void* workspace, cudaStream_t stream) {
   if (plan.direction != Direction::kForward) return cudaErrorInvalidConfiguration;
-  KernelFn<T> kernel = select_kernel<T>(plan.vec, plan.strategy);
+  KernelFn<T> kernel = select_kernel<T>(plan.vec, plan.strategy, plan.ragged);
   if (plan.strategy == Strategy::kStaged) kernel = staged_kernel<T>;
   if (kernel == nullptr) return cudaErrorInvalidConfiguration;
   const WorkspaceLayout w = workspace_layout(plan, prob, opt);
@@ -174,6 +177,7 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
   kp.blocks_per_plane = plan.blocks_per_plane;
   kp.slice_len = plan.slice_len;
   kp.phases = plan.phases;
+  kp.unit_planes = plan.unit_planes;
   set_stats_outputs(kp, w, workspace, prob);
   if (w.slots_bytes > 0) kp.slots = WorkspaceLayout::at<TaggedSlot>(workspace, w.slots);
   INSTNORM_RETURN_IF_ERROR(clear_slots(w, workspace, stream));

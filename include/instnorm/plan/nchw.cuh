@@ -9,15 +9,23 @@
 namespace instnorm {
 
 /// Largest items per thread a strategy's kernel accepts.
-inline int max_items_for(Strategy s, int vec, Direction dir = Direction::kForward) {
+inline int max_items_for(Strategy s, int vec, Direction dir = Direction::kForward,
+                         bool ragged = false) {
   if (s == Strategy::kStaged) return 1 << 30;  // values per lane live in shared memory
   if (dir == Direction::kBackward)
     return s == Strategy::kSplitStream ? max_backward_stream_items(vec) : max_backward_items(vec);
-  return s == Strategy::kSplitStream ? max_stream_items(vec) : max_items(vec);
+  if (s == Strategy::kSplitStream) return max_stream_items(vec);
+  return ragged ? max_ragged_items(vec) : max_items(vec);
 }
 /// Values per lane the staged plan aims for when it chooses how many lanes share a plane
 /// (kStagedThreads, contract.cuh).
 constexpr int kStagedLaneItems = 32;
+/// Bytes a forward staged unit aims for: short planes take several per group of lanes, until
+/// the unit holds this much (two stages of it for each of kStagedBlocksPerSm blocks fit in an
+/// sm_90 SM's shared memory). H200, by unit size at one plane per group: 8-10 KB units ran at
+/// 0.35-0.45 of copy (53061x29x1x263 fp16, 3870x1690x3x13 bf16, 105582x12x6x11 fp16), 17-37
+/// KB units at 0.76-0.84 (47x995x9x15, 946x227x1x509, 4711x16x23x51).
+constexpr int64_t kStagedUnitBytes = 24 * 1024;
 /// Bytes of one stage of the staged kernel's two-stage buffer: its unit, rounded to 16 bytes;
 /// saturated at 2^40 (no device's shared memory), so that any plane length stays overflow-free.
 inline int64_t staged_stage_bytes(int planes_per_unit, int64_t plane_len, int elem_bytes) {
@@ -40,6 +48,12 @@ struct Plan {
   int64_t grid = 0;              ///< blocks launched (= block_groups * G)
   int smem_items = 0;            ///< vectors per thread held in dynamic shared memory (split)
   int64_t smem_bytes = 0;        ///< dynamic shared memory per block
+  /// 16-byte vectors on planes that are not 16-byte aligned (Problem::ragged_ok): each slice's
+  /// body in vectors, its head and tail as one scalar per lane (forward block and split plans).
+  bool ragged = false;
+  /// Staged plans: planes per unit, a multiple of threads / lanes (the groups of a block take
+  /// them in turns; the backward's kernel takes exactly one each).
+  int unit_planes = 0;
   bool cooperative = false;      ///< blocks wait on each other: cooperative launch
   /// Co-resident blocks per SM this plan assumes (split plans), from registers and threads.
   int blocks_per_sm = 0;
@@ -57,8 +71,16 @@ inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps&
   if (p.lanes <= 0 || (p.lanes & (p.lanes - 1)) != 0) return false;
   if (p.lanes > 32 && p.lanes != p.threads) return false;
   if (p.lanes > p.threads) return false;
-  if (p.vec != 1 && (p.vec * prob.elem_bytes != 16 || !prob.vector_ok)) return false;
-  if (p.items < 1 || p.items > max_items_for(p.strategy, p.vec, p.direction)) return false;
+  if (p.vec != 1 && (p.vec * prob.elem_bytes != 16 || !(prob.vector_ok || p.ragged))) return false;
+  // Ragged plans: a head and a tail of at most vec - 1 scalars each, one per lane, so at least
+  // 2 * (vec - 1) lanes (<= 14; block and split plans have >= 32).
+  if (p.ragged && (p.vec == 1 || prob.vector_ok || !prob.ragged_ok ||
+                   p.direction != Direction::kForward || p.lanes != p.threads ||
+                   p.lanes < 2 * (p.vec - 1) ||
+                   !(p.strategy == Strategy::kBlock || p.strategy == Strategy::kSplit ||
+                     p.strategy == Strategy::kSplitStream)))
+    return false;
+  if (p.items < 1 || p.items > max_items_for(p.strategy, p.vec, p.direction, p.ragged)) return false;
   if (p.blocks_per_plane < 1 || p.slice_len < 1 || p.slice_len % p.vec != 0) return false;
   if (p.slice_len * p.blocks_per_plane < prob.plane_len) return false;
   if (p.blocks_per_plane > 1 && p.lanes != p.threads) return false;
@@ -70,8 +92,10 @@ inline bool plan_is_valid(const Plan& p, const Problem& prob, const DeviceProps&
   // The staged kernel: its block size, whole planes per block, two stages of one unit.
   if (p.strategy == Strategy::kStaged &&
       (p.threads != kStagedThreads || p.vec != 1 || p.blocks_per_plane != 1 || p.lanes > 32 ||
+       p.unit_planes < p.threads / p.lanes || p.unit_planes % (p.threads / p.lanes) != 0 ||
+       (p.direction == Direction::kBackward && p.unit_planes != p.threads / p.lanes) ||
        p.smem_bytes < 2 * tensors_on_chip(p.direction) *
-                          staged_stage_bytes(p.threads / p.lanes, prob.plane_len, prob.elem_bytes)))
+                          staged_stage_bytes(p.unit_planes, prob.plane_len, prob.elem_bytes)))
     return false;
   // Forward: smem_items <= 2 * items, the register part's mean centres the whole slice's
   // moments (chunk_moments in kernels/nchw.cuh), accurate while it holds at least a third of
@@ -107,6 +131,7 @@ struct NchwSizing {
   const PlanOverride& ov;
   Direction dir = Direction::kForward;
   int vec = 1, max_i = 0;
+  bool ragged = false;      ///< vectors on planes that are not 16-byte aligned (Plan::ragged)
   int64_t L = 0, vecs = 0;  ///< plane length in elements and in vectors
   int split_threads = 0;
   int64_t resident = 0;     ///< split blocks that fit on the GPU at split_threads
@@ -116,7 +141,8 @@ struct NchwSizing {
              const PlanOverride& ov_, Direction dir_)
       : prob(prob_), d(d_), pol(pol_), ov(ov_), dir(dir_) {
     vec = ov.vec > 0 ? ov.vec : (prob.vector_ok ? 16 / prob.elem_bytes : 1);
-    max_i = max_items_for(Strategy::kBlock, vec, dir);
+    ragged = vec > 1 && !prob.vector_ok;
+    max_i = max_items_for(Strategy::kBlock, vec, dir, ragged);
     L = prob.plane_len;
     vecs = ceil_div(L, vec);
     split_threads = ov.threads > 0 ? ov.threads : pol.split_threads;
@@ -210,9 +236,25 @@ inline void size_staged(const NchwSizing& z, Plan& p) {
   p.items = int(clamp64(ceil_div(z.L, p.lanes), 1, int64_t(1) << 30));
   p.blocks_per_plane = 1;
   p.slice_len = z.L;
-  const int64_t units = ceil_div(z.prob.planes, p.threads / p.lanes);
+  // Forward: several planes per group, for a unit of about kStagedUnitBytes, while every
+  // resident block still gets four units or more (fewer left the last round unbalanced:
+  // 59x212x9x83 bf16 at 2 planes a group and 1.5 units a block ran 12% slower); and only 3
+  // planes a group or more (at 2, -12% to +3%; at 3-24, +3% to +30%, H200).
+  const int groups = p.threads / p.lanes;
+  int64_t per_group = 1;
+  if (z.dir == Direction::kForward) {
+    const int64_t group_bytes = int64_t(groups) * std::min<int64_t>(z.L, kStagedUnitBytes) *
+                                z.prob.elem_bytes;
+    const int64_t fill = 4 * int64_t(kStagedBlocksPerSm) * z.d.sm_count * groups;
+    per_group = clamp64(std::min((kStagedUnitBytes + group_bytes / 2) / group_bytes,
+                                 z.prob.planes / fill),
+                        1, 1024);
+    if (per_group < 3) per_group = 1;
+  }
+  p.unit_planes = int(groups * per_group);
+  const int64_t units = ceil_div(z.prob.planes, p.unit_planes);
   p.smem_bytes = 2 * tensors_on_chip(z.dir) *
-                 staged_stage_bytes(p.threads / p.lanes, z.L, z.prob.elem_bytes);
+                 staged_stage_bytes(p.unit_planes, z.L, z.prob.elem_bytes);
   const int bps = staged_blocks_per_sm(z.d, p.smem_bytes);
   p.blocks_per_sm = bps;
   p.block_groups = std::min({units, int64_t(std::max(1, bps)) * z.d.sm_count, z.d.max_grid_x});
@@ -261,7 +303,7 @@ inline void size_split(const NchwSizing& z, Strategy s, Plan& p) {
     g = z.ov.blocks_per_plane;
   } else if (s != Strategy::kSplitStream) {
     // Slices are rounded to 512 bytes (32 vectors) before they must fit on chip.
-    const int64_t cap_vecs = int64_t(p.threads) * (max_items_for(s, p.vec, z.dir) + smem_cap);
+    const int64_t cap_vecs = int64_t(p.threads) * (max_items_for(s, p.vec, z.dir, z.ragged) + smem_cap);
     const int64_t g_cap = ceil_div(z.vecs, cap_vecs);
     g = choose_group_size(z.prob.planes, resident_t, g_cap, z.fill_groups(p.threads, resident_t),
                           [&](int64_t c) {
@@ -277,7 +319,7 @@ inline void size_split(const NchwSizing& z, Strategy s, Plan& p) {
   // the H100.
   const int64_t slice_vecs = ceil_div(ceil_div(z.vecs, g), 32) * 32;
   p.slice_len = slice_vecs * p.vec;
-  p.items = int(clamp64(ceil_div(slice_vecs, p.threads), 1, max_items_for(s, p.vec, z.dir)));
+  p.items = int(clamp64(ceil_div(slice_vecs, p.threads), 1, max_items_for(s, p.vec, z.dir, z.ragged)));
   if (z.ov.items > 0) p.items = z.ov.items;
   if (s == Strategy::kSplit && smem_cap > 0) {
     const int64_t rest = ceil_div(slice_vecs, p.threads) - p.items;
@@ -289,7 +331,7 @@ inline void size_split(const NchwSizing& z, Strategy s, Plan& p) {
   }
   if (s != Strategy::kSplitStream && slice_vecs > int64_t(p.items + p.smem_items) * p.threads) {
     p.strategy = Strategy::kSplitStream;
-    p.items = std::min(p.items, max_items_for(Strategy::kSplitStream, p.vec, z.dir));
+    p.items = std::min(p.items, max_items_for(Strategy::kSplitStream, p.vec, z.dir, z.ragged));
   }
   const int64_t resident_final =
       int64_t(std::max(1, resident_blocks_per_sm(z.d, p.threads, p.smem_bytes))) * z.d.sm_count;
@@ -305,11 +347,28 @@ inline void size_split(const NchwSizing& z, Strategy s, Plan& p) {
 inline bool make_plan(const Problem& prob, const DeviceProps& d, const ArchPolicy& pol,
                       Plan* out, const PlanOverride& ov = {},
                       Direction dir = Direction::kForward) {
-  const detail::NchwSizing z(prob, d, pol, ov, dir);
+  const detail::NchwSizing z0(prob, d, pol, ov, dir);
   Plan p;
-  p.vec = z.vec;
   p.direction = dir;
-  p.strategy = detail::choose_strategy(z);
+  p.strategy = detail::choose_strategy(z0);
+  // Scalar planes that the staged and sub-warp plans leave to a block or a split plan take 16-byte
+  // vectors for the body of each slice (Plan::ragged) where x and y allow it: the scalar
+  // kernel held them at 128 registers per thread and 25% occupancy.
+  const bool ragged = dir == Direction::kForward && prob.ragged_ok && z0.vec == 1 &&
+                      ov.vec <= 0 &&
+                      (p.strategy == Strategy::kBlock || p.strategy == Strategy::kSplit ||
+                       p.strategy == Strategy::kSplitStream);
+  PlanOverride vov = ov;
+  if (ragged) vov.vec = 16 / prob.elem_bytes;
+  const detail::NchwSizing z(prob, d, pol, vov, dir);
+  if (ragged) {
+    p.strategy = detail::choose_strategy(z);
+    // Fewer vectors than scalars can look like a sub-warp plane; ragged plans need whole blocks.
+    if (p.strategy == Strategy::kSubWarp || p.strategy == Strategy::kStaged)
+      p.strategy = Strategy::kBlock;
+  }
+  p.vec = z.vec;
+  p.ragged = z.ragged;
   switch (p.strategy) {
     case Strategy::kSubWarp: detail::size_subwarp(z, p); break;
     case Strategy::kStaged: detail::size_staged(z, p); break;

@@ -43,21 +43,30 @@ __device__ __forceinline__ void add_deviations(const Vector<T, kVec>& v, float c
 /// (plan_is_valid: smem_items <= 2 * items), so c lies within sqrt(2) standard deviations of
 /// the whole (a subset of share q is within sqrt((1 - q) / q) of the mean), and s2 - s1 * dm
 /// carries at most 3 times the rounding of the variance (s2 / n <= 3 var).
+/// `extra` (when `has_extra`) is one more value held in a register: a ragged slice's head or
+/// tail scalar (RaggedSlice, kernels/nchw.cuh), taken in both passes like the vectors' values;
+/// a Chan merge of it afterwards made the register-resident kernels spill.
 template <class T, int kVec, int kMaxItems>
 __device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMaxItems],
                                                  int valid, float pivot,
                                                  const Vector<T, kVec>* sm = nullptr,
-                                                 int svalid = 0, int lanes = 0) {
-  if (valid == 0) return Moments{};  // the shared-memory part follows a full register part
-  const int n = (valid + svalid) * kVec;
-  float sum = 0.f;
+                                                 int svalid = 0, int lanes = 0,
+                                                 bool has_extra = false, float extra = 0.f) {
+  // The shared-memory part follows a full register part.
+  if (valid == 0 && !has_extra) return Moments{};
+  const int n = (valid + svalid) * kVec + (has_extra ? 1 : 0);
+  float sum = has_extra ? extra : 0.f;
 #pragma unroll
   for (int j = 0; j < kMaxItems; ++j)
     if (j < valid) add_values(r[j], sum);
-  const float c = sum / static_cast<float>(valid * kVec);
+  const float c = sum / static_cast<float>(valid * kVec + (has_extra ? 1 : 0));
   const int k = deviation_shift(n);
   const float h2 = ldexpf(1.f, -2 * k);
   float s1 = 0.f, s2 = 0.f;
+  if (has_extra) {
+    s1 = extra - c;
+    s2 = s1 * s1 * h2;
+  }
 #pragma unroll
   for (int j = 0; j < kMaxItems; ++j)
     if (j < valid) add_deviations(r[j], c, h2, s1, s2);
