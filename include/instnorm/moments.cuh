@@ -149,17 +149,37 @@ INSTNORM_HD int deviation_shift(int n) {
   return (bits + 1) >> 1;
 }
 
+/// 2^e for |e| <= 126, exactly: on the device built from its bits (ldexpf's range checks cost
+/// instructions on every plane of the staged kernel, where planes have a few elements).
+INSTNORM_HD float exp2i(int e) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float((127 + e) << 23);
+#else
+  return ldexpf(1.f, e);
+#endif
+}
+
+/// 1 / n correctly rounded (the same bits as the division; on the device without its slow path).
+INSTNORM_HD float reciprocal(float n) {
+#if defined(__CUDA_ARCH__)
+  return __frcp_rn(n);
+#else
+  return 1.f / n;
+#endif
+}
+
 /// Moments of n values from the sums of a two-pass local computation: c is the local centre
 /// (plain mean of the values), s1 = sum(d) and s2 = h^2 * sum(d^2) over d = x - c, with
 /// h = 2^-k (k = deviation_shift(n); the caller scales each small group of squares, e.g. one
 /// vector's, before adding it). The mean is relative to `pivot`, as the exact pair
 /// (c - pivot) + s1 / n rounded once into mean + mean_lo: values all equal to the pivot give
 /// exactly 0 (a constant plane normalizes to exactly 0).
-INSTNORM_HD Moments moments_from_sums(int n, float c, int k, float s1, float s2, float pivot) {
+/// moments_from_scaled_sums takes h and 1 / h^2 themselves.
+INSTNORM_HD Moments moments_from_scaled_sums(int n, float c, float h, float inv_h2, float s1,
+                                             float s2, float pivot) {
   Moments m;
   if (n <= 0) return m;
-  const float inv_n = 1.f / static_cast<float>(n);
-  const float h = ldexpf(1.f, -k), inv_h2 = ldexpf(1.f, 2 * k);  // exact
+  const float inv_n = reciprocal(static_cast<float>(n));
   // s1 / n, correctly rounded by one Newton step on the reciprocal's quotient (a division's
   // slow path costs registers): exact where the deviations are all equal, as on a constant
   // plane, so that its mean relative to a pivot of its own value is exactly 0.
@@ -175,6 +195,11 @@ INSTNORM_HD Moments moments_from_sums(int n, float c, int k, float s1, float s2,
   m.count = n;
   return m;
 }
+INSTNORM_HD Moments moments_from_sums(int n, float c, int k, float s1, float s2, float pivot) {
+  // ldexpf here, not exp2i: with exp2i, ptxas (nvcc 13.0) left nhwc_on_chip spilling 28-36
+  // bytes on sm_90.
+  return moments_from_scaled_sums(n, c, ldexpf(1.f, -k), ldexpf(1.f, 2 * k), s1, s2, pivot);
+}
 
 /// Moments of `n` values held by one thread, relative to `pivot`, computed in two passes over
 /// them (local mean, then deviations from it), which keeps var accurate for any offset. `get(i)`
@@ -186,14 +211,14 @@ INSTNORM_HD Moments local_moments(int n, Get get, float pivot) {
   for (int i = 0; i < n; ++i) sum += get(i);
   const float c = sum / static_cast<float>(n);
   const int k = deviation_shift(n);
-  const float h2 = ldexpf(1.f, -2 * k);
+  const float h2 = exp2i(-2 * k);
   float s1 = 0.f, s2 = 0.f;
   for (int i = 0; i < n; ++i) {
     const float d = get(i) - c;
     s1 += d;
     s2 = fmaf(d * d, h2, s2);
   }
-  return moments_from_sums(n, c, k, s1, s2, pivot);
+  return moments_from_scaled_sums(n, c, exp2i(-k), exp2i(2 * k), s1, s2, pivot);
 }
 
 /// The statistics a normalize uses, from moments relative to `pivot`: center is the mean

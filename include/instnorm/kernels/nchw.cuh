@@ -281,6 +281,8 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
   // bytes on sm_90.
   const int cs = kChannelsLast ? p.channel_stride : 1;
   const int64_t L = p.plane_len;
+  const int len = int(L);  // a unit of planes fits in shared memory
+  const int lanes_log2 = 31 - __clz(lanes);
   const int64_t units = (p.planes + per_block - 1) / per_block;
   const bool affine = has_channel_params(p);
   // Units start 16-byte aligned where x and y do and a unit is a whole number of 16 bytes
@@ -321,7 +323,7 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
     }
     __syncthreads();
 
-    const int nplanes = int(n / L);
+    const int nplanes = n / len;
     // The same trip count in every group (shuffles inside need whole warps); channels-last
     // units have at most one plane per lane (NhwcPlan::unit_images), and a loop there left the
     // kernel spilling 4 bytes on sm_90.
@@ -330,9 +332,11 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
       const int q = trip * groups + group;
       const bool active = q < nplanes;
       const int gi = active ? q : 0;
-      T* xp = buf + (gi / cs) * L * cs + gi % cs;  // element i of the plane at xp[i * cs]
+      T* xp = buf + (gi / cs) * len * cs + gi % cs;  // element i of the plane at xp[i * cs]
       const float pivot = active ? to_float(xp[0]) : 0.f;
-      const int mine = active && lane < L ? int((L - lane + lanes - 1) / lanes) : 0;
+      // lanes is a power of two and a staged plane fits in shared memory: shifts and masks of
+      // 32-bit values (64-bit divisions cost more than a short plane's data).
+      const int mine = active && lane < len ? ((len - lane + lanes - 1) >> lanes_log2) : 0;
       Moments m =
           local_moments(mine, [&](int k) { return to_float(xp[(lane + k * lanes) * cs]); }, pivot);
       // By shares of the plane's length (SharesCombine); the shuffles also order every lane's
@@ -346,11 +350,11 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
         // the parameters are loaded outside the element loop. Element i stays with lane
         // i % lanes. None for statistics only.
         const int runs = p.y == nullptr ? 0 : affine ? int(p.channels_per_group) : 1;
-        const int run_len = runs > 1 ? int(p.spatial) : int(L);
+        const int run_len = runs > 1 ? int(p.spatial) : len;
         for (int r = 0; r < runs; ++r) {
           ep.set_channel(p, channel_base + r);  // without parameters: rstd and the residual
           const int lo = r * run_len, hi = lo + run_len;
-          for (int i = lo + (lane - lo % lanes + lanes) % lanes; i < hi; i += lanes) {
+          for (int i = lo + ((lane - lo) & (lanes - 1)); i < hi; i += lanes) {
             const float t = fmaf(to_float(xp[i * cs]) - ep.center, ep.scale, ep.shift);
             xp[i * cs] = from_float<T>(p.activation == Activation::kRelu ? activate<Activation::kRelu>(t)
                                   : p.activation == Activation::kSilu

@@ -61,7 +61,7 @@ __device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMax
     if (j < valid) add_values(r[j], sum);
   const float c = sum / static_cast<float>(valid * kVec + (has_extra ? 1 : 0));
   const int k = deviation_shift(n);
-  const float h2 = ldexpf(1.f, -2 * k);
+  const float h2 = exp2i(-2 * k);
   float s1 = 0.f, s2 = 0.f;
   if (has_extra) {
     s1 = extra - c;
