@@ -243,9 +243,11 @@ inline void size_staged(const NchwSizing& z, Plan& p) {
   const int groups = p.threads / p.lanes;
   int64_t per_group = 1;
   if (z.dir == Direction::kForward) {
-    const int64_t group_bytes = int64_t(groups) * std::min<int64_t>(z.L, kStagedUnitBytes) *
-                                z.prob.elem_bytes;
-    const int64_t fill = 4 * int64_t(kStagedBlocksPerSm) * z.d.sm_count * groups;
+    // At least 1 each: a forced plan or a fuzzed device can bring a zero here.
+    const int64_t group_bytes = std::max<int64_t>(
+        1, int64_t(groups) * std::min<int64_t>(z.L, kStagedUnitBytes) * z.prob.elem_bytes);
+    const int64_t fill =
+        std::max<int64_t>(1, 4 * int64_t(kStagedBlocksPerSm) * z.d.sm_count * groups);
     per_group = clamp64(std::min((kStagedUnitBytes + group_bytes / 2) / group_bytes,
                                  z.prob.planes / fill),
                         1, 1024);
