@@ -46,6 +46,7 @@
 //                                                  #   [:bwd] backward alone, [:train] fwd + bwd
 //   instnorm_bench --arch=sm_89                    # force a row of the architecture table
 //   instnorm_bench --tune=112x64x512x512           # sweep the planner's knobs for a shape
+//                                                  #   (:cl shapes: the row's NHWC fields)
 //   instnorm_bench --tune=A --tune=B --emit-row=my_gpu.h  # write the tuned row as a header
 //   instnorm_bench --plan=2,512,0,0                # force strategy,threads,items,G (0: planner)
 //   instnorm_bench --nhwc-budget=40 --nhwc-chunks=4  # NHWC tiled: MB per batch, row chunks
@@ -1533,7 +1534,93 @@ ArchPolicy g_tuned_row;
 bool g_tuned_row_set = false;
 std::string g_tuned_source;
 
+/// The row being tuned: the device's (or --arch's) row until a --tune shape changes a field.
+ArchPolicy& tuned_row() {
+  if (!g_tuned_row_set) {
+    int dev = 0;
+    DeviceProps d;
+    CHECK_CUDA(cudaGetDevice(&dev));
+    CHECK_CUDA(device_props(dev, &d));
+    g_tuned_row = g_policy ? *g_policy : policy_for(d);
+    g_tuned_row_set = true;
+  }
+  return g_tuned_row;
+}
+
+/// Adds a tuned shape's result to the row's `source` and prints the row as it stands.
+void note_tuned(const Shape& s, const char* plan, double ms, double copy) {
+  char line[256];
+  std::snprintf(line, sizeof line, "%stune %s: %s %.4f ms, %.3f of copy",
+                g_tuned_source.empty() ? "" : "; ", s.name.c_str(), plan, ms, copy / ms);
+  g_tuned_source += line;
+  std::printf("table entry (tune %s: %.4f ms, %.3f of copy):\n", s.name.c_str(), ms, copy / ms);
+  std::printf("constexpr ArchPolicy kPolicy = ");
+  print_row(stdout, g_tuned_row);
+  std::printf(";\n");
+}
+
+/// Channels-last shapes tune the row's NHWC fields, one after the other from the row as it
+/// stands (a coordinate search): each value is timed as the planner then plans the shape, and
+/// replaces the row's where it is at least 1% faster. A field the shape's plan does not read
+/// (the tiled plan's on an on-chip shape) times the same for every value and stays.
+int tune_nhwc(const Shape& s) {
+  use_shape(s);
+  const int reps = std::max(5, iterations_for(s) / 3);
+  const double copy = time_median([&] { return cudaMemcpyAsync(g_cur.y, g_cur.x, s.bytes(), cudaMemcpyDeviceToDevice); }, reps);
+  ArchPolicy& pol = tuned_row();
+  const ArchPolicy* forced = g_policy;
+  NhwcPlan np;
+  const auto time_row = [&](const ArchPolicy& row) {
+    g_policy = &row;
+    const double ms = time_median([&] { return run_instnorm(s, PlanOverride{}, nullptr, &np); }, reps);
+    g_policy = forced;
+    return ms;
+  };
+  struct Knob {
+    const char* name;
+    std::vector<int64_t> values;
+    int64_t (*get)(const ArchPolicy&);
+    void (*set)(ArchPolicy&, int64_t);
+  };
+  const Knob knobs[] = {
+      {"nhwc_min_slice_bytes", {32, 64, 128, 256, 512},
+       [](const ArchPolicy& r) { return r.nhwc_min_slice_bytes; },
+       [](ArchPolicy& r, int64_t v) { r.nhwc_min_slice_bytes = v; }},
+      {"nhwc_min_chunks", {1, 2, 4, 8, 16},
+       [](const ArchPolicy& r) { return int64_t(r.nhwc_min_chunks); },
+       [](ArchPolicy& r, int64_t v) { r.nhwc_min_chunks = int(v); }},
+      {"nhwc_l2_percent", {25, 40, 60, 80, 100},
+       [](const ArchPolicy& r) { return int64_t(r.nhwc_l2_percent); },
+       [](ArchPolicy& r, int64_t v) { r.nhwc_l2_percent = int(v); }},
+  };
+  std::printf("tune %s  policy %s  copy %.4f ms\n", s.name.c_str(), pol.name, copy);
+  double best = 0;
+  for (const Knob& k : knobs) {
+    best = time_row(pol);
+    int64_t best_v = k.get(pol);
+    for (int64_t v : k.values) {
+      if (v == k.get(pol)) continue;
+      ArchPolicy r = pol;
+      k.set(r, v);
+      const double ms = time_row(r);
+      std::printf("  %-22s %4lld: %.4f ms  %.3f of copy  (%s, G %lld)\n", k.name, (long long)v,
+                  ms, copy / ms, np.staged ? "staged" : np.on_chip ? "on chip" : "tiled",
+                  (long long)np.blocks_per_unit);
+      if (ms > 0 && ms < 0.99 * best) {
+        best = ms;
+        best_v = v;
+      }
+    }
+    k.set(pol, best_v);
+    std::printf("%s = %lld (%.4f ms)\n", k.name, (long long)best_v, best);
+  }
+  time_row(pol);  // the plan the tuned row gives, for the note
+  note_tuned(s, np.staged ? "nhwc-staged" : np.on_chip ? "nhwc-on-chip" : "nhwc-tiled", best, copy);
+  return 0;
+}
+
 int tune(const Shape& s) {
+  if (s.nhwc) return tune_nhwc(s);
   use_shape(s);
   const int reps = std::max(5, iterations_for(s) / 3);
   const double copy = time_median([&] { return cudaMemcpyAsync(g_cur.y, g_cur.x, s.bytes(), cudaMemcpyDeviceToDevice); }, reps);
@@ -1581,27 +1668,12 @@ int tune(const Shape& s) {
                 (long long)p.grid, rows[i].ms, copy / rows[i].ms, rows[i].ms / t_def);
   }
   if (!rows.empty()) {
-    int dev = 0;
-    DeviceProps d;
-    CHECK_CUDA(cudaGetDevice(&dev));
-    CHECK_CUDA(device_props(dev, &d));
-    if (!g_tuned_row_set) {
-      g_tuned_row = g_policy ? *g_policy : policy_for(d);
-      g_tuned_row_set = true;
-    }
-    ArchPolicy& pol = g_tuned_row;
+    ArchPolicy& pol = tuned_row();
     const Plan& b = rows[0].plan;
     if (b.strategy == Strategy::kSubWarp) pol.subwarp_threads = b.threads;
     if (b.strategy == Strategy::kBlock) pol.block_items = b.items;
     if (b.strategy >= Strategy::kSplit) pol.split_threads = b.threads;
-    char line[256];
-    std::snprintf(line, sizeof line, "%stune %s: %s %.4f ms, %.3f of copy", g_tuned_source.empty() ? "" : "; ",
-                  s.name.c_str(), to_string(b.strategy), rows[0].ms, copy / rows[0].ms);
-    g_tuned_source += line;
-    std::printf("table entry (tune %s: %.4f ms, %.3f of copy):\n", s.name.c_str(), rows[0].ms, copy / rows[0].ms);
-    std::printf("constexpr ArchPolicy kPolicy = ");
-    print_row(stdout, pol);
-    std::printf(";\n");
+    note_tuned(s, to_string(b.strategy), rows[0].ms, copy);
   }
   return 0;
 }

@@ -1229,6 +1229,12 @@ TEST(NhwcPlan, StandardShapesRunOnChip) {
   ov.nhwc_on_chip = 0;
   ASSERT_TRUE(make_nhwc_plan(prob, d, &p, ov));
   EXPECT_FALSE(p.on_chip);
+  // The tiled launches clamp their grids to the device's limit, carried by the plan (the
+  // launch reads no device properties); a plan without it is not valid.
+  EXPECT_EQ(p.max_grid_x, d.max_grid_x);
+  NhwcPlan unlimited = p;
+  unlimited.max_grid_x = 0;
+  EXPECT_FALSE(nhwc_plan_is_valid(unlimited, prob, d));
 }
 
 TEST(NhwcPlan, BatchesStayInTheL2Budget) {

@@ -41,6 +41,9 @@ struct RefShape {
       : c(c_), spatial(spatial_), groups(opt.groups == 0 ? c_ : opt.groups), cpg(c_ / groups),
         len(cpg * spatial_), nhwc(opt.layout == Layout::kNHWC) {}
   struct RefPlane plane(int64_t p) const;
+  /// Calls f(plane, its RefPlane, its statistics, rstd) for each of the n * G planes of x.
+  template <class T, class F>
+  void each_plane(const T* x, int64_t n, const Options& opt, F&& f) const;
 };
 
 /// One normalized plane (an (n, group) pair) as both references walk it: element k's index in
@@ -104,6 +107,14 @@ RefAffine affine_of(const Options& opt, int64_t c, int64_t i, int64_t ch) {
 inline RefPlane RefShape::plane(int64_t p) const {
   return RefPlane{p / groups, p % groups, cpg, spatial, c, len, nhwc};
 }
+template <class T, class F>
+void RefShape::each_plane(const T* x, int64_t n, const Options& opt, F&& f) const {
+  for (int64_t p = 0; p < n * groups; ++p) {
+    const RefPlane pl = plane(p);
+    const PlaneStats st = pl.stats(x, opt);
+    f(p, pl, st, pl.rstd(st, opt));
+  }
+}
 
 /// y (float64) for x in opt.layout (NCHW or NHWC) with `opt` (groups, gamma/beta of type P,
 /// the modulation of type M, activation, eps, unbiased, running statistics in eval mode).
@@ -114,18 +125,16 @@ void forward(const T* x, double* y, int64_t n, int64_t c, int64_t spatial, const
   const RefShape shape(c, spatial, opt);
   const int64_t groups = shape.groups, len = shape.len;
   if (stats) stats->assign(size_t(n * groups), PlaneStats{});
-  for (int64_t plane = 0; plane < n * groups; ++plane) {
-    const RefPlane pl = shape.plane(plane);
-    const auto index = [&](int64_t k) { return pl.index(k); };
-    const PlaneStats st = pl.stats(x, opt);
-    const double mean = st.mean, rstd = pl.rstd(st, opt);
+  shape.each_plane(x, n, opt, [&](int64_t plane, const RefPlane& pl, const PlaneStats& st,
+                                  double rstd) {
     if (stats) (*stats)[size_t(plane)] = st;
     for (int64_t k = 0; k < len; ++k) {
       const RefAffine a = affine_of<P, M>(opt, c, pl.i, pl.channel(k));
-      y[index(k)] =
-          activate((to_double(x[index(k)]) - mean) * rstd * a.gamma + a.beta, opt.activation);
+      y[pl.index(k)] =
+          activate((to_double(x[pl.index(k)]) - st.mean) * rstd * a.gamma + a.beta,
+                   opt.activation);
     }
-  }
+  });
 }
 
 /// Derivative of activate() at the pre-activation v, PyTorch's conventions: ReLU 1 for v > 0 and
@@ -193,12 +202,11 @@ void backward(const T* x, const T* dy, double* dx, int64_t n, int64_t c, int64_t
     if (d)
       for (int64_t e = 0; e < n * c; ++e) d[e] = 0;
   if (sums) sums->assign(size_t(n * groups), PlaneGradSums{});
-  for (int64_t plane = 0; plane < n * groups; ++plane) {
-    const RefPlane pl = shape.plane(plane);
+  // Statistics, as forward().
+  shape.each_plane(x, n, opt, [&](int64_t plane, const RefPlane& pl, const PlaneStats& st,
+                                  double rstd) {
+    const double mean = st.mean;
     const auto index = [&](int64_t k) { return pl.index(k); };
-    // Statistics, as forward().
-    const PlaneStats st = pl.stats(x, opt);
-    const double mean = st.mean, rstd = pl.rstd(st, opt);
     // Element k's xhat, and dy_pre (dy through the activation at the forward's pre-activation).
     auto xhat_dypre = [&](int64_t k, double& xhat, double& dy_pre) {
       const RefAffine a = affine_of<P, M>(opt, c, pl.i, pl.channel(k));
@@ -231,7 +239,7 @@ void backward(const T* x, const T* dy, double* dx, int64_t n, int64_t c, int64_t
       const double g = xhat_dypre(k, xhat, dy_pre).gamma * dy_pre;
       dx[index(k)] = opt.use_input_stats ? rstd * (g - mean_g - xhat * mean_g_xhat) : rstd * g;
     }
-  }
+  });
 }
 
 /// The running-statistics update PyTorch applies after a training forward of instance norm:

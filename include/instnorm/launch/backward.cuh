@@ -166,11 +166,7 @@ inline cudaError_t launch_backward(const T* x, const T* dy, T* dx, const Problem
   bp.planes = prob.planes;
   bp.plane_len = prob.plane_len;
   bp.channels_per_group = prob.channels_per_group;
-  bp.lanes = plan.lanes;
-  bp.items = plan.items;
-  bp.smem_items = plan.smem_items;
-  bp.blocks_per_plane = plan.blocks_per_plane;
-  bp.slice_len = plan.slice_len;
+  set_plan_fields(bp, plan);
   if (w.slots_bytes > 0) bp.slots = WorkspaceLayout::at<GradSlot>(workspace, w.slots);
   if (w.partials_bytes > 0) bp.partials = WorkspaceLayout::at<float2>(workspace, w.partials);
   if (direct_scale_shift(plan, prob, opt, g)) {
@@ -178,13 +174,8 @@ inline cudaError_t launch_backward(const T* x, const T* dy, T* dx, const Problem
     bp.dshift = g.dshift;
   }
   INSTNORM_RETURN_IF_ERROR(clear_slots(w, workspace, stream));
-  LaunchShape shape;
-  shape.grid = dim3(static_cast<unsigned>(plan.grid));
-  shape.block = dim3(static_cast<unsigned>(plan.threads));
-  shape.dyn_smem = size_t(plan.smem_bytes);
-  shape.static_smem = sizeof(GradReduceStorage);
-  shape.cooperative = plan.cooperative;
-  INSTNORM_RETURN_IF_ERROR(launch_kernel(kernel, shape, stream, bp));
+  INSTNORM_RETURN_IF_ERROR(
+      launch_kernel(kernel, plan_launch_shape(plan, sizeof(GradReduceStorage)), stream, bp));
   if (bp.partials == nullptr) return cudaSuccess;
   return launch_grad_params<T>(bp.partials, prob, plan.blocks_per_plane, bp, g, stream);
 }

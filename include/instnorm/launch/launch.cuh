@@ -129,6 +129,28 @@ inline KernelParams<T> make_params(const T* x, T* y, const Problem& prob, const 
   return kp;
 }
 
+/// The geometry an NCHW plan gives its kernel, forward and backward.
+template <class Params>
+inline void set_plan_fields(Params& p, const Plan& plan) {
+  p.lanes = plan.lanes;
+  p.items = plan.items;
+  p.smem_items = plan.smem_items;
+  p.blocks_per_plane = plan.blocks_per_plane;
+  p.slice_len = plan.slice_len;
+}
+
+/// How an NCHW plan's kernel launches: its grid and block, dynamic shared memory and whether
+/// its blocks wait on each other, with the kernel's static shared memory.
+inline LaunchShape plan_launch_shape(const Plan& plan, size_t static_smem) {
+  LaunchShape shape;
+  shape.grid = dim3(static_cast<unsigned>(plan.grid));
+  shape.block = dim3(static_cast<unsigned>(plan.threads));
+  shape.dyn_smem = size_t(plan.smem_bytes);
+  shape.static_smem = static_smem;
+  shape.cooperative = plan.cooperative;
+  return shape;
+}
+
 /// After a training forward: the per-channel running-statistics update from the per-plane
 /// statistics the forward kernel kept.
 inline cudaError_t update_running(const float* stat_mean, const float* stat_var,
@@ -171,23 +193,14 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
   if (kernel == nullptr) return cudaErrorInvalidConfiguration;
   const WorkspaceLayout w = workspace_layout(plan, prob, opt);
   KernelParams<T> kp = make_params(x, y, prob, opt);
-  kp.lanes = plan.lanes;
-  kp.items = plan.items;
-  kp.smem_items = plan.smem_items;
-  kp.blocks_per_plane = plan.blocks_per_plane;
-  kp.slice_len = plan.slice_len;
+  set_plan_fields(kp, plan);
   kp.phases = plan.phases;
   kp.unit_planes = plan.unit_planes;
   set_stats_outputs(kp, w, workspace, prob);
   if (w.slots_bytes > 0) kp.slots = WorkspaceLayout::at<TaggedSlot>(workspace, w.slots);
   INSTNORM_RETURN_IF_ERROR(clear_slots(w, workspace, stream));
-  LaunchShape shape;
-  shape.grid = dim3(static_cast<unsigned>(plan.grid));
-  shape.block = dim3(static_cast<unsigned>(plan.threads));
-  shape.dyn_smem = size_t(plan.smem_bytes);
-  shape.static_smem = sizeof(BlockReduceStorage);
-  shape.cooperative = plan.cooperative;
-  INSTNORM_RETURN_IF_ERROR(launch_kernel(kernel, shape, stream, kp));
+  INSTNORM_RETURN_IF_ERROR(
+      launch_kernel(kernel, plan_launch_shape(plan, sizeof(BlockReduceStorage)), stream, kp));
   return kp.stat_mean ? update_running(kp.stat_mean, kp.stat_var, prob, opt, stream) : cudaSuccess;
 }
 
@@ -228,8 +241,6 @@ inline WorkspaceLayout workspace_layout(const NhwcPlan& p, const Problem& prob, 
 template <class T>
 inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Options& opt,
                                const NhwcPlan& plan, void* workspace, cudaStream_t stream) {
-  DeviceProps d;
-  INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
   const WorkspaceLayout w = workspace_layout(plan, prob, opt);
   NhwcParams<T> np{};
   set_common_fields(np, x, y, prob, opt);
@@ -292,7 +303,7 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
     np.img_first = first;
     np.img_count = std::min(batch, prob.n - first);
     LaunchShape tiles;
-    tiles.grid = dim3(static_cast<unsigned>(std::min(np.img_count * plan.tiles, d.max_grid_x)),
+    tiles.grid = dim3(static_cast<unsigned>(std::min(np.img_count * plan.tiles, plan.max_grid_x)),
                       static_cast<unsigned>(plan.col_chunks));
     tiles.block = dim3(kNhwcThreads);
     if (!eval) {
@@ -301,7 +312,8 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
       const int64_t units = np.img_count * prob.groups;
       const int64_t per_block = kNhwcThreads / np.finalize_lanes;
       LaunchShape fin;
-      fin.grid = dim3(static_cast<unsigned>(std::min((units + per_block - 1) / per_block, d.max_grid_x)));
+      fin.grid = dim3(
+          static_cast<unsigned>(std::min((units + per_block - 1) / per_block, plan.max_grid_x)));
       fin.block = dim3(kNhwcThreads);
       INSTNORM_RETURN_IF_ERROR(launch_kernel(nhwc_finalize<T>, fin, stream, np));
     }

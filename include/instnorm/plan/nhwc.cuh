@@ -46,6 +46,7 @@ struct NhwcPlan {
   int64_t tile_rows = 0;         ///< spatial positions per block
   int64_t tiles = 0;             ///< tiles per image
   int64_t batch_images = 0;      ///< images per batch of the three kernels
+  int64_t max_grid_x = 0;        ///< the device's grid limit, which the tiled launches respect
   // On-chip plans.
   int64_t blocks_per_unit = 1;   ///< G
   int64_t slice_rows = 0;        ///< rows per block (a multiple of row_lanes)
@@ -91,6 +92,7 @@ inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const Dev
       return false;
     if (p.tile_rows < 1 || p.tiles < 1 || p.tiles * p.tile_rows < prob.spatial) return false;
     if (p.batch_images < 1 || p.batch_images > prob.n) return false;
+    if (p.max_grid_x < 1 || p.max_grid_x > d.max_grid_x) return false;
     if (d.max_threads_per_block < kNhwcThreads) return false;
     return resident_blocks_per_sm(d, kNhwcThreads) >= 1;
   }
@@ -281,6 +283,7 @@ inline bool make_nhwc_tiled_plan(const Problem& prob, const DeviceProps& d, cons
   p.tiles = clamp64(ceil_div(want_blocks, p.batch_images * p.col_chunks), 1, max_tiles);
   p.tile_rows = ceil_div(prob.spatial, p.tiles);
   p.tiles = ceil_div(prob.spatial, p.tile_rows);
+  p.max_grid_x = d.max_grid_x;
   *out = p;
   return nhwc_plan_is_valid(p, prob, d);
 }
