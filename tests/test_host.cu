@@ -4,6 +4,7 @@
 #include <array>
 
 #include <instnorm/moments.cuh>
+#include <instnorm/thread/group_walk.cuh>
 #include <instnorm/plan.cuh>
 #include <instnorm/reference.h>
 #include <instnorm/validate.cuh>
@@ -342,6 +343,21 @@ std::pair<double, double> error_of(const std::vector<float>& x, const std::vecto
 // Every hostile kind, through every way the kernels combine partials: within fp32's bounds
 // (1e-5 + 1e-6 |ref| per element, 1e-6 relative norm). With a single-float mean relative to
 // the pivot, an outlier of 1e6 std as the first element put 6e-2 std of error into every output.
+// The on-chip NHWC kernel's walk over a thread's kVec channels: the group's first channel (its
+// pivot and its slot) and the group boundaries, for instance norm and GroupNorm, from any start.
+TEST(GroupWalk, FirstChannelOfEveryGroup) {
+  for (int cpg : {1, 2, 3, 4, 5, 8, 16, 40}) {
+    for (int ch0 = 0; ch0 < 96; ch0 += 3) {
+      instnorm::detail::GroupWalk w(ch0, cpg);
+      for (int k = 0; k < 16; ++k, w.next()) {
+        const int ch = ch0 + k;
+        ASSERT_EQ(w.first, ch / cpg * cpg) << "cpg " << cpg << " ch " << ch;
+        ASSERT_EQ(w.left, cpg - ch % cpg) << "cpg " << cpg << " ch " << ch;
+      }
+    }
+  }
+}
+
 TEST(MomentsAlgebra, HostileDataStaysWithinFp32Bounds) {
   auto cases = instnorm_test::hostile_cases(true);
   for (Hostile h : {Hostile::kOutlierFirst, Hostile::kOutliersSeveral})

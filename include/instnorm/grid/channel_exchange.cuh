@@ -71,9 +71,10 @@ struct ChannelPartials {
 /// g holds wl * full + clamp(rem - g * wl, 0, wl) rows (full = rows / row_lanes, rem = the rest).
 struct RowLaneGroups {
   int wl, full, rem;
-  __device__ __forceinline__ int64_t rows(int g) const {
+  /// 32-bit (a block's rows fit, plan.cuh): a 64-bit count cost a slow conversion per group.
+  __device__ __forceinline__ int rows(int g) const {
     const int extra = rem - g * wl;
-    return int64_t(wl) * full + (extra < 0 ? 0 : extra < wl ? extra : wl);
+    return wl * full + (extra < 0 ? 0 : extra < wl ? extra : wl);
   }
 };
 

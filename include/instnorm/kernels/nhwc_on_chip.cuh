@@ -10,6 +10,7 @@
 #include "../epilogue/epilogue.cuh"
 #include "../grid/channel_exchange.cuh"
 #include "../grid/exchange.cuh"
+#include "../thread/group_walk.cuh"
 #include "../thread/local_moments.cuh"
 #include "nhwc_params.cuh"
 
@@ -156,21 +157,28 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
     // Pivot of each channel: its group's first element in the image (see group_pivot). Row i of
     // the block is on lane i % row_lanes; the wl row lanes of a column in one warp combine by
     // shares of their rows (butterflies over lanes cs, 2 cs, ... apart) into the table's entry
-    // of their group.
+    // of their group. What does not depend on the channel is computed once (SumScale, the
+    // share, the walk over groups): per channel, the reciprocals' slow-path calls kept ptxas
+    // from sharing them, and the pivot's index cost a division.
     const int ch0 = col * kVec;
     const RowLaneGroups rg{wl, int(block_rows / row_lanes), int(block_rows % row_lanes)};
-    const int64_t my_group_rows = rg.rows(rl / wl);
+    const int lane_group = rl / wl;
+    const bool lead = on && rl == lane_group * wl;
+    const int my_group_rows = rg.rows(lane_group);
+    const SumScale sums(rows, shift_k);
+    const float share = share_of(rows, my_group_rows);
+    GroupWalk walk(ch0, cpg);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const float pivot = to_float(ximg[((ch0 + k) / cpg) * cpg]);
+    for (int k = 0; k < kVec; ++k, walk.next()) {
+      const float pivot = to_float(ximg[walk.first]);
       if (rl == 0) pivots[cl * kVec + k] = pivot;
-      Moments m = moments_from_sums(rows, c[k], shift_k, s1[k], s2[k], pivot);
+      Moments m = moments_from_sums(sums, c[k], s1[k], s2[k], pivot);
       if (wl > 1) {
-        const SharesCombine sc(m, my_group_rows);
+        const SharesCombine sc(share, m);
         const float a = butterfly_sum(sc.first(), 32, cs);
         m = SharesCombine::result(a, butterfly_sum2(sc.second(a), 32, cs), my_group_rows);
       }
-      if (on && rl % wl == 0) red.set(k * entries + (rl / wl) * cs + cl, m);
+      if (lead) red.set(k * entries + lane_group * cs + cl, m);
     }
     __syncthreads();
     trace_stamp(round, 2);
@@ -213,15 +221,19 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
     }
 
     float cen[kVec], scale[kVec], shift[kVec];
+    // Channel ch0 + k is the slice's channel cl * kVec + k; slices hold whole groups, so its
+    // group's first channel in the slice is the image's (walk.first) minus the same offset.
+    const int slice_off = ch0 - cl * kVec;
+    walk = GroupWalk(ch0, cpg);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const int ch = ch0 + k, g = ch / cpg;
-      const int j = cl * kVec + k;  // channel within the slice, whose groups are whole
-      const Moments m = red.get(slot_of(int((j / cpg) * cpg)), count);
+    for (int k = 0; k < kVec; ++k, walk.next()) {
+      const int ch = ch0 + k;
+      const Moments m = red.get(slot_of(walk.first - slice_off), count);
       // The pivot as read before the exchange: in place, the block holding the image's first
       // row may have overwritten it since.
-      const PlaneStats st = plane_stats(pivots[j], m, p);
-      if (rank == 0 && rl == 0 && ch % cpg == 0) store_plane_stats(p, image * p.groups + g, st);
+      const PlaneStats st = plane_stats(pivots[cl * kVec + k], m, p);
+      if (rank == 0 && rl == 0 && walk.first == ch)
+        store_plane_stats(p, image * p.groups + ch / cpg, st);
       cen[k] = st.center;
       const ScaleShift ss = scale_shift<T>(p, image, ch, st.rstd, st.residual);
       scale[k] = ss.scale;
