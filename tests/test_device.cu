@@ -629,6 +629,11 @@ TEST(GpuNhwc, OnChipSlicesAndExchange) {
   nhwc_case<__half>(3, 64, 20000, 0, false, Activation::kNone, 0, 0.0, chain);
   nhwc_case<float>(2, 64, 4096, 0, true, Activation::kSilu, 0, 0.0, nhwc_plan(0));
   nhwc_case<__half>(2, 320, 1024, 32, true, Activation::kSilu, 0, 0.0, nhwc_plan(0));
+  // Slices of 160 column vectors: one row lane per column, hence one row-lane group (the
+  // epilogue's coefficients then use the spare entries nhwc_partial_entries adds), and more
+  // channels than threads (640 and 1280) in the per-channel loops; GroupNorm of 40 channels.
+  nhwc_case<float>(2, 640, 600, 0, true, Activation::kNone, 0, 1e4, nhwc_plan(1, 160, 30));
+  nhwc_case<__half>(2, 1280, 400, 32, true, Activation::kSilu, 0, 0.0, nhwc_plan(1, 160, 20));
 }
 
 TEST(GpuNhwc, OffsetMeanStaysAccurate) {
