@@ -175,7 +175,8 @@ INSTNORM_HD float reciprocal(float n) {
 /// What turning a thread's sums into moments needs of its count n alone (1 / n, h = 2^-k and
 /// 1 / h^2, k = deviation_shift(n)): computed once where a thread turns several channels' sums
 /// into moments. Computed per channel, the reciprocal's slow-path check (a call) kept ptxas from
-/// sharing it across channels: +30% executed instructions in the on-chip NHWC kernel.
+/// sharing it across channels, one of the per-channel costs behind the on-chip NHWC kernel's
+/// 26-30% more executed instructions since the float-float moments (docs/perf-notes.md).
 struct SumScale {
   int n;
   float inv_n, h, inv_h2;
