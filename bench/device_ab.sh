@@ -5,13 +5,20 @@
 # writes them to $OUT/ab.txt.
 # Usage: bash bench/device_ab.sh <bench A> <bench B> [runs] [bench args...]
 # AB_BUDGET (seconds, default 400): no new A/B round starts after it; the summary then covers
-# the rounds that ran.
+# the rounds that ran. Both binaries first run once untimed (AB_WARMUP=0 skips it): on a machine
+# that just came up, the first A/B of a call timed the same binary up to 30% slower on some rows
+# than one a minute later (docs/perf-notes.md, 2026-12-05).
 set -u
 a=$1 b=$2 runs=${3:-5}
 shift 3 2> /dev/null || shift $#
 out=${OUT:-/tmp/out}
 tmp=$(mktemp -d)
 mkdir -p "$out"
+if [ "${AB_WARMUP:-1}" != 0 ]; then
+  for bin in "$a" "$b"; do
+    timeout 200 "$bin" --benchmark_filter='^instnorm/' "$@" > /dev/null 2>&1
+  done
+fi
 start=$SECONDS
 done_runs=0
 for i in $(seq 1 "$runs"); do
