@@ -61,6 +61,36 @@ __device__ __forceinline__ ShareSums butterfly_sum2(ShareSums v, int lanes, int 
   return v;
 }
 
+/// butterfly_sum and butterfly_sum2 of n independent values in one loop: each step's n shuffles
+/// are in flight together (the on-chip NHWC kernel's kVec channels). The same additions per
+/// value, in the same order, as n separate calls.
+template <int n>
+__device__ __forceinline__ void butterfly_sums(float (&v)[n], int lanes, int stride = 1) {
+  for (int o = stride; o < lanes; o <<= 1) {
+    float w[n];
+#pragma unroll
+    for (int k = 0; k < n; ++k) w[k] = __shfl_xor_sync(0xffffffffu, v[k], o);
+#pragma unroll
+    for (int k = 0; k < n; ++k) v[k] += w[k];
+  }
+}
+template <int n>
+__device__ __forceinline__ void butterfly_sums2(ShareSums (&v)[n], int lanes, int stride = 1) {
+  for (int o = stride; o < lanes; o <<= 1) {
+    ShareSums w[n];
+#pragma unroll
+    for (int k = 0; k < n; ++k) {
+      w[k].res = __shfl_xor_sync(0xffffffffu, v[k].res, o);
+      w[k].sq = __shfl_xor_sync(0xffffffffu, v[k].sq, o);
+    }
+#pragma unroll
+    for (int k = 0; k < n; ++k) {
+      v[k].res += w[k].res;
+      v[k].sq += w[k].sq;
+    }
+  }
+}
+
 /// All-reduce of partials that together hold `total` values (every caller knows it), by shares
 /// (SharesCombine): one butterfly of one float, then one of two. log2(lanes) Chan merges (64-bit
 /// counts and a division at every level) took 2.5-4 us per block reduction on the H100 (trace,

@@ -168,17 +168,48 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
     const SumScale sums(rows, shift_k);
     const float share = share_of(rows, my_group_rows);
     GroupWalk walk(ch0, cpg);
+    // The channels' moments and in-warp combines kB at a time, side by side: one shuffle round
+    // serves kB channels, so their shuffles' latencies overlap where a combine per channel
+    // waited on each in turn. The vec-8 kernels keep one at a time: batches of 2, 4 or 8
+    // spilled 36-44 bytes there (128 registers). The same operations per channel either way:
+    // the same bits.
+    constexpr int kB = kVec <= 4 ? kVec : 1;
 #pragma unroll
-    for (int k = 0; k < kVec; ++k, walk.next()) {
-      const float pivot = to_float(ximg[walk.first]);
-      if (rl == 0) pivots[cl * kVec + k] = pivot;
-      Moments m = moments_from_sums(sums, c[k], s1[k], s2[k], pivot);
-      if (wl > 1) {
-        const SharesCombine sc(share, m);
-        const float a = butterfly_sum(sc.first(), 32, cs);
-        m = SharesCombine::result(a, butterfly_sum2(sc.second(a), 32, cs), my_group_rows);
+    for (int k0 = 0; k0 < kVec; k0 += kB) {
+      float hi[kB], lo[kB], var[kB];
+#pragma unroll
+      for (int i = 0; i < kB; ++i, walk.next()) {
+        const int k = k0 + i;
+        const float pivot = to_float(ximg[walk.first]);
+        if (rl == 0) pivots[cl * kVec + k] = pivot;
+        const Moments m = moments_from_sums(sums, c[k], s1[k], s2[k], pivot);
+        hi[i] = m.mean;
+        lo[i] = m.mean_lo;
+        var[i] = m.var;
       }
-      if (lead) red.set(k * entries + lane_group * cs + cl, m);
+      if (wl > 1) {
+        float a[kB];
+        ShareSums q[kB];
+#pragma unroll
+        for (int i = 0; i < kB; ++i) a[i] = share * hi[i];  // SharesCombine::first
+        butterfly_sums<kB>(a, 32, cs);
+#pragma unroll
+        for (int i = 0; i < kB; ++i)
+          q[i] = SharesCombine(share, Moments{hi[i], var[i], 0, lo[i]}).second(a[i]);
+        butterfly_sums2<kB>(q, 32, cs);
+#pragma unroll
+        for (int i = 0; i < kB; ++i) {
+          const Moments m = SharesCombine::result(a[i], q[i], my_group_rows);
+          hi[i] = m.mean;
+          lo[i] = m.mean_lo;
+          var[i] = m.var;
+        }
+      }
+      if (lead) {
+#pragma unroll
+        for (int i = 0; i < kB; ++i)
+          red.set((k0 + i) * entries + lane_group * cs + cl, Moments{hi[i], var[i], 0, lo[i]});
+      }
     }
     __syncthreads();
     trace_stamp(round, 2);
