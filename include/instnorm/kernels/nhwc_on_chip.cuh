@@ -188,14 +188,14 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
         var[i] = m.var;
       }
       if (wl > 1) {
+        const auto sc = [&](int i) { return SharesCombine(share, Moments{hi[i], var[i], 0, lo[i]}); };
         float a[kB];
         ShareSums q[kB];
 #pragma unroll
-        for (int i = 0; i < kB; ++i) a[i] = share * hi[i];  // SharesCombine::first
+        for (int i = 0; i < kB; ++i) a[i] = sc(i).first();
         butterfly_sums<kB>(a, 32, cs);
 #pragma unroll
-        for (int i = 0; i < kB; ++i)
-          q[i] = SharesCombine(share, Moments{hi[i], var[i], 0, lo[i]}).second(a[i]);
+        for (int i = 0; i < kB; ++i) q[i] = sc(i).second(a[i]);
         butterfly_sums2<kB>(q, 32, cs);
 #pragma unroll
         for (int i = 0; i < kB; ++i) {
