@@ -188,7 +188,9 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
         var[i] = m.var;
       }
       if (wl > 1) {
-        const auto sc = [&](int i) { return SharesCombine(share, Moments{hi[i], var[i], 0, lo[i]}); };
+        const auto sc = [&](int i) {
+          return SharesCombine(share, Moments{hi[i], var[i], 0, lo[i]});
+        };
         float a[kB];
         ShareSums q[kB];
 #pragma unroll
