@@ -54,6 +54,8 @@
 //   instnorm_bench --split-smem=0                  # split slices in registers only (1: table's)
 //   instnorm_bench --sweep=64[:seed]               # 64 random shapes (sweep/ rows), a summary
 //   instnorm_bench --sweep=64 --sweep-list         # print the sweep's shapes; no GPU needed
+//   instnorm_bench --interleave=0                  # copies first, then the calls alone (A/B with
+//                                                  # benches older than the interleaved floor)
 //   (plus any --benchmark_* flag, e.g. --benchmark_out=bench.json --benchmark_format=json)
 #include <benchmark/benchmark.h>
 #include <instnorm/instnorm.cuh>
@@ -245,6 +247,10 @@ PlanOverride g_override;  // --plan=strategy,threads,items,blocks_per_plane (0 =
 // the timed call finds its code (not its data) in the caches: the difference to a plain run is
 // what the instruction fetch after the flush costs.
 bool g_warm_code = false;
+// --interleave=0: a row's copies are timed first in their own loop, then the calls alone (flush,
+// call, as the bench did before the floor moved into the loop): to compare kernels with a bench
+// of that time under the same timing, not to report of_copy (the two no longer share drifts).
+bool g_interleave = true;
 double g_steady_GBps = 0;  // the run's steady copy rate (read + written), 0 until measured
 Buffers g_cur;             // buffers of the shape being timed
 
@@ -669,15 +675,20 @@ cudaError_t measure(const Call& op, const Floor& floor, int rounds, const Call& 
   Events ev;
   t->copy_ms.clear();
   t->op_ms.clear();
-  for (int i = 0; i < rounds; ++i) {
-    double copy = 0, ms = 0;
-    flush_l2();
-    CHECK_CUDA(ev.time([&] { return floor(); }, &copy));
-    flush_l2();
-    if (pre) CHECK_CUDA(pre());
-    INSTNORM_RETURN_IF_ERROR(ev.time(op, &ms));
-    t->copy_ms.push_back(copy);
-    t->op_ms.push_back(ms);
+  for (int pass = g_interleave ? 1 : 0; pass < 2; ++pass) {
+    for (int i = 0; i < rounds; ++i) {
+      double copy = 0, ms = 0;
+      if (g_interleave || pass == 0) {
+        flush_l2();
+        CHECK_CUDA(ev.time([&] { return floor(); }, &copy));
+        t->copy_ms.push_back(copy);
+      }
+      if (pass == 0) continue;
+      flush_l2();
+      if (pre) CHECK_CUDA(pre());
+      INSTNORM_RETURN_IF_ERROR(ev.time(op, &ms));
+      t->op_ms.push_back(ms);
+    }
   }
   t->copy = median_of(t->copy_ms);
   t->op = median_of(t->op_ms);
@@ -1741,6 +1752,8 @@ int main(int argc, char** argv) {
       g_override.phases = std::atoi(a.c_str() + 9);
     } else if (a.rfind("--trace=", 0) == 0) {  // phase timeline (INSTNORM_TRACE builds)
       g_trace_on = std::atoi(a.c_str() + 8) != 0;
+    } else if (a.rfind("--interleave=", 0) == 0) {
+      g_interleave = std::atoi(a.c_str() + 13) != 0;
     } else if (a.rfind("--warm-code=", 0) == 0) {
       g_warm_code = std::atoi(a.c_str() + 12) != 0;
     } else if (a.rfind("--split-smem=", 0) == 0) {  // split slices in shared memory: 0 or 1
