@@ -671,24 +671,26 @@ struct Timing {
 
 /// `rounds` rounds of flush, copy, flush, [pre,] call: the copy and the call alternate in one
 /// loop, each after the same flush, so a drift of the GPU (clocks, temperature) moves both.
+/// With --interleave=0 (g_interleave) all copies first, then the calls alone.
 cudaError_t measure(const Call& op, const Floor& floor, int rounds, const Call& pre, Timing* t) {
   Events ev;
   t->copy_ms.clear();
   t->op_ms.clear();
-  for (int pass = g_interleave ? 1 : 0; pass < 2; ++pass) {
-    for (int i = 0; i < rounds; ++i) {
-      double copy = 0, ms = 0;
-      if (g_interleave || pass == 0) {
-        flush_l2();
-        CHECK_CUDA(ev.time([&] { return floor(); }, &copy));
-        t->copy_ms.push_back(copy);
-      }
-      if (pass == 0) continue;
-      flush_l2();
-      if (pre) CHECK_CUDA(pre());
-      INSTNORM_RETURN_IF_ERROR(ev.time(op, &ms));
-      t->op_ms.push_back(ms);
-    }
+  const auto time_copy = [&] {
+    double copy = 0;
+    flush_l2();
+    CHECK_CUDA(ev.time([&] { return floor(); }, &copy));
+    t->copy_ms.push_back(copy);
+  };
+  if (!g_interleave)
+    for (int i = 0; i < rounds; ++i) time_copy();
+  for (int i = 0; i < rounds; ++i) {
+    if (g_interleave) time_copy();
+    double ms = 0;
+    flush_l2();
+    if (pre) CHECK_CUDA(pre());
+    INSTNORM_RETURN_IF_ERROR(ev.time(op, &ms));
+    t->op_ms.push_back(ms);
   }
   t->copy = median_of(t->copy_ms);
   t->op = median_of(t->op_ms);
