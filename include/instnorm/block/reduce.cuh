@@ -44,26 +44,12 @@ struct BlockReduceStorage {
   Moments exchanged;
 };
 
-/// Sum over aligned groups of `lanes` (a power of two <= 32) lanes of a warp, or, with `stride`
-/// (a power of two), over the lanes of such a group that are a multiple of `stride` apart. Both
-/// partners of a step add the same two values and IEEE addition is commutative, so every lane of
-/// a group ends with the same bits. All 32 lanes must call it.
-__device__ __forceinline__ float butterfly_sum(float v, int lanes, int stride = 1) {
-  for (int o = stride; o < lanes; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-/// Two independent sums in one butterfly (their shuffles overlap).
-__device__ __forceinline__ ShareSums butterfly_sum2(ShareSums v, int lanes, int stride = 1) {
-  for (int o = stride; o < lanes; o <<= 1) {
-    v.res += __shfl_xor_sync(0xffffffffu, v.res, o);
-    v.sq += __shfl_xor_sync(0xffffffffu, v.sq, o);
-  }
-  return v;
-}
-
-/// butterfly_sum and butterfly_sum2 of n independent values in one loop: each step's n shuffles
-/// are in flight together (the on-chip NHWC kernel's kVec channels). The same additions per
-/// value, in the same order, as n separate calls.
+/// Sums over aligned groups of `lanes` (a power of two <= 32) lanes of a warp, or, with `stride`
+/// (a power of two), over the lanes of such a group that are a multiple of `stride` apart, of n
+/// independent values in one loop: each step's n shuffles are in flight together (the on-chip
+/// NHWC kernel's kVec channels). Both partners of a step add the same two values and IEEE
+/// addition is commutative, so every lane of a group ends with the same bits; each value sees
+/// the same additions in the same order as alone. All 32 lanes must call it.
 template <int n>
 __device__ __forceinline__ void butterfly_sums(float (&v)[n], int lanes, int stride = 1) {
   for (int o = stride; o < lanes; o <<= 1) {
@@ -74,21 +60,29 @@ __device__ __forceinline__ void butterfly_sums(float (&v)[n], int lanes, int str
     for (int k = 0; k < n; ++k) v[k] += w[k];
   }
 }
+/// The same for n ShareSums: their 2n floats in one butterfly (registers, after unrolling).
 template <int n>
 __device__ __forceinline__ void butterfly_sums2(ShareSums (&v)[n], int lanes, int stride = 1) {
-  for (int o = stride; o < lanes; o <<= 1) {
-    ShareSums w[n];
+  float f[2 * n];
 #pragma unroll
-    for (int k = 0; k < n; ++k) {
-      w[k].res = __shfl_xor_sync(0xffffffffu, v[k].res, o);
-      w[k].sq = __shfl_xor_sync(0xffffffffu, v[k].sq, o);
-    }
-#pragma unroll
-    for (int k = 0; k < n; ++k) {
-      v[k].res += w[k].res;
-      v[k].sq += w[k].sq;
-    }
+  for (int k = 0; k < n; ++k) {
+    f[2 * k] = v[k].res;
+    f[2 * k + 1] = v[k].sq;
   }
+  butterfly_sums(f, lanes, stride);
+#pragma unroll
+  for (int k = 0; k < n; ++k) v[k] = ShareSums{f[2 * k], f[2 * k + 1]};
+}
+/// One value, and one ShareSums (two independent sums whose shuffles overlap).
+__device__ __forceinline__ float butterfly_sum(float v, int lanes, int stride = 1) {
+  float a[1] = {v};
+  butterfly_sums(a, lanes, stride);
+  return a[0];
+}
+__device__ __forceinline__ ShareSums butterfly_sum2(ShareSums v, int lanes, int stride = 1) {
+  ShareSums a[1] = {v};
+  butterfly_sums2(a, lanes, stride);
+  return a[0];
 }
 
 /// All-reduce of partials that together hold `total` values (every caller knows it), by shares
