@@ -5,6 +5,7 @@
 /// per-channel sums cut from per-vector sums in shared memory, and their fixed-order reduction
 /// over images and blocks.
 
+#include "../block/layout.cuh"
 #include "../block/reduce.cuh"
 #include "epilogue.cuh"
 
@@ -53,7 +54,8 @@ __device__ __forceinline__ void channel_partial_sums(const Params& p,
                                                   const GradPlane& pl) {
   const int64_t S = p.spatial, cpg = p.channels_per_group, c = p.groups * cpg;
   const int G = int(p.blocks_per_plane), lanes = p.lanes;
-  const int lane = threadIdx.x % lanes, group = threadIdx.x / lanes;
+  const LaneGroups lg = lane_groups(lanes);
+  const int lane = lg.lane, group = lg.group;
   // Teams: the warps of a block plan, the lane group otherwise.
   const int team_width = lanes < 32 ? lanes : 32;
   const int teams = lanes < 32 ? 1 : lanes / 32;

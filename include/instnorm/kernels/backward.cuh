@@ -16,6 +16,7 @@
 /// residual first, so a round sums x - c alone, exchanges it, then the rest.
 
 #include "../block/grad_reduce.cuh"
+#include "../block/layout.cuh"
 #include "../contract.cuh"
 #include "../epilogue/epilogue.cuh"
 #include "../epilogue/grad_partials.cuh"
@@ -101,13 +102,11 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
   __shared__ GradReduceStorage st;
   extern __shared__ uint4 dyn_smem[];
   const int lanes = p.lanes;
-  const int lane = threadIdx.x % lanes;
-  const int per_block = blockDim.x / lanes;
-  const int group = threadIdx.x / lanes;
+  const LaneGroups lg = lane_groups(lanes);
+  const int lane = lg.lane, per_block = lg.per_block, group = lg.group;
   const int G = int(p.blocks_per_plane);
-  const int rank = int(blockIdx.x) % G;
-  const int block_group = int(blockIdx.x) / G;
-  const int block_groups = int(gridDim.x) / G;
+  const BlockRank br = block_rank(G);
+  const int rank = br.rank, block_group = br.group, block_groups = br.groups;
   const int chunk = lanes * p.items * kVec;
   // The extension holds 16-byte vectors only (cp.async; the planner gives scalar plans none).
   const int sitems = kStream || sizeof(V) != 16 ? 0 : p.smem_items;

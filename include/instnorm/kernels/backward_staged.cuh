@@ -19,9 +19,8 @@ template <class T>
 __global__ void __launch_bounds__(kStagedThreads, 2) staged_backward_kernel(const BackwardParams<T> p) {
   extern __shared__ uint4 dyn_smem[];
   const int lanes = p.lanes;
-  const int lane = threadIdx.x % lanes;
-  const int group = threadIdx.x / lanes;
-  const int per_block = blockDim.x / lanes;
+  const LaneGroups lg = lane_groups(lanes);
+  const int lane = lg.lane, group = lg.group, per_block = lg.per_block;
   const int64_t L = p.plane_len, S = p.spatial, cpg = p.channels_per_group;
   const int64_t units = (p.planes + per_block - 1) / per_block;
   const bool vec_ok = ((reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.dy) |
@@ -43,7 +42,7 @@ __global__ void __launch_bounds__(kStagedThreads, 2) staged_backward_kernel(cons
     const int64_t plane = first_plane + (active ? group : 0);
     const T* xp = sx + (active ? group : 0) * L;
     T* dp = sd + (active ? group : 0) * L;
-    const int mine = active && lane < L ? int((L - lane + lanes - 1) / lanes) : 0;
+    const int mine = active && lane < L ? int((L - lane + lanes - 1) >> lanes_log2(lanes)) : 0;
     const int64_t channel_base = (plane % p.groups) * cpg;
     GradPlane pl;
     GradChannel<T> plane_ch;

@@ -7,6 +7,7 @@
 /// element type: 16-byte vectors, and scalars for misaligned or ragged planes.
 
 #include "../arch.cuh"
+#include "../block/layout.cuh"
 #include "../block/reduce.cuh"
 #include "../contract.cuh"
 #include "../debug/trace.cuh"
@@ -87,7 +88,13 @@ __device__ __forceinline__ void normalize_slice(Vector<T, kVec> (&regs)[kMaxItem
                                                 ChunkChannel cc) {
   if constexpr (!kStream) {
     const int valid = valid_items<kVec>(int(len), lane, lanes, p.items);
-    store_chunk<kAct>(regs, ys, valid, lane, lanes, ep, p, per_channel, cc);
+    // A thread whose kMaxItems vectors are all valid (planes that fill the plan, as the
+    // standard rows do) stores them without the per-vector checks. fp32 vectors only: the copy
+    // left the fp16 kernels (vectors and scalars) spilling 4 bytes on sm_90 (nvcc 13.0).
+    if (kVec == 4 && sizeof(T) == 4 && valid == kMaxItems)
+      store_chunk<kAct>(regs, ys, kMaxItems, lane, lanes, ep, p, per_channel, cc);
+    else
+      store_chunk<kAct>(regs, ys, valid, lane, lanes, ep, p, per_channel, cc);
     if (p.smem_items > 0 && len > chunk) {
       extern __shared__ uint4 dyn_smem[];
       const int svalid = valid_items<kVec>(int(len - chunk), lane, lanes, p.smem_items);
@@ -140,13 +147,12 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
   using V = Vector<T, kVec>;
   __shared__ BlockReduceStorage smem;
   const int lanes = p.lanes;
-  const int lane = threadIdx.x % lanes;
-  const int per_block = blockDim.x / lanes;  // planes a block handles per round
-  const int group = threadIdx.x / lanes;
-  const int G = int(p.blocks_per_plane);  // <= grid size, so 32 bits
-  const int rank = int(blockIdx.x) % G;
-  const int block_group = int(blockIdx.x) / G;
-  const int block_groups = int(gridDim.x) / G;
+  const LaneGroups lg = lane_groups(lanes);
+  const int lane = lg.lane, group = lg.group;
+  const int per_block = lg.per_block;  // planes a block handles per round
+  const int G = int(p.blocks_per_plane);
+  const BlockRank br = block_rank(G);
+  const int rank = br.rank, block_group = br.group, block_groups = br.groups;
   const int chunk = lanes * p.items * kVec;  // <= 512 * 32
   const bool affine = has_channel_params(p);
   const bool per_channel = affine && p.channels_per_group > 1;
@@ -191,11 +197,11 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
     Moments m;
     if constexpr (!kStream) {
       const int valid = valid_items<kVec>(int(vlen), lane, lanes, p.items);
-      load_chunk<T, kVec, kMaxItems>(regs, xv, valid, lane, lanes);
       extern __shared__ uint4 dyn_smem[];
       const int svalid = p.smem_items > 0 && vlen > chunk
                              ? valid_items<kVec>(int(vlen - chunk), lane, lanes, p.smem_items)
                              : 0;
+      load_chunk<T, kVec, kMaxItems>(regs, xv, valid, lane, lanes);
       if (svalid > 0)
         smem_fill<T, kVec>(reinterpret_cast<V*>(dyn_smem) + lane, xv + chunk, svalid, lane, lanes);
       m = chunk_moments<T, kVec, kMaxItems>(regs, valid, pivot,
@@ -271,18 +277,17 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
     staged_kernel(const KernelParams<T> p) {
   extern __shared__ uint4 dyn_smem[];
   const int lanes = p.lanes;
-  const int lane = threadIdx.x % lanes;
-  const int group = threadIdx.x / lanes;
+  const LaneGroups lg = lane_groups(lanes);
+  const int lane = lg.lane, group = lg.group;
   // Planes per unit: groups of `lanes` threads take them in turns (Plan::unit_planes: several
   // planes per group where planes are short, so that a unit is large enough to stream).
-  const int groups = int(blockDim.x) / lanes;
+  const int groups = lg.per_block;
   const int per_block = p.unit_planes;
   // A template argument: the stride as a run-time value left the NCHW instantiation spilling 4
   // bytes on sm_90.
   const int cs = kChannelsLast ? p.channel_stride : 1;
   const int64_t L = p.plane_len;
   const int len = int(L);  // a unit of planes fits in shared memory
-  const int lanes_log2 = 31 - __clz(lanes);
   const int64_t units = (p.planes + per_block - 1) / per_block;
   const bool affine = has_channel_params(p);
   // Units start 16-byte aligned where x and y do and a unit is a whole number of 16 bytes
@@ -336,7 +341,7 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
       const float pivot = active ? to_float(xp[0]) : 0.f;
       // lanes is a power of two and a staged plane fits in shared memory: shifts and masks of
       // 32-bit values (64-bit divisions cost more than a short plane's data).
-      const int mine = active && lane < len ? ((len - lane + lanes - 1) >> lanes_log2) : 0;
+      const int mine = active && lane < len ? ((len - lane + lanes - 1) >> lanes_log2(lanes)) : 0;
       Moments m =
           local_moments(mine, [&](int k) { return to_float(xp[(lane + k * lanes) * cs]); }, pivot);
       // By shares of the plane's length (SharesCombine); the shuffles also order every lane's

@@ -59,7 +59,10 @@ __device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMax
 #pragma unroll
   for (int j = 0; j < kMaxItems; ++j)
     if (j < valid) add_values(r[j], sum);
-  const float c = sum / static_cast<float>(valid * kVec + (has_extra ? 1 : 0));
+  // The centre need only lie near the values: their deviations from it are then exact
+  // (Sterbenz), and moments_from_sums is exact in c. So an approximate quotient (two
+  // instructions), not an IEEE division with its slow-path check, once per plane and thread.
+  const float c = __fdividef(sum, static_cast<float>(valid * kVec + (has_extra ? 1 : 0)));
   const int k = deviation_shift(n);
   const float h2 = exp2i(-2 * k);
   float s1 = 0.f, s2 = 0.f;
@@ -74,7 +77,8 @@ __device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMax
     if constexpr (sizeof(Vector<T, kVec>) == 16) copy_async_wait_all();
     for (int j = 0; j < svalid; ++j) add_deviations(sm[j * lanes], c, h2, s1, s2);
   }
-  return moments_from_sums(n, c, k, s1, s2, pivot);
+  // exp2i, not ldexpf's range checks (k <= 16).
+  return moments_from_sums(SumScale(n, exp2i(-k), exp2i(2 * k)), c, s1, s2, pivot);
 }
 
 

@@ -11,6 +11,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "../block/layout.cuh"
+
 namespace instnorm {
 namespace detail {
 
@@ -129,10 +131,11 @@ struct is_supported<__nv_bfloat16> {
 
 /// Vectors of a chunk of `len` elements (len <= lanes * items * kVec) that lane `lane` owns:
 /// vectors lane, lane + lanes, ...; the valid ones are exactly the first valid_items(...).
+/// `lanes` is a power of two (block/layout.cuh: a shift, not a division).
 template <int kVec>
 __device__ __forceinline__ int valid_items(int len, int lane, int lanes, int items) {
   const int vecs = (len + kVec - 1) / kVec;
-  const int n = vecs > lane ? (vecs - lane + lanes - 1) / lanes : 0;
+  const int n = vecs > lane ? (vecs - lane + lanes - 1) >> lanes_log2(lanes) : 0;
   return n < items ? n : items;
 }
 
