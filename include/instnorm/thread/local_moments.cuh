@@ -59,9 +59,10 @@ __device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMax
 #pragma unroll
   for (int j = 0; j < kMaxItems; ++j)
     if (j < valid) add_values(r[j], sum);
-  // The centre need only lie near the values: their deviations from it are then exact
-  // (Sterbenz), and moments_from_sums is exact in c. So an approximate quotient (two
-  // instructions), not an IEEE division with its slow-path check, once per plane and thread.
+  // The centre need only lie near the mean: moments_from_sums takes c - pivot exactly and the
+  // deviations' sums carry the rest (on a constant plane, c within 2 ulp of the value makes
+  // each deviation exact, Sterbenz, so the mean is still exactly the pivot). So an approximate
+  // quotient (two instructions), not an IEEE division with its slow-path check.
   const float c = __fdividef(sum, static_cast<float>(valid * kVec + (has_extra ? 1 : 0)));
   const int k = deviation_shift(n);
   const float h2 = exp2i(-2 * k);
