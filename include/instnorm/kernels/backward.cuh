@@ -28,12 +28,19 @@
 namespace instnorm {
 namespace detail {
 
-/// Everything the backward kernel reads.
+/// The tensors of every backward kernel: x and dy in, dx out. A base after EpilogueFields, so
+/// that the fields keep the offsets they had when each parameter struct spelled them out (a
+/// reordering of the backward's parameters made ptxas spill 8-20 bytes).
 template <class T>
-struct BackwardParams : EpilogueFields {
+struct GradTensors {
   const T* x;
   const T* dy;
   T* dx;
+};
+
+/// Everything the backward kernel reads.
+template <class T>
+struct BackwardParams : EpilogueFields, GradTensors<T> {
   int64_t planes;              ///< n * G
   int64_t plane_len;           ///< channels_per_group * spatial
   int64_t channels_per_group;

@@ -15,10 +15,7 @@ namespace instnorm {
 namespace detail {
 
 template <class T>
-struct NhwcGradParams : EpilogueFields {
-  const T* x;
-  const T* dy;
-  T* dx;
+struct NhwcGradParams : EpilogueFields, GradTensors<T> {
   int64_t n, c, cpg;
   const float* save_mean;
   const float* save_rstd;
