@@ -185,6 +185,10 @@ struct SumScale {
   /// From k = deviation_shift(n). ldexpf, not exp2i: with exp2i, ptxas (nvcc 13.0) left
   /// nhwc_on_chip spilling 28-36 bytes on sm_90.
   INSTNORM_HD SumScale(int n_, int k) : SumScale(n_, ldexpf(1.f, -k), ldexpf(1.f, 2 * k)) {}
+  /// The same from exp2i (no range checks): where ptxas keeps it spill-free.
+  static INSTNORM_HD SumScale by_bits(int n_, int k) {
+    return SumScale(n_, exp2i(-k), exp2i(2 * k));
+  }
 };
 
 /// Moments of n values from the sums of a two-pass local computation: c is the local centre
@@ -233,7 +237,7 @@ INSTNORM_HD Moments local_moments(int n, Get get, float pivot) {
     s1 += d;
     s2 = fmaf(d * d, h2, s2);
   }
-  return moments_from_sums(SumScale(n, exp2i(-k), exp2i(2 * k)), c, s1, s2, pivot);
+  return moments_from_sums(SumScale::by_bits(n, k), c, s1, s2, pivot);
 }
 
 /// The statistics a normalize uses, from moments relative to `pivot`: center is the mean

@@ -6,11 +6,10 @@
 /// per thread and per plane on plans whose blocks live for one plane (4x512x64x64: 64 threads,
 /// one plane each; docs/perf-notes.md).
 
+#include "../thread/vector.cuh"  // lanes_log2
+
 namespace instnorm {
 namespace detail {
-
-/// log2 of `lanes`, a power of two (plan_is_valid, NhwcPlan's checks): one FLO instruction.
-__device__ __forceinline__ int lanes_log2(int lanes) { return 31 - __clz(lanes); }
 
 /// Thread threadIdx.x as lane `lane` of lane group `group`, among `per_block` groups of `lanes`
 /// (a power of two) threads per block.

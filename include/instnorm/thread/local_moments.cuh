@@ -78,8 +78,7 @@ __device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMax
     if constexpr (sizeof(Vector<T, kVec>) == 16) copy_async_wait_all();
     for (int j = 0; j < svalid; ++j) add_deviations(sm[j * lanes], c, h2, s1, s2);
   }
-  // exp2i, not ldexpf's range checks (k <= 16).
-  return moments_from_sums(SumScale(n, exp2i(-k), exp2i(2 * k)), c, s1, s2, pivot);
+  return moments_from_sums(SumScale::by_bits(n, k), c, s1, s2, pivot);
 }
 
 
