@@ -244,35 +244,68 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
       __syncthreads();
     }
     trace_stamp(round, 4);
-    // GroupNorm: each group's channels merge in order into the group's first channel's slot.
-    if (cpg > 1) {
-      for (int g = t; g * cpg < chs; g += kThreads) {
-        Moments m;
-        for (int j = g * int(cpg); j < (g + 1) * int(cpg); ++j) m = merge(m, red.get(slot_of(j), count));
-        red.set(slot_of(g * int(cpg)), m);
-      }
-      count *= cpg;
-      __syncthreads();
-    }
-
     float cen[kVec], scale[kVec], shift[kVec];
-    // Channel ch0 + k is the slice's channel cl * kVec + k; slices hold whole groups, so its
-    // group's first channel in the slice is the image's (walk.first) minus the same offset.
-    const int slice_off = ch0 - cl * kVec;
-    walk = GroupWalk(ch0, cpg);
+    if constexpr (kVec <= 4) {
+      // Each group's statistics (groups of one channel for instance norm; a GroupNorm group's
+      // channels merge in order) and its channels' centre, scale and shift, once per group by
+      // thread g, into those channels' slots (mean, lo and var hold them now): every row lane
+      // of a column computed them for its kVec channels before, row_lanes (4-32) times over.
+      // Slices hold whole groups, so a group's slots are its thread's alone.
+      const int slice_first = ch0 - cl * kVec;  // the slice's first channel in the image
+#pragma unroll 1
+      for (int g = t; g * cpg < chs; g += kThreads) {
+        const int j0 = g * cpg;
+        Moments m = red.get(slot_of(j0), count);
+        for (int j = j0 + 1; j < j0 + cpg; ++j) m = merge(m, red.get(slot_of(j), count));
+        // The pivot as read before the exchange: in place, the block holding the image's first
+        // row may have overwritten it since.
+        const PlaneStats st = plane_stats(pivots[j0], m, p);
+        if (rank == 0) store_plane_stats(p, image * p.groups + (slice_first + j0) / cpg, st);
+#pragma unroll 1
+        for (int j = j0; j < j0 + cpg; ++j) {
+          const ScaleShift ss = scale_shift<T>(p, image, slice_first + j, st.rstd, st.residual);
+          red.mean[slot_of(j)] = st.center;
+          red.lo[slot_of(j)] = ss.scale;
+          red.var[slot_of(j)] = ss.shift;
+        }
+      }
+      __syncthreads();
 #pragma unroll
-    for (int k = 0; k < kVec; ++k, walk.next()) {
-      const int ch = ch0 + k;
-      const Moments m = red.get(slot_of(walk.first - slice_off), count);
-      // The pivot as read before the exchange: in place, the block holding the image's first
-      // row may have overwritten it since.
-      const PlaneStats st = plane_stats(pivots[cl * kVec + k], m, p);
-      if (rank == 0 && rl == 0 && walk.first == ch)
-        store_plane_stats(p, image * p.groups + ch / cpg, st);
-      cen[k] = st.center;
-      const ScaleShift ss = scale_shift<T>(p, image, ch, st.rstd, st.residual);
-      scale[k] = ss.scale;
-      shift[k] = ss.shift;
+      for (int k = 0; k < kVec; ++k) {
+        const int i = slot_of(cl * kVec + k);
+        cen[k] = red.mean[i];
+        scale[k] = red.lo[i];
+        shift[k] = red.var[i];
+      }
+    } else {
+      // The vec-8 (16-bit) kernels keep the epilogue per row lane: the pass above left them
+      // spilling 20-40 bytes (nvcc 13.0, sm_89 and sm_90). GroupNorm: each group's channels
+      // merge in order into the group's first channel's slot first.
+      if (cpg > 1) {
+        for (int g = t; g * cpg < chs; g += kThreads) {
+          Moments m;
+          for (int j = g * int(cpg); j < (g + 1) * int(cpg); ++j) m = merge(m, red.get(slot_of(j), count));
+          red.set(slot_of(g * int(cpg)), m);
+        }
+        count *= cpg;
+        __syncthreads();
+      }
+      // Channel ch0 + k is the slice's channel cl * kVec + k; slices hold whole groups, so its
+      // group's first channel in the slice is the image's (walk.first) minus the same offset.
+      const int slice_off = ch0 - cl * kVec;
+      walk = GroupWalk(ch0, cpg);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k, walk.next()) {
+        const int ch = ch0 + k;
+        const Moments m = red.get(slot_of(walk.first - slice_off), count);
+        const PlaneStats st = plane_stats(pivots[cl * kVec + k], m, p);
+        if (rank == 0 && rl == 0 && walk.first == ch)
+          store_plane_stats(p, image * p.groups + ch / cpg, st);
+        cen[k] = st.center;
+        const ScaleShift ss = scale_shift<T>(p, image, ch, st.rstd, st.residual);
+        scale[k] = ss.scale;
+        shift[k] = ss.shift;
+      }
     }
     __syncthreads();  // red is rewritten by the next unit
     if (p.y == nullptr) continue;  // statistics only (uniform over the block)
