@@ -19,13 +19,44 @@ namespace detail {
 
 /// y = act((x - center) * scale + shift) for a thread's rows: the `rvalid` first of its
 /// registers (unrolled: register arrays must not be indexed at run time), then `svalid` rows of
-/// shared memory. `dst(q)` is where row q goes.
-template <Activation kAct, class T, int kVec, int kMaxItems, class Dst>
-__device__ __forceinline__ void nhwc_store_rows(const Vector<T, kVec> (&regs)[kMaxItems],
-                                                int rvalid, const Vector<T, kVec>* smem,
-                                                int svalid, Dst dst, const float (&cen)[kVec],
-                                                const float (&scale)[kVec],
-                                                const float (&shift)[kVec]) {
+/// shared memory. `dst(q)` is where row q goes; `value(k, c, a, b)` gives channel k's centre,
+/// scale and shift. With kPart < kVec the registers are rewritten in place kPart channels at a
+/// time (3 * kPart values live, not 3 * kVec), then stored; the shared-memory rows follow once
+/// the registers are free.
+template <Activation kAct, int kPart, class T, int kVec, int kMaxItems, class Dst, class Value>
+__device__ __forceinline__ void nhwc_store_rows(Vector<T, kVec> (&regs)[kMaxItems], int rvalid,
+                                                const Vector<T, kVec>* smem, int svalid, Dst dst,
+                                                Value value) {
+  static_assert(kVec % kPart == 0, "parts of whole vectors");
+  if constexpr (kPart < kVec) {
+    using Part = Vector<T, kPart>;
+#pragma unroll
+    for (int k0 = 0; k0 < kVec; k0 += kPart) {
+      float c[kPart], a[kPart], b[kPart];
+#pragma unroll
+      for (int i = 0; i < kPart; ++i) value(k0 + i, c[i], a[i], b[i]);
+#pragma unroll
+      for (int q = 0; q < kMaxItems; ++q) {
+        if (q < rvalid) {
+          Part part;
+          memcpy(&part, &regs[q].v[k0], sizeof(Part));
+          float f[kPart];
+          unpack(part, f);
+#pragma unroll
+          for (int i = 0; i < kPart; ++i) f[i] = activate<kAct>(fmaf(f[i] - c[i], a[i], b[i]));
+          part = pack<T, kPart>(f);
+          memcpy(&regs[q].v[k0], &part, sizeof(Part));
+        }
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kMaxItems; ++q)
+      if (q < rvalid) store_vector(dst(q), regs[q]);
+    if (svalid <= 0) return;
+  }
+  float cen[kVec], scale[kVec], shift[kVec];
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) value(k, cen[k], scale[k], shift[k]);
   const auto one = [&](const Vector<T, kVec>& v, Vector<T, kVec>* out) {
     float f[kVec];
     unpack(v, f);
@@ -33,9 +64,11 @@ __device__ __forceinline__ void nhwc_store_rows(const Vector<T, kVec> (&regs)[kM
     for (int k = 0; k < kVec; ++k) f[k] = activate<kAct>(fmaf(f[k] - cen[k], scale[k], shift[k]));
     store_vector(out, pack<T, kVec>(f));
   };
+  if constexpr (kPart == kVec) {
 #pragma unroll
-  for (int q = 0; q < kMaxItems; ++q)
-    if (q < rvalid) one(regs[q], dst(q));
+    for (int q = 0; q < kMaxItems; ++q)
+      if (q < rvalid) one(regs[q], dst(q));
+  }
   for (int j = 0; j < svalid; ++j) one(smem[j * kNhwcOnChipThreads], dst(kMaxItems + j));
 }
 
@@ -244,8 +277,7 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
       __syncthreads();
     }
     trace_stamp(round, 4);
-    float cen[kVec], scale[kVec], shift[kVec];
-    if constexpr (kVec <= 4) {
+    {
       // Each group's statistics (groups of one channel for instance norm; a GroupNorm group's
       // channels merge in order) and its channels' centre, scale and shift, once per group by
       // thread g, into those channels' slots (mean, lo and var hold them now): every row lane
@@ -270,55 +302,47 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
         }
       }
       __syncthreads();
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const int i = slot_of(cl * kVec + k);
-        cen[k] = red.mean[i];
-        scale[k] = red.lo[i];
-        shift[k] = red.var[i];
-      }
-    } else {
-      // The vec-8 (16-bit) kernels keep the epilogue per row lane: the pass above left them
-      // spilling 20-40 bytes (nvcc 13.0, sm_89 and sm_90). GroupNorm: each group's channels
-      // merge in order into the group's first channel's slot first.
-      if (cpg > 1) {
-        for (int g = t; g * cpg < chs; g += kThreads) {
-          Moments m;
-          for (int j = g * int(cpg); j < (g + 1) * int(cpg); ++j) m = merge(m, red.get(slot_of(j), count));
-          red.set(slot_of(g * int(cpg)), m);
-        }
-        count *= cpg;
-        __syncthreads();
-      }
-      // Channel ch0 + k is the slice's channel cl * kVec + k; slices hold whole groups, so its
-      // group's first channel in the slice is the image's (walk.first) minus the same offset.
-      const int slice_off = ch0 - cl * kVec;
-      walk = GroupWalk(ch0, cpg);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k, walk.next()) {
-        const int ch = ch0 + k;
-        const Moments m = red.get(slot_of(walk.first - slice_off), count);
-        const PlaneStats st = plane_stats(pivots[cl * kVec + k], m, p);
-        if (rank == 0 && rl == 0 && walk.first == ch)
-          store_plane_stats(p, image * p.groups + ch / cpg, st);
-        cen[k] = st.center;
-        const ScaleShift ss = scale_shift<T>(p, image, ch, st.rstd, st.residual);
-        scale[k] = ss.scale;
-        shift[k] = ss.shift;
-      }
     }
-    __syncthreads();  // red is rewritten by the next unit
-    if (p.y == nullptr) continue;  // statistics only (uniform over the block)
-
-    V* yv = reinterpret_cast<V*>(p.y + image * S * C + (row_begin + rl) * C) + col;
-    // Row q < items is register q; row items + j is shared-memory row j (dst gets kMaxItems + j).
-    const int items = p.items;
-    const auto dst = [&](int q) {
-      return yv + (q < kMaxItems ? q : items + (q - kMaxItems)) * rstep;
+    // Channel k of this thread's column: its centre, scale and shift in the table.
+    const auto param = [&](int k, float& c, float& a, float& b) {
+      const int i = slot_of(cl * kVec + k);
+      c = red.mean[i];
+      a = red.lo[i];
+      b = red.var[i];
     };
-    with_activation(p.activation, [&](auto act) {
-      nhwc_store_rows<decltype(act)::value>(regs, rvalid, sdata, svalid, dst, cen, scale, shift);
-    });
+    // The 16-bit vec-8 kernels apply them four channels at a time, reading the table while
+    // they store (all 24 values at once, or two channels at a time, left ptxas spilling 24-40
+    // bytes at their 128 registers); the others hold all of theirs, read before the barrier
+    // that frees the table (reading them after it, or in parts, spilled 4-32 bytes in the
+    // fp32 vec-4 kernel on sm_90). nvcc 13.0.
+    constexpr int kPart = sizeof(T) == 2 && kVec == 8 ? 4 : kVec;
+    float cen[kVec], scale[kVec], shift[kVec];
+    if constexpr (kPart == kVec) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) param(k, cen[k], scale[k], shift[k]);
+      __syncthreads();  // red is rewritten by the next unit
+    }
+    if (p.y != nullptr) {  // else statistics only (uniform over the block)
+      V* yv = reinterpret_cast<V*>(p.y + image * S * C + (row_begin + rl) * C) + col;
+      // Row q < items is register q; row items + j is shared-memory row j (dst gets kMaxItems + j).
+      const int items = p.items;
+      const auto dst = [&](int q) {
+        return yv + (q < kMaxItems ? q : items + (q - kMaxItems)) * rstep;
+      };
+      const auto value = [&](int k, float& c, float& a, float& b) {
+        if constexpr (kPart == kVec) {
+          c = cen[k];
+          a = scale[k];
+          b = shift[k];
+        } else {
+          param(k, c, a, b);
+        }
+      };
+      with_activation(p.activation, [&](auto act) {
+        nhwc_store_rows<decltype(act)::value, kPart>(regs, rvalid, sdata, svalid, dst, value);
+      });
+    }
+    if constexpr (kPart != kVec) __syncthreads();  // red is rewritten by the next unit
     trace_stamp(round, 5);
   }
   trace_flush(round);
