@@ -72,6 +72,38 @@ __device__ __forceinline__ void nhwc_store_rows(Vector<T, kVec> (&regs)[kMaxItem
   for (int j = 0; j < svalid; ++j) one(smem[j * kNhwcOnChipThreads], dst(kMaxItems + j));
 }
 
+/// Each group's statistics (groups of one channel for instance norm; a GroupNorm group's
+/// channels merge in order) and its channels' centre, scale and shift, once per group by thread
+/// g of the block, into those channels' slots of the table (mean, lo and var hold them then):
+/// the row lanes of a column read them, where each computed its kVec channels' before, 4-32
+/// times over. Slices hold whole groups, so a group's slots are its thread's alone. `pivots`
+/// are the slice's as read before the exchange (in place, the block holding the image's first
+/// row may have overwritten the image's since); `slice_first` is the slice's first channel in
+/// the image; `writer` stores the saved statistics (one block of the unit).
+template <class T, class SlotOf>
+__device__ __forceinline__ void nhwc_group_coefficients(const NhwcParams<T>& p,
+                                                        const ChannelPartials& red,
+                                                        SlotOf slot_of, const float* pivots,
+                                                        int64_t count, int chs, int cpg, int t,
+                                                        bool writer, int64_t image,
+                                                        int slice_first) {
+#pragma unroll 1
+  for (int g = t; g * cpg < chs; g += kNhwcOnChipThreads) {
+    const int j0 = g * cpg;
+    Moments m = red.get(slot_of(j0), count);
+    for (int j = j0 + 1; j < j0 + cpg; ++j) m = merge(m, red.get(slot_of(j), count));
+    const PlaneStats st = plane_stats(pivots[j0], m, p);
+    if (writer) store_plane_stats(p, image * p.groups + (slice_first + j0) / cpg, st);
+#pragma unroll 1
+    for (int j = j0; j < j0 + cpg; ++j) {
+      const ScaleShift ss = scale_shift<T>(p, image, slice_first + j, st.rstd, st.residual);
+      red.mean[slot_of(j)] = st.center;
+      red.lo[slot_of(j)] = ss.scale;
+      red.var[slot_of(j)] = ss.shift;
+    }
+  }
+}
+
 /// On chip: a unit is (image, column slice) x all rows, shared by G blocks that each hold
 /// `slice_rows` rows in registers (`items` per thread) and shared memory (`smem_items`, filled by
 /// cp.async). A thread owns one column vector (kVec channels) and rows rl, rl + row_lanes, ...
@@ -277,32 +309,9 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
       __syncthreads();
     }
     trace_stamp(round, 4);
-    {
-      // Each group's statistics (groups of one channel for instance norm; a GroupNorm group's
-      // channels merge in order) and its channels' centre, scale and shift, once per group by
-      // thread g, into those channels' slots (mean, lo and var hold them now): every row lane
-      // of a column computed them for its kVec channels before, row_lanes (4-32) times over.
-      // Slices hold whole groups, so a group's slots are its thread's alone.
-      const int slice_first = ch0 - cl * kVec;  // the slice's first channel in the image
-#pragma unroll 1
-      for (int g = t; g * cpg < chs; g += kThreads) {
-        const int j0 = g * cpg;
-        Moments m = red.get(slot_of(j0), count);
-        for (int j = j0 + 1; j < j0 + cpg; ++j) m = merge(m, red.get(slot_of(j), count));
-        // The pivot as read before the exchange: in place, the block holding the image's first
-        // row may have overwritten it since.
-        const PlaneStats st = plane_stats(pivots[j0], m, p);
-        if (rank == 0) store_plane_stats(p, image * p.groups + (slice_first + j0) / cpg, st);
-#pragma unroll 1
-        for (int j = j0; j < j0 + cpg; ++j) {
-          const ScaleShift ss = scale_shift<T>(p, image, slice_first + j, st.rstd, st.residual);
-          red.mean[slot_of(j)] = st.center;
-          red.lo[slot_of(j)] = ss.scale;
-          red.var[slot_of(j)] = ss.shift;
-        }
-      }
-      __syncthreads();
-    }
+    nhwc_group_coefficients(p, red, slot_of, pivots, count, chs, cpg, t, rank == 0, image,
+                            ch0 - cl * kVec);
+    __syncthreads();
     // Channel k of this thread's column: its centre, scale and shift in the table.
     const auto param = [&](int k, float& c, float& a, float& b) {
       const int i = slot_of(cl * kVec + k);
