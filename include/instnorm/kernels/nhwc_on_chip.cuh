@@ -72,6 +72,31 @@ __device__ __forceinline__ void nhwc_store_rows(Vector<T, kVec> (&regs)[kMaxItem
   for (int j = 0; j < svalid; ++j) one(smem[j * kNhwcOnChipThreads], dst(kMaxItems + j));
 }
 
+/// The in-warp combine of kB channels' moments (mean hi + lo, var) over the row lanes of a
+/// column (lanes cs, 2 cs, ... apart), by shares of their rows (SharesCombine): one shuffle
+/// round serves all kB channels. `share` is this lane's share of its group's `group_rows`.
+template <int kB>
+__device__ __forceinline__ void warp_combine_row_lanes(float (&hi)[kB], float (&lo)[kB],
+                                                       float (&var)[kB], float share,
+                                                       int group_rows, int cs) {
+  const auto sc = [&](int i) { return SharesCombine(share, Moments{hi[i], var[i], 0, lo[i]}); };
+  float a[kB];
+  ShareSums q[kB];
+#pragma unroll
+  for (int i = 0; i < kB; ++i) a[i] = sc(i).first();
+  butterfly_sums<kB>(a, 32, cs);
+#pragma unroll
+  for (int i = 0; i < kB; ++i) q[i] = sc(i).second(a[i]);
+  butterfly_sums2<kB>(q, 32, cs);
+#pragma unroll
+  for (int i = 0; i < kB; ++i) {
+    const Moments m = SharesCombine::result(a[i], q[i], group_rows);
+    hi[i] = m.mean;
+    lo[i] = m.mean_lo;
+    var[i] = m.var;
+  }
+}
+
 /// Each group's statistics (groups of one channel for instance norm; a GroupNorm group's
 /// channels merge in order) and its channels' centre, scale and shift, once per group by thread
 /// g of the block, into those channels' slots of the table (mean, lo and var hold them then):
@@ -254,26 +279,7 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
         lo[i] = m.mean_lo;
         var[i] = m.var;
       }
-      if (wl > 1) {
-        const auto sc = [&](int i) {
-          return SharesCombine(share, Moments{hi[i], var[i], 0, lo[i]});
-        };
-        float a[kB];
-        ShareSums q[kB];
-#pragma unroll
-        for (int i = 0; i < kB; ++i) a[i] = sc(i).first();
-        butterfly_sums<kB>(a, 32, cs);
-#pragma unroll
-        for (int i = 0; i < kB; ++i) q[i] = sc(i).second(a[i]);
-        butterfly_sums2<kB>(q, 32, cs);
-#pragma unroll
-        for (int i = 0; i < kB; ++i) {
-          const Moments m = SharesCombine::result(a[i], q[i], my_group_rows);
-          hi[i] = m.mean;
-          lo[i] = m.mean_lo;
-          var[i] = m.var;
-        }
-      }
+      if (wl > 1) warp_combine_row_lanes<kB>(hi, lo, var, share, my_group_rows, cs);
       if (lead) {
 #pragma unroll
         for (int i = 0; i < kB; ++i)
