@@ -134,6 +134,26 @@ __device__ __forceinline__ RaggedSlice ragged_slice(const T* xs, int64_t len, in
   return r;
 }
 
+/// A split plan's exchange: the G blocks of a plane (block_group's) publish their slices'
+/// moments in this round's parity of the tagged slots and merge all G in the same order (a block
+/// that is not `active` has no plane this round: its slices count as empty).
+template <class T>
+__device__ __forceinline__ Moments exchange_plane_moments(const KernelParams<T>& p,
+                                                          const Moments& m, unsigned round,
+                                                          int block_group, int rank, int G,
+                                                          bool active, BlockReduceStorage& smem) {
+  TaggedSlot* slots = p.slots + (round & 1) * gridDim.x + block_group * G;
+  const unsigned tag = round + 1u;
+  group_publish(m, slots, rank, tag);
+  const int64_t slice = p.slice_len, plane_len = p.plane_len;
+  return group_wait(slots, G, tag,
+                    [=](int i) -> int64_t {
+                      const int64_t left = active ? plane_len - int64_t(i) * slice : 0;
+                      return left < 0 ? 0 : left < slice ? left : slice;
+                    },
+                    active ? plane_len : 0, smem);
+}
+
 /// The forward kernel; see the file comment. kStream: slices larger than one chunk are read
 /// twice (moments, then normalize); otherwise the slice stays in registers between the two.
 /// G > 1 blocks of a plane exchange their partials through tagged global slots.
@@ -224,18 +244,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
     trace_stamp(round, 2);
     m = lanes <= 32 ? warp_allreduce_shares(m, len, lanes) : block_allreduce_shares(m, len, smem);
     trace_stamp(round, 3);
-    if (G > 1) {
-      TaggedSlot* slots = p.slots + (round & 1) * gridDim.x + block_group * G;
-      const unsigned tag = round + 1u;
-      group_publish(m, slots, rank, tag);
-      const int64_t slice = p.slice_len, plane_len = p.plane_len;
-      m = group_wait(slots, G, tag,
-                     [=](int i) -> int64_t {
-                       const int64_t left = active ? plane_len - int64_t(i) * slice : 0;
-                       return left < 0 ? 0 : left < slice ? left : slice;
-                     },
-                     active ? plane_len : 0, smem);
-    }
+    if (G > 1) m = exchange_plane_moments(p, m, round, block_group, rank, G, active, smem);
     trace_stamp(round, 4);
 
     Epilogue<T> ep = plane_epilogue(p, pivot, m, plane, active && rank == 0 && lane == 0);
