@@ -96,6 +96,23 @@ __device__ __forceinline__ void grad_terms(const Vector<T, kVec>& xv, const Vect
   }
 }
 
+/// A plane's saved statistics (training) or running ones (eval) as the backward's pivot and
+/// rstd, and its channel's gamma and beta (instance norm; GroupNorm tracks them per vector).
+template <class T>
+__device__ __forceinline__ void grad_plane_of(const BackwardParams<T>& p, int64_t plane,
+                                              int64_t channel_base, GradPlane& pl,
+                                              GradChannel<T>& ch) {
+  if (is_modulated(p)) ch.image = image_of(p, plane);
+  ch.set_channel(p, channel_base);
+  if (p.use_input_stats) {
+    pl.c = p.save_mean[plane];
+    pl.rstd = p.save_rstd[plane];
+  } else {
+    pl.c = p.running_mean[channel_base];
+    pl.rstd = 1.f / sqrtf(p.running_var[channel_base] + p.eps);
+  }
+}
+
 /// The backward kernel; see the file comment. kStream: slices larger than one chunk are read
 /// again for each pass (an activation's residual, the sums, dx); otherwise x and dy stay on
 /// chip: in registers, and beyond them (split plans' smem_items) in dynamic shared memory,
@@ -142,17 +159,7 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
 
     GradPlane pl;
     GradChannel<T> plane_ch;  // instance norm: the plane's channel
-    if (active) {
-      if (is_modulated(p)) plane_ch.image = image_of(p, plane);
-      plane_ch.set_channel(p, channel_base);
-      if (p.use_input_stats) {
-        pl.c = p.save_mean[plane];
-        pl.rstd = p.save_rstd[plane];
-      } else {
-        pl.c = p.running_mean[channel_base];
-        pl.rstd = 1.f / sqrtf(p.running_var[channel_base] + p.eps);
-      }
-    }
+    if (active) grad_plane_of(p, plane, channel_base, pl, plane_ch);
 
     V xr[kMaxItems], dr[kMaxItems];
     // Visits the slice chunk by chunk: start(offset) before a chunk, item(j, x, dy) for each of
