@@ -113,6 +113,25 @@ __device__ __forceinline__ void grad_plane_of(const BackwardParams<T>& p, int64_
   }
 }
 
+/// This block's part of dgamma/dbeta: per plane (instance norm, `own` the block's sums), or
+/// with `channel_partials` (GroupNorm) per channel from the per-vector sums at &vec_sum(0).
+template <int kVec, bool kStream, class T, class VecSum>
+__device__ __forceinline__ void param_partials(const BackwardParams<T>& p, const GradSums& own,
+                                               const GradPlane& pl, bool channel_partials,
+                                               VecSum vec_sum, int held, int64_t plane,
+                                               int64_t begin, int64_t len, int rank, bool active,
+                                               int lane) {
+  if (!channel_partials) {
+    if (active && lane == 0)
+      store_plane_sums<!kStream>(p, plane, rank, own.a, pl.rstd * fmaf(-pl.r, own.a, own.b));
+  } else {
+    if (!kStream) __syncthreads();
+    channel_partial_sums<kVec>(p, &vec_sum(0), held, active ? plane : 0, begin, len, rank, active,
+                               kStream ? PartialMode::kFinish : PartialMode::kStoreFinished, pl);
+    if (!kStream) __syncthreads();
+  }
+}
+
 /// The backward kernel; see the file comment. kStream: slices larger than one chunk are read
 /// again for each pass (an activation's residual, the sums, dx); otherwise x and dy stay on
 /// chip: in registers, and beyond them (split plans' smem_items) in dynamic shared memory,
@@ -301,17 +320,8 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
 
       // The partials of dgamma/dbeta: (sum of d, sum of d * xhat) of this block's part.
       if (param_sums) {
-        if (!channel_partials) {
-          if (active && lane == 0)
-            store_plane_sums<!kStream>(p, plane, rank, own.a, pl.rstd * fmaf(-pl.r, own.a, own.b));
-        } else {
-          if (!kStream) __syncthreads();
-          channel_partial_sums<kVec>(p, &vec_sum(0), held, active ? plane : 0, begin, len, rank,
-                                     active,
-                                     kStream ? PartialMode::kFinish : PartialMode::kStoreFinished,
-                                     pl);
-          if (!kStream) __syncthreads();
-        }
+        param_partials<kVec, kStream>(p, own, pl, channel_partials, vec_sum, held, plane, begin,
+                                      len, rank, active, lane);
       }
 
       // Pass 3: dx.
