@@ -72,56 +72,6 @@ __device__ __forceinline__ void nhwc_store_rows(Vector<T, kVec> (&regs)[kMaxItem
   for (int j = 0; j < svalid; ++j) one(smem[j * kNhwcOnChipThreads], dst(kMaxItems + j));
 }
 
-/// Per-channel moments of a thread's rows (`rvalid` registers, then `svalid` shared-memory rows
-/// filled by cp.async, waited for here): plain sums give the local centres c, then the
-/// deviations from them, s1 and s2 (the squares scaled by deviation_shift(rows); see
-/// chunk_moments).
-template <class T, int kVec, int kMaxItems>
-__device__ __forceinline__ void nhwc_row_moments(const Vector<T, kVec> (&regs)[kMaxItems],
-                                                 int rvalid, const Vector<T, kVec>* smem,
-                                                 int svalid, int rows, float (&c)[kVec],
-                                                 float (&s1)[kVec], float (&s2)[kVec]) {
-  using V = Vector<T, kVec>;
-  float acc[kVec];
-#pragma unroll
-  for (int k = 0; k < kVec; ++k) acc[k] = 0.f;
-  const auto add = [&](const V& v) {
-    float f[kVec];
-    unpack(v, f);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) acc[k] += f[k];
-  };
-#pragma unroll
-  for (int q = 0; q < kMaxItems; ++q)
-    if (q < rvalid) add(regs[q]);
-  if constexpr (sizeof(V) == 16) {
-    if (svalid > 0) copy_async_wait_all();
-  }
-  for (int j = 0; j < svalid; ++j) add(smem[j * kNhwcOnChipThreads]);
-  const float inv_n = rows > 0 ? 1.f / float(rows) : 0.f;
-  const float h2 = ldexpf(1.f, -2 * deviation_shift(rows));
-#pragma unroll
-  for (int k = 0; k < kVec; ++k) {
-    c[k] = acc[k] * inv_n;
-    s1[k] = 0.f;
-    s2[k] = 0.f;
-  }
-  const auto dev = [&](const V& v) {
-    float f[kVec];
-    unpack(v, f);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      const float d = f[k] - c[k];
-      s1[k] += d;
-      s2[k] = fmaf(d * d, h2, s2[k]);
-    }
-  };
-#pragma unroll
-  for (int q = 0; q < kMaxItems; ++q)
-    if (q < rvalid) dev(regs[q]);
-  for (int j = 0; j < svalid; ++j) dev(smem[j * kNhwcOnChipThreads]);
-}
-
 /// The in-warp combine of kB channels' moments (mean hi + lo, var) over the row lanes of a
 /// column (lanes cs, 2 cs, ... apart), by shares of their rows (SharesCombine): one shuffle
 /// round serves all kB channels. `share` is this lane's share of its group's `group_rows`.
@@ -254,8 +204,7 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
     }
 
     float c[kVec], s1[kVec], s2[kVec];
-    nhwc_row_moments(regs, rvalid, sdata, svalid, rows, c, s1, s2);
-    const int shift_k = deviation_shift(rows);
+    const int shift_k = channel_moments(regs, rvalid, sdata, kThreads, svalid, rows, c, s1, s2);
 
     // Pivot of each channel: its group's first element in the image (see group_pivot). Row i of
     // the block is on lane i % row_lanes; the wl row lanes of a column in one warp combine by
@@ -337,7 +286,7 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
       b = red.var[i];
     };
     // The 16-bit vec-8 kernels apply them four channels at a time, reading the table while
-    // they store (all 24 values at once, or two channels at a time, left ptxas spilling 24-40
+    // they store (all 24 values at once, or two channels at a time, left ptxas spilling 20-40
     // bytes at their 128 registers); the others hold all of theirs, read before the barrier
     // that frees the table (reading them after it, or in parts, spilled 4-32 bytes in the
     // fp32 vec-4 kernel on sm_90). nvcc 13.0.

@@ -81,6 +81,58 @@ __device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMax
   return moments_from_sums(SumScale::by_bits(n, k), c, s1, s2, pivot);
 }
 
+/// Per-channel moments of the kVec channels of a thread's rows (channels-last: a vector is one
+/// row's kVec channels), in the same two passes: `rvalid` rows in registers, then `svalid` in
+/// shared memory (sm[j * stride], filled by cp.async and waited for here). Gives each channel's
+/// local centre c, sum(d) in s1 and sum(d^2) * h^2 in s2 (h = 2^-k), and returns
+/// k = deviation_shift(rows).
+template <class T, int kVec, int kMaxItems>
+__device__ __forceinline__ int channel_moments(const Vector<T, kVec> (&regs)[kMaxItems],
+                                               int rvalid, const Vector<T, kVec>* sm, int stride,
+                                               int svalid, int rows, float (&c)[kVec],
+                                               float (&s1)[kVec], float (&s2)[kVec]) {
+  using V = Vector<T, kVec>;
+  float acc[kVec];
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) acc[k] = 0.f;
+  const auto add = [&](const V& v) {
+    float f[kVec];
+    unpack(v, f);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) acc[k] += f[k];
+  };
+#pragma unroll
+  for (int q = 0; q < kMaxItems; ++q)
+    if (q < rvalid) add(regs[q]);
+  if constexpr (sizeof(V) == 16) {
+    if (svalid > 0) copy_async_wait_all();
+  }
+  for (int j = 0; j < svalid; ++j) add(sm[j * stride]);
+  const float inv_n = rows > 0 ? 1.f / float(rows) : 0.f;
+  const int shift = deviation_shift(rows);
+  const float h2 = ldexpf(1.f, -2 * shift);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    c[k] = acc[k] * inv_n;
+    s1[k] = 0.f;
+    s2[k] = 0.f;
+  }
+  const auto dev = [&](const V& v) {
+    float f[kVec];
+    unpack(v, f);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const float d = f[k] - c[k];
+      s1[k] += d;
+      s2[k] = fmaf(d * d, h2, s2[k]);
+    }
+  };
+#pragma unroll
+  for (int q = 0; q < kMaxItems; ++q)
+    if (q < rvalid) dev(regs[q]);
+  for (int j = 0; j < svalid; ++j) dev(sm[j * stride]);
+  return shift;
+}
 
 }  // namespace detail
 }  // namespace instnorm
