@@ -5,17 +5,19 @@
 # writes them to $OUT/ab.txt.
 # Usage: bash bench/device_ab.sh <bench A> <bench B> [runs] [bench args...]
 # AB_BUDGET (seconds, default 400): no new A/B round starts after it; the summary then covers
-# the rounds that ran. Both binaries first run once untimed (AB_WARMUP=0 skips it): on a machine
+# the rounds that ran. AB_C (a third binary, optional) joins the rotation (A, B, C, A, ...) and
+# gets a C/A column: a candidate and the current version against one baseline in one call.
+# Every binary first runs once untimed (AB_WARMUP=0 skips it): on a machine
 # that just came up, the first A/B of a call timed the same binary up to 30% slower on some rows
 # than one a minute later (docs/perf-notes.md, 2026-12-05).
 set -u
-a=$1 b=$2 runs=${3:-5}
+a=$1 b=$2 c=${AB_C:-} runs=${3:-5}
 shift 3 2> /dev/null || shift $#
 out=${OUT:-/tmp/out}
 tmp=$(mktemp -d)
 mkdir -p "$out"
 if [ "${AB_WARMUP:-1}" != 0 ]; then
-  for bin in "$a" "$b"; do
+  for bin in "$a" "$b" $c; do
     timeout 200 "$bin" --benchmark_filter='^instnorm/' "$@" > /dev/null 2>&1
   done
 fi
@@ -24,9 +26,10 @@ done_runs=0
 for i in $(seq 1 "$runs"); do
   [ $((SECONDS - start)) -lt "${AB_BUDGET:-400}" ] || break
   done_runs=$i
-  for side in A B; do
+  for side in A B ${c:+C}; do
     bin=$a
     [ "$side" = B ] && bin=$b
+    [ "$side" = C ] && bin=$c
     timeout 200 "$bin" --benchmark_filter='^instnorm/' --benchmark_format=json "$@" \
       > "$tmp/$side.$i.json" 2> /dev/null || echo "run $side $i failed" >&2
   done
@@ -37,7 +40,7 @@ python3 - "$tmp" "$done_runs" << 'PY' | tee "$out/ab.txt"
 import json, statistics, sys
 tmp, runs = sys.argv[1], int(sys.argv[2])
 times = {}
-for side in "AB":
+for side in "ABC":
     for i in range(1, runs + 1):
         try:
             data = json.load(open(f"{tmp}/{side}.{i}.json"))
@@ -49,13 +52,22 @@ for side in "AB":
             # calls move on rows of tens of microseconds).
             t = bm["ms"] if "ms" in bm else bm["real_time"] * scale
             times.setdefault(bm["name"], {}).setdefault(side, []).append(t)
-print(f"{'row':58s} {'A ms':>9s} {'B ms':>9s} {'B/A':>7s}")
-worst = 0.0
+has_c = any("C" in t for t in times.values())
+head = f"{'row':58s} {'A ms':>9s} {'B ms':>9s} {'B/A':>7s}"
+print(head + (f" {'C ms':>9s} {'C/A':>7s}" if has_c else ""))
+worst, worst_c = 0.0, 0.0
 for name, t in times.items():
     if "A" not in t or "B" not in t:
         continue
     ma, mb = statistics.median(t["A"]), statistics.median(t["B"])
     worst = max(worst, mb / ma)
-    print(f"{name[:58]:58s} {ma:9.4f} {mb:9.4f} {mb / ma:7.3f}")
+    line = f"{name[:58]:58s} {ma:9.4f} {mb:9.4f} {mb / ma:7.3f}"
+    if "C" in t:
+        mc = statistics.median(t["C"])
+        worst_c = max(worst_c, mc / ma)
+        line += f" {mc:9.4f} {mc / ma:7.3f}"
+    print(line)
 print(f"slowest row B/A: {worst:.3f} (medians of {runs} alternating runs each)")
+if has_c:
+    print(f"slowest row C/A: {worst_c:.3f}")
 PY
