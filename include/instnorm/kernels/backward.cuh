@@ -132,6 +132,75 @@ __device__ __forceinline__ void param_partials(const BackwardParams<T>& p, const
   }
 }
 
+/// Visits the slice chunk by chunk: start(offset) before a chunk, item(j, x, dy) for each of
+/// the lane's valid vectors j = 0, 1, ... (vector j at element (j * lanes + lane) * kVec of
+/// the chunk), finish(offset, length) after it. On chip, the slice is one chunk, loaded by
+/// the first visit; its shared-memory vectors continue the register ones (j >= items: the
+/// register part is then full on every lane, so vector positions run on unbroken).
+/// The lane's x and dy vectors live in the kernel's arrays `xr`, `dr` (a register array must
+/// not leave the kernel's frame), passed by reference. `loaded` is set after the first visit.
+template <class T, int kVec, int kMaxItems, bool kStream>
+struct SliceVisitor {
+  using V = Vector<T, kVec>;
+  const BackwardParams<T>& p;
+  V (&xr)[kMaxItems];
+  V (&dr)[kMaxItems];
+  int64_t base, len;
+  int lane, lanes, chunk, sitems;
+  bool loaded = false;
+  __device__ __forceinline__ V& smem_vec(int k) const {
+    extern __shared__ uint4 dyn_smem[];
+    return reinterpret_cast<V*>(dyn_smem)[k];
+  }
+  template <class Start, class Item, class Finish>
+  __device__ __forceinline__ void operator()(bool x_only, Start&& start, Item&& item,
+                                             Finish&& finish) {
+    if constexpr (!kStream) {
+      const int valid = valid_items<kVec>(int(len), lane, lanes, p.items);
+      const int svalid = sitems > 0 && len > chunk
+                             ? valid_items<kVec>(int(len - chunk), lane, lanes, sitems)
+                             : 0;
+      if (!loaded) {
+        load_chunk<T, kVec, kMaxItems>(xr, p.x + base, valid, lane, lanes);
+        load_chunk<T, kVec, kMaxItems>(dr, p.dy + base, valid, lane, lanes);
+        if (svalid > 0) {
+          smem_fill<T, kVec>(&smem_vec(lane), p.x + base + chunk, svalid, lane, lanes);
+          smem_fill<T, kVec>(&smem_vec(sitems * lanes + lane), p.dy + base + chunk, svalid,
+                             lane, lanes);
+        }
+      }
+      start(int64_t(0));
+#pragma unroll
+      for (int j = 0; j < kMaxItems; ++j)
+        if (j < valid) item(j, xr[j], dr[j]);
+      if (svalid > 0) {
+        if (!loaded) {
+          if constexpr (sizeof(V) == 16) copy_async_wait_all();  // each lane reads its own
+        }
+#pragma unroll 1
+        for (int j = 0; j < svalid; ++j)
+          item(p.items + j, smem_vec(j * lanes + lane), smem_vec((sitems + j) * lanes + lane));
+      }
+      loaded = true;
+      finish(int64_t(0), len);
+    } else {
+      // Streamed plans are split plans (one group per block): every thread of the block
+      // takes every iteration, so the barriers inside finish hold.
+      for (int64_t off = 0; off < len; off += chunk) {
+        const int clen = int(len - off < chunk ? len - off : chunk);
+        const int valid = valid_items<kVec>(clen, lane, lanes, p.items);
+        load_chunk<T, kVec, kMaxItems>(xr, p.x + base + off, valid, lane, lanes);
+        if (!x_only) load_chunk<T, kVec, kMaxItems>(dr, p.dy + base + off, valid, lane, lanes);
+        start(off);
+#pragma unroll
+        for (int j = 0; j < kMaxItems; ++j)
+          if (j < valid) item(j, xr[j], dr[j]);
+        finish(off, int64_t(clen));
+      }
+    }
+  }
+};
+
 /// The backward kernel; see the file comment. kStream: slices larger than one chunk are read
 /// again for each pass (an activation's residual, the sums, dx); otherwise x and dy stay on
 /// chip: in registers, and beyond them (split plans' smem_items) in dynamic shared memory,
@@ -153,9 +222,8 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
   const int chunk = lanes * p.items * kVec;
   // The extension holds 16-byte vectors only (cp.async; the planner gives scalar plans none).
   const int sitems = kStream || sizeof(V) != 16 ? 0 : p.smem_items;
-  // Addresses from dyn_smem where they are used: kept as pointers, they cost the registers
-  // that made the scalar and sm_89 kernels spill.
-  const auto smem_vec = [&](int k) -> V& { return reinterpret_cast<V*>(dyn_smem)[k]; };
+  // Addresses from dyn_smem where they are used (here and SliceVisitor::smem_vec): kept as
+  // pointers, they cost the registers that made the scalar and sm_89 kernels spill.
   const auto vec_sum = [&](int k) -> float2& {
     return reinterpret_cast<float2*>(reinterpret_cast<V*>(dyn_smem) + 2 * sitems * lanes)[k];
   };
@@ -181,57 +249,9 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
     if (active) grad_plane_of(p, plane, channel_base, pl, plane_ch);
 
     V xr[kMaxItems], dr[kMaxItems];
-    // Visits the slice chunk by chunk: start(offset) before a chunk, item(j, x, dy) for each of
-    // the lane's valid vectors j = 0, 1, ... (vector j at element (j * lanes + lane) * kVec of
-    // the chunk), finish(offset, length) after it. On chip, the slice is one chunk, loaded by
-    // the first visit; its shared-memory vectors continue the register ones (j >= items: the
-    // register part is then full on every lane, so vector positions run on unbroken).
-    bool loaded = false;
-    const auto visit = [&](bool x_only, auto&& start, auto&& item, auto&& finish) {
-      if constexpr (!kStream) {
-        const int valid = valid_items<kVec>(int(len), lane, lanes, p.items);
-        const int svalid = sitems > 0 && len > chunk
-                               ? valid_items<kVec>(int(len - chunk), lane, lanes, sitems)
-                               : 0;
-        if (!loaded) {
-          load_chunk<T, kVec, kMaxItems>(xr, p.x + base, valid, lane, lanes);
-          load_chunk<T, kVec, kMaxItems>(dr, p.dy + base, valid, lane, lanes);
-          if (svalid > 0) {
-            smem_fill<T, kVec>(&smem_vec(lane), p.x + base + chunk, svalid, lane, lanes);
-            smem_fill<T, kVec>(&smem_vec(sitems * lanes + lane), p.dy + base + chunk, svalid,
-                               lane, lanes);
-          }
-        }
-        start(int64_t(0));
-#pragma unroll
-        for (int j = 0; j < kMaxItems; ++j)
-          if (j < valid) item(j, xr[j], dr[j]);
-        if (svalid > 0) {
-          if (!loaded) {
-            if constexpr (sizeof(V) == 16) copy_async_wait_all();  // each lane reads its own
-          }
-#pragma unroll 1
-          for (int j = 0; j < svalid; ++j)
-            item(p.items + j, smem_vec(j * lanes + lane), smem_vec((sitems + j) * lanes + lane));
-        }
-        loaded = true;
-        finish(int64_t(0), len);
-      } else {
-        // Streamed plans are split plans (one group per block): every thread of the block
-        // takes every iteration, so the barriers inside finish hold.
-        for (int64_t off = 0; off < len; off += chunk) {
-          const int clen = int(len - off < chunk ? len - off : chunk);
-          const int valid = valid_items<kVec>(clen, lane, lanes, p.items);
-          load_chunk<T, kVec, kMaxItems>(xr, p.x + base + off, valid, lane, lanes);
-          if (!x_only) load_chunk<T, kVec, kMaxItems>(dr, p.dy + base + off, valid, lane, lanes);
-          start(off);
-#pragma unroll
-          for (int j = 0; j < kMaxItems; ++j)
-            if (j < valid) item(j, xr[j], dr[j]);
-          finish(off, int64_t(clen));
-        }
-      }
-    };
+    // On chip, the first visit loads the slice (SliceVisitor).
+    SliceVisitor<T, kVec, kMaxItems, kStream> visit{p, xr, dr, base, len, lane, lanes, chunk,
+                                                    sitems};
     const auto nothing = [](auto&&...) {};
     // The group's (lane group's or block's) all-reduce, then the exchange among the G blocks.
     const auto reduce = [&](GradSums s, GradSums* own) {
