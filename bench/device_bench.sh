@@ -11,7 +11,7 @@
 # min / median / max of of_copy and the minimum over shapes of >= 64 MiB, ends the log; for
 # BENCHMARKS.md: report.py --sweep sweep.json). FWD=0 leaves out the forward stage (the two bench
 # runs, sm_89 and peers), so that `FWD=0 SWEEP=64 bash bench/device_bench.sh` runs the sweep alone.
-# MOD=1 adds the modulation stage of issue 21 (MOD=only runs it alone): instnorm_bench
+# MOD=1 adds the modulation stage (MOD=only runs it alone): instnorm_bench
 # --mod-standard (the :ss / :adain rows, each after the same shape without modulation, forward and
 # :bwd, 5 rounds of the list; bench_mod.json and .log), then bench/peers_modulated.py (PyTorch
 # eager and torch.compile of the unfused expressions, from the checkout) on the same shapes

@@ -8,7 +8,7 @@
 // bytes, flush, the timed call, so the copy sees the same clocks, temperature and flushed L2 as
 // the kernel it is compared with; of_copy = copy median / kernel median of the same rounds, and
 // copy_ms / copy_GBps say what the copy did. A separate copy row, minutes earlier in the run,
-// was off by up to 11% (issue 19). At start the run measures its steady copy rate (a 1 GiB
+// was off by up to 11%. At start the run measures its steady copy rate (a 1 GiB
 // copy, median of 9, context steady_copy_GBps); a row whose copy moves 64 MiB or more and runs
 // over 3% off that rate is measured again (twice at most), keeping the measurement whose copy is
 // closest to the steady rate (copy_remeasured: how many more were taken).
@@ -22,7 +22,7 @@
 // counts those volumes. dx is checked once (all finite; against reference::backward on the
 // first and last plane/image, or on the whole tensor with dgamma/dbeta for small shapes).
 //
-// Per-sample modulation (Options::modulation, issue 21): :ss is the scale-shift of diffusion
+// Per-sample modulation (Options::modulation): :ss is the scale-shift of diffusion
 // U-Nets, y = act((xhat * gamma + beta) * (1 + scale) + shift) with float scale and shift per
 // (n, c), taken as the two halves of one (N, 2C) embedding (scale_stride = shift_stride = 2C, as
 // emb.chunk(2, dim=1) gives them); :adain is AdaIN's content side, y = xhat * scale + shift with
@@ -31,7 +31,7 @@
 // computed once before the row (instnorm::statistics of a second random tensor, unbiased,
 // eps 1e-5), as a style-transfer network computes them once per style. Their :bwd rows ask
 // for dscale and dshift (n * c floats each) besides dx (and dgamma/dbeta where affine).
-// --mod-standard runs the issue's four modulated rows next to the same shapes without
+// --mod-standard runs the four modulated standard rows next to the same shapes without
 // modulation, forward and :bwd, in 5 rounds of the whole list (--mod-rounds=K): the cost of the
 // modulation is read as the median over rounds of modulated / plain time (bench/report.py --mod).
 //
@@ -202,7 +202,7 @@ const std::vector<std::string> kBwdStandard = {
     "16x64x128x128:affine:train", "4x64x256x256:affine:train",
     "2x320x64x64:fp16:cl:gn32:silu:train", "1x256x256x256:fp16:gn32:silu:train"};
 
-/// --mod-standard: the modulated rows of issue 21, each after the same shape without
+/// --mod-standard: the four modulated standard rows, each after the same shape without
 /// modulation (the cost of the modulation is their ratio), the forward and then the backward
 /// (:bwd, with dscale/dshift on the modulated rows). main() registers the list kModRounds times
 /// in a row (round 1: every row, round 2: every row, ...), so each pair is timed back to back
@@ -216,7 +216,7 @@ const std::vector<std::string> kModStandard = {
     "2x640x32x32:fp16:gn32:silu:cl:bwd", "2x640x32x32:fp16:gn32:ss:silu:cl:bwd",
     "8x512x64x64:bf16:bwd",              "8x512x64x64:bf16:adain:bwd",
     "4x256x128x128:bwd",                 "4x256x128x128:adain:bwd"};
-constexpr int kModRounds = 5;  // the issue's bar: median of five alternating runs
+constexpr int kModRounds = 5;  // the cost's bar: median of five alternating runs
 
 // ------------------------------------------------------------------ device state per shape
 
@@ -1301,8 +1301,8 @@ void register_shape(const Shape& s) {
 
 // ------------------------------------------------------------------ sweep (--sweep=K[:seed])
 
-/// The default seed of --sweep=K (the sweep BENCHMARKS.md records). Issue 19's bar holds for
-/// any seed, not only this one: pass another as --sweep=K:seed.
+/// The default seed of --sweep=K (the sweep BENCHMARKS.md records). The sweep's acceptance bar
+/// holds for any seed, not only this one: pass another as --sweep=K:seed.
 constexpr uint64_t kSweepSeed = 19;
 
 /// Uniform in [0, 1) from the top 53 bits of one std::mt19937_64 draw. The distributions are
@@ -1329,7 +1329,7 @@ std::string dims_string(int64_t n, int64_t c, int64_t s) {
          std::to_string(s / h);
 }
 
-/// One random shape of the sweep. The distribution (issue 19, item 6); every draw below is
+/// One random shape of the sweep. The distribution; every draw below is
 /// taken for every shape, in this order, from one std::mt19937_64 seeded with the seed:
 ///   type    fp32, fp16 or bf16, 1/3 each;
 ///   layout  channels-last (:cl) with probability 1/3, else NCHW;
@@ -1448,7 +1448,7 @@ void print_sweep_list(const std::vector<SweepRow>& rows, uint64_t seed) {
 }
 
 /// The sweep's summary after the run: min / median / max of of_copy over the timed shapes,
-/// the minimum over shapes of 64 MiB or more (the bar of issue 19), then every shape from the
+/// the minimum over shapes of 64 MiB or more (the sweep's acceptance bar), then every shape from the
 /// lowest fraction up, and the ones that were not timed with the reason.
 void print_sweep_summary(std::FILE* f, uint64_t seed) {
   std::vector<const SweepRow*> ok, failed;

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Times PyTorch eager and torch.compile of the UNFUSED modulated norms of issue 21 on the GPU,
+"""Times PyTorch eager and torch.compile of the UNFUSED modulated norms on the GPU,
 for the rows of `instnorm_bench --mod-standard` (bench/device_bench.sh, MOD=1).
 
 Rows are the bench's shape strings, N x C x H x W[...][:fp32|fp16|bf16][:gnG][:affine][:silu]

@@ -11,8 +11,8 @@ run) the table gains the run-to-run difference of instnorm's time per row. With 
 sweep.json (instnorm_bench --sweep=K, bench/device_bench.sh's SWEEP=K) the page gains the
 sweep's section: min / median / max of `of copy`, the minimum over shapes of 64 MiB or more,
 and every shape; --sweep alone (no --bench) writes that section only.
-With --mod bench_mod.json (instnorm_bench --mod-standard, device_bench.sh's MOD=1: the modulated
-rows of issue 21 and the same shapes without modulation, in rounds) and --mod-peers
+With --mod bench_mod.json (instnorm_bench --mod-standard, device_bench.sh's MOD=1: the four
+modulated standard rows and the same shapes without modulation, in rounds) and --mod-peers
 peers_mod.json (bench/peers_modulated.py, same device call) the page gains the modulation
 section: per row the medians over rounds, the cost of the modulation as the median over rounds
 of modulated / plain time of the same round, and PyTorch eager and torch.compile of the unfused
@@ -148,7 +148,7 @@ def mod_section(path, peers_path=None):
         return spec % v if v is not None else 'n/a'
 
     rounds = max((len(v) for v in runs.values()), default=0)
-    lines = ['', '## Per-sample modulation (issue 21)', '']
+    lines = ['', '## Per-sample modulation', '']
     lines.append('`instnorm_bench --mod-standard`: each modulated row (`:ss` scale-shift '
                  'GroupNorm, `(1 + scale)` and shift the halves of one (N, 2C) float embedding; '
                  '`:adain` the content side of AdaIN, unbiased variance, the style\'s std and mean '
@@ -192,7 +192,7 @@ def mod_section(path, peers_path=None):
                       fmt(comp), rs[-1].get('label', '')))
     lines.append('')
     mods = [s for s in runs if mod_base(s) is not None]
-    lines.append('Issue 21\'s bar (cost at most 3%%, faster than eager and torch.compile of the '
+    lines.append('The modulation\'s bar (cost at most 3%%, faster than eager and torch.compile of the '
                  'unfused expression): %d modulated rows; over 3%%: %s; not ahead of both peers: '
                  '%s.' % (len(mods), ', '.join(over) or 'none',
                           (', '.join(behind) or 'none') if peers else 'no peers given'))

@@ -1,6 +1,6 @@
 // The backward (instnorm::backward): its validation and plans on the CPU, and on the device
 // every strategy x type x layout x feature against the float64 reference backward
-// (reference.h), with the accuracy bounds of issue 20:
+// (reference.h), with these accuracy bounds:
 //  - fp32: ||dx - ref|| / ||rstd * g|| <= 1e-5 per plane (g = gamma * dy through the
 //    activation's derivative; dx itself may be near 0);
 //  - fp16/bf16: each element within 2 ulp of T at the reference's magnitude plus
