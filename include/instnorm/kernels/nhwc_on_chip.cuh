@@ -97,6 +97,71 @@ __device__ __forceinline__ void warp_combine_row_lanes(float (&hi)[kB], float (&
   }
 }
 
+/// A thread's kVec channels' moments from their sums, each relative to its pivot (its group's
+/// first element in the image, see group_pivot; `record` stores them to `pivots`), combined over
+/// the wl row lanes of its column in the warp (warp_combine_row_lanes, by `share` of the
+/// `group_rows` rows) into the table's entries [k][lane_group][column] (the lead lane). What does
+/// not depend on the channel is computed once (SumScale, the share, the walk over groups): per
+/// channel, the reciprocals' slow-path calls kept ptxas from sharing them, and the pivot's
+/// index cost a division.
+template <int kVec, class T>
+__device__ __forceinline__ void row_lane_partials(const float (&c)[kVec], const float (&s1)[kVec],
+                                                  const float (&s2)[kVec], const SumScale& sums,
+                                                  const T* ximg, int ch0, int cpg, bool record,
+                                                  float* pivots, float share, int group_rows,
+                                                  int wl, int cs, bool lead,
+                                                  const ChannelPartials& red, int lane_group,
+                                                  int column, int entries) {
+  GroupWalk walk(ch0, cpg);
+  // The channels' moments and in-warp combines kB at a time, side by side: one shuffle round
+  // serves kB channels, so their shuffles' latencies overlap where a combine per channel waited
+  // on each in turn. The vec-8 kernels keep one at a time: batches of 2, 4 or 8 spilled 36-44
+  // bytes there (128 registers). The same operations per channel either way: the same bits.
+  constexpr int kB = kVec <= 4 ? kVec : 1;
+#pragma unroll
+  for (int k0 = 0; k0 < kVec; k0 += kB) {
+    float hi[kB], lo[kB], var[kB];
+#pragma unroll
+    for (int i = 0; i < kB; ++i, walk.next()) {
+      const int k = k0 + i;
+      const float pivot = to_float(ximg[walk.first]);
+      if (record) pivots[k] = pivot;
+      const Moments m = moments_from_sums(sums, c[k], s1[k], s2[k], pivot);
+      hi[i] = m.mean;
+      lo[i] = m.mean_lo;
+      var[i] = m.var;
+    }
+    if (wl > 1) warp_combine_row_lanes<kB>(hi, lo, var, share, group_rows, cs);
+    if (lead) {
+#pragma unroll
+      for (int i = 0; i < kB; ++i)
+        red.set((k0 + i) * entries + lane_group * cs + column, Moments{hi[i], var[i], 0, lo[i]});
+    }
+  }
+}
+
+/// The row-lane groups' partials of each (channel k, column) pair of the table combined into
+/// group 0's entry, one thread per pair (ChannelPartials::combine_groups); the in-warp combine
+/// leaves 8 groups to walk where a slice has fewer than 32 columns. (Splitting the walk over
+/// several threads per pair made ptxas spill at the kernel's 128 registers.) Ends with a barrier.
+__device__ __forceinline__ void combine_row_lane_groups(const ChannelPartials& red,
+                                                        const RowLaneGroups& rg, int t, int pair,
+                                                        int chs, int cs, int entries,
+                                                        int64_t block_rows) {
+  const int groups = entries / cs;
+  const float inv_rows = block_rows > 0 ? 1.f / float(block_rows) : 0.f;
+  const auto combine = [&](int lane0) {
+    red.combine_groups(lane0, groups, cs, rg, inv_rows, block_rows);
+  };
+  // Pair j = k * cs + column: thread t < chs takes (k = t / cs, t % cs), whose first entry the
+  // caller passes (`pair`); wider slices loop.
+  if (t < chs) combine(pair);
+#pragma unroll 1
+  for (int j = t + kNhwcOnChipThreads; j < chs; j += kNhwcOnChipThreads)
+    combine((j / cs) * entries + j % cs);
+  __syncthreads();
+}
+
 /// Each group's statistics (groups of one channel for instance norm; a GroupNorm group's
 /// channels merge in order) and its channels' centre, scale and shift, once per group by thread
 /// g of the block, into those channels' slots of the table (mean, lo and var hold them then):
@@ -206,12 +271,8 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
     float c[kVec], s1[kVec], s2[kVec];
     const int shift_k = channel_moments(regs, rvalid, sdata, kThreads, svalid, rows, c, s1, s2);
 
-    // Pivot of each channel: its group's first element in the image (see group_pivot). Row i of
-    // the block is on lane i % row_lanes; the wl row lanes of a column in one warp combine by
-    // shares of their rows (butterflies over lanes cs, 2 cs, ... apart) into the table's entry
-    // of their group. What does not depend on the channel is computed once (SumScale, the
-    // share, the walk over groups): per channel, the reciprocals' slow-path calls kept ptxas
-    // from sharing them, and the pivot's index cost a division.
+    // Row i of the block is on lane i % row_lanes; the wl row lanes of a column in one warp
+    // combine into the table's entry of their group (row_lane_partials).
     const int ch0 = col * kVec;
     const RowLaneGroups rg{wl, int(block_rows / row_lanes), int(block_rows % row_lanes)};
     const int lane_group = rl / wl;
@@ -219,51 +280,11 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
     const int my_group_rows = rg.rows(lane_group);
     const SumScale sums(rows, shift_k);
     const float share = share_of(rows, my_group_rows);
-    GroupWalk walk(ch0, cpg);
-    // The channels' moments and in-warp combines kB at a time, side by side: one shuffle round
-    // serves kB channels, so their shuffles' latencies overlap where a combine per channel
-    // waited on each in turn. The vec-8 kernels keep one at a time: batches of 2, 4 or 8
-    // spilled 36-44 bytes there (128 registers). The same operations per channel either way:
-    // the same bits.
-    constexpr int kB = kVec <= 4 ? kVec : 1;
-#pragma unroll
-    for (int k0 = 0; k0 < kVec; k0 += kB) {
-      float hi[kB], lo[kB], var[kB];
-#pragma unroll
-      for (int i = 0; i < kB; ++i, walk.next()) {
-        const int k = k0 + i;
-        const float pivot = to_float(ximg[walk.first]);
-        if (rl == 0) pivots[cl * kVec + k] = pivot;
-        const Moments m = moments_from_sums(sums, c[k], s1[k], s2[k], pivot);
-        hi[i] = m.mean;
-        lo[i] = m.mean_lo;
-        var[i] = m.var;
-      }
-      if (wl > 1) warp_combine_row_lanes<kB>(hi, lo, var, share, my_group_rows, cs);
-      if (lead) {
-#pragma unroll
-        for (int i = 0; i < kB; ++i)
-          red.set((k0 + i) * entries + lane_group * cs + cl, Moments{hi[i], var[i], 0, lo[i]});
-      }
-    }
+    row_lane_partials<kVec>(c, s1, s2, sums, ximg, ch0, cpg, rl == 0, pivots + cl * kVec, share,
+                            my_group_rows, wl, cs, lead, red, lane_group, cl, entries);
     __syncthreads();
     trace_stamp(round, 2);
-    // The row-lane groups' partials of each (channel k, column) combine into group 0's entry,
-    // one thread per pair (ChannelPartials::combine_groups); the in-warp combine above leaves
-    // 8 groups to walk where a slice has fewer than 32 columns. (Splitting the walk over several
-    // threads per pair made ptxas spill at the kernel's 128 registers.)
-    {
-      const int groups = entries / cs;
-      const float inv_rows = block_rows > 0 ? 1.f / float(block_rows) : 0.f;
-      const auto combine = [&](int lane0) {
-        red.combine_groups(lane0, groups, cs, rg, inv_rows, block_rows);
-      };
-      // Pair j = k * cs + column: thread t < chs takes (k = rl, cl); wider slices loop.
-      if (t < chs) combine(rl * entries + cl);
-#pragma unroll 1
-      for (int j = t + kThreads; j < chs; j += kThreads) combine((j / cs) * entries + j % cs);
-      __syncthreads();
-    }
+    combine_row_lane_groups(red, rg, t, rl * entries + cl, chs, cs, entries, block_rows);
     trace_stamp(round, 3);
     // Channel j = column * kVec + k of the slice lives at entry k * entries + column.
     const auto slot_of = [&](int j) { return (j % kVec) * entries + j / kVec; };
