@@ -145,17 +145,15 @@ __device__ __forceinline__ void row_lane_partials(const float (&c)[kVec], const 
 /// leaves 8 groups to walk where a slice has fewer than 32 columns. (Splitting the walk over
 /// several threads per pair made ptxas spill at the kernel's 128 registers.) Ends with a barrier.
 __device__ __forceinline__ void combine_row_lane_groups(const ChannelPartials& red,
-                                                        const RowLaneGroups& rg, int t, int pair,
-                                                        int chs, int cs, int entries,
-                                                        int64_t block_rows) {
+                                                        const RowLaneGroups& rg, int t, int chs,
+                                                        int cs, int entries, int64_t block_rows) {
   const int groups = entries / cs;
   const float inv_rows = block_rows > 0 ? 1.f / float(block_rows) : 0.f;
   const auto combine = [&](int lane0) {
     red.combine_groups(lane0, groups, cs, rg, inv_rows, block_rows);
   };
-  // Pair j = k * cs + column: thread t < chs takes (k = t / cs, t % cs), whose first entry the
-  // caller passes (`pair`); wider slices loop.
-  if (t < chs) combine(pair);
+  // Pair j = k * cs + column: thread t < chs takes (k = t / cs, t % cs); wider slices loop.
+  if (t < chs) combine((t / cs) * entries + t % cs);
 #pragma unroll 1
   for (int j = t + kNhwcOnChipThreads; j < chs; j += kNhwcOnChipThreads)
     combine((j / cs) * entries + j % cs);
@@ -284,7 +282,7 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
                             my_group_rows, wl, cs, lead, red, lane_group, cl, entries);
     __syncthreads();
     trace_stamp(round, 2);
-    combine_row_lane_groups(red, rg, t, rl * entries + cl, chs, cs, entries, block_rows);
+    combine_row_lane_groups(red, rg, t, chs, cs, entries, block_rows);
     trace_stamp(round, 3);
     // Channel j = column * kVec + k of the slice lives at entry k * entries + column.
     const auto slot_of = [&](int j) { return (j % kVec) * entries + j / kVec; };
