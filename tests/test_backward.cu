@@ -530,8 +530,10 @@ TEST(BackwardDevice, EveryStrategyBf16) {
   strategies_for<__nv_bfloat16>();
 }
 
-// Channels-last (the tiled fallback): instance norm, GroupNorm, a channel count that is not a
-// multiple of a vector, eval mode.
+// Channels-last (the tiled fallback): instance norm, GroupNorm (10 channels per group: the
+// finalize's 8 warps of a group take 2 or 1 channels; 12 per group of 36 channels, not a
+// multiple of a 16-bit vector; 4 per group, in place), a channel count that is not a multiple
+// of a vector, eval mode.
 template <class T>
 void channels_last_for() {
   for (const Activation a : {Activation::kNone, Activation::kSilu}) {
@@ -549,6 +551,11 @@ void channels_last_for() {
     odd.layout = Layout::kNHWC;
     odd.act = a;
     run_normal<T>(odd);
+    BwdCase gn12{3, 36, 5 * 10, 3};
+    gn12.layout = Layout::kNHWC;
+    gn12.affine = true;
+    gn12.act = a;
+    run_normal<T>(gn12);
   }
   BwdCase ev{2, 16, 12 * 12};
   ev.layout = Layout::kNHWC;

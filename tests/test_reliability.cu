@@ -1040,6 +1040,58 @@ TEST(Graph, NhwcCapturedCallsReplayBitIdentical) {
   }
 }
 
+// The backward in a graph: forward (saving the statistics), then the backward's stream-ordered
+// call with dx, dgamma and dbeta in one buffer, captured and replayed 20 times, with the bits
+// of a direct call. Channels-last GroupNorm with SiLU runs the tiled chain (residual sums and
+// finalize, sums, finalize over a block of warps, dx, parameter gradients), launched as
+// programmatic dependents on sm_90; the NCHW row runs the one-pass kernel.
+TEST(Graph, BackwardCapturedCallsReplayBitIdentical) {
+  REQUIRE_GPU();
+  struct Shape {
+    int64_t n, c, s, groups;
+    Layout layout;
+    Activation act;
+  };
+  for (const Shape& k : {Shape{8, 32, 4096, 0, Layout::kNCHW, Activation::kNone},
+                         Shape{2, 320, 4096, 32, Layout::kNHWC, Activation::kSilu},
+                         Shape{3, 96, 1000, 8, Layout::kNHWC, Activation::kNone},
+                         Shape{4, 64, 1024, 0, Layout::kNHWC, Activation::kRelu}}) {
+    const int64_t total = k.n * k.c * k.s, out_len = total + 2 * k.c;
+    const int64_t units = k.n * (k.groups == 0 ? k.c : k.groups);
+    DeviceBuffer<float> x(static_cast<size_t>(total)), y(static_cast<size_t>(total)),
+        dy(static_cast<size_t>(total)), a(static_cast<size_t>(out_len)),
+        b(static_cast<size_t>(out_len)), mean(static_cast<size_t>(units)),
+        rstd(static_cast<size_t>(units)), params(static_cast<size_t>(2 * k.c));
+    fill_hash<<<1024, 256>>>(x.ptr, total, k.s, 21);
+    fill_hash<<<1024, 256>>>(dy.ptr, total, k.s, 22);
+    fill_hash<<<64, 256>>>(params.ptr, 2 * k.c, k.c, 23);
+    Options opt;
+    opt.layout = k.layout;
+    opt.groups = k.groups;
+    opt.activation = k.act;
+    opt.gamma = params.ptr;
+    opt.beta = params.ptr + k.c;
+    opt.save_mean = mean.ptr;
+    opt.save_rstd = rstd.ptr;
+    CUDA_OK(forward(x.ptr, y.ptr, k.n, k.c, k.s, opt));
+    const auto grads_in = [&](float* out) {
+      Gradients g;
+      g.dgamma = out + total;
+      g.dbeta = out + total + k.c;
+      return g;
+    };
+    CUDA_OK(backward(x.ptr, dy.ptr, a.ptr, k.n, k.c, k.s, opt, grads_in(a.ptr)));
+    const std::string where = std::string(k.layout == Layout::kNHWC ? "NHWC" : "NCHW") +
+                              " backward " + std::to_string(k.n) + "x" + std::to_string(k.c) +
+                              "x" + std::to_string(k.s) + " G" + std::to_string(k.groups);
+    expect_graph_replays(
+        [&](cudaStream_t st) {
+          return backward(x.ptr, dy.ptr, b.ptr, k.n, k.c, k.s, opt, grads_in(b.ptr), st);
+        },
+        a.ptr, b.ptr, out_len, 20, where);
+  }
+}
+
 // ---------------------------------------------------------------- accuracy on hostile data
 
 template <class T>

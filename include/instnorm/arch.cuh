@@ -186,6 +186,8 @@ inline const ArchPolicy* policy_named(const char* name) {
 template <int kArch>
 struct ArchTraits {
   static constexpr bool nhwc_vector_phase_shift = detail::row_value(kArch).nhwc_vector_phase_shift;
+  /// griddepcontrol (programmatic dependent launch) exists: sm_90 and newer.
+  static constexpr bool dependent_launch = kArch >= 90;
 };
 #if defined(__CUDA_ARCH__)
 using CompiledArch = ArchTraits<__CUDA_ARCH__ / 10>;

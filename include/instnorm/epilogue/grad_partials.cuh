@@ -7,6 +7,7 @@
 
 #include "../block/layout.cuh"
 #include "../block/reduce.cuh"
+#include "../grid/dependency.cuh"
 #include "epilogue.cuh"
 
 namespace instnorm {
@@ -111,6 +112,7 @@ __device__ __forceinline__ void channel_partial_sums(const Params& p,
 template <class T>
 __global__ void grad_params_kernel(const float2* partials, int64_t n, int64_t c, int64_t G,
                                    const EpilogueFields f, Gradients g) {
+  wait_for_prerequisite();  // launched dependent after the channels-last dx
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
   const bool per_image = g.dscale != nullptr || g.dshift != nullptr;

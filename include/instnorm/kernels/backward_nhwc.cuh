@@ -9,6 +9,7 @@
 /// (three times with an activation, whose pre-activation needs the mean's residual first): not
 /// the one-pass floor of the NCHW kernel (docs/design.md).
 
+#include "../grid/dependency.cuh"
 #include "backward.cuh"
 
 namespace instnorm {
@@ -28,6 +29,7 @@ struct NhwcGradParams : EpilogueFields, GradTensors<T> {
   float2* partials;   ///< [n * c]: (sum of d, sum of d * xhat), or null
   float4* coef;       ///< [n * c]: GradCoef's (a, b, c, e)
   float* coef_pre;    ///< [n * c]: GradCoef's p0 (with an activation)
+  int fin_warps;      ///< warps per unit in the finalize (1, or a block of up to 8 of them)
 };
 
 /// dx of channel ch in image i, folded by the finalize from its unit's plane quantities and the
@@ -85,6 +87,8 @@ __global__ void __launch_bounds__(256) nhwc_grad_sums(const NhwcGradParams<T> p)
   using V = Vector<T, kVec>;
   extern __shared__ uint4 dyn_smem[];
   float4* red = reinterpret_cast<float4*>(dyn_smem);
+  wait_for_prerequisite();
+  allow_dependent_launch();
   const int col = threadIdx.x % p.cols, rl = threadIdx.x / p.cols;
   const int row_lanes = blockDim.x / p.cols;
   const int64_t image = blockIdx.x / p.tiles, tile = blockIdx.x % p.tiles;
@@ -144,28 +148,42 @@ __global__ void __launch_bounds__(256) nhwc_grad_sums(const NhwcGradParams<T> p)
   }
 }
 
-/// Step 2: one warp per (image, group), or per (image, channel) with running statistics. Adds
-/// the tiles of its channels in a fixed order (lanes over entries, then a butterfly) into the
-/// unit's coefficients and its channels' GradCoef; kResidualOnly stores the residual only.
-/// With no tiles (eval mode without parameter gradients) it only folds the GradCoef.
+/// Step 2: the unit coefficients, one unit per (image, group), or per (image, channel) with
+/// running statistics. A unit has `fin_warps` warps (NhwcGradParams): warp w adds the tiles of
+/// channels w, w + fin_warps, ... (lanes over the tiles, channel after channel), then the
+/// warps' sums are added in warp order; the block holds 256 / 32 units of one warp (instance
+/// norm) or one unit of min(8, cpg) warps (GroupNorm: a warp per unit walked its cpg channels
+/// one after another, ~3 dependent L2 loads each). Fixed order, so reruns give the same bits.
+/// The unit's threads then fold its channels' GradCoef and correct their dgamma/dbeta partials;
+/// kResidualOnly stores the residual only. With no tiles (eval mode without parameter
+/// gradients) it only folds the GradCoef.
 template <class T, bool kResidualOnly>
-__global__ void nhwc_grad_finalize(const NhwcGradParams<T> p) {
-  const int lane = threadIdx.x & 31;
+__global__ void __launch_bounds__(256) nhwc_grad_finalize(const NhwcGradParams<T> p) {
+  __shared__ GradReduceStorage st;
+  wait_for_prerequisite();
+  allow_dependent_launch();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int fw = p.fin_warps;
+  const int per_block = int(blockDim.x >> 5) / fw;  // units per block
+  const int uw = warp % fw;                          // the warp's rank in its unit
+  const int ut = uw * 32 + lane, unit_threads = fw * 32;
   const int64_t units = p.n * p.groups;
-  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  const int64_t stride = int64_t(gridDim.x) * per_block;
   const bool act = p.activation != Activation::kNone;
   const float inv_len = 1.f / float(p.cpg * p.spatial);
-  for (int64_t u = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); u < units;
-       u += warps) {
-    const int64_t image = u / p.groups, ch0 = (u % p.groups) * p.cpg;
-    GradPlane pl = nhwc_unit(p, image, ch0, act && !kResidualOnly && p.use_input_stats);
+  // Every thread of the block runs the same number of iterations (fw > 1: one unit per block),
+  // so the block's barriers below are reached by all of it.
+  for (int64_t u = int64_t(blockIdx.x) * per_block + warp / fw; u - warp / fw < units;
+       u += stride) {
+    const bool live = u < units;
+    const int64_t image = live ? u / p.groups : 0, ch0 = live ? (u % p.groups) * p.cpg : 0;
+    GradPlane pl;
+    if (live) pl = nhwc_unit(p, image, ch0, act && !kResidualOnly && p.use_input_stats);
     const float4* ts = p.tile_sums + image * p.tiles * p.c;
-    // Channel by channel, lanes over the tiles: the unit's sums, and each channel's own sums
-    // (its partial of dgamma/dbeta), in a fixed order.
     GradSums s;
     float sg = 0.f, sgb = 0.f;
 #pragma unroll 1
-    for (int64_t k = 0; k < p.cpg; ++k) {
+    for (int64_t k = uw; live && k < p.cpg; k += fw) {
       const int64_t ch = ch0 + k;
       float a = 0.f, b = 0.f;
       for (int64_t t = lane; t < p.tiles; t += 32) {
@@ -187,22 +205,29 @@ __global__ void nhwc_grad_finalize(const NhwcGradParams<T> p) {
     }
     s.a = sg;
     s.b = sgb;
-    s = warp_allreduce(s, 32);
+    // The barrier of block_allreduce (or __syncwarp) also orders the partials' stores above
+    // before the correction's loads below, made by other threads of the unit.
+    if (fw > 1) {
+      s = block_allreduce(s, st);
+    } else {
+      s = warp_allreduce(s, 32);
+      __syncwarp();
+    }
+    if (!live) continue;
     if (p.use_input_stats && (kResidualOnly || !act)) pl.r = (s.s0_hi + s.s0_lo) * inv_len;
     if (!kResidualOnly && p.use_input_stats) {
       pl.k1 = s.a * inv_len;
       pl.k2 = pl.rstd * fmaf(-pl.r, s.a, s.b) * inv_len * p.var_scale;
     }
-    if (kResidualOnly && lane == 0) p.unit[u] = make_float4(pl.c, pl.r, pl.rstd, 0.f);
+    if (kResidualOnly && ut == 0) p.unit[u] = make_float4(pl.c, pl.r, pl.rstd, 0.f);
     if constexpr (!kResidualOnly) {
-      for (int64_t k = lane; k < p.cpg; k += 32) {
-        const GradCoef f = grad_coef<T>(p, pl, image, ch0 + k);
-        p.coef[image * p.c + ch0 + k] = make_float4(f.a, f.b, f.c, f.e);
-        if (act) p.coef_pre[image * p.c + ch0 + k] = f.p0;
-      }
-      if (p.partials != nullptr && lane == 0) {
-        for (int64_t k = 0; k < p.cpg; ++k) {  // lane 0 wrote these slots above
-          float2* slot = p.partials + image * p.c + ch0 + k;
+      for (int64_t k = ut; k < p.cpg; k += unit_threads) {
+        const int64_t ch = ch0 + k;
+        const GradCoef f = grad_coef<T>(p, pl, image, ch);
+        p.coef[image * p.c + ch] = make_float4(f.a, f.b, f.c, f.e);
+        if (act) p.coef_pre[image * p.c + ch] = f.p0;
+        if (p.partials != nullptr) {
+          float2* slot = p.partials + image * p.c + ch;
           const float2 v = *slot;
           *slot = make_float2(v.x, pl.rstd * fmaf(-pl.r, v.x, v.y));
         }
@@ -217,6 +242,8 @@ __global__ void nhwc_grad_finalize(const NhwcGradParams<T> p) {
 template <class T, int kVec>
 __global__ void __launch_bounds__(256) nhwc_grad_dx(const NhwcGradParams<T> p) {
   using V = Vector<T, kVec>;
+  wait_for_prerequisite();
+  allow_dependent_launch();
   const int col = threadIdx.x % p.cols, rl = threadIdx.x / p.cols;
   const int row_lanes = blockDim.x / p.cols;
   const int64_t colv = int64_t(blockIdx.y) * p.cols + col;

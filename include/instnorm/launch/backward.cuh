@@ -35,14 +35,16 @@ inline bool wants_param_grads(const Gradients& g) {
 }
 
 /// After the backward kernels: the parameter gradients the call asks for, from the kernels'
-/// per-(image, channel, block) partials (G blocks per plane).
+/// per-(image, channel, block) partials (G blocks per plane). `dependent`: launched as a
+/// programmatic dependent of the kernel before it (grid/dependency.cuh).
 template <class T>
 inline cudaError_t launch_grad_params(const float2* partials, const Problem& prob, int64_t G,
                                       const EpilogueFields& f, const Gradients& g,
-                                      cudaStream_t stream) {
+                                      cudaStream_t stream, bool dependent = false) {
   LaunchShape fin;  // a warp per channel, 8 per block
   fin.grid = dim3(static_cast<unsigned>(std::min<int64_t>((prob.c + 7) / 8, 65535)));
   fin.block = dim3(256);
+  fin.dependent = dependent;
   return launch_kernel(grad_params_kernel<T>, fin, stream, partials, prob.n, prob.c, G, f, g);
 }
 
@@ -256,13 +258,21 @@ inline cudaError_t launch_nhwc_backward(const T* x, const T* dy, T* dx, const Pr
   p.coef_pre = reinterpret_cast<float*>(p.coef + prob.n * prob.c);
   constexpr int kFull = 16 / int(sizeof(T));
   const bool full = s.vec == kFull;
+  // Every kernel of the chain waits for the one before it at its start (grid/dependency.cuh):
+  // on sm_90 and newer, each launches while the one before drains.
+  const bool dependent = d.cc_major >= 9;
   LaunchShape sums;
   sums.grid = dim3(static_cast<unsigned>(prob.n * s.tiles), static_cast<unsigned>(s.col_chunks));
   sums.block = dim3(kNhwcGradThreads);
   sums.dyn_smem = size_t(kNhwcGradThreads) * size_t(s.vec) * sizeof(float4);
+  sums.dependent = dependent;
+  // The finalize: a block of min(8, cpg) warps per GroupNorm unit, or 8 units of a warp each.
+  p.fin_warps = opt.use_input_stats && p.cpg > 1 ? int(std::min<int64_t>(8, p.cpg)) : 1;
+  const int fin_units = p.fin_warps > 1 ? 1 : 8;
   LaunchShape fin;
-  fin.grid = dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(prob.planes, 8), 65535)));
-  fin.block = dim3(256);
+  fin.grid = dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(prob.planes, fin_units), 65535)));
+  fin.block = dim3(p.fin_warps > 1 ? 32 * p.fin_warps : 256);
+  fin.dependent = dependent;
   // The sums and the finalize need the statistics (or, eval, the partials of dgamma/dbeta).
   const bool sums_needed = opt.use_input_stats || p.partials != nullptr;
   if (sums_needed) {
@@ -288,10 +298,11 @@ inline cudaError_t launch_nhwc_backward(const T* x, const T* dy, T* dx, const Pr
                                                                s.col_chunks)))),
                  static_cast<unsigned>(s.col_chunks));
   el.block = dim3(kNhwcGradThreads);
+  el.dependent = dependent;
   INSTNORM_RETURN_IF_ERROR(
       launch_kernel(full ? nhwc_grad_dx<T, kFull> : nhwc_grad_dx<T, 1>, el, stream, p));
   if (p.partials == nullptr) return cudaSuccess;
-  return launch_grad_params<T>(p.partials, prob, 1, p, g, stream);
+  return launch_grad_params<T>(p.partials, prob, 1, p, g, stream, dependent);
 }
 
 }  // namespace detail

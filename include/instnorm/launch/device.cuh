@@ -169,28 +169,36 @@ struct LaunchShape {
   /// The blocks wait on each other through tagged slots: the launch is cooperative, which
   /// guarantees they are co-resident (it fails rather than deadlocks if they cannot be).
   bool cooperative = false;
+  /// Programmatic dependent launch (grid/dependency.cuh): the kernel may start before the one
+  /// before it on the stream completes, and waits for it in wait_for_prerequisite.
+  bool dependent = false;
 };
 
 /// The one launch path of every kernel of the library: cudaLaunchKernelEx with the attributes
-/// the shape asks for (cooperative today; a cluster dimension or programmatic dependent launch
-/// would be one more attribute here), dynamic shared memory opted into above 48 KB.
+/// the shape asks for (cooperative, programmatic dependent launch; a cluster dimension would be
+/// one more attribute here), dynamic shared memory opted into above 48 KB.
 template <class... Params, class... Args>
 inline cudaError_t launch_kernel(void (*kernel)(Params...), const LaunchShape& shape,
                                  cudaStream_t stream, Args&&... args) {
   if (shape.dyn_smem + shape.static_smem > 48 * 1024)
     INSTNORM_RETURN_IF_ERROR(allow_dynamic_smem(reinterpret_cast<const void*>(kernel), shape.dyn_smem));
-  cudaLaunchAttribute attrs[1];
+  cudaLaunchAttribute attrs[2];
+  unsigned n = 0;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = shape.grid;
   cfg.blockDim = shape.block;
   cfg.dynamicSmemBytes = shape.dyn_smem;
   cfg.stream = stream;
   if (shape.cooperative) {
-    attrs[0].id = cudaLaunchAttributeCooperative;
-    attrs[0].val.cooperative = 1;
-    cfg.attrs = attrs;
-    cfg.numAttrs = 1;
+    attrs[n].id = cudaLaunchAttributeCooperative;
+    attrs[n++].val.cooperative = 1;
   }
+  if (shape.dependent) {
+    attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  cfg.attrs = n > 0 ? attrs : nullptr;
+  cfg.numAttrs = n;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
