@@ -191,6 +191,10 @@ struct NhwcGradShape {
   int64_t col_chunks = 1, tiles = 1, tile_rows = 1;
 };
 constexpr int kNhwcGradThreads = 256;
+/// Least rows per thread of a tile of the sums step. 4 (twice the tiles on small images) was
+/// 4% faster on 2x640x32x32 fp16 GN32 SiLU and 2-3% slower on 2x320x64x64 and its training
+/// step (H100, docs/perf-notes.md): the finalize walks the tiles.
+constexpr int kNhwcGradMinRows = 8;
 
 inline NhwcGradShape nhwc_grad_shape(const Problem& prob, const DeviceProps& d) {
   NhwcGradShape s;
@@ -199,10 +203,10 @@ inline NhwcGradShape nhwc_grad_shape(const Problem& prob, const DeviceProps& d) 
   s.cols = int(std::min<int64_t>(cvec, 128));
   s.col_chunks = ceil_div(cvec, s.cols);
   const int64_t row_lanes = kNhwcGradThreads / s.cols;
-  // About two blocks per SM, each thread at least 8 rows (a tile's sums are what the
-  // finalize walks: fewer tiles, a shorter walk).
+  // About two blocks per SM, each thread at least kNhwcGradMinRows rows (a tile's sums are
+  // what the finalize walks: fewer tiles, a shorter walk).
   const int64_t want = ceil_div(2 * int64_t(std::max(1, d.sm_count)), prob.n * s.col_chunks);
-  s.tiles = clamp64(want, 1, std::max<int64_t>(1, prob.spatial / (8 * row_lanes)));
+  s.tiles = clamp64(want, 1, std::max<int64_t>(1, prob.spatial / (kNhwcGradMinRows * row_lanes)));
   s.tile_rows = ceil_div(prob.spatial, s.tiles);
   s.tiles = ceil_div(prob.spatial, s.tile_rows);
   return s;
@@ -251,6 +255,7 @@ inline cudaError_t launch_nhwc_backward(const T* x, const T* dy, T* dx, const Pr
   p.tiles = s.tiles;
   p.tile_rows = s.tile_rows;
   p.cols = s.cols;
+  p.coef_vec = s.vec;
   p.tile_sums = WorkspaceLayout::at<float4>(workspace, w.slots);
   p.unit = WorkspaceLayout::at<float4>(workspace, w.group_stats);
   if (w.partials_bytes > 0) p.partials = WorkspaceLayout::at<float2>(workspace, w.partials);
