@@ -167,6 +167,31 @@ TEST(BackwardPlan, HoldsTwoTensors) {
 }
 
 
+// dx's coefficients of the channels-last backward sit by coef_slot (channel k of column
+// vector v at k * (c / vec) + v): every channel of an image gets its own slot among the c, for
+// each vector width the dx step runs with, so no two channels' coefficients overwrite each
+// other; and a column vector's k-th channels sit side by side (consecutive v, consecutive
+// slots), which is what makes the dx step's loads coalesced.
+TEST(BackwardWorkspace, NhwcCoefficientSlotsArePermutationsOfTheChannels) {
+  for (const int vec : {1, 2, 4, 8}) {
+    for (const int64_t c : {int64_t(8), int64_t(40), int64_t(320), int64_t(1024)}) {
+      detail::NhwcGradParams<float> p{};
+      p.c = c;
+      p.coef_vec = vec;
+      std::vector<int> hits(static_cast<size_t>(c), 0);
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const int64_t slot = detail::coef_slot(p, ch);
+        ASSERT_GE(slot, 0) << "vec " << vec << " c " << c << " channel " << ch;
+        ASSERT_LT(slot, c) << "vec " << vec << " c " << c << " channel " << ch;
+        ++hits[static_cast<size_t>(slot)];
+        if (ch >= vec)  // the same channel of the next column vector: the next slot
+          EXPECT_EQ(detail::coef_slot(p, ch), detail::coef_slot(p, ch - vec) + 1) << ch;
+      }
+      for (int64_t i = 0; i < c; ++i) EXPECT_EQ(hits[static_cast<size_t>(i)], 1) << "slot " << i;
+    }
+  }
+}
+
 // The workspace of the parameter gradients. AdaIN's backward (instance norm, no gamma or beta,
 // only dscale/dshift) on a one-block-per-plane plan takes no partials: the kernel stores
 // dscale/dshift itself. Anything that needs the cross-image or cross-block sums keeps them.
