@@ -167,6 +167,26 @@ TEST(BackwardPlan, HoldsTwoTensors) {
 }
 
 
+// The channels-last backward's kernels launch as programmatic dependents only where the code
+// that runs waits for its prerequisite: compiled for sm_90 or newer, on an sm_90 device. PTX of
+// sm_80 JIT-compiled on an H100 has no griddepcontrol.wait, so an early launch would read the
+// previous kernel's results before they exist.
+TEST(BackwardPlan, DependentLaunchOnlyWhereTheKernelsWait) {
+  DeviceProps d = instnorm_tables::sm90();
+  d.code_arch = 90;
+  EXPECT_TRUE(dependent_launch(d));
+  d.code_arch = 0;  // unknown: the device's own
+  EXPECT_TRUE(dependent_launch(d));
+  d.code_arch = 80;
+  EXPECT_FALSE(dependent_launch(d));
+  d.code_arch = 89;
+  EXPECT_FALSE(dependent_launch(d));
+  DeviceProps ada = instnorm_tables::sm89();
+  EXPECT_FALSE(dependent_launch(ada));
+  ada.code_arch = 90;  // never so in practice: the device's capability still rules it out
+  EXPECT_FALSE(dependent_launch(ada));
+}
+
 // dx's coefficients of the channels-last backward sit by coef_slot (channel k of column
 // vector v at k * (c / vec) + v): every channel of an image gets its own slot among the c, for
 // each vector width the dx step runs with, so no two channels' coefficients overwrite each

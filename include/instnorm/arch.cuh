@@ -34,6 +34,9 @@ struct DeviceProps {
   int code_arch = 0;
 };
 
+/// The first architecture with griddepcontrol (programmatic dependent launch).
+constexpr int kDependentLaunchArch = 90;
+
 /// One row of the architecture table (kArchTable below): the tuning of one GPU family, each
 /// field named, each row saying which measurement or limit chose it (`source`; the numbers are
 /// in docs/perf-notes.md). Rows are written as changes to the generic row, so a new field needs
@@ -168,6 +171,15 @@ inline const ArchPolicy& policy_for(const DeviceProps& d) {
                          d.mem_bus_bits);
 }
 
+/// Whether kernels may be launched as programmatic dependents on this device: only where the
+/// code that runs was compiled with griddepcontrol (ArchTraits::dependent_launch), so that a
+/// kernel launched early waits for the one before it. PTX of an older architecture JIT-compiled
+/// for an sm_90 device has no such wait: its kernels keep the stream's full serialization.
+inline bool dependent_launch(const DeviceProps& d) {
+  const int arch = d.code_arch > 0 ? d.code_arch : d.cc_major * 10 + d.cc_minor;
+  return d.cc_major * 10 + d.cc_minor >= kDependentLaunchArch && arch >= kDependentLaunchArch;
+}
+
 /// A row by its name ("sm_90", ...), or null.
 inline const ArchPolicy* policy_named(const char* name) {
 #ifdef INSTNORM_USER_ARCH_ROWS
@@ -186,8 +198,8 @@ inline const ArchPolicy* policy_named(const char* name) {
 template <int kArch>
 struct ArchTraits {
   static constexpr bool nhwc_vector_phase_shift = detail::row_value(kArch).nhwc_vector_phase_shift;
-  /// griddepcontrol (programmatic dependent launch) exists: sm_90 and newer.
-  static constexpr bool dependent_launch = kArch >= 90;
+  /// The kernels wait for their prerequisite in griddepcontrol.wait (grid/dependency.cuh).
+  static constexpr bool dependent_launch = kArch >= kDependentLaunchArch;
 };
 #if defined(__CUDA_ARCH__)
 using CompiledArch = ArchTraits<__CUDA_ARCH__ / 10>;

@@ -264,8 +264,9 @@ inline cudaError_t launch_nhwc_backward(const T* x, const T* dy, T* dx, const Pr
   constexpr int kFull = 16 / int(sizeof(T));
   const bool full = s.vec == kFull;
   // Every kernel of the chain waits for the one before it at its start (grid/dependency.cuh):
-  // on sm_90 and newer, each launches while the one before drains.
-  const bool dependent = d.cc_major >= 9;
+  // where the kernels running were compiled for sm_90 or newer, each launches while the one
+  // before drains.
+  const bool dependent = dependent_launch(d);
   LaunchShape sums;
   sums.grid = dim3(static_cast<unsigned>(prob.n * s.tiles), static_cast<unsigned>(s.col_chunks));
   sums.block = dim3(kNhwcGradThreads);
