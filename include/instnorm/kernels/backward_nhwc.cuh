@@ -39,9 +39,14 @@ struct NhwcGradParams : EpilogueFields, GradTensors<T> {
 /// order (lanes kVec entries apart) each load instruction of the dx step touched 32 lines: with
 /// 8 float4 and 8 float loads per image a thread visits, ncu (H200, 2x320x64x64 fp16 GN32 SiLU)
 /// put the dx kernel at 83% of L1 throughput and 11% of DRAM's.
+/// By column vector and channel within it (the dx step, whose kVec is the coef_vec).
+__host__ __device__ __forceinline__ int64_t coef_slot(int64_t c, int vec, int64_t column,
+                                                      int64_t k) {
+  return k * (c / vec) + column;
+}
 template <class T>
 __host__ __device__ __forceinline__ int64_t coef_slot(const NhwcGradParams<T>& p, int64_t ch) {
-  return (ch % p.coef_vec) * (p.c / p.coef_vec) + ch / p.coef_vec;
+  return coef_slot(p.c, p.coef_vec, ch / p.coef_vec, ch % p.coef_vec);
 }
 
 /// dx of channel ch in image i, folded by the finalize from its unit's plane quantities and the
@@ -277,8 +282,8 @@ __global__ void __launch_bounds__(256) nhwc_grad_dx(const NhwcGradParams<T> p) {
         const int64_t image = row / p.spatial;
         image_end = (image + 1) * p.spatial;
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) {  // coef_slot(p, j0 + k), p.coef_vec == kVec
-          const int64_t slot = image * p.c + k * (p.c / kVec) + colv;
+        for (int k = 0; k < kVec; ++k) {
+          const int64_t slot = image * p.c + coef_slot(p.c, kVec, colv, k);
           cf[k] = p.coef[slot];
           if constexpr (kAct != Activation::kNone) p0[k] = p.coef_pre[slot];
         }

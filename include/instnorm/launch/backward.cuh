@@ -277,7 +277,7 @@ inline cudaError_t launch_nhwc_backward(const T* x, const T* dy, T* dx, const Pr
   const int fin_units = p.fin_warps > 1 ? 1 : 8;
   LaunchShape fin;
   fin.grid = dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(prob.planes, fin_units), 65535)));
-  fin.block = dim3(p.fin_warps > 1 ? 32 * p.fin_warps : 256);
+  fin.block = dim3(32 * p.fin_warps * fin_units);
   fin.dependent = dependent;
   // The sums and the finalize need the statistics (or, eval, the partials of dgamma/dbeta).
   const bool sums_needed = opt.use_input_stats || p.partials != nullptr;
