@@ -254,6 +254,7 @@ struct DevCase {
   int64_t blocks = 0;
   int items = 0;
   int nhwc_on_chip = -1;  // forced and asserted (NHWC): 0 tiled, 1 on chip
+  int nhwc_cols = 0;      // forced and asserted (NHWC on chip): column vectors per slice
   bool eval = false;
   std::string describe() const {
     return std::to_string(n) + "x" + std::to_string(c) + "x" + std::to_string(s) +
@@ -261,7 +262,7 @@ struct DevCase {
            (layout == Layout::kNHWC ? " NHWC" : " NCHW") + " act " + std::to_string(int(act)) +
            (strategy >= 0 ? std::string(" ") + to_string(Strategy(strategy)) : "") +
            (nhwc_on_chip == 0 ? " tiled" : nhwc_on_chip == 1 ? " on-chip" : "") +
-           (eval ? " eval" : "");
+           (nhwc_cols ? " cols " + std::to_string(nhwc_cols) : "") + (eval ? " eval" : "");
   }
 };
 
@@ -326,6 +327,7 @@ void run_case(const DevCase& k, const Mod& md) {
   ov.blocks_per_plane = k.blocks;
   ov.items = k.items;
   ov.nhwc_on_chip = k.nhwc_on_chip;
+  ov.nhwc_cols = k.nhwc_cols;
   Plan plan;
   NhwcPlan nplan;
   CUDA_OK(detail::forward_tuned(x.ptr, y.ptr, k.n, k.c, k.s, opt, ov, nullptr, nullptr, &plan,
@@ -333,6 +335,7 @@ void run_case(const DevCase& k, const Mod& md) {
   CUDA_OK(cudaDeviceSynchronize());
   if (k.strategy >= 0) EXPECT_EQ(int(plan.strategy), k.strategy) << "the forced strategy ran";
   if (k.nhwc_on_chip >= 0) EXPECT_EQ(int(nplan.on_chip), k.nhwc_on_chip) << "the forced NHWC plan ran";
+  if (k.nhwc_cols > 0) EXPECT_EQ(nplan.cols_per_block, k.nhwc_cols) << "the forced slice width ran";
 
   Options host = hp.options(md, hp.gamma.data(), hp.beta.data(), hp.scale.data(), hp.shift.data());
   host.groups = k.groups;
@@ -464,6 +467,17 @@ std::vector<DevCase> device_cases() {
       cgn.nhwc_on_chip = on_chip;
       v.push_back(cgn);
     }
+    // A slice wider than the on-chip kernel's 256 threads: channels past the first 256 take
+    // their affine map in the coefficients' loop, not from the unit's prefetch.
+    // (128 column vectors: 512 channels in fp32, 1024 in 16 bits.)
+    DevCase wide{2, 1024, 4 * 4, 0, Layout::kNHWC, a};
+    wide.nhwc_on_chip = 1;
+    wide.nhwc_cols = 128;
+    v.push_back(wide);
+    DevCase wide_gn{2, 1024, 4 * 4, 32, Layout::kNHWC, a};
+    wide_gn.nhwc_on_chip = 1;
+    wide_gn.nhwc_cols = 128;
+    v.push_back(wide_gn);
   }
   DevCase ev{3, 4, 32 * 32};
   ev.eval = true;
