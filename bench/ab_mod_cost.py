@@ -23,8 +23,10 @@ def load(directory):
             data = json.load(f)
         rows = runs.setdefault((side, run), {})
         for bm in data.get("benchmarks", []):
-            # device_ab.sh's measure: the row's median call (counter ms), else real_time.
-            rows[bm["name"].split("/", 1)[1]] = bm["ms"] if "ms" in bm else bm["real_time"]
+            # device_ab.sh's measure: the row's median call (counter ms), else real_time in ms.
+            scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[bm.get("time_unit", "ns")]
+            rows[bm["name"].split("/", 1)[1]] = (bm["ms"] if "ms" in bm
+                                                 else bm["real_time"] * scale)
     return runs
 
 
