@@ -7,26 +7,22 @@ For each modulated row (:ss or :adain) and each binary (A, B, C): per run, the r
 over that of the same shape without modulation in the same run, then the median over runs, as
 a percentage. Rows whose plain shape was not run are left out.
 """
-import glob
-import json
 import os
 import statistics
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_runs import benchmarks, call_ms  # noqa: E402
 
 
 def load(directory):
     """{(side, run): {row name without the 'instnorm/' prefix: median call in ms}}."""
     runs = {}
-    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
-        side, run = os.path.basename(path).split(".")[:2]
-        with open(path) as f:
-            data = json.load(f)
+    for side, run, bm in benchmarks(directory):
         rows = runs.setdefault((side, run), {})
-        for bm in data.get("benchmarks", []):
-            # device_ab.sh's measure: the row's median call (counter ms), else real_time in ms.
-            scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[bm.get("time_unit", "ns")]
-            rows[bm["name"].split("/", 1)[1]] = (bm["ms"] if "ms" in bm
-                                                 else bm["real_time"] * scale)
+        t = call_ms(bm)
+        if t is not None:
+            rows[bm["name"].split("/", 1)[1]] = t
     return runs
 
 

@@ -36,22 +36,16 @@ for i in $(seq 1 "$runs"); do
 done
 echo "A/B: $done_runs rounds in $((SECONDS - start)) s"
 mkdir -p "$out/ab" && cp "$tmp"/*.json "$out/ab/" 2> /dev/null  # each run's JSON, A.i and B.i
-python3 - "$tmp" "$done_runs" << 'PY' | tee "$out/ab.txt"
-import json, statistics, sys
+python3 - "$tmp" "$done_runs" "$(cd "$(dirname "$0")" && pwd)" << 'PY' | tee "$out/ab.txt"
+import statistics, sys
 tmp, runs = sys.argv[1], int(sys.argv[2])
+sys.path.insert(0, sys.argv[3])
+from bench_runs import benchmarks, call_ms
 times = {}
-for side in "ABC":
-    for i in range(1, runs + 1):
-        try:
-            data = json.load(open(f"{tmp}/{side}.{i}.json"))
-        except Exception:
-            continue
-        for bm in data["benchmarks"]:
-            scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[bm.get("time_unit", "ns")]
-            # The row's median call (counter ms), not real_time (the mean, which a few slow
-            # calls move on rows of tens of microseconds).
-            t = bm["ms"] if "ms" in bm else bm["real_time"] * scale
-            times.setdefault(bm["name"], {}).setdefault(side, []).append(t)
+for side, _, bm in benchmarks(tmp):
+    t = call_ms(bm)
+    if t is not None:
+        times.setdefault(bm["name"], {}).setdefault(side, []).append(t)
 has_c = any("C" in t for t in times.values())
 head = f"{'row':58s} {'A ms':>9s} {'B ms':>9s} {'B/A':>7s}"
 print(head + (f" {'C ms':>9s} {'C/A':>7s}" if has_c else ""))

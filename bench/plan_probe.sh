@@ -23,22 +23,20 @@ for i in $(seq 1 "$runs"); do
   done
 done
 printf '%s\n' "$@" > "$tmp/variants.txt"
-python3 - "$tmp" "$runs" "$k" << 'PY' | tee "$out/probe.txt"
-import json, statistics, sys
+python3 - "$tmp" "$runs" "$k" "$(cd "$(dirname "$0")" && pwd)" << 'PY' | tee "$out/probe.txt"
+import statistics, sys
 tmp, runs, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sys.path.insert(0, sys.argv[4])
+from bench_runs import benchmarks, call_ms
 variants = open(f"{tmp}/variants.txt").read().split("\n")[:k]
 times, plans = {}, {}
-for v in range(1, k + 1):
-    for i in range(1, runs + 1):
-        try:
-            data = json.load(open(f"{tmp}/{v}.{i}.json"))
-        except Exception:
-            continue
-        for bm in data["benchmarks"]:
-            if bm.get("error_occurred") or "ms" not in bm:
-                continue
-            times.setdefault(bm["name"], {}).setdefault(v, []).append(bm["ms"])
-            plans[(bm["name"], v)] = bm.get("label", "")
+for tag, _, bm in benchmarks(tmp):
+    t = call_ms(bm)
+    if t is None:
+        continue
+    v = int(tag)
+    times.setdefault(bm["name"], {}).setdefault(v, []).append(t)
+    plans[(bm["name"], v)] = bm.get("label", "")
 for v, flags in enumerate(variants, 1):
     print(f"variant {v}: {flags or '(planner)'}")
 for name, t in times.items():
