@@ -97,10 +97,13 @@ __device__ __forceinline__ void grad_terms(const Vector<T, kVec>& xv, const Vect
 }
 
 /// A plane's saved statistics (training) or running ones (eval) as the backward's pivot and
-/// rstd. Its channel's affine map is loaded apart (backward_kernel: after the slice's loads).
+/// rstd, and its channel's gamma and beta (instance norm; GroupNorm tracks them per vector).
 template <class T>
 __device__ __forceinline__ void grad_plane_of(const BackwardParams<T>& p, int64_t plane,
-                                              int64_t channel_base, GradPlane& pl) {
+                                              int64_t channel_base, GradPlane& pl,
+                                              GradChannel<T>& ch) {
+  if (is_modulated(p)) ch.image = image_of(p, plane);
+  ch.set_channel(p, channel_base);
   if (p.use_input_stats) {
     pl.c = p.save_mean[plane];
     pl.rstd = p.save_rstd[plane];
@@ -136,9 +139,6 @@ __device__ __forceinline__ void param_partials(const BackwardParams<T>& p, const
 /// register part is then full on every lane, so vector positions run on unbroken).
 /// The lane's x and dy vectors live in the kernel's arrays `xr`, `dr` (a register array must
 /// not leave the kernel's frame), passed by reference. `loaded` is set after the first visit.
-/// On chip, the first visit calls start(0) after it has issued the slice's loads (registers and
-/// cp.async) and before any item: what start loads then waits in the shadow of the slice's
-/// latency. Streamed visits call start(off) after each chunk's loads.
 template <class T, int kVec, int kMaxItems, bool kStream>
 struct SliceVisitor {
   using V = Vector<T, kVec>;
@@ -245,30 +245,13 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
     const int64_t channel_base = (active ? plane % p.groups : 0) * cpg;
 
     GradPlane pl;
-    if (active) grad_plane_of(p, plane, channel_base, pl);
+    GradChannel<T> plane_ch;  // instance norm: the plane's channel
+    if (active) grad_plane_of(p, plane, channel_base, pl, plane_ch);
 
     V xr[kMaxItems], dr[kMaxItems];
     // On chip, the first visit loads the slice (SliceVisitor).
     SliceVisitor<T, kVec, kMaxItems, kStream> visit{p, xr, dr, base, len, lane, lanes, chunk,
                                                     sitems};
-    // The plane's channel (instance norm; GroupNorm's first): gamma and beta with the
-    // modulation folded in. A modulated fold waits for the scale's load (a DRAM miss after the
-    // bench's L2 flush); issued before the slice's loads, every plane of a block plan paid that
-    // round trip before its data was even requested (+6.5% on 8x512x64x64 bf16 AdaIN :bwd). On
-    // chip it is therefore loaded by the first visit's start, after the slice's loads; streamed
-    // plans reload their chunks in every visit and load it here.
-    GradChannel<T> plane_ch;
-    const auto load_channel = [&] {
-      if (!active) return;
-      if (is_modulated(p)) plane_ch.image = image_of(p, plane);
-      plane_ch.set_channel(p, channel_base);
-    };
-    if constexpr (kStream) load_channel();
-    const auto channel_once = [&] {
-      if constexpr (!kStream) {
-        if (!visit.loaded) load_channel();
-      }
-    };
     const auto nothing = [](auto&&...) {};
     // The group's (lane group's or block's) all-reduce, then the exchange among the G blocks.
     const auto reduce = [&](GradSums s, GradSums* own) {
@@ -287,7 +270,6 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
       GradChannel<T> ch = plane_ch;
       ChannelCursor<T> cursor(false, ChunkChannel{0, 0}, 0, 1, kVec, 1);
       const auto start_chunk = [&](int64_t off) {
-        channel_once();
         ch = plane_ch;
         cursor = ChannelCursor<T>(per_channel, chunk_channel(channel_base, begin + off, p.spatial),
                                   lane, lanes, kVec, p.spatial);
@@ -297,7 +279,7 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const BackwardPar
       if (p.use_input_stats && kAct != Activation::kNone) {
         GradSums s;
         visit(
-            true, [&](int64_t) { channel_once(); },
+            true, nothing,
             [&](int, const V& xv, const V&) {
               float f[kVec];
               unpack(xv, f);
