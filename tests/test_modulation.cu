@@ -467,11 +467,10 @@ std::vector<DevCase> device_cases() {
       cgn.nhwc_on_chip = on_chip;
       v.push_back(cgn);
     }
-    // A slice wider than the on-chip kernel's 256 threads: channels past the first 256 take
-    // their affine map in the group thread's loop, not from the unit's prefetch. Instance
-    // norm: 128 column vectors (512 channels in fp32, 1024 in 16 bits); GN32 of 640 channels
-    // (cpg 20): 80 column vectors (320 or 640 channels), so group 12 (channels 240-259)
-    // straddles channel 256 and is folded partly after the barrier, partly by its thread.
+    // Slices wider than the on-chip kernel's 256 threads, where a block's threads cannot take
+    // one channel each. Instance norm: 128 column vectors (512 channels in fp32, 1024 in 16
+    // bits); GN32 of 640 channels (cpg 20): 80 column vectors (320 or 640 channels), so group
+    // 12 (channels 240-259) straddles channel 256.
     DevCase wide{2, 1024, 4 * 4, 0, Layout::kNHWC, a};
     wide.nhwc_on_chip = 1;
     wide.nhwc_cols = 128;

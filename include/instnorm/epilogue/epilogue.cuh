@@ -105,26 +105,6 @@ __device__ __forceinline__ float modulation_factor(const EpilogueFields& p, int6
   return p.one_plus_scale ? 1.f + s : s;
 }
 
-/// Channel ch's parameters of channel_affine fetched into L2 ahead of their loads (no register
-/// holds anything until the loads themselves).
-__device__ __forceinline__ void prefetch_l2(const void* a) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
-}
-template <class T>
-__device__ __forceinline__ void prefetch_param(const void* p, bool is_float, int64_t i) {
-  if (p == nullptr) return;
-  prefetch_l2(is_float ? static_cast<const void*>(static_cast<const float*>(p) + i)
-                       : static_cast<const void*>(static_cast<const T*>(p) + i));
-}
-template <class T>
-__device__ __forceinline__ void prefetch_channel_affine(const EpilogueFields& p, int64_t image,
-                                                        int64_t ch) {
-  prefetch_param<T>(p.gamma, p.params_float, ch);
-  prefetch_param<T>(p.beta, p.params_float, ch);
-  prefetch_param<T>(p.mod_scale, p.mod_float, image * p.scale_stride + ch);
-  prefetch_param<T>(p.mod_shift, p.mod_float, image * p.shift_stride + ch);
-}
-
 template <class T>
 __device__ __forceinline__ ChannelAffine channel_affine(const EpilogueFields& p, int64_t image,
                                                         int64_t ch) {
@@ -182,15 +162,12 @@ __device__ __forceinline__ void store_plane_stats(const Params& p, int64_t plane
 struct ScaleShift {
   float scale, shift;
 };
-__device__ __forceinline__ ScaleShift scale_shift(const ChannelAffine& a, float rstd,
-                                                  float residual) {
-  const float scale = rstd * a.gamma;
-  return ScaleShift{scale, fmaf(-residual, scale, a.beta)};
-}
 template <class T>
 __device__ __forceinline__ ScaleShift scale_shift(const EpilogueFields& p, int64_t image,
                                                   int64_t ch, float rstd, float residual) {
-  return scale_shift(channel_affine<T>(p, image, ch), rstd, residual);
+  const ChannelAffine a = channel_affine<T>(p, image, ch);
+  const float scale = rstd * a.gamma;
+  return ScaleShift{scale, fmaf(-residual, scale, a.beta)};
 }
 
 /// A plane's statistics and its current channel's scale and shift, as a lane normalizes;

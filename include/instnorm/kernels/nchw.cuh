@@ -199,12 +199,6 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
     if (affine) {
       channel_base = (plane % p.groups) * p.channels_per_group;
       cc = chunk_channel(channel_base, begin, p.spatial);
-      // One channel per plane (instance norm): its parameters fetched into L2 before the
-      // slice's loads, so that the epilogue's loads after the reduction hit L2 instead of DRAM
-      // (after the bench's L2 flush, AdaIN's scale and shift cost 4x256x128x128 fp32 3-6%).
-      // Loading them here into registers instead made every NCHW row 2-3% slower.
-      if (!per_channel && active)
-        prefetch_channel_affine<T>(p, is_modulated(p) ? image_of(p, plane) : 0, cc.channel);
     }
     // The vectors' part of the slice: all of it, or (kRagged) the body between head and tail,
     // whose scalars the lanes with rs.extra >= 0 hold one each (re-read for the normalize, so
