@@ -10,7 +10,8 @@
 # of a build here. Make it with
 #   cmake -S . -B build-carry -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 &&
 #   cmake --build build-carry -j && find build-carry -name '*.o' -delete
-# and pass carry=["build-carry", ".dev"] (.dev/lib: libbenchmark.so.1*, libcudart.so.13).
+# and pass carry=["build-carry", ".dev"] (.dev/lib: libbenchmark.so.1*, libcudart.so.13), or
+# run bench/make_carry.sh, which also strips and gzips the largest binaries (unzipped here).
 # "carried-all": the carried build's ctest suite, then the sanitize step on its binaries.
 # NCU=0 leaves out the sanitize step's ncu DRAM-bytes check.
 set -u
@@ -27,6 +28,7 @@ run_ctest() {  # build dir: the whole suite, its log in $OUT, its summary printe
 bdir=build-dev
 if [ "$step" = carried ] || [ "$step" = carried-all ]; then
   bdir=build-carry
+  find build-carry -name '*.gz' -exec gunzip -f {} +  # bench/make_carry.sh zips the largest
   here=$(pwd)
   src=$(sed -n 's/^CMAKE_HOME_DIRECTORY:INTERNAL=//p' build-carry/CMakeCache.txt)
   cm=$(sed -n 's/^CMAKE_COMMAND:INTERNAL=//p' build-carry/CMakeCache.txt)
