@@ -2,7 +2,8 @@
 # On the device machine: same-run A/B of two instnorm_bench binaries over the standard rows (or
 # the --shape arguments given after the two binaries), alternating A, B, A, B, ... `runs` times
 # each; prints each row's median over runs of its median call time, A and B, and B/A, and
-# writes them to $OUT/ab.txt.
+# writes them to $OUT/ab.txt, with each binary's spread over its runs and whether its runs
+# and A's overlap (a ratio of medians over overlapping runs decides little).
 # Usage: bash bench/device_ab.sh <bench A> <bench B> [runs] [bench args...]
 # AB_BUDGET (seconds, default 400): no new A/B round starts after it; the summary then covers
 # the rounds that ran. AB_C (a third binary, optional) joins the rotation (A, B, C, A, ...) and
@@ -47,21 +48,31 @@ for side, _, bm in benchmarks(tmp):
     if t is not None:
         times.setdefault(bm["name"], {}).setdefault(side, []).append(t)
 has_c = any("C" in t for t in times.values())
-head = f"{'row':58s} {'A ms':>9s} {'B ms':>9s} {'B/A':>7s}"
-print(head + (f" {'C ms':>9s} {'C/A':>7s}" if has_c else ""))
+def sep(x, a):
+    """'>' where every run of x was slower than every run of A, '<' faster, '~' where they
+    overlap (then the ratio of medians alone decides nothing: channels-last rows flip between
+    modes from run to run)."""
+    return ">" if min(x) > max(a) else "<" if max(x) < min(a) else "~"
+def spread(x):
+    return f"{(max(x) / min(x) - 1) * 100:5.1f}%"
+head = f"{'row':58s} {'A ms':>9s} {'B ms':>9s} {'B/A':>7s}   {'A sprd':>6s} {'B sprd':>6s}"
+print(head + (f" {'C ms':>9s} {'C/A':>7s}   {'C sprd':>6s}" if has_c else ""))
 worst, worst_c = 0.0, 0.0
 for name, t in times.items():
     if "A" not in t or "B" not in t:
         continue
     ma, mb = statistics.median(t["A"]), statistics.median(t["B"])
     worst = max(worst, mb / ma)
-    line = f"{name[:58]:58s} {ma:9.4f} {mb:9.4f} {mb / ma:7.3f}"
+    line = (f"{name[:58]:58s} {ma:9.4f} {mb:9.4f} {mb / ma:7.3f} {sep(t['B'], t['A'])} "
+            f"{spread(t['A']):>6s} {spread(t['B']):>6s}")
     if "C" in t:
         mc = statistics.median(t["C"])
         worst_c = max(worst_c, mc / ma)
-        line += f" {mc:9.4f} {mc / ma:7.3f}"
+        line += f" {mc:9.4f} {mc / ma:7.3f} {sep(t['C'], t['A'])} {spread(t['C']):>6s}"
     print(line)
 print(f"slowest row B/A: {worst:.3f} (medians of {runs} alternating runs each)")
 if has_c:
     print(f"slowest row C/A: {worst_c:.3f}")
+print("after a ratio: > every run slower than every run of A, < every run faster, ~ the runs "
+      "overlap; sprd: (slowest / fastest run) - 1 of each binary")
 PY
