@@ -75,7 +75,7 @@ __device__ __forceinline__ float load_param(const void* p, bool is_float, int64_
 
 /// Whether the call has per-channel (gamma, beta) or per-sample (scale, shift) parameters, so
 /// that a lane must know the channel (and the image) of its elements.
-__device__ __forceinline__ bool has_channel_params(const EpilogueFields& p) {
+__host__ __device__ __forceinline__ bool has_channel_params(const EpilogueFields& p) {
   return p.gamma != nullptr || p.beta != nullptr || p.mod_scale != nullptr ||
          p.mod_shift != nullptr;
 }
@@ -162,12 +162,15 @@ __device__ __forceinline__ void store_plane_stats(const Params& p, int64_t plane
 struct ScaleShift {
   float scale, shift;
 };
+__device__ __forceinline__ ScaleShift scale_shift(const ChannelAffine& a, float rstd,
+                                                  float residual) {
+  const float scale = rstd * a.gamma;
+  return ScaleShift{scale, fmaf(-residual, scale, a.beta)};
+}
 template <class T>
 __device__ __forceinline__ ScaleShift scale_shift(const EpilogueFields& p, int64_t image,
                                                   int64_t ch, float rstd, float residual) {
-  const ChannelAffine a = channel_affine<T>(p, image, ch);
-  const float scale = rstd * a.gamma;
-  return ScaleShift{scale, fmaf(-residual, scale, a.beta)};
+  return scale_shift(channel_affine<T>(p, image, ch), rstd, residual);
 }
 
 /// A plane's statistics and its current channel's scale and shift, as a lane normalizes;

@@ -161,17 +161,27 @@ __device__ __forceinline__ void combine_row_lane_groups(const ChannelPartials& r
 }
 
 /// Each group's statistics (groups of one channel for instance norm; a GroupNorm group's
-/// channels merge in order) and its channels' centre, scale and shift, once per group by thread
-/// g of the block, into those channels' slots of the table (mean, lo and var hold them then):
-/// the row lanes of a column read them, where each computed its kVec channels' before, 4-32
-/// times over. Slices hold whole groups, so a group's slots are its thread's alone. `pivots`
-/// are the slice's as read before the exchange (in place, the block holding the image's first
-/// row may have overwritten the image's since); `slice_first` is the slice's first channel in
-/// the image; `writer` stores the saved statistics (one block of the unit).
-template <class T, class SlotOf>
+/// channels merge in order) and its channels' centre, scale and shift, into those channels' slots
+/// of the table (mean, lo and var hold them then): the row lanes of a column read them, where
+/// each computed its kVec channels' before, 4-32 times over. Slices hold whole groups, so a
+/// group's slots are its thread's alone. Thread g of the block takes group g. `pivots` are the
+/// slice's as read before the exchange (in place, the block holding the image's first row may
+/// have overwritten the image's since); `slice_first` is the slice's first channel in the image;
+/// `writer` stores the saved statistics (one block of the unit).
+/// Without parameters (kParams false: no gamma, beta, scale or shift) thread g writes its
+/// channels' scale and shift itself. With them, `af` is channel t's affine map, loaded by the
+/// kernel as the unit began (t < chs), so that its loads' latency hid behind the rows' and the
+/// exchange's: GroupNorm's thread g leaves rstd and the residual in the slots of its channels
+/// below 256, and after a barrier thread j folds channel j's own; channels past the block's 256
+/// threads (wide slices) are folded by thread g itself, with their maps loaded there. (Thread g
+/// taking its cpg channels' maps one at a time after the exchange cost 2x640x32x32 GN32 (cpg 20)
+/// 2.6 us of its 27 us with scale and shift on the H200. A loop over channels t, t + 256, ...
+/// after the barrier left the bf16 vec-8 kernel spilling 4 bytes on sm_90; nvcc 13.0.)
+template <bool kParams, class T, class SlotOf>
 __device__ __forceinline__ void nhwc_group_coefficients(const NhwcParams<T>& p,
                                                         const ChannelPartials& red,
                                                         SlotOf slot_of, const float* pivots,
+                                                        const ChannelAffine& af,
                                                         int64_t count, int chs, int cpg, int t,
                                                         bool writer, int64_t image,
                                                         int slice_first) {
@@ -184,10 +194,33 @@ __device__ __forceinline__ void nhwc_group_coefficients(const NhwcParams<T>& p,
     if (writer) store_plane_stats(p, image * p.groups + (slice_first + j0) / cpg, st);
 #pragma unroll 1
     for (int j = j0; j < j0 + cpg; ++j) {
-      const ScaleShift ss = scale_shift<T>(p, image, slice_first + j, st.rstd, st.residual);
-      red.mean[slot_of(j)] = st.center;
-      red.lo[slot_of(j)] = ss.scale;
-      red.var[slot_of(j)] = ss.shift;
+      if constexpr (!kParams) {
+        const ScaleShift ss = scale_shift<T>(p, image, slice_first + j, st.rstd, st.residual);
+        red.mean[slot_of(j)] = st.center;
+        red.lo[slot_of(j)] = ss.scale;
+        red.var[slot_of(j)] = ss.shift;
+      } else {
+        float a = st.rstd, b = st.residual;  // folded below by thread j
+        if (cpg == 1 || j >= kNhwcOnChipThreads) {
+          const ScaleShift ss = scale_shift(
+              j == t ? af : channel_affine<T>(p, image, slice_first + j), st.rstd, st.residual);
+          a = ss.scale;
+          b = ss.shift;
+        }
+        red.mean[slot_of(j)] = st.center;
+        red.lo[slot_of(j)] = a;
+        red.var[slot_of(j)] = b;
+      }
+    }
+  }
+  if constexpr (kParams) {
+    if (cpg == 1) return;  // uniform over the block
+    __syncthreads();
+    if (t < chs) {
+      const int i = slot_of(t);
+      const ScaleShift ss = scale_shift(af, red.lo[i], red.var[i]);
+      red.lo[i] = ss.scale;
+      red.var[i] = ss.shift;
     }
   }
 }
@@ -200,7 +233,10 @@ __device__ __forceinline__ void nhwc_group_coefficients(const NhwcParams<T>& p,
 /// partials through tagged slots (as the NCHW split plans: reduce.cuh), double-buffered by
 /// round parity; every block merges all G in the same order. Deadlock-free: a block publishes
 /// before it waits, and the G blocks are co-resident (cooperative launch).
-template <class T, int kVec, int kMaxItems>
+/// kParams: a GroupNorm call with gamma, beta or a modulation (has_channel_params), whose maps
+/// the kernel loads as each unit begins (nhwc_group_coefficients). The launch takes the kernel
+/// without it, the one from before that fold, for every other call, so that those keep its code.
+template <class T, int kVec, int kMaxItems, bool kParams = false>
 __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const NhwcParams<T> p) {
   using V = Vector<T, kVec>;
   constexpr int kThreads = kNhwcOnChipThreads;
@@ -255,6 +291,11 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
     const int col = int(unit % p.col_slices) * cs + cl;
     const T* ximg = p.x + image * S * C;
     const int rstep = row_lanes * cv;
+    // Channel t's affine map (nhwc_group_coefficients), its loads issued before the rows'.
+    ChannelAffine af{1.f, 0.f};
+    if constexpr (kParams) {
+      if (t < chs && has_channel_params(p)) af = channel_affine<T>(p, image, (col - cl) * kVec + t);
+    }
     const V* xv = reinterpret_cast<const V*>(ximg + (row_begin + rl) * C) + col;
 
     V regs[kMaxItems];
@@ -294,8 +335,8 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
       __syncthreads();
     }
     trace_stamp(round, 4);
-    nhwc_group_coefficients(p, red, slot_of, pivots, count, chs, cpg, t, rank == 0, image,
-                            ch0 - cl * kVec);
+    nhwc_group_coefficients<kParams>(p, red, slot_of, pivots, af, count, chs, cpg, t, rank == 0,
+                                     image, ch0 - cl * kVec);
     __syncthreads();
     // Channel k of this thread's column: its centre, scale and shift in the table.
     const auto param = [&](int k, float& c, float& a, float& b) {
