@@ -23,7 +23,7 @@ for bin in "$@"; do
       -k "regex:$kernel" --launch-skip 3 --launch-count 1 "$bin" --shape="$s" \
       --benchmark_filter=instnorm > "$log" 2>&1
     echo "== $(basename "$bin") $s"
-    grep -E "^  [a-z_]+__|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Stall" "$log" |
+    grep -E "^ *[a-z_]+__[a-z_.]+ |Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Stall" "$log" |
       sed 's/^ *//' | head -20
   done
 done
