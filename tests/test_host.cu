@@ -1253,6 +1253,35 @@ TEST(NhwcPlan, StandardShapesRunOnChip) {
   EXPECT_FALSE(nhwc_plan_is_valid(unlimited, prob, d));
 }
 
+// The on-chip kernel's kParams instance (the channels' maps folded in parallel) is taken by
+// GroupNorm calls with parameters only: the two instances give the same results, so no device
+// test would notice a wrong choice; this one does.
+TEST(NhwcPlan, OnChipFoldsParametersForGroupNormOnly) {
+  Options opt;
+  opt.layout = Layout::kNHWC;
+  Problem prob;
+  const float param = 1.f;
+  ASSERT_EQ(validate(kX, kY, 2, 320, 64 * 64, 2, opt, &prob), Invalid::kOk);
+  EXPECT_FALSE(nhwc_on_chip_folds_params(prob, opt));  // instance norm, no parameters
+  opt.gamma = &param;
+  ASSERT_EQ(validate(kX, kY, 2, 320, 64 * 64, 2, opt, &prob), Invalid::kOk);
+  EXPECT_FALSE(nhwc_on_chip_folds_params(prob, opt));  // instance norm, affine
+  opt.groups = 32;
+  ASSERT_EQ(validate(kX, kY, 2, 320, 64 * 64, 2, opt, &prob), Invalid::kOk);
+  EXPECT_TRUE(nhwc_on_chip_folds_params(prob, opt));  // GroupNorm, gamma
+  opt.gamma = nullptr;
+  ASSERT_EQ(validate(kX, kY, 2, 320, 64 * 64, 2, opt, &prob), Invalid::kOk);
+  EXPECT_FALSE(nhwc_on_chip_folds_params(prob, opt));  // GroupNorm, no parameters
+  opt.beta = &param;
+  EXPECT_TRUE(nhwc_on_chip_folds_params(prob, opt));
+  opt.beta = nullptr;
+  opt.modulation.shift = &param;  // the scale-shift rows' shift alone
+  EXPECT_TRUE(nhwc_on_chip_folds_params(prob, opt));
+  opt.modulation.shift = nullptr;
+  opt.modulation.scale = &param;
+  EXPECT_TRUE(nhwc_on_chip_folds_params(prob, opt));
+}
+
 TEST(NhwcPlan, BatchesStayInTheL2Budget) {
   const DeviceProps d = sm90();
   Options opt;

@@ -75,7 +75,7 @@ __device__ __forceinline__ float load_param(const void* p, bool is_float, int64_
 
 /// Whether the call has per-channel (gamma, beta) or per-sample (scale, shift) parameters, so
 /// that a lane must know the channel (and the image) of its elements.
-__host__ __device__ __forceinline__ bool has_channel_params(const EpilogueFields& p) {
+__device__ __forceinline__ bool has_channel_params(const EpilogueFields& p) {
   return p.gamma != nullptr || p.beta != nullptr || p.mod_scale != nullptr ||
          p.mod_shift != nullptr;
 }

@@ -194,25 +194,18 @@ __device__ __forceinline__ void nhwc_group_coefficients(const NhwcParams<T>& p,
     if (writer) store_plane_stats(p, image * p.groups + (slice_first + j0) / cpg, st);
 #pragma unroll 1
     for (int j = j0; j < j0 + cpg; ++j) {
-      if constexpr (!kParams) {
-        const ScaleShift ss = scale_shift<T>(p, image, slice_first + j, st.rstd, st.residual);
-        red.mean[slot_of(j)] = st.center;
-        red.lo[slot_of(j)] = ss.scale;
-        red.var[slot_of(j)] = ss.shift;
-      } else {
-        float a = st.rstd, b = st.residual;  // folded below by thread j
-        if (cpg == 1 || j >= kNhwcOnChipThreads) {
-          const ScaleShift ss = scale_shift(
-              j == t ? af : channel_affine<T>(p, image, slice_first + j), st.rstd, st.residual);
-          a = ss.scale;
-          b = ss.shift;
-        }
-        red.mean[slot_of(j)] = st.center;
-        red.lo[slot_of(j)] = a;
-        red.var[slot_of(j)] = b;
-      }
+      ScaleShift ss{st.rstd, st.residual};  // kParams: folded below by thread j
+      if (!kParams || cpg == 1 || j >= kNhwcOnChipThreads)
+        ss = scale_shift(kParams && j == t ? af : channel_affine<T>(p, image, slice_first + j),
+                         st.rstd, st.residual);
+      red.mean[slot_of(j)] = st.center;
+      red.lo[slot_of(j)] = ss.scale;
+      red.var[slot_of(j)] = ss.shift;
     }
   }
+  // The launch takes this instance for GroupNorm only (cpg > 1), so the cpg == 1 cases above
+  // and here, and has_channel_params in the kernel, never decide there; they stay so that the
+  // machine code is the one the device suite ran (e78b542), until a device run checks another.
   if constexpr (kParams) {
     if (cpg == 1) return;  // uniform over the block
     __syncthreads();
@@ -233,9 +226,9 @@ __device__ __forceinline__ void nhwc_group_coefficients(const NhwcParams<T>& p,
 /// partials through tagged slots (as the NCHW split plans: reduce.cuh), double-buffered by
 /// round parity; every block merges all G in the same order. Deadlock-free: a block publishes
 /// before it waits, and the G blocks are co-resident (cooperative launch).
-/// kParams: a GroupNorm call with gamma, beta or a modulation (has_channel_params), whose maps
-/// the kernel loads as each unit begins (nhwc_group_coefficients). The launch takes the kernel
-/// without it, the one from before that fold, for every other call, so that those keep its code.
+/// kParams: a GroupNorm call with gamma, beta or a modulation, whose maps the kernel loads as
+/// each unit begins (nhwc_group_coefficients); the launch's choice is
+/// nhwc_on_chip_folds_params (plan/nhwc.cuh). Every other call keeps the code from before.
 template <class T, int kVec, int kMaxItems, bool kParams = false>
 __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const NhwcParams<T> p) {
   using V = Vector<T, kVec>;

@@ -288,10 +288,7 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
     shape.dyn_smem = size_t(plan.smem_bytes);
     shape.static_smem = size_t(nhwc_on_chip_static_smem(plan.vec));
     shape.cooperative = plan.cooperative;
-    // GroupNorm with parameters: the kernel that folds the channels' maps, loaded as each unit
-    // begins (measured on the :ss rows). Instance norm (one channel per group, whose map the
-    // group's thread loads anyway) and calls without parameters keep the kernel from before it.
-    const bool params = has_channel_params(np) && prob.channels_per_group > 1;
+    const bool params = nhwc_on_chip_folds_params(prob, opt);
     constexpr int kFullItems = nhwc_max_items(kFull), kOneItems = nhwc_max_items(1);
     INSTNORM_RETURN_IF_ERROR(launch_kernel(
         full ? (params ? nhwc_on_chip<T, kFull, kFullItems, true>

@@ -124,6 +124,17 @@ inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const Dev
   return true;
 }
 
+/// Whether an on-chip NHWC call runs the kernel's kParams instance (nhwc_on_chip): GroupNorm with
+/// gamma, beta or a modulation, whose channels' maps it loads as each unit begins and folds one
+/// channel per thread. Every other call (no parameters; instance norm, whose group thread loads
+/// its one channel's map anyway) runs the instance without it. Same results either way (the same
+/// operations per channel); the rule decides speed only, so it is tested here, on the host.
+inline bool nhwc_on_chip_folds_params(const Problem& prob, const Options& opt) {
+  const bool params = opt.gamma != nullptr || opt.beta != nullptr ||
+                      opt.modulation.scale != nullptr || opt.modulation.shift != nullptr;
+  return params && prob.channels_per_group > 1;
+}
+
 namespace detail {
 
 /// The on-chip plan, or false where none fits (a unit larger than the chip at every slice
