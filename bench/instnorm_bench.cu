@@ -1123,7 +1123,7 @@ void plan_counters(benchmark::State& state, const Plan& plan) {
 /// NCHW: "strategy threads x items vector G (staged: u planes per unit) policy"; NHWC on chip: "nhwc cols x rows/thread
 /// (+ shared) G"; NHWC tiled: "nhwc-tiled batch".
 std::string plan_label(const Shape& s, const Plan& plan, const NhwcPlan& nplan) {
-  if (s.nhwc && nplan.staged) return "nhwc-staged k" + std::to_string(nplan.unit_images);
+  if (s.nhwc && nplan.staged) return "nhwc-staged k" + std::to_string(nplan.unit_images) + " l" + std::to_string(nplan.lanes);
   if (s.nhwc && nplan.cols_per_block > 0)  // NHWC with one channel or position runs as NCHW
     return nplan.on_chip ? "nhwc " + std::to_string(nplan.cols_per_block) + "c x" +
                                std::to_string(nplan.items) + "+" +

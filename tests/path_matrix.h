@@ -53,7 +53,7 @@ inline const PathCase kPathCases[] = {
     // coincide and the NCHW path serves them.
     {"3067x133x5x47:bf16:cl", 3067, 133, 235, 2, 0, true, "staged", "tiled"},
     {"47x150x60x75:cl", 47, 150, 4500, 4, 0, true, "tiled", "tiled"},
-    {"89278x3x14x15:cl", 89278, 3, 210, 4, 0, true, "staged", "tiled"},
+    {"89278x3x14x15:cl", 89278, 3, 210, 4, 0, true, "staged", "staged"},
     {"11713171x3x2x3:fp16:cl", 11713171, 3, 6, 2, 0, true, "staged", "staged"},
     {"66279x4x1x193:cl", 66279, 4, 193, 4, 0, true, "staged", "staged"},
     {"36167x1643x1x1:cl", 36167, 1643, 1, 4, 0, true, "staged", "staged"},

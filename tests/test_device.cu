@@ -567,7 +567,7 @@ TEST(GpuNhwc, ChannelCountsAndPlaneLengths) {
 }
 
 // Channels-last rows that are not 16-byte aligned, tensors of 4 MiB or more, small images:
-// the staged plan (units of whole images through shared memory, one lane per plane), with and
+// the staged plan (units of whole images through shared memory, lanes per plane), with and
 // without 16-byte aligned units, every type, affine and activations, the running update, a
 // large mean; eval mode runs the tiled normalize.
 TEST(GpuNhwc, StagedSmallImages) {
@@ -581,10 +581,19 @@ TEST(GpuNhwc, StagedSmallImages) {
   EXPECT_TRUE(ran.staged);
   nhwc_case<__half>(4000, 70, 9, 0, true, Activation::kRelu, 0, 0.0, {}, &ran);
   EXPECT_TRUE(ran.staged);
-  EXPECT_GE(ran.unit_images * 70, kNhwcStagedMinPlanes);
+  EXPECT_GE(ran.unit_images * 70 * ran.lanes, kNhwcStagedMinThreads);
+  // More planes per unit than groups of lanes: rounds of them (301 planes, 256 lanes).
+  nhwc_case<float>(1000, 301, 19, 0, true, Activation::kNone, 0, 0.0, {}, &ran);
+  EXPECT_TRUE(ran.staged);
+  EXPECT_GT(ran.unit_images * 301, kStagedThreads / ran.lanes);
   nhwc_case<__nv_bfloat16>(70, 133, 235, 0, false, Activation::kNone, 0, 0.0, {}, &ran);
   EXPECT_TRUE(ran.staged);  // a unit of one image: 62510 bytes, not 16-byte aligned
   EXPECT_EQ(ran.unit_images, 1);
+  EXPECT_EQ(ran.lanes, 8);  // 133 planes of 235 rows: 5 rounds of 32 groups of 8 lanes
+  // Long planes: a warp per plane, two rounds of the block's 8 groups over 13 planes.
+  nhwc_case<__half>(130, 13, 1296, 0, true, Activation::kSilu, 1, 1e4, {}, &ran);
+  EXPECT_TRUE(ran.staged);
+  EXPECT_EQ(ran.lanes, 32);
   // Rows of one 16-byte vector: staged too.
   nhwc_case<float>(2000, 4, 193, 0, true, Activation::kNone, 0, 0.0, {}, &ran);
   EXPECT_TRUE(ran.staged);

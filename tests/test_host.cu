@@ -1147,8 +1147,9 @@ TEST(NhwcPlan, CoversEveryShapeWithinLimits) {
 }
 
 // The staged NHWC plan: instance norm, rows not 16-byte aligned or one vector wide, 4 MiB or
-// more; units of whole images with at least kNhwcStagedMinPlanes planes, at most a block's
-// threads, two stages in shared memory, a whole number of 16 bytes where such a unit fits.
+// more; lanes per plane for about kStagedLaneItems values each, units of whole images of about
+// kStagedUnitBytes (one image where an image is larger) keeping at least kNhwcStagedMinThreads
+// threads busy, two stages in shared memory, a whole number of 16 bytes where such a unit fits.
 TEST(NhwcPlan, StagedUnitsOfWholeImages) {
   struct Case { int64_t n, c, s; int eb; int64_t groups; bool staged; };
   const Case cases[] = {
@@ -1158,8 +1159,9 @@ TEST(NhwcPlan, StagedUnitsOfWholeImages) {
       {4000, 16, 100, 2, 0, false},  // two vectors wide: on chip
       {2000, 3, 21, 4, 0, false},    // under 4 MiB
       {3000, 64, 9, 2, 32, false},   // GroupNorm
-      {314, 13, 1296, 2, 0, false},  // three images per unit: 39 planes
-      {100, 300, 99, 4, 0, false},   // more channels than a block has threads
+      {314, 13, 1296, 2, 0, true},   // one image per unit, 32 lanes per plane, two rounds
+      {1000, 301, 19, 4, 0, true},   // more planes than a block has threads: rounds of them
+      {100, 300, 99, 4, 0, false},   // two stages of one image exceed shared memory
   };
   const DeviceProps d = sm90();
   for (const Case& k : cases) {
@@ -1173,17 +1175,35 @@ TEST(NhwcPlan, StagedUnitsOfWholeImages) {
     EXPECT_EQ(p.staged, k.staged) << k.n << "x" << k.c << "x" << k.s;
     if (!p.staged) continue;
     EXPECT_TRUE(nhwc_plan_is_valid(p, prob, d));
-    EXPECT_GE(p.unit_images * k.c, kNhwcStagedMinPlanes);
-    EXPECT_LE(p.unit_images * k.c, kStagedThreads);
+    const int64_t lanes = std::min<int64_t>(32, detail::pow2_ceil((k.s + kStagedLaneItems - 1) / kStagedLaneItems));
+    EXPECT_EQ(p.lanes, lanes) << k.n << "x" << k.c << "x" << k.s;
+    EXPECT_GE(std::min<int64_t>(p.unit_images * k.c, kStagedThreads / lanes) * lanes,
+              kNhwcStagedMinThreads);
     const int64_t unit = p.unit_images * k.c * k.s * k.eb;
-    EXPECT_EQ(p.smem_bytes, 2 * ((unit + 15) / 16 * 16));
-    EXPECT_LE(p.smem_bytes, d.smem_per_block_optin);
-    EXPECT_LE(p.grid, (k.n + p.unit_images - 1) / p.unit_images);
-    // 16-byte units wherever some number of images makes one and such a unit fits.
+    // About kStagedUnitBytes: not over it unless one image is, and at least half of what the
+    // aim allows (the balance of four units per resident block aside).
+    const int64_t k_min = std::min<int64_t>(k.n, (kStagedThreads / lanes + k.c - 1) / k.c);  // all groups
     const int64_t image = k.c * k.s * k.eb;
     int64_t align = 1;
     while (align < 16 && (align * image) % 16 != 0) align *= 2;
-    if (align * k.c <= kStagedThreads && 4 * ((align * image + 15) / 16 * 16) <= d.smem_per_block_optin)
+    const int64_t aim = std::max<int64_t>(k_min, std::min<int64_t>(
+        kStagedUnitBytes / image, k.n / (4 * kStagedBlocksPerSm * d.sm_count)));
+    // Between half the aim and the aim rounded up to 16 bytes, the fullest last round of
+    // planes: no count in that range leaves fewer of a round's groups idle.
+    EXPECT_GE(2 * p.unit_images, aim) << k.n << "x" << k.c << "x" << k.s;
+    EXPECT_LT(p.unit_images, aim + align) << k.n << "x" << k.c << "x" << k.s;
+    const auto idle = [&](int64_t i) {  // as a fraction of the slots, times a common factor
+      const int64_t g = kStagedThreads / lanes, busy = i * k.c, slots = (busy + g - 1) / g * g;
+      return double(slots - busy) / double(slots);
+    };
+    for (int64_t i = (aim + 1) / 2; i <= p.unit_images; ++i)
+      if (unit % 16 == 0 ? (i * image) % 16 == 0 : true)
+        EXPECT_GE(idle(i) + 1e-12, idle(p.unit_images)) << k.n << "x" << k.c << "x" << k.s << " " << i;
+    EXPECT_EQ(p.smem_bytes, 2 * ((unit + 15) / 16 * 16));
+    EXPECT_LE(p.smem_bytes, d.smem_per_block_optin);
+    EXPECT_LE(p.grid, (k.n + p.unit_images - 1) / p.unit_images);
+    // 16-byte units wherever a count near the aim makes one.
+    if (aim / align * align >= (aim + 1) / 2)
       EXPECT_EQ(unit % 16, 0) << k.n << "x" << k.c << "x" << k.s;
     // Forcing the on-chip or the tiled plan still works.
     PlanOverride on_chip, tiled;

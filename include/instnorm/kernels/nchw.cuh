@@ -338,10 +338,8 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
     __syncthreads();
 
     const int nplanes = n / len;
-    // The same trip count in every group (shuffles inside need whole warps); channels-last
-    // units have at most one plane per lane (NhwcPlan::unit_images), and a loop there left the
-    // kernel spilling 4 bytes on sm_90.
-    const int trips = kChannelsLast ? 1 : (nplanes + groups - 1) / groups;
+    // The same trip count in every group (shuffles inside need whole warps).
+    const int trips = (nplanes + groups - 1) / groups;
     for (int trip = 0; trip < trips; ++trip) {
       const int q = trip * groups + group;
       const bool active = q < nplanes;

@@ -258,7 +258,7 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
   if (plan.staged) {  // the NCHW staged kernel on units of whole images
     if (eval) return cudaErrorInvalidConfiguration;
     KernelParams<T> kp = make_params(x, y, prob, opt);
-    kp.lanes = 1;  // one lane per plane
+    kp.lanes = plan.lanes;
     kp.unit_planes = int(plan.unit_images * prob.c);
     kp.channel_stride = int(prob.c);
     set_stats_outputs(kp, w, workspace, prob);

@@ -130,6 +130,15 @@ inline int resident_blocks_per_sm(const DeviceProps& d, int threads, int64_t sme
   return std::max(0, r);
 }
 
+/// Values per lane the staged plans (NCHW and NHWC) aim for when they choose how many lanes
+/// share a plane (kStagedThreads, contract.cuh).
+constexpr int kStagedLaneItems = 32;
+/// Bytes a forward staged unit aims for: short planes take several per group of lanes, until
+/// the unit holds this much (two stages of it for each of kStagedBlocksPerSm blocks fit in an
+/// sm_90 SM's shared memory). H200, by unit size at one plane per group: 8-10 KB units ran at
+/// 0.35-0.45 of copy (53061x29x1x263 fp16, 3870x1690x3x13 bf16, 105582x12x6x11 fp16), 17-37
+/// KB units at 0.76-0.84 (47x995x9x15, 946x227x1x509, 4711x16x23x51).
+constexpr int64_t kStagedUnitBytes = 24 * 1024;
 /// Co-resident staged blocks (kStagedThreads threads, `smem_bytes` of two stages) per SM: the
 /// kernel's __launch_bounds__(kStagedThreads, kStagedBlocksPerSm) caps its registers, and no
 /// more than kStagedBlocksPerSm are counted on.

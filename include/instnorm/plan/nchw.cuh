@@ -17,15 +17,6 @@ inline int max_items_for(Strategy s, int vec, Direction dir = Direction::kForwar
   if (s == Strategy::kSplitStream) return max_stream_items(vec);
   return ragged ? max_ragged_items(vec) : max_items(vec);
 }
-/// Values per lane the staged plan aims for when it chooses how many lanes share a plane
-/// (kStagedThreads, contract.cuh).
-constexpr int kStagedLaneItems = 32;
-/// Bytes a forward staged unit aims for: short planes take several per group of lanes, until
-/// the unit holds this much (two stages of it for each of kStagedBlocksPerSm blocks fit in an
-/// sm_90 SM's shared memory). H200, by unit size at one plane per group: 8-10 KB units ran at
-/// 0.35-0.45 of copy (53061x29x1x263 fp16, 3870x1690x3x13 bf16, 105582x12x6x11 fp16), 17-37
-/// KB units at 0.76-0.84 (47x995x9x15, 946x227x1x509, 4711x16x23x51).
-constexpr int64_t kStagedUnitBytes = 24 * 1024;
 /// Bytes of one stage of the staged kernel's two-stage buffer: its unit, rounded to 16 bytes;
 /// saturated at 2^40 (no device's shared memory), so that any plane length stays overflow-free.
 inline int64_t staged_stage_bytes(int planes_per_unit, int64_t plane_len, int elem_bytes) {

@@ -10,8 +10,8 @@ namespace instnorm {
 /// Tensors from which NHWC rows that are not 16-byte aligned leave the on-chip plan for the
 /// staged or the tiled one (make_nhwc_plan); below, one launch of the on-chip kernel is cheaper.
 constexpr int64_t kNhwcScalarPlanBytes = int64_t(4) << 20;
-/// Fewest planes (lanes) a staged NHWC unit keeps busy, of its kStagedThreads.
-constexpr int64_t kNhwcStagedMinPlanes = 64;
+/// Fewest of its kStagedThreads threads a staged NHWC unit keeps busy.
+constexpr int64_t kNhwcStagedMinThreads = 64;
 
 /// Co-resident on-chip NHWC blocks per SM with `smem_bytes` of dynamic shared memory (its
 /// static storage is counted exactly, so only the runtime's reserve is added).
@@ -34,10 +34,12 @@ inline int nhwc_on_chip_per_sm(const DeviceProps& d, int64_t smem_bytes, int vec
 struct NhwcPlan {
   bool on_chip = false;
   /// Staged (instance norm, rows not 16-byte aligned, images small enough): the NCHW staged
-  /// kernel with units of `unit_images` whole images and one lane per plane. `smem_bytes`
-  /// holds its two stages, `grid` its persistent blocks.
+  /// kernel with units of `unit_images` whole images and `lanes` threads per plane (a power of
+  /// two up to a warp; the block's groups of lanes take the unit's planes in turns).
+  /// `smem_bytes` holds its two stages, `grid` its persistent blocks.
   bool staged = false;
   int64_t unit_images = 0;
+  int lanes = 1;
   int vec = 1;                   ///< channels per vector (16 bytes, or 1)
   int cols_per_block = 0;        ///< column vectors a block covers
   int row_lanes = 0;             ///< threads per column (threads / cols_per_block)
@@ -78,7 +80,8 @@ inline bool nhwc_plan_is_valid(const NhwcPlan& p, const Problem& prob, const Dev
   if (p.staged) {
     const int64_t planes = p.unit_images * prob.c;
     return !p.on_chip && p.vec == 1 && prob.channels_per_group == 1 && p.unit_images >= 1 &&
-           planes <= kStagedThreads &&
+           p.lanes >= 1 && p.lanes <= 32 && (p.lanes & (p.lanes - 1)) == 0 &&
+           planes * prob.spatial < (int64_t(1) << 31) &&
            p.smem_bytes >= 2 * staged_unit_bytes(p.unit_images, prob) &&
            p.smem_bytes <= d.smem_per_block_optin && p.grid >= 1 && p.grid <= d.max_grid_x &&
            d.max_threads_per_block >= kStagedThreads && staged_blocks_per_sm(d, p.smem_bytes) >= 1;
@@ -230,32 +233,61 @@ inline bool make_nhwc_on_chip_plan(const Problem& prob, const DeviceProps& d, co
 
 /// The staged plan for instance norm with rows that are not 16-byte aligned or at most one
 /// 16-byte vector wide (where the on-chip plan spends a block on one column), or false: units
-/// of whole images, one lane per plane, at least kNhwcStagedMinPlanes planes per unit, two
-/// stages in shared memory. Unit sizes that keep every unit 16-byte aligned come first (cp.async
-/// copies); the largest that fits is taken.
+/// of whole images through two stages of shared memory, as the NCHW staged plan sizes them
+/// (size_staged, plan/nchw.cuh): `lanes` threads per plane for about kStagedLaneItems values
+/// each, and images per unit for about kStagedUnitBytes, the groups of lanes taking the unit's
+/// planes in turns. With one lane per plane and at most a block's planes per unit (the plan
+/// before), 3067x133x5x47 bf16 ran at 0.13 of copy on the H200 (133 threads of a block, each
+/// walking 235 rows alone) and 11713171x3x2x3 fp16 at 0.21 (units of 3 KB: 12 KB in flight
+/// per SM).
 inline bool make_nhwc_staged_plan(const Problem& prob, const DeviceProps& d, NhwcPlan* out) {
-  if ((prob.vector_ok && prob.c * prob.elem_bytes > 16) || prob.channels_per_group != 1 ||
-      prob.c > kStagedThreads)
+  if ((prob.vector_ok && prob.c * prob.elem_bytes > 16) || prob.channels_per_group != 1)
     return false;
-  const int64_t most = std::min<int64_t>(kStagedThreads / prob.c, prob.n);
-  const int64_t image_bytes = prob.spatial * prob.c * prob.elem_bytes;
-  if (most < 1 || image_bytes > d.smem_per_block_optin) return false;  // not one image fits
-  int64_t align = 1;  // images per unit that make a multiple of 16 bytes
-  while (align < 16 && (align * image_bytes) % 16 != 0) align *= 2;
+  const int64_t S = prob.spatial;
+  const int lanes = int(pow2_ceil(clamp64(ceil_div(S, kStagedLaneItems), 1, 32)));
+  const int64_t groups = kStagedThreads / lanes;
+  const int64_t image_bytes = S * prob.c * prob.elem_bytes;
   const auto fits = [&](int64_t k) {
     const int64_t smem = 2 * staged_unit_bytes(k, prob);
     return smem <= d.smem_per_block_optin && staged_blocks_per_sm(d, smem) >= 1;
   };
-  int64_t k = 0;
-  for (int64_t i = most / align * align; i >= align && k == 0; i -= align)
-    if (fits(i)) k = i;
-  for (int64_t i = most; i >= 1 && k == 0; --i)
-    if (fits(i)) k = i;
-  if (k == 0 || k * prob.c < kNhwcStagedMinPlanes) return false;
+  if (image_bytes <= 0 || !fits(1)) return false;  // not one image fits
+  // The aim: a unit of about kStagedUnitBytes while every resident block still gets four units
+  // (the NCHW staged plan's balance), but a plane for every group of lanes (k_min), within n
+  // and shared memory; never fewer than kNhwcStagedMinThreads busy threads (k_floor).
+  const int64_t k_min = ceil_div(groups, prob.c);
+  const int64_t k_floor = ceil_div(kNhwcStagedMinThreads, lanes * prob.c);
+  const int64_t resident = int64_t(kStagedBlocksPerSm) * std::max(1, d.sm_count);
+  int64_t aim = clamp64(std::min(kStagedUnitBytes / image_bytes, prob.n / (4 * resident)), k_min,
+                        prob.n);
+  while (aim > k_floor && !fits(aim)) --aim;
+  if (aim < k_floor || !fits(aim)) return false;
+  // Candidates from half the aim to the aim rounded up to a whole number of 16 bytes (cp.async
+  // copies; only such counts where one lies there): the one whose last round of planes leaves
+  // the fewest groups idle (busy / slots, compared as cross products), the larger on a tie.
+  // 89278x3x210 fp32 (8 lanes, 32 groups): 10 images (30 planes, one round) rather than 11-12
+  // (two rounds, the second a tenth busy).
+  int64_t align = 1;
+  while (align < 16 && (align * image_bytes) % 16 != 0) align *= 2;
+  int64_t hi = ceil_div(aim, align) * align;
+  if (hi > prob.n || !fits(hi)) hi = aim;
+  const int64_t lo = std::max(k_floor, aim / 2);
+  const int64_t step = hi / align * align >= lo ? align : 1;
+  int64_t k = 0, best_busy = 0, best_slots = 1;
+  for (int64_t i = hi / step * step; i >= lo; i -= step) {
+    const int64_t busy = i * prob.c, slots = ceil_div(busy, groups) * groups;
+    if (k == 0 || busy * best_slots > best_busy * slots) {
+      k = i;
+      best_busy = busy;
+      best_slots = slots;
+    }
+  }
+  if (k == 0) return false;
   NhwcPlan p;
   p.staged = true;
   p.vec = 1;
   p.unit_images = k;
+  p.lanes = lanes;
   p.smem_bytes = 2 * staged_unit_bytes(k, prob);
   p.grid = std::min({ceil_div(prob.n, k),
                      int64_t(std::max(1, staged_blocks_per_sm(d, p.smem_bytes))) * d.sm_count,
