@@ -589,11 +589,19 @@ TEST(GpuNhwc, StagedSmallImages) {
   nhwc_case<__nv_bfloat16>(70, 133, 235, 0, false, Activation::kNone, 0, 0.0, {}, &ran);
   EXPECT_TRUE(ran.staged);  // a unit of one image: 62510 bytes, not 16-byte aligned
   EXPECT_EQ(ran.unit_images, 1);
-  EXPECT_EQ(ran.lanes, 8);  // 133 planes of 235 rows: 5 rounds of 32 groups of 8 lanes
-  // Long planes: a warp per plane, two rounds of the block's 8 groups over 13 planes.
-  nhwc_case<__half>(130, 13, 1296, 0, true, Activation::kSilu, 1, 1e4, {}, &ran);
+  EXPECT_EQ(ran.lanes, 1);  // 133 planes of 235 rows: one lane each, one round
+  // Long planes: 16 lanes per plane, 13 planes in one round of the block's 16 groups; the
+  // running update, and a large mean.
+  nhwc_case<__half>(130, 13, 1296, 0, true, Activation::kSilu, 1, 0.0, {}, &ran);
+  EXPECT_TRUE(ran.staged);
+  EXPECT_EQ(ran.lanes, 16);
+  nhwc_case<__half>(130, 13, 1296, 0, false, Activation::kNone, 0, 1e4, {}, &ran);
+  EXPECT_TRUE(ran.staged);
+  // Several rounds of 32-lane groups over a unit: 4 images of 3 planes, 8 groups.
+  nhwc_case<__nv_bfloat16>(8448, 3, 522, 0, true, Activation::kNone, 0, 0.0, {}, &ran);
   EXPECT_TRUE(ran.staged);
   EXPECT_EQ(ran.lanes, 32);
+  EXPECT_GT(ran.unit_images * 3, kStagedThreads / 32);
   // Rows of one 16-byte vector: staged too.
   nhwc_case<float>(2000, 4, 193, 0, true, Activation::kNone, 0, 0.0, {}, &ran);
   EXPECT_TRUE(ran.staged);

@@ -1159,7 +1159,8 @@ TEST(NhwcPlan, StagedUnitsOfWholeImages) {
       {4000, 16, 100, 2, 0, false},  // two vectors wide: on chip
       {2000, 3, 21, 4, 0, false},    // under 4 MiB
       {3000, 64, 9, 2, 32, false},   // GroupNorm
-      {314, 13, 1296, 2, 0, true},   // one image per unit, 32 lanes per plane, two rounds
+      {314, 13, 1296, 2, 0, true},   // one image per unit, 16 lanes per plane (32 would need two rounds)
+      {1110, 70, 71, 2, 0, true},    // 2 lanes, not 4; no rounding up past the resident blocks
       {1000, 301, 19, 4, 0, true},   // more planes than a block has threads: rounds of them
       {100, 300, 99, 4, 0, false},   // two stages of one image exceed shared memory
   };
@@ -1175,19 +1176,30 @@ TEST(NhwcPlan, StagedUnitsOfWholeImages) {
     EXPECT_EQ(p.staged, k.staged) << k.n << "x" << k.c << "x" << k.s;
     if (!p.staged) continue;
     EXPECT_TRUE(nhwc_plan_is_valid(p, prob, d));
-    const int64_t lanes = std::min<int64_t>(32, detail::pow2_ceil((k.s + kStagedLaneItems - 1) / kStagedLaneItems));
-    EXPECT_EQ(p.lanes, lanes) << k.n << "x" << k.c << "x" << k.s;
+    // Lanes for about kStagedLaneItems values each, halved while an image's planes need more
+    // than one round of the block's groups and a lane keeps at most kNhwcStagedMaxLaneItems.
+    const int64_t want = std::min<int64_t>(32, detail::pow2_ceil((k.s + kStagedLaneItems - 1) / kStagedLaneItems));
+    const int64_t lanes = p.lanes;
+    EXPECT_LE(lanes, want) << k.n << "x" << k.c << "x" << k.s;
+    if (lanes < want) {
+      EXPECT_GT(k.c * 2 * lanes, kStagedThreads) << k.n << "x" << k.c << "x" << k.s;
+      EXPECT_LE((k.s + lanes - 1) / lanes, kNhwcStagedMaxLaneItems) << k.n << "x" << k.c << "x" << k.s;
+    }
+    if (lanes > 1 && k.c * lanes > kStagedThreads)
+      EXPECT_GT((k.s + lanes / 2 - 1) / (lanes / 2), kNhwcStagedMaxLaneItems);
     EXPECT_GE(std::min<int64_t>(p.unit_images * k.c, kStagedThreads / lanes) * lanes,
               kNhwcStagedMinThreads);
     const int64_t unit = p.unit_images * k.c * k.s * k.eb;
     // About kStagedUnitBytes: not over it unless one image is, and at least half of what the
     // aim allows (the balance of four units per resident block aside).
-    const int64_t k_min = std::min<int64_t>(k.n, (kStagedThreads / lanes + k.c - 1) / k.c);  // all groups
+    const int64_t by_bytes = (kStagedUnitBytes + k.c * k.s * k.eb / 2) / (k.c * k.s * k.eb);
+    const int64_t k_min = std::min<int64_t>(
+        {k.n, (kStagedThreads / lanes + k.c - 1) / k.c, std::max<int64_t>(1, by_bytes)});
     const int64_t image = k.c * k.s * k.eb;
     int64_t align = 1;
     while (align < 16 && (align * image) % 16 != 0) align *= 2;
     const int64_t aim = std::max<int64_t>(k_min, std::min<int64_t>(
-        kStagedUnitBytes / image, k.n / (4 * kStagedBlocksPerSm * d.sm_count)));
+        by_bytes, k.n / (4 * kStagedBlocksPerSm * d.sm_count)));
     // Between half the aim and the aim rounded up to 16 bytes, the fullest last round of
     // planes: no count in that range leaves fewer of a round's groups idle.
     EXPECT_GE(2 * p.unit_images, aim) << k.n << "x" << k.c << "x" << k.s;

@@ -128,7 +128,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         REQUIRE(nhwc_plan_is_valid(q, prob, d));
         if (q.staged) {  // units of whole images through the staged kernel
           REQUIRE(!q.on_chip && prob.channels_per_group == 1 && q.unit_images >= 1 &&
-                  q.unit_images * c <= kStagedThreads);
+                  q.unit_images <= n && q.lanes >= 1 && q.lanes <= 32 &&
+                  (q.lanes & (q.lanes - 1)) == 0 &&
+                  q.unit_images * c * spatial < (int64_t(1) << 31));  // the kernel's int offsets
           REQUIRE(q.grid >= 1 && q.grid <= d.max_grid_x && q.smem_bytes <= d.smem_per_block_optin);
         } else if (q.on_chip) {
           REQUIRE(q.col_chunks * q.cols_per_block * q.vec == c);

@@ -12,6 +12,9 @@ namespace instnorm {
 constexpr int64_t kNhwcScalarPlanBytes = int64_t(4) << 20;
 /// Fewest of its kStagedThreads threads a staged NHWC unit keeps busy.
 constexpr int64_t kNhwcStagedMinThreads = 64;
+/// Most values a staged NHWC lane walks where fewer lanes per plane would keep an image's
+/// planes in one round of the block's groups (make_nhwc_staged_plan).
+constexpr int64_t kNhwcStagedMaxLaneItems = 256;
 
 /// Co-resident on-chip NHWC blocks per SM with `smem_bytes` of dynamic shared memory (its
 /// static storage is counted exactly, so only the runtime's reserve is added).
@@ -244,7 +247,15 @@ inline bool make_nhwc_staged_plan(const Problem& prob, const DeviceProps& d, Nhw
   if ((prob.vector_ok && prob.c * prob.elem_bytes > 16) || prob.channels_per_group != 1)
     return false;
   const int64_t S = prob.spatial;
-  const int lanes = int(pow2_ceil(clamp64(ceil_div(S, kStagedLaneItems), 1, 32)));
+  // Fewer lanes where an image's planes would not fit one round of the block's groups, unless a
+  // lane would then walk more than kNhwcStagedMaxLaneItems values: rounds whose last is partly
+  // idle cost more than the lanes save (H100, 3067x133x5x47 bf16: 8 lanes, 5 rounds, 1.12x the
+  // time of one lane per plane, same-run A/B; 1110x70x1x71 fp16 at 4 lanes and 4 images, 5
+  // rounds: 0.41 of copy in the seed-19 sweep, 0.61 at one lane in d6817eb's).
+  int lanes = int(pow2_ceil(clamp64(ceil_div(S, kStagedLaneItems), 1, 32)));
+  while (lanes > 1 && prob.c * lanes > kStagedThreads &&
+         ceil_div(S, lanes / 2) <= kNhwcStagedMaxLaneItems)
+    lanes /= 2;
   const int64_t groups = kStagedThreads / lanes;
   const int64_t image_bytes = S * prob.c * prob.elem_bytes;
   const auto fits = [&](int64_t k) {
@@ -253,13 +264,14 @@ inline bool make_nhwc_staged_plan(const Problem& prob, const DeviceProps& d, Nhw
   };
   if (image_bytes <= 0 || !fits(1)) return false;  // not one image fits
   // The aim: a unit of about kStagedUnitBytes while every resident block still gets four units
-  // (the NCHW staged plan's balance), but a plane for every group of lanes (k_min), within n
-  // and shared memory; never fewer than kNhwcStagedMinThreads busy threads (k_floor).
-  const int64_t k_min = ceil_div(groups, prob.c);
+  // (the NCHW staged plan's balance), but a plane for every group of lanes (k_min) where that
+  // many images stay within kStagedUnitBytes, within n and shared memory; never fewer than
+  // kNhwcStagedMinThreads busy threads (k_floor).
+  const int64_t by_bytes = (kStagedUnitBytes + image_bytes / 2) / image_bytes;  // to nearest
+  const int64_t k_min = std::min(ceil_div(groups, prob.c), std::max<int64_t>(1, by_bytes));
   const int64_t k_floor = ceil_div(kNhwcStagedMinThreads, lanes * prob.c);
   const int64_t resident = int64_t(kStagedBlocksPerSm) * std::max(1, d.sm_count);
-  int64_t aim = clamp64(std::min(kStagedUnitBytes / image_bytes, prob.n / (4 * resident)), k_min,
-                        prob.n);
+  int64_t aim = clamp64(std::min(by_bytes, prob.n / (4 * resident)), k_min, prob.n);
   while (aim > k_floor && !fits(aim)) --aim;
   if (aim < k_floor || !fits(aim)) return false;
   // Candidates from half the aim to the aim rounded up to a whole number of 16 bytes (cp.async
@@ -269,8 +281,10 @@ inline bool make_nhwc_staged_plan(const Problem& prob, const DeviceProps& d, Nhw
   // (two rounds, the second a tenth busy).
   int64_t align = 1;
   while (align < 16 && (align * image_bytes) % 16 != 0) align *= 2;
+  // Rounded up only while every resident block still gets a unit (1110x70x1x71 fp16: 1 -> 4
+  // images left 278 units for 528 block slots).
   int64_t hi = ceil_div(aim, align) * align;
-  if (hi > prob.n || !fits(hi)) hi = aim;
+  if (hi > prob.n || !fits(hi) || (hi > aim && ceil_div(prob.n, hi) < resident)) hi = aim;
   const int64_t lo = std::max(k_floor, aim / 2);
   const int64_t step = hi / align * align >= lo ? align : 1;
   int64_t k = 0, best_busy = 0, best_slots = 1;
