@@ -1160,7 +1160,7 @@ TEST(NhwcPlan, StagedUnitsOfWholeImages) {
       {2000, 3, 21, 4, 0, false},    // under 4 MiB
       {3000, 64, 9, 2, 32, false},   // GroupNorm
       {314, 13, 1296, 2, 0, true},   // one image per unit, 16 lanes per plane (32 would need two rounds)
-      {1110, 70, 71, 2, 0, true},    // 2 lanes, not 4; no rounding up past the resident blocks
+      {1110, 70, 71, 2, 0, true},    // one lane (71 values); no rounding up past the resident blocks
       {1000, 301, 19, 4, 0, true},   // more planes than a block has threads: rounds of them
       {100, 300, 99, 4, 0, false},   // two stages of one image exceed shared memory
   };
@@ -1176,9 +1176,10 @@ TEST(NhwcPlan, StagedUnitsOfWholeImages) {
     EXPECT_EQ(p.staged, k.staged) << k.n << "x" << k.c << "x" << k.s;
     if (!p.staged) continue;
     EXPECT_TRUE(nhwc_plan_is_valid(p, prob, d));
-    // Lanes for about kStagedLaneItems values each, halved while an image's planes need more
-    // than one round of the block's groups and a lane keeps at most kNhwcStagedMaxLaneItems.
-    const int64_t want = std::min<int64_t>(32, detail::pow2_ceil((k.s + kStagedLaneItems - 1) / kStagedLaneItems));
+    // One lane up to kNhwcStagedOneLaneItems values; beyond, lanes for about kStagedLaneItems
+    // values each, halved while an image's planes need more than one round of the block's
+    // groups and a lane keeps at most kNhwcStagedMaxLaneItems.
+    const int64_t want = k.s <= kNhwcStagedOneLaneItems ? 1 : std::min<int64_t>(32, detail::pow2_ceil((k.s + kStagedLaneItems - 1) / kStagedLaneItems));
     const int64_t lanes = p.lanes;
     EXPECT_LE(lanes, want) << k.n << "x" << k.c << "x" << k.s;
     if (lanes < want) {

@@ -266,7 +266,11 @@ inline cudaError_t launch_nhwc(const T* x, T* y, const Problem& prob, const Opti
     shape.grid = dim3(static_cast<unsigned>(plan.grid));
     shape.block = dim3(kStagedThreads);
     shape.dyn_smem = size_t(plan.smem_bytes);
-    INSTNORM_RETURN_IF_ERROR(launch_kernel(staged_kernel<T, true>, shape, stream, kp));
+    // One round of the block's groups over a unit's planes, or rounds of them.
+    const bool rounds = kp.unit_planes > kStagedThreads / kp.lanes;
+    INSTNORM_RETURN_IF_ERROR(launch_kernel(rounds ? staged_kernel<T, true, true>
+                                                  : staged_kernel<T, true, false>,
+                                           shape, stream, kp));
     return kp.stat_mean ? update_running(kp.stat_mean, kp.stat_var, prob, opt, stream)
                         : cudaSuccess;
   }

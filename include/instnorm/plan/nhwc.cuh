@@ -15,6 +15,11 @@ constexpr int64_t kNhwcStagedMinThreads = 64;
 /// Most values a staged NHWC lane walks where fewer lanes per plane would keep an image's
 /// planes in one round of the block's groups (make_nhwc_staged_plan).
 constexpr int64_t kNhwcStagedMaxLaneItems = 256;
+/// Longest staged NHWC plane that keeps one lane (make_nhwc_staged_plan). H100, same-run A/B
+/// against one lane per plane: 1110x70x1x71 fp16 at 2 lanes 1.41x the time, 3067x133x5x47 bf16
+/// at 8 lanes (5 rounds) 1.12x; 89278x3x14x15 (210 values) at 8 lanes 0.60x, 66279x4x1x193
+/// 0.63x, 20124x3x18x29 bf16 (522) at 32 lanes 0.45x.
+constexpr int64_t kNhwcStagedOneLaneItems = 128;
 
 /// Co-resident on-chip NHWC blocks per SM with `smem_bytes` of dynamic shared memory (its
 /// static storage is counted exactly, so only the runtime's reserve is added).
@@ -247,12 +252,13 @@ inline bool make_nhwc_staged_plan(const Problem& prob, const DeviceProps& d, Nhw
   if ((prob.vector_ok && prob.c * prob.elem_bytes > 16) || prob.channels_per_group != 1)
     return false;
   const int64_t S = prob.spatial;
-  // Fewer lanes where an image's planes would not fit one round of the block's groups, unless a
-  // lane would then walk more than kNhwcStagedMaxLaneItems values: rounds whose last is partly
-  // idle cost more than the lanes save (H100, 3067x133x5x47 bf16: 8 lanes, 5 rounds, 1.12x the
-  // time of one lane per plane, same-run A/B; 1110x70x1x71 fp16 at 4 lanes and 4 images, 5
-  // rounds: 0.41 of copy in the seed-19 sweep, 0.61 at one lane in d6817eb's).
-  int lanes = int(pow2_ceil(clamp64(ceil_div(S, kStagedLaneItems), 1, 32)));
+  // One lane per plane up to kNhwcStagedOneLaneItems values; longer planes take lanes for
+  // about kStagedLaneItems values each, fewer where an image's planes would not fit one round
+  // of the block's groups, unless a lane would then walk more than kNhwcStagedMaxLaneItems
+  // values: rounds whose last is partly idle cost more than the lanes save.
+  int lanes = S <= kNhwcStagedOneLaneItems
+                  ? 1
+                  : int(pow2_ceil(clamp64(ceil_div(S, kStagedLaneItems), 1, 32)));
   while (lanes > 1 && prob.c * lanes > kStagedThreads &&
          ceil_div(S, lanes / 2) <= kNhwcStagedMaxLaneItems)
     lanes /= 2;
@@ -276,7 +282,9 @@ inline bool make_nhwc_staged_plan(const Problem& prob, const DeviceProps& d, Nhw
   if (aim < k_floor || !fits(aim)) return false;
   // Candidates from half the aim to the aim rounded up to a whole number of 16 bytes (cp.async
   // copies; only such counts where one lies there): the one whose last round of planes leaves
-  // the fewest groups idle (busy / slots, compared as cross products), the larger on a tie.
+  // the fewest groups idle (busy / slots, compared as cross products); on a tie the larger
+  // with one lane per plane (larger units; 11713171x3x2x3 fp16, 6 full rounds, 0.81x the time
+  // of the 3 KB units before), the smaller (fewer rounds) with several.
   // 89278x3x210 fp32 (8 lanes, 32 groups): 10 images (30 planes, one round) rather than 11-12
   // (two rounds, the second a tenth busy).
   int64_t align = 1;
@@ -290,7 +298,8 @@ inline bool make_nhwc_staged_plan(const Problem& prob, const DeviceProps& d, Nhw
   int64_t k = 0, best_busy = 0, best_slots = 1;
   for (int64_t i = hi / step * step; i >= lo; i -= step) {
     const int64_t busy = i * prob.c, slots = ceil_div(busy, groups) * groups;
-    if (k == 0 || busy * best_slots > best_busy * slots) {
+    if (k == 0 || busy * best_slots > best_busy * slots ||
+        (lanes > 1 && busy * best_slots == best_busy * slots)) {
       k = i;
       best_busy = busy;
       best_slots = slots;
