@@ -579,13 +579,18 @@ TEST(GpuNhwc, StagedSmallImages) {
   }
   nhwc_case<float>(20000, 3, 21, 0, false, Activation::kNone, 0, 1e4, {}, &ran);
   EXPECT_TRUE(ran.staged);
-  nhwc_case<__half>(4000, 70, 9, 0, true, Activation::kRelu, 0, 0.0, {}, &ran);
+  // One lane per plane, more planes per unit than the block's lanes: rounds of them, and a
+  // last unit of fewer images (4002 = 1000 units of 4 and one of 2).
+  nhwc_case<__half>(4002, 70, 9, 0, true, Activation::kRelu, 0, 0.0, {}, &ran);
   EXPECT_TRUE(ran.staged);
-  EXPECT_GE(ran.unit_images * 70 * ran.lanes, kNhwcStagedMinThreads);
-  // More planes per unit than groups of lanes: rounds of them (301 planes, 256 lanes).
+  EXPECT_EQ(ran.lanes, 1);
+  EXPECT_GT(ran.unit_images * 70, kStagedThreads);
+  EXPECT_NE(4002 % ran.unit_images, 0);
+  // More channels than a block has threads: one image's 301 planes in two rounds.
   nhwc_case<float>(1000, 301, 19, 0, true, Activation::kNone, 0, 0.0, {}, &ran);
   EXPECT_TRUE(ran.staged);
-  EXPECT_GT(ran.unit_images * 301, kStagedThreads / ran.lanes);
+  EXPECT_EQ(ran.lanes, 1);
+  EXPECT_EQ(ran.unit_images, 1);
   nhwc_case<__nv_bfloat16>(70, 133, 235, 0, false, Activation::kNone, 0, 0.0, {}, &ran);
   EXPECT_TRUE(ran.staged);  // a unit of one image: 62510 bytes, not 16-byte aligned
   EXPECT_EQ(ran.unit_images, 1);
@@ -597,11 +602,13 @@ TEST(GpuNhwc, StagedSmallImages) {
   EXPECT_EQ(ran.lanes, 16);
   nhwc_case<__half>(130, 13, 1296, 0, false, Activation::kNone, 0, 1e4, {}, &ran);
   EXPECT_TRUE(ran.staged);
-  // Several rounds of 32-lane groups over a unit: 4 images of 3 planes, 8 groups.
-  nhwc_case<__nv_bfloat16>(8448, 3, 522, 0, true, Activation::kNone, 0, 0.0, {}, &ran);
+  // Several rounds of 32-lane groups over a unit (4 images of 3 planes, 8 groups), and a last
+  // unit of fewer images (8450 = 2112 units of 4 and one of 2).
+  nhwc_case<__nv_bfloat16>(8450, 3, 522, 0, true, Activation::kNone, 0, 0.0, {}, &ran);
   EXPECT_TRUE(ran.staged);
   EXPECT_EQ(ran.lanes, 32);
   EXPECT_GT(ran.unit_images * 3, kStagedThreads / 32);
+  EXPECT_NE(8450 % ran.unit_images, 0);
   // Rows of one 16-byte vector: staged too.
   nhwc_case<float>(2000, 4, 193, 0, true, Activation::kNone, 0, 0.0, {}, &ran);
   EXPECT_TRUE(ran.staged);

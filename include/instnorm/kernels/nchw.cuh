@@ -279,8 +279,9 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
 /// planes in place (lane-strided scalars within each plane) 0.44 of copy, every warp instruction
 /// touching 8-16 scattered plane fragments; the unit copied element by element through
 /// registers 0.74; in 16-byte copies 0.87. Channels-last (kChannelsLast, stride c): a unit is
-/// whole images, one lane per plane, lane t of a block reading channel t % c of its image, so
-/// a warp reads consecutive channels of a row (NhwcPlan::staged). kRounds: the block's groups
+/// whole images, plane q of the unit being channel q % c of image q / c, element i of it at
+/// stride c; with one lane per plane a warp reads consecutive channels of a row
+/// (NhwcPlan::staged, NhwcPlan::lanes). kRounds: the block's groups
 /// of lanes take a unit's planes in rounds; without it (channels-last units of at most one
 /// plane per group) one round, a constant: the loop over rounds made a one-round plan 13%
 /// slower (H100, 3067x133x5x47 bf16 at one lane per plane, same plan, same-run A/B).

@@ -370,12 +370,12 @@ inline bool make_nhwc_plan(const Problem& prob, const DeviceProps& d, NhwcPlan* 
   // From a few MiB on (below, one launch of the on-chip kernel is cheapest), rows that are not
   // 16-byte aligned or one vector wide leave the on-chip plan, which then spends 256 threads on
   // a column: scalar rows ran at 125 registers, 25% occupancy, 6% of DRAM bandwidth. Small
-  // images are staged, a unit of whole images per block, one lane per plane (89278x3x14x15,
-  // 11713171x3x2x3 fp16, 49950x20x2x5 bf16, 66279x4x1x193 fp32 ran at 0.001-0.05 of copy on
-  // chip); other scalar rows are tiled, x read twice, which beat the on-chip plan on every
-  // scalar row measured (H200, forward): 3067x133x5x47 bf16 1221 -> 776 us, 38x387x19x27 bf16
-  // 172 -> 75 us, 47x150x60x75 fp32 413 -> 308 us, 4x1111x27x39 bf16 100 -> 51 us,
-  // 89278x3x14x15 fp32 2532 -> 1309 us.
+  // images are staged, units of whole images through shared memory (make_nhwc_staged_plan;
+  // 89278x3x14x15, 11713171x3x2x3 fp16, 49950x20x2x5 bf16, 66279x4x1x193 fp32 ran at
+  // 0.001-0.05 of copy on chip); other scalar rows are tiled, x read twice, which beat the
+  // on-chip plan on every scalar row measured (H200, forward): 3067x133x5x47 bf16 1221 -> 776
+  // us (staged since), 38x387x19x27 bf16 172 -> 75 us, 47x150x60x75 fp32 413 -> 308 us,
+  // 4x1111x27x39 bf16 100 -> 51 us, 89278x3x14x15 fp32 2532 -> 1309 us (staged since).
   const bool big = prob.n * prob.spatial * prob.c * prob.elem_bytes >= kNhwcScalarPlanBytes;
   const bool scalar_rows = !prob.vector_ok;
   if (big && ov.nhwc_on_chip < 0 && (scalar_rows || prob.c * prob.elem_bytes <= 16) &&
