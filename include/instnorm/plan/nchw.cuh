@@ -227,21 +227,15 @@ inline void size_staged(const NchwSizing& z, Plan& p) {
   p.items = int(clamp64(ceil_div(z.L, p.lanes), 1, int64_t(1) << 30));
   p.blocks_per_plane = 1;
   p.slice_len = z.L;
-  // Forward: several planes per group, for a unit of about kStagedUnitBytes, while every
-  // resident block still gets four units or more (fewer left the last round unbalanced:
-  // 59x212x9x83 bf16 at 2 planes a group and 1.5 units a block ran 12% slower); and only 3
-  // planes a group or more (at 2, -12% to +3%; at 3-24, +3% to +30%, H200).
+  // Forward: several planes per group, for a unit of about kStagedUnitBytes while every
+  // resident block still gets four units (staged_unit_aim; the item is one plane for each
+  // group); and only 3 planes a group or more (at 2, -12% to +3%; at 3-24, +3% to +30%, H200).
   const int groups = p.threads / p.lanes;
   int64_t per_group = 1;
   if (z.dir == Direction::kForward) {
-    // At least 1 each: a forced plan or a fuzzed device can bring a zero here.
-    const int64_t group_bytes = std::max<int64_t>(
-        1, int64_t(groups) * std::min<int64_t>(z.L, kStagedUnitBytes) * z.prob.elem_bytes);
-    const int64_t fill =
-        std::max<int64_t>(1, 4 * int64_t(kStagedBlocksPerSm) * z.d.sm_count * groups);
-    per_group = clamp64(std::min((kStagedUnitBytes + group_bytes / 2) / group_bytes,
-                                 z.prob.planes / fill),
-                        1, 1024);
+    const int64_t group_bytes =
+        int64_t(groups) * std::min<int64_t>(z.L, kStagedUnitBytes) * z.prob.elem_bytes;
+    per_group = clamp64(staged_unit_aim(group_bytes, z.prob.planes / groups, z.d), 1, 1024);
     if (per_group < 3) per_group = 1;
   }
   p.unit_planes = int(groups * per_group);

@@ -269,15 +269,14 @@ inline bool make_nhwc_staged_plan(const Problem& prob, const DeviceProps& d, Nhw
     return smem <= d.smem_per_block_optin && staged_blocks_per_sm(d, smem) >= 1;
   };
   if (image_bytes <= 0 || !fits(1)) return false;  // not one image fits
-  // The aim: a unit of about kStagedUnitBytes while every resident block still gets four units
-  // (the NCHW staged plan's balance), but a plane for every group of lanes (k_min) where that
-  // many images stay within kStagedUnitBytes, within n and shared memory; never fewer than
-  // kNhwcStagedMinThreads busy threads (k_floor).
-  const int64_t by_bytes = (kStagedUnitBytes + image_bytes / 2) / image_bytes;  // to nearest
-  const int64_t k_min = std::min(ceil_div(groups, prob.c), std::max<int64_t>(1, by_bytes));
+  // The aim: the NCHW staged plan's (staged_unit_aim, in images), but a plane for every group
+  // of lanes (k_min) where that many images stay near kStagedUnitBytes, within n and shared
+  // memory; never fewer than kNhwcStagedMinThreads busy threads (k_floor).
+  const int64_t k_min =
+      std::min(ceil_div(groups, prob.c), std::max<int64_t>(1, staged_items_by_bytes(image_bytes)));
   const int64_t k_floor = ceil_div(kNhwcStagedMinThreads, lanes * prob.c);
   const int64_t resident = int64_t(kStagedBlocksPerSm) * std::max(1, d.sm_count);
-  int64_t aim = clamp64(std::min(by_bytes, prob.n / (4 * resident)), k_min, prob.n);
+  int64_t aim = clamp64(staged_unit_aim(image_bytes, prob.n, d), k_min, prob.n);
   while (aim > k_floor && !fits(aim)) --aim;
   if (aim < k_floor || !fits(aim)) return false;
   // Candidates from half the aim to the aim rounded up to a whole number of 16 bytes (cp.async
