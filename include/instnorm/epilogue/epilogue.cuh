@@ -105,9 +105,43 @@ __device__ __forceinline__ float modulation_factor(const EpilogueFields& p, int6
   return p.one_plus_scale ? 1.f + s : s;
 }
 
+/// channel_affine's four loads, not yet combined (1 and 0 where absent). A consumer that needs
+/// the map only late (the backward's instance norm without an activation: after its reduction)
+/// issues the loads early and folds late, so that no warp waits on a parameter's round trip
+/// before it issues its data's loads.
+struct AffineLoads {
+  float gamma, beta, scale, shift;
+};
+template <class T>
+__device__ __forceinline__ AffineLoads load_affine(const EpilogueFields& p, int64_t image,
+                                                   int64_t ch) {
+  AffineLoads l;
+  l.gamma = p.gamma ? load_param<T>(p.gamma, p.params_float, ch) : 1.f;
+  l.beta = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
+  l.scale = p.mod_scale ? load_param<T>(p.mod_scale, p.mod_float, image * p.scale_stride + ch)
+                        : 0.f;
+  l.shift = p.mod_shift ? load_param<T>(p.mod_shift, p.mod_float, image * p.shift_stride + ch)
+                        : 0.f;
+  return l;
+}
+/// The map from the loads: the factor of modulation_factor, spelled out.
+__device__ __forceinline__ ChannelAffine fold_affine(const EpilogueFields& p,
+                                                     const AffineLoads& l) {
+  float g = l.gamma, b = l.beta;
+  if (p.mod_scale != nullptr) {
+    const float m = p.one_plus_scale ? 1.f + l.scale : l.scale;
+    g *= m;
+    if (p.one_plus_scale) b *= m;
+  }
+  if (p.mod_shift != nullptr) b += l.shift;
+  return ChannelAffine{g, b};
+}
 template <class T>
 __device__ __forceinline__ ChannelAffine channel_affine(const EpilogueFields& p, int64_t image,
                                                         int64_t ch) {
+  // fold_affine(p, load_affine<T>(p, image, ch)) in effect, written out: that form changed the
+  // machine code of every kernel that reads a map (sm_90), forward ones included, whose timings
+  // are measured; the backward's instance norm alone takes the two steps.
   float g = p.gamma ? load_param<T>(p.gamma, p.params_float, ch) : 1.f;
   float b = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
   if (p.mod_scale != nullptr) {

@@ -150,6 +150,15 @@ __device__ __forceinline__ void load_chunk(Vector<T, kVec> (&r)[kMaxItems], cons
     if (j < valid) r[j] = load_vector(s + j * lanes);
 }
 
+/// Asks L2 for the line holding `p` (prefetch.global.L2): no register, no wait. For values a
+/// later kernel of the same call reads first thing, which after an idle L2 would be a DRAM
+/// round trip on its critical path.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+#endif
+}
+
 /// Asynchronous 16-byte copy global -> shared (cp.async, sm_80 and later), bypassing L1.
 __device__ __forceinline__ void copy_async16(void* smem_dst, const void* gmem_src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
