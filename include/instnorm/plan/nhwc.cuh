@@ -305,6 +305,23 @@ inline bool make_nhwc_staged_plan(const Problem& prob, const DeviceProps& d, Nhw
     }
   }
   if (k == 0) return false;
+  // Few units: whole rounds of the resident blocks. Where k leaves two to four rounds of units
+  // over the blocks that fit at once, the count that needs a round fewer wins when a block's
+  // work (rounds times images) shrinks: 1110x70x1x71 fp16 at k2 (555 units over 528 block
+  // slots, a second round for 27 of them) took 1.27x the time of k3 (370 units, one round;
+  // H100, same-run A/B). Larger units can fit fewer blocks per SM: each count by its own.
+  const auto rounds = [&](int64_t i) {
+    const int64_t res = int64_t(staged_blocks_per_sm(d, 2 * staged_unit_bytes(i, prob))) *
+                        std::max(1, d.sm_count);
+    return ceil_div(ceil_div(prob.n, i), std::max<int64_t>(1, res));
+  };
+  const int64_t r = rounds(k);
+  if (r >= 2 && r <= 4) {
+    const int64_t res = int64_t(staged_blocks_per_sm(d, 2 * staged_unit_bytes(k, prob))) *
+                        std::max(1, d.sm_count);
+    const int64_t k2 = ceil_div(prob.n, (r - 1) * std::max<int64_t>(1, res));
+    if (k2 > k && k2 <= prob.n && fits(k2) && rounds(k2) * k2 < r * k) k = k2;
+  }
   NhwcPlan p;
   p.staged = true;
   p.vec = 1;
