@@ -145,8 +145,6 @@ __device__ __forceinline__ ChannelAffine channel_affine(const EpilogueFields& p,
   float g = p.gamma ? load_param<T>(p.gamma, p.params_float, ch) : 1.f;
   float b = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
   if (p.mod_scale != nullptr) {
-    // The factor of modulation_factor, spelled out: calling it here changed the SASS of every
-    // kernel (not measured on the device yet), so the shared form waits for a device run.
     const float s = load_param<T>(p.mod_scale, p.mod_float, image * p.scale_stride + ch);
     const float m = p.one_plus_scale ? 1.f + s : s;
     g *= m;

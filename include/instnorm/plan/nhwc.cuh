@@ -312,16 +312,14 @@ inline bool make_nhwc_staged_plan(const Problem& prob, const DeviceProps& d, Nhw
   // H100, same-run A/B). Larger units can fit fewer blocks per SM: each count by its own. A
   // unit of whole 16-byte vectors keeps them (cp.async copies; element by element the copy
   // ran at 0.74 of copy where 16-byte copies reached 0.87, 128x512x7x7 on the H100).
-  const auto rounds = [&](int64_t i) {
-    const int64_t res = int64_t(staged_blocks_per_sm(d, 2 * staged_unit_bytes(i, prob))) *
-                        std::max(1, d.sm_count);
-    return ceil_div(ceil_div(prob.n, i), std::max<int64_t>(1, res));
+  const auto slots = [&](int64_t i) {  // blocks of units of i images that fit at once
+    return std::max<int64_t>(1, int64_t(staged_blocks_per_sm(d, 2 * staged_unit_bytes(i, prob))) *
+                                    std::max(1, d.sm_count));
   };
+  const auto rounds = [&](int64_t i) { return ceil_div(ceil_div(prob.n, i), slots(i)); };
   const int64_t r = rounds(k);
   if (r >= 2 && r <= 4) {
-    const int64_t res = int64_t(staged_blocks_per_sm(d, 2 * staged_unit_bytes(k, prob))) *
-                        std::max(1, d.sm_count);
-    int64_t k2 = ceil_div(prob.n, (r - 1) * std::max<int64_t>(1, res));
+    int64_t k2 = ceil_div(prob.n, (r - 1) * slots(k));
     if ((k * image_bytes) % 16 == 0) k2 = ceil_div(k2, align) * align;
     if (k2 > k && k2 <= prob.n && fits(k2) && rounds(k2) * k2 < r * k) k = k2;
   }
