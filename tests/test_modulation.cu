@@ -403,7 +403,9 @@ void run_case(const DevCase& k, const Mod& md) {
   near(dt.ptr, rdt, "dshift");
   // AdaIN's backward asks for dscale and dshift alone: without gamma and beta, one block per
   // plane, the NCHW kernel stores them itself (no partials in the workspace); dx unchanged.
-  if (!md.affine && (md.scale || md.shift)) {
+  // Channels-last, with or without gamma and beta (scale-shift GroupNorm with frozen affine
+  // parameters): the finalize stores them, and grad_params_kernel is not launched.
+  if ((md.scale || md.shift) && (!md.affine || k.layout == Layout::kNHWC)) {
     DeviceBuffer<T> dx2(total);
     DeviceBuffer<float> ds2(size_t(k.n * k.c)), dt2(size_t(k.n * k.c));
     const Gradients only{nullptr, nullptr, md.scale ? ds2.ptr : nullptr,
@@ -423,6 +425,17 @@ void run_case(const DevCase& k, const Mod& md) {
     if (!prob.nhwc && prob.channels_per_group == 1 && p2.blocks_per_plane == 1)
       EXPECT_EQ(detail::backward_workspace_layout(p2, prob, opt, only).partials_bytes, 0u)
           << "the kernel stores dscale/dshift directly";
+    if (prob.nhwc) {
+      EXPECT_TRUE(detail::nhwc_direct_scale_shift(only));
+      // The same bits as grad_params_kernel's (the first call, which also asked for dgamma).
+      const size_t nc = size_t(k.n * k.c);
+      if (md.scale)
+        EXPECT_EQ(std::memcmp(download(ds2.ptr, nc).data(), download(ds.ptr, nc).data(),
+                              nc * sizeof(float)), 0) << "dscale differs from the partials'";
+      if (md.shift)
+        EXPECT_EQ(std::memcmp(download(dt2.ptr, nc).data(), download(dt.ptr, nc).data(),
+                              nc * sizeof(float)), 0) << "dshift differs from the partials'";
+    }
   }
   // Bit-identical rerun of the forward.
   DeviceBuffer<T> y2(total);

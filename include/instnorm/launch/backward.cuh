@@ -228,6 +228,13 @@ inline WorkspaceLayout nhwc_backward_layout(const NhwcGradShape& s, const Proble
   return w;
 }
 
+/// Whether the channels-last finalize stores dscale/dshift itself (NhwcGradParams::dscale):
+/// neither dgamma nor dbeta asked, as in scale-shift GroupNorm with frozen or no affine
+/// parameters; its partials are per (image, channel) already (one block's, G = 1).
+inline bool nhwc_direct_scale_shift(const Gradients& g) {
+  return g.dgamma == nullptr && g.dbeta == nullptr && (g.dscale != nullptr || g.dshift != nullptr);
+}
+
 inline cudaError_t nhwc_backward_workspace(const Problem& prob, const Options&,
                                            const Gradients& g, size_t* bytes) {
   DeviceProps d;
@@ -259,6 +266,11 @@ inline cudaError_t launch_nhwc_backward(const T* x, const T* dy, T* dx, const Pr
   p.tile_sums = WorkspaceLayout::at<float4>(workspace, w.slots);
   p.unit = WorkspaceLayout::at<float4>(workspace, w.group_stats);
   if (w.partials_bytes > 0) p.partials = WorkspaceLayout::at<float2>(workspace, w.partials);
+  const bool direct = nhwc_direct_scale_shift(g);
+  if (direct) {
+    p.dscale = g.dscale;
+    p.dshift = g.dshift;
+  }
   p.coef = WorkspaceLayout::at<float4>(workspace, w.coef);
   p.coef_pre = reinterpret_cast<float*>(p.coef + prob.n * prob.c);
   constexpr int kFull = 16 / int(sizeof(T));
@@ -307,7 +319,7 @@ inline cudaError_t launch_nhwc_backward(const T* x, const T* dy, T* dx, const Pr
   el.dependent = dependent;
   INSTNORM_RETURN_IF_ERROR(
       launch_kernel(full ? nhwc_grad_dx<T, kFull> : nhwc_grad_dx<T, 1>, el, stream, p));
-  if (p.partials == nullptr) return cudaSuccess;
+  if (p.partials == nullptr || direct) return cudaSuccess;
   return launch_grad_params<T>(p.partials, prob, 1, p, g, stream, dependent);
 }
 
