@@ -336,6 +336,15 @@ void run_case(const DevCase& k, const Mod& md) {
   if (k.strategy >= 0) EXPECT_EQ(int(plan.strategy), k.strategy) << "the forced strategy ran";
   if (k.nhwc_on_chip >= 0) EXPECT_EQ(int(nplan.on_chip), k.nhwc_on_chip) << "the forced NHWC plan ran";
   if (k.nhwc_cols > 0) EXPECT_EQ(nplan.cols_per_block, k.nhwc_cols) << "the forced slice width ran";
+  // Block and split plans of modulated instance norm with float maps take forward_kernel's
+  // kMap instance (the map through shared memory); maps of type T the kernel every plan shares.
+  if (k.layout == Layout::kNCHW && k.groups == 0 && !k.eval && (md.scale || md.shift) &&
+      (plan.strategy == Strategy::kBlock || plan.strategy == Strategy::kSplit)) {
+    Problem fp;
+    ASSERT_EQ(validate(x.ptr, y.ptr, k.n, k.c, k.s, int(sizeof(T)), opt, &fp), Invalid::kOk);
+    EXPECT_EQ(detail::map_in_smem_ok(plan, fp, opt), (std::is_same<M, float>::value))
+        << "the kMap instance where the maps are float";
+  }
 
   Options host = hp.options(md, hp.gamma.data(), hp.beta.data(), hp.scale.data(), hp.shift.data());
   host.groups = k.groups;

@@ -154,6 +154,13 @@ __device__ __forceinline__ Moments exchange_plane_moments(const KernelParams<T>&
                     active ? plane_len : 0, smem);
 }
 
+/// forward_kernel<..., kMap>'s two slots of a plane's map (static shared memory of that
+/// instance alone).
+__device__ __forceinline__ float* plane_map_slots() {
+  __shared__ float slots[8];
+  return slots;
+}
+
 /// The forward kernel; see the file comment. kStream: slices larger than one chunk are read
 /// twice (moments, then normalize); otherwise the slice stays in registers between the two.
 /// G > 1 blocks of a plane exchange their partials through tagged global slots.
@@ -162,7 +169,16 @@ __device__ __forceinline__ Moments exchange_plane_moments(const KernelParams<T>&
 /// (RaggedSlice); the scalar kernel held such planes at 128 registers and 25% occupancy.
 /// Grid: block_groups * G blocks; each group of G consecutive blocks walks planes (or batches of
 /// planes, for sub-warp groups) in rounds.
-template <class T, int kVec, int kMaxItems, bool kStream, bool kRagged = false>
+/// kMap (select_kernel: block and split plans of modulated instance norm whose maps are float):
+/// thread 0 copies the plane's map (gamma, beta, scale, shift) into shared memory as the plane
+/// begins (cp.async: no register held across the slice's loads) and waits for it before the
+/// reduction's barriers; every thread folds it from there. Loaded after the reduction, each
+/// plane's epilogue waited a DRAM round trip: 4x256x128x128 fp32 AdaIN 3.3-6.3% over the row
+/// without modulation (H200, 71b85a3). The same code in the kernel every plan shares made a
+/// plain sub-warp row 2.4-3.1% slower (H100), hence an instance of its own. Two slots by the
+/// round's parity: thread 0 refills one only after the next round's barriers, which every
+/// thread reaches after its read of it.
+template <class T, int kVec, int kMaxItems, bool kStream, bool kRagged = false, bool kMap = false>
 __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams<T> p) {
   using V = Vector<T, kVec>;
   __shared__ BlockReduceStorage smem;
@@ -199,6 +215,22 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
     if (affine) {
       channel_base = (plane % p.groups) * p.channels_per_group;
       cc = chunk_channel(channel_base, begin, p.spatial);
+    }
+    float* map = nullptr;
+    if constexpr (kMap) map = plane_map_slots() + 4 * (round & 1);
+    if (kMap && threadIdx.x == 0 && active) {
+      const int64_t image = is_modulated(p) ? image_of(p, plane) : 0;
+      const auto f = [](const void* q) { return static_cast<const float*>(q); };
+      if (p.gamma) copy_async4(&map[0], f(p.gamma) + channel_base); else map[0] = 1.f;
+      if (p.beta) copy_async4(&map[1], f(p.beta) + channel_base); else map[1] = 0.f;
+      if (p.mod_scale)
+        copy_async4(&map[2], f(p.mod_scale) + image * p.scale_stride + channel_base);
+      else
+        map[2] = 0.f;
+      if (p.mod_shift)
+        copy_async4(&map[3], f(p.mod_shift) + image * p.shift_stride + channel_base);
+      else
+        map[3] = 0.f;
     }
     // The vectors' part of the slice: all of it, or (kRagged) the body between head and tail,
     // whose scalars the lanes with rs.extra >= 0 hold one each (re-read for the normalize, so
@@ -242,13 +274,23 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
         m = chunk_moments<T, kVec, kMaxItems>(regs, 0, pivot, nullptr, 0, 0, true, xe);
     }
     trace_stamp(round, 2);
+    if (kMap && threadIdx.x == 0) copy_async_wait_all();  // before the reduction's barriers
     m = lanes <= 32 ? warp_allreduce_shares(m, len, lanes) : block_allreduce_shares(m, len, smem);
     trace_stamp(round, 3);
     if (G > 1) m = exchange_plane_moments(p, m, round, block_group, rank, G, active, smem);
     trace_stamp(round, 4);
 
     Epilogue<T> ep = plane_epilogue(p, pivot, m, plane, active && rank == 0 && lane == 0);
-    if (active) ep.set_channel(p, cc.channel);
+    if (active) {
+      if constexpr (kMap) {  // the same operations as set_channel's: the same bits
+        const ScaleShift ss = scale_shift(
+            fold_affine(p, AffineLoads{map[0], map[1], map[2], map[3]}), ep.rstd, ep.residual);
+        ep.scale = ss.scale;
+        ep.shift = ss.shift;
+      } else {
+        ep.set_channel(p, cc.channel);
+      }
+    }
     if (p.y == nullptr) continue;  // statistics only
     T* ys = p.y + base + begin;
     if constexpr (kRagged) rs = ragged_slice<T, kVec>(xs, len, lane);

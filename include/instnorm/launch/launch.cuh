@@ -100,12 +100,17 @@ inline cudaError_t current_plan(const Problem& prob, Plan* plan, const PlanOverr
 /// The one place where runtime choices become template arguments.
 template <class T>
 using KernelFn = void (*)(KernelParams<T>);
+/// map_in_smem (map_in_smem_ok): block and split plans of 16-byte vectors in registers take
+/// forward_kernel's kMap instance.
 template <class T>
-inline KernelFn<T> select_kernel(int vec, Strategy s, bool ragged = false) {
+inline KernelFn<T> select_kernel(int vec, Strategy s, bool ragged = false,
+                                 bool map_in_smem = false) {
   constexpr int kFull = 16 / int(sizeof(T));
   if (vec != kFull && vec != 1) return nullptr;
   if (ragged && vec != kFull) return nullptr;
   const bool full = vec == kFull;
+  if (map_in_smem && full && !ragged && (s == Strategy::kBlock || s == Strategy::kSplit))
+    return forward_kernel<T, kFull, max_items(kFull), false, false, true>;
   switch (s) {
     case Strategy::kSplitStream:
       return ragged ? forward_kernel<T, kFull, max_stream_items(kFull), true, true>
@@ -116,6 +121,18 @@ inline KernelFn<T> select_kernel(int vec, Strategy s, bool ragged = false) {
              : full ? forward_kernel<T, kFull, max_items(kFull), false>
                     : forward_kernel<T, 1, max_items(1), false>;
   }
+}
+
+/// Whether a forward plan takes forward_kernel's kMap instance: one plane a block (block and
+/// split plans) of instance norm with a per-sample modulation, its maps float (cp.async copies
+/// 4 bytes at least).
+inline bool map_in_smem_ok(const Plan& plan, const Problem& prob, const Options& opt) {
+  const Modulation& m = opt.modulation;
+  const bool modulated = m.scale != nullptr || m.shift != nullptr;
+  const bool params = opt.gamma != nullptr || opt.beta != nullptr;
+  return modulated && prob.channels_per_group == 1 && plan.lanes == plan.threads &&
+         plan.lanes > 32 && (!params || opt.param_type == ParamType::kFloat) &&
+         m.type == ParamType::kFloat;
 }
 
 /// The kernel parameters that come from the problem and the options (the plan adds the rest).
@@ -188,7 +205,8 @@ template <class T>
 inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& opt,
                           const Plan& plan, void* workspace, cudaStream_t stream) {
   if (plan.direction != Direction::kForward) return cudaErrorInvalidConfiguration;
-  KernelFn<T> kernel = select_kernel<T>(plan.vec, plan.strategy, plan.ragged);
+  KernelFn<T> kernel =
+      select_kernel<T>(plan.vec, plan.strategy, plan.ragged, map_in_smem_ok(plan, prob, opt));
   if (plan.strategy == Strategy::kStaged) kernel = staged_kernel<T>;
   if (kernel == nullptr) return cudaErrorInvalidConfiguration;
   const WorkspaceLayout w = workspace_layout(plan, prob, opt);

@@ -168,6 +168,16 @@ __device__ __forceinline__ void copy_async16(void* smem_dst, const void* gmem_sr
   *static_cast<uint4*>(smem_dst) = *static_cast<const uint4*>(gmem_src);
 #endif
 }
+/// Asynchronous 4-byte copy global -> shared (cp.async.ca), for a few scalars a block reads
+/// later (the forward's plane map) without a register held until they arrive.
+__device__ __forceinline__ void copy_async4(float* smem_dst, const float* gmem_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem_src) : "memory");
+#else
+  *smem_dst = *gmem_src;
+#endif
+}
 /// Waits for all of this thread's cp.async copies.
 __device__ __forceinline__ void copy_async_wait_all() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
