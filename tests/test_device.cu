@@ -160,6 +160,46 @@ TEST(Gpu, ManyTinyPlanes) {
   }
 }
 
+// The staged kernel's register instance (staged_in_registers): one-value to 263-value planes,
+// each lane's values read once into registers; offsets of 1e3 std, activations; every element against the float64 reference and a bit-identical rerun
+// (run_and_check); parameters and modulations in GpuOptions and ModulationDevice.
+TEST(GpuStaged, PlanesInRegisters) {
+  REQUIRE_GPU();
+  struct Case {
+    int64_t n, c, s;
+    double offset;
+    Activation act;
+  };
+  int ran = 0;
+  for (const Case& k : {Case{2000, 1000, 1, 0.0, Activation::kNone},
+                        Case{3, 20000, 3, 1e3, Activation::kNone},
+                        Case{600, 100, 9, 0.0, Activation::kRelu},
+                        Case{40, 1000, 14, 0.0, Activation::kSilu},
+                        // Lanes doubled for the instance: 1 -> 2 (15 values), 16 -> 32 (263),
+                        // where the unit keeps its planes (enough planes; 132 SMs).
+                        Case{100, 9000, 15, 1e3, Activation::kNone},
+                        Case{2000, 29, 263, 0.0, Activation::kSilu}}) {
+    Options opt;
+    opt.activation = k.act;
+    const auto check = [&](auto tag) {
+      using T = decltype(tag);
+      const PlansRun r = run_and_check<T>(k.n, k.c, k.s, k.offset, PlanOverride{}, opt);
+      Problem prob;  // the pointers matter only to alignment, which the instance ignores
+      const T* x = reinterpret_cast<const T*>(uintptr_t(1) << 20);
+      ASSERT_EQ(validate(x, x, k.n, k.c, k.s, int(sizeof(T)), opt, &prob), Invalid::kOk);
+      EXPECT_TRUE(detail::staged_in_registers(r.plan, prob))
+          << type_name<T>() << " " << k.n << "x" << k.c << "x" << k.s << " lanes "
+          << r.plan.lanes << " items " << r.plan.items;
+      ++ran;
+    };
+    check(float{});
+    check(__half{});
+    check(__nv_bfloat16{});
+    if (::testing::Test::HasFailure()) return;
+  }
+  EXPECT_EQ(ran, 18);
+}
+
 template <class T>
 void constant_plane_is_zero(int64_t s) {
   const int64_t total = 3 * s;

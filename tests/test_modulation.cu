@@ -583,6 +583,7 @@ TEST(StatisticsDevice, MeanAndStandardDeviation) {
     statistics_case<float>(2, 3, 64 * 64, 0, Layout::kNCHW, unbiased, kBlk);
     statistics_case<float>(2, 3, 64 * 64, 0, Layout::kNCHW, unbiased, kSpl);
     statistics_case<__half>(3, 5, 49, 0, Layout::kNCHW, unbiased, kStg);
+    statistics_case<float>(3, 50, 9, 0, Layout::kNCHW, unbiased, kStg);  // register instance
     statistics_case<__nv_bfloat16>(2, 12, 20 * 20, 3, Layout::kNCHW, unbiased, -1);
     statistics_case<float>(2, 64, 16 * 16, 0, Layout::kNHWC, unbiased, -1);
     statistics_case<__half>(2, 320, 8 * 8, 32, Layout::kNHWC, unbiased, -1);

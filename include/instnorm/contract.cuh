@@ -40,6 +40,11 @@ constexpr int kMaxThreads = 512;
 /// 1 (half the blocks per SM).
 constexpr int kStagedThreads = 256;
 constexpr int kStagedBlocksPerSm = 4;
+/// Values of a plane per lane that the staged kernel's register instance holds (forward,
+/// staged_in_registers in plan/nchw.cuh): 14 floats beside its per-launch constants fit the 64
+/// registers of kStagedBlocksPerSm blocks per SM without spilling; 16 spilled 4 bytes on sm_89
+/// and sm_90 (nvcc 13.0).
+constexpr int kStagedRegItems = 14;
 /// Threads of the tiled NHWC kernels, and the rows each thread holds in registers per chunk.
 constexpr int kNhwcThreads = 256;
 constexpr int kNhwcRows = 8;

@@ -189,6 +189,16 @@ struct SumScale {
   static INSTNORM_HD SumScale by_bits(int n_, int k) {
     return SumScale(n_, exp2i(-k), exp2i(2 * k));
   }
+  /// by_bits with 1 / n from the caller (reciprocal(n), kept where one count serves many sums).
+  static INSTNORM_HD SumScale by_bits(int n_, float inv_n_) {
+    const int k = deviation_shift(n_);
+    SumScale s(n_, exp2i(-k), exp2i(2 * k), inv_n_);
+    return s;
+  }
+
+ private:
+  INSTNORM_HD SumScale(int n_, float h_, float inv_h2_, float inv_n_)
+      : n(n_), inv_n(inv_n_), h(h_), inv_h2(inv_h2_) {}
 };
 
 /// Moments of n values from the sums of a two-pass local computation: c is the local centre

@@ -93,6 +93,9 @@ struct Problem {
   bool ragged_ok = false;
   bool nhwc = false;               ///< channels-last: element (i, j, s) at x[(i*spatial + s)*c + j]
                                    ///< (c > 1 and spatial > 1: otherwise the layouts coincide)
+  /// Per-channel parameters (gamma, beta or a modulation) that change inside a plane: GroupNorm
+  /// with channels_per_group > 1 and any of them.
+  bool channel_runs = false;
 };
 
 namespace detail {
@@ -193,8 +196,9 @@ inline Invalid validate(const void* x, const void* y, int64_t n, int64_t c, int6
   prob->vector_ok = (xb % 16 == 0) && (yb % 16 == 0) && ((prob->nhwc ? c : spatial) % vec == 0);
   const bool channel_params = opt.gamma != nullptr || opt.beta != nullptr ||
                               opt.modulation.scale != nullptr || opt.modulation.shift != nullptr;
+  prob->channel_runs = prob->channels_per_group > 1 && channel_params;
   prob->ragged_ok = !prob->vector_ok && !prob->nhwc && (y == nullptr || xb % 16 == yb % 16) &&
-                    (prob->channels_per_group == 1 || !channel_params);
+                    !prob->channel_runs;
   return Invalid::kOk;
 }
 

@@ -312,6 +312,70 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
   trace_flush(round);
 }
 
+/// What the staged kernel's register instance knows of a lane before its first plane: every
+/// plane of a launch has the same length, so a lane's count of values, its reciprocal and the
+/// lane's share of the plane (SharesCombine) are the same for every plane. (The whole SumScale
+/// held across the unit loop left sm_89 12 bytes of spill at 16 values a lane.)
+struct RegLane {
+  int n;
+  float inv_n, share;
+};
+template <class T>
+__device__ __forceinline__ RegLane reg_lane(const KernelParams<T>& p, int lane, int lanes) {
+  const int len = int(p.plane_len);
+  const int mine = lane < len ? ((len - lane + lanes - 1) >> lanes_log2(lanes)) : 0;
+  return RegLane{mine, reciprocal(static_cast<float>(mine > 0 ? mine : 1)), share_of(mine, len)};
+}
+
+/// The activation of a staged value, chosen at run time (the staged kernels keep one instance
+/// for all three).
+__device__ __forceinline__ float staged_activate(Activation act, float t) {
+  return act == Activation::kRelu   ? activate<Activation::kRelu>(t)
+         : act == Activation::kSilu ? activate<Activation::kSilu>(t)
+                                    : t;
+}
+
+/// One plane of a staged unit (xp: its first value in shared memory; every lane of the group
+/// calls it, `active` or not) by the register instance: the lane reads its values (elements
+/// lane, lane + lanes, ...) once, takes both passes of its moments from registers, merges the
+/// group's by shares and writes each normalized value once, in place. One map a plane: planes
+/// whose parameters change inside them (Problem::channel_runs) run the shared-memory instance
+/// (staged_in_registers), since tracking the channel per value beside 16 values in registers
+/// spilled 8-196 bytes at 64 registers however it was written (ChannelCursor in 32 bits, a
+/// float division by the spatial size, the shared-memory instance's channel runs after the
+/// moments). The map is loaded before the values, so that its round trip overlaps them and the
+/// reduction (loaded after them, it held registers across the values: 44-52 bytes of spill).
+template <int kItems, class T>
+__device__ __forceinline__ void staged_plane_in_registers(const KernelParams<T>& p, T* xp,
+                                                          bool active, int64_t plane, int lane,
+                                                          int lanes, const RegLane& rl) {
+  const bool affine = has_channel_params(p);
+  const int64_t channel_base = affine ? (plane % p.groups) * p.channels_per_group : 0;
+  ChannelAffine map{1.f, 0.f};
+  if (affine && active && p.y != nullptr)
+    map = channel_affine<T>(p, is_modulated(p) ? image_of(p, plane) : 0, channel_base);
+  const float pivot = active ? to_float(xp[0]) : 0.f;
+  const int mine = active ? rl.n : 0;
+  float v[kItems];
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) v[k] = k < mine ? to_float(xp[lane + k * lanes]) : 0.f;
+  Moments m = register_moments(v, mine, SumScale::by_bits(rl.n, rl.inv_n), pivot);
+  // warp_allreduce_shares with the lane's share from rl; the shuffles also order every lane's
+  // pivot read before any write.
+  const SharesCombine sh(active ? rl.share : 0.f, m);
+  const float a = butterfly_sum(sh.first(), lanes);
+  m = SharesCombine::result(a, butterfly_sum2(sh.second(a), lanes), active ? p.plane_len : 0);
+  if (!active) return;
+  Epilogue<T> ep = plane_epilogue(p, pivot, m, plane, lane == 0);
+  if (p.y == nullptr) return;  // statistics only
+  const ScaleShift ss = scale_shift(map, ep.rstd, ep.residual);  // set_channel's operations
+#pragma unroll
+  for (int k = 0; k < kItems; ++k)
+    if (k < mine)
+      xp[lane + k * lanes] = from_float<T>(
+          staged_activate(p.activation, fmaf(v[k] - ep.center, ss.scale, ss.shift)));
+}
+
 /// Staged plans (Strategy::kStaged: planes that are not 16-byte aligned, such as 7x7, 3x3 and odd
 /// lengths). A block's planes are one contiguous unit: it is copied into shared memory with
 /// coalesced (16-byte, where aligned) copies, each group of `lanes` threads (up to a warp)
@@ -327,9 +391,13 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(const KernelParams
 /// of lanes take a unit's planes in rounds; without it (channels-last units of at most one
 /// plane per group) one round, a constant: the loop over rounds made a one-round plan 13%
 /// slower (H100, 3067x133x5x47 bf16 at one lane per plane, same plan, same-run A/B).
-template <class T, bool kChannelsLast = false, bool kRounds = !kChannelsLast>
+/// kRegItems > 0 (NCHW forward, staged_in_registers): the register instance, whose lanes hold at
+/// most kRegItems values of a plane (staged_plane_in_registers); 0: the values stay in shared
+/// memory, read once per pass.
+template <class T, bool kChannelsLast = false, bool kRounds = !kChannelsLast, int kRegItems = 0>
 __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
     staged_kernel(const KernelParams<T> p) {
+  static_assert(kRegItems == 0 || (!kChannelsLast && kRounds), "register instance: NCHW only");
   extern __shared__ uint4 dyn_smem[];
   const int lanes = p.lanes;
   const LaneGroups lg = lane_groups(lanes);
@@ -360,6 +428,12 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
     const int64_t first = u * per_block;
     return int((p.planes - first < per_block ? p.planes - first : per_block) * L);
   };
+  [[maybe_unused]] const auto rl = [&] {
+    if constexpr (kRegItems > 0)
+      return reg_lane(p, lane, lanes);
+    else
+      return 0;
+  }();
   if (vec_ok && blockIdx.x < units)
     stage_in(stage(0), p.x + int64_t(blockIdx.x) * per_block * L, unit_elems(blockIdx.x), true);
   int s = 0;
@@ -391,6 +465,10 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
       const bool active = q < nplanes;
       const int gi = active ? q : 0;
       T* xp = buf + (gi / cs) * len * cs + gi % cs;  // element i of the plane at xp[i * cs]
+      if constexpr (kRegItems > 0) {
+        staged_plane_in_registers<kRegItems>(p, xp, active, first_plane + q, lane, lanes, rl);
+        continue;
+      }
       const float pivot = active ? to_float(xp[0]) : 0.f;
       // lanes is a power of two and a staged plane fits in shared memory: shifts and masks of
       // 32-bit values (64-bit divisions cost more than a short plane's data).
@@ -414,10 +492,7 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedBlocksPerSm)
           const int lo = r * run_len, hi = lo + run_len;
           for (int i = lo + ((lane - lo) & (lanes - 1)); i < hi; i += lanes) {
             const float t = fmaf(to_float(xp[i * cs]) - ep.center, ep.scale, ep.shift);
-            xp[i * cs] = from_float<T>(p.activation == Activation::kRelu ? activate<Activation::kRelu>(t)
-                                  : p.activation == Activation::kSilu
-                                      ? activate<Activation::kSilu>(t)
-                                      : t);
+            xp[i * cs] = from_float<T>(staged_activate(p.activation, t));
           }
         }
       }

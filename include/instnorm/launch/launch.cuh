@@ -207,7 +207,9 @@ inline cudaError_t launch(const T* x, T* y, const Problem& prob, const Options& 
   if (plan.direction != Direction::kForward) return cudaErrorInvalidConfiguration;
   KernelFn<T> kernel =
       select_kernel<T>(plan.vec, plan.strategy, plan.ragged, map_in_smem_ok(plan, prob, opt));
-  if (plan.strategy == Strategy::kStaged) kernel = staged_kernel<T>;
+  if (plan.strategy == Strategy::kStaged)
+    kernel = staged_in_registers(plan, prob) ? staged_kernel<T, false, true, kStagedRegItems>
+                                       : staged_kernel<T>;
   if (kernel == nullptr) return cudaErrorInvalidConfiguration;
   const WorkspaceLayout w = workspace_layout(plan, prob, opt);
   KernelParams<T> kp = make_params(x, y, prob, opt);

@@ -81,6 +81,33 @@ __device__ __forceinline__ Moments chunk_moments(const Vector<T, kVec> (&r)[kMax
   return moments_from_sums(SumScale::by_bits(n, k), c, s1, s2, pivot);
 }
 
+/// chunk_moments' two passes over the first `valid` of a thread's values, already converted to
+/// float and held in registers, with the count's constants `sc` (SumScale::by_bits of valid and
+/// deviation_shift(valid)) computed by the caller: where every plane of a launch gives a lane
+/// the same count (the staged kernel's register instance), once per launch instead of once per
+/// plane. A plain sum gives the local centre, the deviations sum(d) and 4^-k * sum(d^2).
+template <int kMaxItems>
+__device__ __forceinline__ Moments register_moments(const float (&v)[kMaxItems], int valid,
+                                                    const SumScale& sc, float pivot) {
+  if (valid <= 0) return Moments{};
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < kMaxItems; ++j)
+    if (j < valid) sum += v[j];
+  const float c = sum * sc.inv_n;  // need only lie near the mean (see chunk_moments)
+  const float h2 = sc.h * sc.h;    // 4^-k, exactly
+  float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+  for (int j = 0; j < kMaxItems; ++j) {
+    if (j < valid) {
+      const float d = v[j] - c;
+      s1 += d;
+      s2 = fmaf(d * d, h2, s2);
+    }
+  }
+  return moments_from_sums(sc, c, s1, s2, pivot);
+}
+
 /// Per-channel moments of the kVec channels of a thread's rows (channels-last: a vector is one
 /// row's kVec channels), in the same two passes: `rvalid` rows in registers, then `svalid` in
 /// shared memory (sm[j * stride], filled by cp.async and waited for here). Gives each channel's
