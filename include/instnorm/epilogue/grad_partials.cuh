@@ -130,6 +130,9 @@ __global__ void grad_params_kernel(const float2* partials, int64_t n, int64_t c,
       const float g0 = f.gamma ? load_param<T>(f.gamma, f.params_float, ch) : 1.f;
       const float b0 = f.beta ? load_param<T>(f.beta, f.params_float, ch) : 0.f;
       for (int64_t i = lane; i < n; i += 32) {
+        // The factor is loaded before the stores below: after them the compiler must assume
+        // they may alias the map, and each image's factor round trip would wait on them.
+        const float m = modulation_factor<T>(f, i, ch);
         float sd = 0.f, sdx = 0.f;
         for (int64_t r = 0; r < G; ++r) {
           const float2 v = partials[(i * c + ch) * G + r];
@@ -138,7 +141,6 @@ __global__ void grad_params_kernel(const float2* partials, int64_t n, int64_t c,
         }
         if (g.dshift) g.dshift[i * c + ch] = sd;
         if (g.dscale) g.dscale[i * c + ch] = f.one_plus_scale ? fmaf(g0, sdx, b0 * sd) : g0 * sdx;
-        const float m = modulation_factor<T>(f, i, ch);
         a = fmaf(f.one_plus_scale ? m : 1.f, sd, a);
         b = fmaf(m, sdx, b);
       }
