@@ -786,33 +786,33 @@ TEST(Planner, StagedUnitsOfShortPlanes) {
   }
 }
 
-// The staged kernel's register instance (staged_in_registers): forward plans whose lanes hold
-// at most kStagedRegItems values of a plane, one map a plane. The planner doubles the lanes
-// for it only where the unit keeps its planes (so 128x512x7x7 keeps 2 lanes of 25 values).
+// The staged kernel's register instance (staged_in_registers): forward staged plans whose lanes
+// hold kStagedRegMinItems to kStagedRegItems values of a plane, one map a plane; plans keep
+// kStagedLaneItems' lanes (doubling them for the instance measured slower).
 TEST(Planner, StagedPlanesInRegisters) {
   for (const DeviceProps& d : {sm90(), sm89()}) {
     const ArchPolicy& pol = policy_for(d);
     Plan p;
-    // 263 values: 16 lanes of 17 by kStagedLaneItems, 32 of 9 for the register instance.
-    const Problem long_planes = problem(53061, 29, 263, 2);
-    ASSERT_TRUE(make_plan(long_planes, d, pol, &p));
+    // 3x3 planes: one lane of 9 values.
+    const Problem nine = problem(31777361, 1, 9, 2);
+    ASSERT_TRUE(make_plan(nine, d, pol, &p));
     ASSERT_EQ(p.strategy, Strategy::kStaged);
-    EXPECT_EQ(p.lanes, 32);
+    EXPECT_EQ(p.lanes, 1);
     EXPECT_EQ(p.items, 9);
-    EXPECT_TRUE(detail::staged_in_registers(p, long_planes));
-    // One-value planes: one lane, several planes a group.
+    EXPECT_TRUE(detail::staged_in_registers(p, nine));
+    // One-value planes: the shared-memory instance.
     const Problem tiny = problem(36167, 1643, 1);
     ASSERT_TRUE(make_plan(tiny, d, pol, &p));
     EXPECT_EQ(p.lanes, 1);
-    EXPECT_TRUE(detail::staged_in_registers(p, tiny));
-    // 7x7 with one plane a group: twice the lanes would halve the unit.
-    const Problem small = problem(128, 512, 49);
-    ASSERT_TRUE(make_plan(small, d, pol, &p));
-    EXPECT_EQ(p.lanes, 2);
-    EXPECT_EQ(p.items, 25);
-    EXPECT_FALSE(detail::staged_in_registers(p, small));
-    // GroupNorm with gamma (the map changes inside a plane): the shared-memory instance, and no
-    // doubling for it.
+    EXPECT_FALSE(detail::staged_in_registers(p, tiny));
+    // 263 values: 16 lanes of 17, as before the instance.
+    const Problem long_planes = problem(53061, 29, 263, 2);
+    ASSERT_TRUE(make_plan(long_planes, d, pol, &p));
+    ASSERT_EQ(p.strategy, Strategy::kStaged);
+    EXPECT_EQ(p.lanes, 16);
+    EXPECT_EQ(p.items, 17);
+    EXPECT_FALSE(detail::staged_in_registers(p, long_planes));
+    // GroupNorm with gamma (the map changes inside a plane): the shared-memory instance.
     Options gn;
     gn.groups = 32;
     Problem grouped;
@@ -823,7 +823,7 @@ TEST(Planner, StagedPlanesInRegisters) {
     EXPECT_TRUE(grouped.channel_runs);
     ASSERT_TRUE(make_plan(grouped, d, pol, &p));
     ASSERT_EQ(p.strategy, Strategy::kStaged);
-    EXPECT_EQ(p.lanes, 1);  // 10 values: kStagedLaneItems' lanes
+    EXPECT_EQ(p.items, 10);
     EXPECT_FALSE(detail::staged_in_registers(p, grouped));
     gn.gamma = nullptr;
     ASSERT_EQ(validate(x, y, 6000, 64, 5, 4, gn, &grouped), Invalid::kOk);
@@ -831,36 +831,24 @@ TEST(Planner, StagedPlanesInRegisters) {
     ASSERT_TRUE(make_plan(grouped, d, pol, &p));
     EXPECT_TRUE(detail::staged_in_registers(p, grouped));
     // The backward keeps its own staged kernel.
-    ASSERT_TRUE(make_plan(tiny, d, pol, &p, {}, Direction::kBackward));
-    EXPECT_FALSE(detail::staged_in_registers(p, tiny));
-    // Over many lengths and counts: the register instance holds every value of a lane, and a
-    // plan whose lanes were doubled for it has a unit no smaller than kStagedLaneItems' lanes
-    // would give (the same plan forced to that many values a lane).
-    int doubled = 0, kept = 0;
-    for (int64_t L : {1, 2, 3, 9, 14, 15, 16, 17, 29, 31, 33, 49, 100, 263, 448, 449, 500}) {
-      for (int64_t planes : {int64_t(3000), int64_t(70000), int64_t(3000000)}) {
+    ASSERT_TRUE(make_plan(nine, d, pol, &p, {}, Direction::kBackward));
+    EXPECT_FALSE(detail::staged_in_registers(p, nine));
+    // Over lengths and counts: the instance exactly where a lane holds 9-14 values (one lane,
+    // since more lanes than one hold over 16 each), and the plan is kStagedLaneItems' lanes.
+    int in_registers = 0;
+    for (int64_t L : {1, 2, 3, 8, 9, 11, 14, 15, 16, 17, 29, 33, 49, 100, 263, 449}) {
+      for (int64_t planes : {int64_t(3000), int64_t(3000000)}) {
         const Problem prob = problem(1, planes, L, 2, false);
         if (!make_plan(prob, d, pol, &p) || p.strategy != Strategy::kStaged) continue;
-        const int64_t by_lane_items =
-            detail::pow2_ceil(std::min<int64_t>(32, (L + kStagedLaneItems - 1) / kStagedLaneItems));
-        EXPECT_EQ(detail::staged_in_registers(p, prob), p.items <= kStagedRegItems) << L;
-        EXPECT_GE(int64_t(p.lanes) * p.items, L);
-        kept += p.lanes == by_lane_items && p.items > kStagedRegItems &&
-                (L + 2 * by_lane_items - 1) / (2 * by_lane_items) <= kStagedRegItems;
-        if (p.lanes > by_lane_items) {
-          ++doubled;
-          EXPECT_TRUE(detail::staged_in_registers(p, prob)) << L << " " << planes;
-          PlanOverride ov;
-          ov.items = kStagedLaneItems;
-          Plan q;
-          ASSERT_TRUE(make_plan(prob, d, pol, &q, ov));
-          EXPECT_EQ(q.lanes, by_lane_items);
-          EXPECT_GE(p.unit_planes, q.unit_planes) << L << " " << planes;
-        }
+        EXPECT_EQ(p.lanes, detail::pow2_ceil(std::min<int64_t>(
+                               32, (L + kStagedLaneItems - 1) / kStagedLaneItems)))
+            << L;
+        const bool want = L >= kStagedRegMinItems && L <= kStagedRegItems;
+        EXPECT_EQ(detail::staged_in_registers(p, prob), want) << L << " " << planes;
+        in_registers += want;
       }
     }
-    EXPECT_GT(doubled, 0);  // both sides of the rule are taken
-    EXPECT_GT(kept, 0);
+    EXPECT_EQ(in_registers, 6);  // 9, 11 and 14 values, at both plane counts
   }
 }
 

@@ -481,6 +481,7 @@ std::vector<DevCase> device_cases() {
     v.push_back(forced(gn, kStr, 3, 1));
     v.push_back(forced(DevCase{3, 5, 49, 0, Layout::kNCHW, a}, kStg));
     v.push_back(forced(DevCase{2, 12, 7 * 7, 3, Layout::kNCHW, a}, kStg));
+    v.push_back(forced(DevCase{3, 5, 11, 0, Layout::kNCHW, a}, kStg));  // the register instance
     for (int on_chip : {1, 0}) {
       DevCase cl{2, 64, 16 * 16, 0, Layout::kNHWC, a};
       cl.nhwc_on_chip = on_chip;

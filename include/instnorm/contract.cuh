@@ -45,6 +45,9 @@ constexpr int kStagedBlocksPerSm = 4;
 /// registers of kStagedBlocksPerSm blocks per SM without spilling; 16 spilled 4 bytes on sm_89
 /// and sm_90 (nvcc 13.0).
 constexpr int kStagedRegItems = 14;
+/// The fewest values per lane for which the register instance runs (staged_in_registers: with
+/// fewer, its predicated slots cost more than the shared-memory instance's reads).
+constexpr int kStagedRegMinItems = 9;
 /// Threads of the tiled NHWC kernels, and the rows each thread holds in registers per chunk.
 constexpr int kNhwcThreads = 256;
 constexpr int kNhwcRows = 8;

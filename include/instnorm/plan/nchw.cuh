@@ -216,46 +216,29 @@ inline void size_subwarp(const NchwSizing& z, Plan& p) {
 /// reduced and stored; a persistent grid of the blocks that fit walks the units. Aligned planes
 /// stay in registers (sub-warp and block plans): staged, on the H100, 4x512x64x64 ran at 0.64
 /// of copy (block plan 0.87), 32x256x32x32 at 0.73 (0.93).
-/// Forward plans take twice the lanes where that leaves each lane at most kStagedRegItems values
-/// and the unit as many planes, unless the plane changes channel parameters inside it: the
-/// register instance (staged_in_registers) then runs, which
-/// reads each value from shared memory once instead of three times and takes the count's
-/// constants once per launch (ncu, H100: the shared-memory instance issued ~54 warp
-/// instructions per value on 53061x29x1x263 fp16 and ~325 per one-value plane on
-/// 36167x1643x1x1, issue-bound at 0.42 and 0.16 of copy). Where the unit would shrink (one plane
-/// a group already, as 128x512x7x7), the plan keeps its lanes.
 inline void size_staged(const NchwSizing& z, Plan& p) {
   p.vec = 1;
   p.threads = kStagedThreads;
-  // Forward: several planes per group, for a unit of about kStagedUnitBytes while every
-  // resident block still gets four units (staged_unit_aim; the item is one plane for each
-  // group); and only 3 planes a group or more (at 2, -12% to +3%; at 3-24, +3% to +30%, H200).
-  const auto unit_planes_for = [&](int lanes) {
-    const int groups = p.threads / lanes;
-    int64_t per_group = 1;
-    if (z.dir == Direction::kForward) {
-      const int64_t group_bytes =
-          int64_t(groups) * std::min<int64_t>(z.L, kStagedUnitBytes) * z.prob.elem_bytes;
-      per_group = clamp64(staged_unit_aim(group_bytes, z.prob.planes / groups, z.d), 1, 1024);
-      if (per_group < 3) per_group = 1;
-    }
-    return int(groups * per_group);
-  };
   // The backward's unit holds x and dy: half the values per lane, twice the lanes, so a stage
   // keeps the forward's bytes.
   const int64_t want =
       ceil_div(z.L, z.ov.items > 0 ? z.ov.items : kStagedLaneItems / tensors_on_chip(z.dir));
   p.lanes = int(pow2_ceil(clamp64(want, 1, 32)));
-  if (z.dir == Direction::kForward && z.ov.items == 0 && !z.prob.channel_runs) {
-    const int more = int(pow2_ceil(clamp64(ceil_div(z.L, kStagedRegItems), 1, 32)));
-    if (more > p.lanes && ceil_div(z.L, more) <= kStagedRegItems &&
-        unit_planes_for(more) >= unit_planes_for(p.lanes))
-      p.lanes = more;
-  }
   p.items = int(clamp64(ceil_div(z.L, p.lanes), 1, int64_t(1) << 30));
   p.blocks_per_plane = 1;
   p.slice_len = z.L;
-  p.unit_planes = unit_planes_for(p.lanes);
+  // Forward: several planes per group, for a unit of about kStagedUnitBytes while every
+  // resident block still gets four units (staged_unit_aim; the item is one plane for each
+  // group); and only 3 planes a group or more (at 2, -12% to +3%; at 3-24, +3% to +30%, H200).
+  const int groups = p.threads / p.lanes;
+  int64_t per_group = 1;
+  if (z.dir == Direction::kForward) {
+    const int64_t group_bytes =
+        int64_t(groups) * std::min<int64_t>(z.L, kStagedUnitBytes) * z.prob.elem_bytes;
+    per_group = clamp64(staged_unit_aim(group_bytes, z.prob.planes / groups, z.d), 1, 1024);
+    if (per_group < 3) per_group = 1;
+  }
+  p.unit_planes = int(groups * per_group);
   const int64_t units = ceil_div(z.prob.planes, p.unit_planes);
   p.smem_bytes = 2 * tensors_on_chip(z.dir) *
                  staged_stage_bytes(p.unit_planes, z.L, z.prob.elem_bytes);
@@ -265,11 +248,18 @@ inline void size_staged(const NchwSizing& z, Plan& p) {
 }
 
 /// Whether a plan runs the staged kernel's register instance (staged_kernel<T, false, true,
-/// kStagedRegItems>): NCHW forward staged plans whose lanes hold at most kStagedRegItems values
-/// of a plane, one map a plane (not Problem::channel_runs).
+/// kStagedRegItems>): NCHW forward staged plans whose lanes hold kStagedRegMinItems to
+/// kStagedRegItems values of a plane, one map a plane (not Problem::channel_runs). The
+/// instance's loops run to kStagedRegItems with the lane's count as a predicate, so few values
+/// a lane pay for the empty slots. H100, same plan, old -> register instance (same-run A/B):
+/// 9, 10 and 14 values a lane 0.938, 0.966, 0.853 of the time (31777361x1x3x3 fp16,
+/// 4393x493x2x5, 5532753x1x2x7 bf16); 1 and 2 values 1.30-1.34 (36167x1643x1x1,
+/// 20057x323x1x1, 71126x32x1x2 GN32). Doubling a plan's lanes so that a lane holds at most 14
+/// values made all five such plans of sweep seed 19 slower (1.14-1.78: more shuffle levels
+/// and fewer planes at a time), so plans keep kStagedLaneItems' lanes.
 inline bool staged_in_registers(const Plan& p, const Problem& prob) {
   return p.strategy == Strategy::kStaged && p.direction == Direction::kForward &&
-         p.items <= kStagedRegItems && !prob.channel_runs;
+         p.items >= kStagedRegMinItems && p.items <= kStagedRegItems && !prob.channel_runs;
 }
 
 /// One block per plane, the plane in registers.
