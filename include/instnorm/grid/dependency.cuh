@@ -8,7 +8,11 @@
 ///
 /// The rules a kernel launched dependent keeps: it calls wait_for_prerequisite before its
 /// first load or store of memory another kernel touches (so the wait also covers the kernels
-/// before its predecessor: that one completed only after its own wait). Called in a kernel
+/// before its predecessor: that one completed only after its own wait). One exception: a
+/// kernel that is not its chain's first may load, before the wait, inputs that no kernel of
+/// the chain writes (the channels-last backward's sums pass after a residual pass, its affine
+/// maps): the kernel before the chain completed before the chain's first kernel let the
+/// second start. Called in a kernel
 /// launched without the attribute, or compiled for an architecture without griddepcontrol
 /// (before sm_90), both are no-ops.
 
