@@ -793,25 +793,18 @@ TEST(Planner, StagedPlanesInRegisters) {
   for (const DeviceProps& d : {sm90(), sm89()}) {
     const ArchPolicy& pol = policy_for(d);
     Plan p;
-    // 3x3 planes: one lane of 9 values.
+    // A forward staged plan of `lanes` lanes of `items` values, and its instance.
+    const auto expect_staged = [&](const Problem& prob, int lanes, int items, bool regs) {
+      ASSERT_TRUE(make_plan(prob, d, pol, &p));
+      ASSERT_EQ(p.strategy, Strategy::kStaged);
+      EXPECT_EQ(p.lanes, lanes);
+      EXPECT_EQ(p.items, items);
+      EXPECT_EQ(detail::staged_in_registers(p, prob), regs);
+    };
     const Problem nine = problem(31777361, 1, 9, 2);
-    ASSERT_TRUE(make_plan(nine, d, pol, &p));
-    ASSERT_EQ(p.strategy, Strategy::kStaged);
-    EXPECT_EQ(p.lanes, 1);
-    EXPECT_EQ(p.items, 9);
-    EXPECT_TRUE(detail::staged_in_registers(p, nine));
-    // One-value planes: the shared-memory instance.
-    const Problem tiny = problem(36167, 1643, 1);
-    ASSERT_TRUE(make_plan(tiny, d, pol, &p));
-    EXPECT_EQ(p.lanes, 1);
-    EXPECT_FALSE(detail::staged_in_registers(p, tiny));
-    // 263 values: 16 lanes of 17, as before the instance.
-    const Problem long_planes = problem(53061, 29, 263, 2);
-    ASSERT_TRUE(make_plan(long_planes, d, pol, &p));
-    ASSERT_EQ(p.strategy, Strategy::kStaged);
-    EXPECT_EQ(p.lanes, 16);
-    EXPECT_EQ(p.items, 17);
-    EXPECT_FALSE(detail::staged_in_registers(p, long_planes));
+    expect_staged(nine, 1, 9, true);                        // 3x3 planes
+    expect_staged(problem(36167, 1643, 1), 1, 1, false);    // one-value planes
+    expect_staged(problem(53061, 29, 263, 2), 16, 17, false);  // kStagedLaneItems' lanes
     // GroupNorm with gamma (the map changes inside a plane): the shared-memory instance.
     Options gn;
     gn.groups = 32;
