@@ -189,8 +189,9 @@ struct SumScale {
   static INSTNORM_HD SumScale by_bits(int n_, int k) {
     return SumScale(n_, exp2i(-k), exp2i(2 * k));
   }
-  /// by_bits with 1 / n from the caller (reciprocal(n), kept where one count serves many sums).
-  static INSTNORM_HD SumScale by_bits(int n_, float inv_n_) {
+  /// by_bits(n, deviation_shift(n)) with 1 / n from the caller (reciprocal(n), kept where one
+  /// count serves many sums).
+  static INSTNORM_HD SumScale with_reciprocal(int n_, float inv_n_) {
     const int k = deviation_shift(n_);
     SumScale s(n_, exp2i(-k), exp2i(2 * k), inv_n_);
     return s;

@@ -90,11 +90,17 @@ __device__ __forceinline__ ShareSums butterfly_sum2(ShareSums v, int lanes, int 
 /// counts and a division at every level) took 2.5-4 us per block reduction on the H100 (trace,
 /// debug/trace.cuh). Means are relative to the caller's pivot; the shares add up to 1, so no
 /// sum exceeds the largest term (values up to 1e18 stay finite).
-__device__ __forceinline__ Moments warp_allreduce_shares(const Moments& m, int64_t total,
-                                                         int lanes) {
-  const SharesCombine s(m, total);
+/// `share`: m's share of the total, share_of(m.count, total), where the caller keeps it (the
+/// staged kernel's register instance: every plane of a launch gives a lane the same count).
+__device__ __forceinline__ Moments warp_allreduce_shares(const Moments& m, float share,
+                                                         int64_t total, int lanes) {
+  const SharesCombine s(share, m);
   const float a = butterfly_sum(s.first(), lanes);
   return SharesCombine::result(a, butterfly_sum2(s.second(a), lanes), total);
+}
+__device__ __forceinline__ Moments warp_allreduce_shares(const Moments& m, int64_t total,
+                                                         int lanes) {
+  return warp_allreduce_shares(m, share_of(m.count, total), total, lanes);
 }
 
 /// The same over the whole block (blockDim.x a multiple of 32): warp sums, then every thread adds

@@ -323,6 +323,8 @@ struct RegLane {
 template <class T>
 __device__ __forceinline__ RegLane reg_lane(const KernelParams<T>& p, int lane, int lanes) {
   const int len = int(p.plane_len);
+  // valid_items<1>(len, lane, lanes, kStagedRegItems) without its clamp, which left 4 bytes of
+  // spill on sm_90.
   const int mine = lane < len ? ((len - lane + lanes - 1) >> lanes_log2(lanes)) : 0;
   return RegLane{mine, reciprocal(static_cast<float>(mine > 0 ? mine : 1)), share_of(mine, len)};
 }
@@ -359,12 +361,9 @@ __device__ __forceinline__ void staged_plane_in_registers(const KernelParams<T>&
   float v[kItems];
 #pragma unroll
   for (int k = 0; k < kItems; ++k) v[k] = k < mine ? to_float(xp[lane + k * lanes]) : 0.f;
-  Moments m = register_moments(v, mine, SumScale::by_bits(rl.n, rl.inv_n), pivot);
-  // warp_allreduce_shares with the lane's share from rl; the shuffles also order every lane's
-  // pivot read before any write.
-  const SharesCombine sh(active ? rl.share : 0.f, m);
-  const float a = butterfly_sum(sh.first(), lanes);
-  m = SharesCombine::result(a, butterfly_sum2(sh.second(a), lanes), active ? p.plane_len : 0);
+  Moments m = register_moments(v, mine, SumScale::with_reciprocal(rl.n, rl.inv_n), pivot);
+  // The lane's share from rl; the shuffles also order every lane's pivot read before any write.
+  m = warp_allreduce_shares(m, active ? rl.share : 0.f, active ? p.plane_len : 0, lanes);
   if (!active) return;
   Epilogue<T> ep = plane_epilogue(p, pivot, m, plane, lane == 0);
   if (p.y == nullptr) return;  // statistics only
