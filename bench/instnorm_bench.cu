@@ -1693,6 +1693,12 @@ int tune(const Shape& s) {
 
 }  // namespace
 
+/// The text after `prefix` in a flag that starts with it ("--nhwc-cols=8" -> "8"): offsets
+/// counted by hand went stale when a flag was renamed (--nhwc-on-chip= read "p=1" as 0).
+const char* flag_value(const std::string& a, const char* prefix) {
+  return a.c_str() + std::min(a.size(), std::strlen(prefix));
+}
+
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // lines survive a timeout of the caller
   std::vector<Shape> shapes;
@@ -1727,14 +1733,14 @@ int main(int argc, char** argv) {
     } else if (a == "--mod-standard") {  // the modulated rows and their plain shapes, in rounds
       mod_standard = true;
     } else if (a.rfind("--mod-rounds=", 0) == 0) {  // rounds of --mod-standard (default 5)
-      mod_rounds = std::atoi(a.c_str() + 13);
+      mod_rounds = std::atoi(flag_value(a, "--mod-rounds="));
       if (mod_rounds <= 0) {
         std::fprintf(stderr, "bad '%s' (want --mod-rounds=K, K > 0)\n", a.c_str());
         return 1;
       }
     } else if (a.rfind("--sweep=", 0) == 0) {  // K random shapes [from a seed]
       char* end = nullptr;
-      sweep_k = int(std::strtol(a.c_str() + 8, &end, 10));
+      sweep_k = int(std::strtol(flag_value(a, "--sweep="), &end, 10));
       if (*end == ':') sweep_seed = std::strtoull(end + 1, &end, 10);
       if (sweep_k <= 0 || *end != '\0') {
         std::fprintf(stderr, "bad sweep '%s' (want --sweep=K or --sweep=K:seed, K > 0)\n", a.c_str());
@@ -1743,32 +1749,32 @@ int main(int argc, char** argv) {
     } else if (a == "--sweep-list") {  // print the sweep's shapes and exit (no GPU)
       sweep_list = true;
     } else if (a.rfind("--nhwc-chunks=", 0) == 0) {  // least row chunks per thread per tile
-      g_override.nhwc_chunks = std::atoi(a.c_str() + 14);
+      g_override.nhwc_chunks = std::atoi(flag_value(a, "--nhwc-chunks="));
     } else if (a.rfind("--nhwc-budget=", 0) == 0) {  // MB per batch of NHWC images
-      g_override.nhwc_l2_budget = int64_t(std::atof(a.c_str() + 14) * (1 << 20));
+      g_override.nhwc_l2_budget = int64_t(std::atof(flag_value(a, "--nhwc-budget=")) * (1 << 20));
     } else if (a.rfind("--nhwc-on-chip=", 0) == 0) {  // NHWC: 0 tiled, 1 on chip only
-      g_override.nhwc_on_chip = std::atoi(a.c_str() + 13);
+      g_override.nhwc_on_chip = std::atoi(flag_value(a, "--nhwc-on-chip="));
     } else if (a.rfind("--nhwc-cols=", 0) == 0) {  // NHWC on chip: column vectors per slice
-      g_override.nhwc_cols = std::atoi(a.c_str() + 12);
+      g_override.nhwc_cols = std::atoi(flag_value(a, "--nhwc-cols="));
     } else if (a.rfind("--phases=", 0) == 0) {  // split plans: start phases of the groups
-      g_override.phases = std::atoi(a.c_str() + 9);
+      g_override.phases = std::atoi(flag_value(a, "--phases="));
     } else if (a.rfind("--trace=", 0) == 0) {  // phase timeline (INSTNORM_TRACE builds)
-      g_trace_on = std::atoi(a.c_str() + 8) != 0;
+      g_trace_on = std::atoi(flag_value(a, "--trace=")) != 0;
     } else if (a.rfind("--interleave=", 0) == 0) {
-      g_interleave = std::atoi(a.c_str() + 13) != 0;
+      g_interleave = std::atoi(flag_value(a, "--interleave=")) != 0;
     } else if (a.rfind("--warm-code=", 0) == 0) {
-      g_warm_code = std::atoi(a.c_str() + 12) != 0;
+      g_warm_code = std::atoi(flag_value(a, "--warm-code=")) != 0;
     } else if (a.rfind("--split-smem=", 0) == 0) {  // split slices in shared memory: 0 or 1
-      g_override.split_smem = std::atoi(a.c_str() + 13);
+      g_override.split_smem = std::atoi(flag_value(a, "--split-smem="));
     } else if (a.rfind("--plan=", 0) == 0) {
       long long v[4] = {-1, 0, 0, 0};
-      std::sscanf(a.c_str() + 7, "%lld,%lld,%lld,%lld", &v[0], &v[1], &v[2], &v[3]);
+      std::sscanf(flag_value(a, "--plan="), "%lld,%lld,%lld,%lld", &v[0], &v[1], &v[2], &v[3]);
       g_override.strategy = int(v[0]);
       g_override.threads = int(v[1]);
       g_override.items = int(v[2]);
       g_override.blocks_per_plane = v[3];
     } else if (a.rfind("--arch=", 0) == 0) {  // a row of the table by name
-      g_policy = policy_named(a.c_str() + 7);
+      g_policy = policy_named(flag_value(a, "--arch="));
       if (!g_policy) {
         std::fprintf(stderr, "no table row named '%s' (rows:", a.c_str() + 7);
         for (const ArchPolicy& r : kArchTable) std::fprintf(stderr, " %s", r.name);
