@@ -51,6 +51,7 @@
 //   instnorm_bench --plan=2,512,0,0                # force strategy,threads,items,G (0: planner)
 //   instnorm_bench --nhwc-budget=40 --nhwc-chunks=4  # NHWC tiled: MB per batch, row chunks
 //   instnorm_bench --nhwc-on-chip=0|1 --nhwc-cols=8    # NHWC: tiled or on chip; slice width
+//   instnorm_bench --nhwc-bwd-on-chip=1                # NHWC backward on chip (else tiled)
 //   instnorm_bench --split-smem=0                  # split slices in registers only (1: table's)
 //   instnorm_bench --sweep=64[:seed]               # 64 random shapes (sweep/ rows), a summary
 //   instnorm_bench --sweep=64 --sweep-list         # print the sweep's shapes; no GPU needed
@@ -476,24 +477,33 @@ cudaError_t backward_workspace_bytes(const Shape& s, size_t* bytes) {
         backward_workspace_size(s.n(), s.c(), s.spatial(), opt, grads, bytes, x, dy, dx));
     Problem prob;
     Plan plan;
-    if (!s.nhwc &&
-        validate_backward(x, dy, dx, s.n(), s.c(), s.spatial(), int(sizeof(T)), opt, grads,
-                          &prob) == Invalid::kOk &&
-        detail::current_backward_plan(prob, grads, &plan, g_override, g_policy) == cudaSuccess)
+    if (validate_backward(x, dy, dx, s.n(), s.c(), s.spatial(), int(sizeof(T)), opt, grads,
+                          &prob) != Invalid::kOk)
+      return cudaSuccess;
+    if (prob.nhwc) {  // the on-chip backward, where --nhwc-bwd-on-chip=1 asks for it
+      size_t b = 0;
+      INSTNORM_RETURN_IF_ERROR(
+          detail::nhwc_backward_workspace(prob, opt, grads, &b, g_override, g_policy));
+      *bytes = std::max(*bytes, b);
+    } else if (detail::current_backward_plan(prob, grads, &plan, g_override, g_policy) ==
+               cudaSuccess) {
       *bytes = std::max(*bytes, detail::backward_workspace_layout(plan, prob, opt, grads).total);
+    }
     return cudaSuccess;
   });
 }
 
 /// The backward of the forward run_instnorm ran, into dx (and dgamma/dbeta), with the
-/// preallocated workspace: instnorm::backward, plus --plan / --arch.
-cudaError_t run_backward(const Shape& s, Plan* plan) {
+/// preallocated workspace: instnorm::backward, plus --plan / --arch / --nhwc-bwd-on-chip.
+/// `nhwc_on_chip`: whether a channels-last backward ran on chip.
+cudaError_t run_backward(const Shape& s, Plan* plan, bool* nhwc_on_chip = nullptr) {
   return with_type(s.dtype, [&](auto tag) {
     using T = decltype(tag);
     return detail::backward_tuned(static_cast<const T*>(g_cur.x), static_cast<const T*>(g_cur.dy),
                                   static_cast<T*>(g_cur.dx), s.n(), s.c(), s.spatial(),
                                   options_for(s), grads_for(s), g_override, g_policy,
-                                  g_cur.workspace, g_cur.workspace_bytes, false, nullptr, plan);
+                                  g_cur.workspace, g_cur.workspace_bytes, false, nullptr, plan,
+                                  nhwc_on_chip);
   });
 }
 
@@ -1220,13 +1230,15 @@ void bm_sweep(benchmark::State& state, size_t i) {
 /// :bwd and :train rows. The forward runs once untimed (writing the saved statistics the
 /// backward reads, and y); then each timed run is the backward alone (:bwd) or forward +
 /// backward (:train), timed as the forward rows are (time_and_report). The counters and label are
-/// the backward's NCHW plan ("nhwc" for channels-last, whose backward has no plan to show).
+/// the backward's NCHW plan ("nhwc" for the channels-last tiled chain, "nhwc-on-chip" for the
+/// on-chip kernel, which --nhwc-bwd-on-chip=1 asks for).
 void bm_backward(benchmark::State& state, Shape s) {
   use_shape(s);
   Plan fplan, bplan;
   NhwcPlan nplan;
   const auto fwd = [&] { return run_instnorm(s, g_override, &fplan, &nplan); };
-  const auto bwd = [&] { return run_backward(s, &bplan); };
+  bool chip = false;
+  const auto bwd = [&] { return run_backward(s, &bplan, &chip); };
   cudaError_t e = fwd();
   size_t ws = 0;
   if (e == cudaSuccess) e = backward_workspace_bytes(s, &ws);
@@ -1258,8 +1270,8 @@ void bm_backward(benchmark::State& state, Shape s) {
   state.counters["workspace_bytes"] = double(g_cur.workspace_bytes);
   if (s.round > 0) state.counters["round"] = s.round;
   if (s.nhwc) {
-    state.SetLabel(s.mode == Mode::kTrain ? "fwd " + plan_label(s, fplan, nplan) + " + bwd nhwc"
-                                          : "bwd nhwc");
+    const std::string b = chip ? "bwd nhwc-on-chip" : "bwd nhwc";
+    state.SetLabel(s.mode == Mode::kTrain ? "fwd " + plan_label(s, fplan, nplan) + " + " + b : b);
     return;
   }
   plan_counters(state, bplan);
@@ -1754,6 +1766,8 @@ int main(int argc, char** argv) {
       g_override.nhwc_l2_budget = int64_t(std::atof(flag_value(a, "--nhwc-budget=")) * (1 << 20));
     } else if (a.rfind("--nhwc-on-chip=", 0) == 0) {  // NHWC: 0 tiled, 1 on chip only
       g_override.nhwc_on_chip = std::atoi(flag_value(a, "--nhwc-on-chip="));
+    } else if (a.rfind("--nhwc-bwd-on-chip=", 0) == 0) {  // NHWC backward: 0 tiled, 1 on chip
+      g_override.nhwc_bwd_on_chip = std::atoi(flag_value(a, "--nhwc-bwd-on-chip="));
     } else if (a.rfind("--nhwc-cols=", 0) == 0) {  // NHWC on chip: column vectors per slice
       g_override.nhwc_cols = std::atoi(flag_value(a, "--nhwc-cols="));
     } else if (a.rfind("--phases=", 0) == 0) {  // split plans: start phases of the groups

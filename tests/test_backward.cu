@@ -33,6 +33,8 @@ Invalid check_bwd(const void* x, const void* dy, const void* dx, const Options& 
   return validate_backward(x, dy, dx, 2, 3, 16, 4, opt, g, &prob);
 }
 
+int64_t ceil_div_test(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 Options trained() {
   Options opt;
   opt.save_mean = kStats;
@@ -167,6 +169,86 @@ TEST(BackwardPlan, HoldsTwoTensors) {
 }
 
 
+// The on-chip channels-last backward's plan (make_nhwc_grad_chip_plan): asked for only
+// (the tiled chain stays the default until a device run has timed it); where it exists, valid
+// on the device (co-resident groups, shared memory, one-hop exchange) with slices of whole
+// groups; none for eval mode, rows that are not 16-byte aligned, or groups wider than a slice
+// may be. The diffusion U-Net and channels-last affine rows of the backward table fit one
+// round of units on the H100/H200.
+TEST(BackwardPlan, NhwcOnChipWhereAskedAndValid) {
+  for (const DeviceProps& d : {instnorm_tables::sm90(), instnorm_tables::h200(),
+                               instnorm_tables::sm89()}) {
+    const ArchPolicy& pol = policy_for(d);
+    PlanOverride ask;
+    ask.nhwc_bwd_on_chip = 1;
+    const auto plan_of = [&](int64_t n, int64_t c, int64_t s, int eb, Options opt,
+                             detail::NhwcGradChipPlan* p, const PlanOverride& ov) {
+      opt.layout = Layout::kNHWC;
+      Problem prob;
+      if (validate_backward(kX, kDy, kDx, n, c, s, eb, opt, {}, &prob) != Invalid::kOk)
+        return false;
+      const bool ok = detail::make_nhwc_grad_chip_plan(prob, opt, d, pol, ov, p);
+      if (ok) {
+        EXPECT_TRUE(detail::nhwc_grad_chip_plan_is_valid(*p, prob, opt, d));
+        EXPECT_EQ(int64_t(p->cols) * p->vec % prob.channels_per_group, 0) << "whole groups";
+        EXPECT_LE(int64_t(p->cols) * p->vec, kNhwcGradChipMaxChannels);
+        if (p->G > 1)
+          EXPECT_LE(p->G * p->cols * p->vec, int64_t(kNhwcGradChipThreads) * kNhwcGradChipMaxLoads);
+        EXPECT_GE(p->slice_rows * p->G, s);
+        EXPECT_LE(p->smem_bytes, d.smem_per_block_optin);
+        // The default keeps the tiled chain; asked, this plan runs.
+        detail::NhwcGradChipPlan q;
+        EXPECT_FALSE(detail::nhwc_backward_on_chip(prob, opt, d, pol, PlanOverride{}, &q));
+        EXPECT_EQ(detail::nhwc_backward_on_chip(prob, opt, d, pol, ov, &q), ov.nhwc_bwd_on_chip == 1);
+      }
+      return ok;
+    };
+    Options gn = trained();
+    gn.groups = 32;
+    detail::NhwcGradChipPlan p;
+    ASSERT_TRUE(plan_of(2, 320, 64 * 64, 2, gn, &p, ask)) << d.sm_count;
+    // Hopper's 228 KB per SM hold the whole tensor in one round of units; the 4090's 100 KB
+    // take two or three.
+    const bool hopper = d.smem_per_sm > 200 * 1024;
+    if (hopper) EXPECT_EQ(ceil_div_test(2 * p.col_slices, p.block_groups), 1) << "one round";
+    ASSERT_TRUE(plan_of(2, 640, 32 * 32, 2, gn, &p, ask));
+    ASSERT_TRUE(plan_of(8, 128, 64 * 64, 2, trained(), &p, ask));
+    if (hopper) EXPECT_EQ(ceil_div_test(8 * p.col_slices, p.block_groups), 1) << "one round";
+    ASSERT_TRUE(plan_of(16, 64, 128 * 128, 4, trained(), &p, ask));
+    // A forced G is kept, blocks without rows included.
+    PlanOverride g7 = ask;
+    g7.blocks_per_plane = 7;
+    ASSERT_TRUE(plan_of(1, 16, 5 * 5, 4, trained(), &p, g7));
+    EXPECT_EQ(p.G, 7);
+    // None: eval mode, rows not 16-byte aligned, a group wider than a slice may be.
+    Options ev;
+    ev.use_input_stats = false;
+    ev.running_mean = kStats;
+    ev.running_var = kStats + 1024;
+    EXPECT_FALSE(plan_of(2, 64, 16 * 16, 4, ev, &p, ask));
+    EXPECT_FALSE(plan_of(2, 5, 16 * 16, 4, trained(), &p, ask));
+    Options wide = trained();
+    wide.groups = 1;
+    EXPECT_FALSE(plan_of(2, 1024, 8 * 8, 4, wide, &p, ask));
+    // A sweep: every plan found is valid (checked inside plan_of).
+    std::mt19937_64 rng(11);
+    int found = 0;
+    for (int i = 0; i < 2000; ++i) {
+      const int eb = (rng() & 1) ? 4 : 2;
+      const int64_t vec = 16 / eb;
+      const int64_t n = 1 + rng() % 32, cpg = int64_t(1) << (rng() % 5);
+      const int64_t c = vec * (1 + rng() % 64) * cpg;
+      Options o = trained();
+      o.groups = cpg > 1 && c % cpg == 0 ? c / cpg : 0;
+      const int64_t s = 2 + rng() % (i % 2 ? 20000 : 300);
+      PlanOverride ov = ask;
+      if (rng() % 4 == 0) ov.blocks_per_plane = 1 + rng() % 40;
+      found += plan_of(n, c, s, eb, o, &p, ov);
+    }
+    EXPECT_GT(found, 1000);
+  }
+}
+
 // The channels-last backward's kernels launch as programmatic dependents only where the code
 // that runs waits for its prerequisite: compiled for sm_90 or newer, on an sm_90 device. PTX of
 // sm_80 JIT-compiled on an H100 has no griddepcontrol.wait, so an early launch would read the
@@ -289,13 +371,15 @@ struct BwdCase {
   int64_t blocks = 0;    // forced G
   int items = 0;         // forced items
   bool expect_smem = false;  // the plan extends its slices into shared memory
+  bool on_chip = false;      // channels-last: the on-chip backward, forced (and asserted)
   std::string describe() const {
     const char* acts[] = {"none", "relu", "silu"};
     return std::to_string(n) + "x" + std::to_string(c) + "x" + std::to_string(s) +
            (groups ? " gn" + std::to_string(groups) : "") +
            (layout == Layout::kNHWC ? " NHWC" : " NCHW") + (affine ? " affine" : "") +
            " act=" + acts[int(act)] + (eval ? " eval" : "") + (in_place ? " in-place" : "") +
-           (strategy >= 0 ? std::string(" ") + to_string(Strategy(strategy)) : "");
+           (strategy >= 0 ? std::string(" ") + to_string(Strategy(strategy)) : "") +
+           (on_chip ? " on-chip" : "") + (blocks > 0 ? " G" + std::to_string(blocks) : "");
   }
 };
 
@@ -371,12 +455,15 @@ void run_case(const BwdCase& k, const BwdData& data, const std::string& what) {
   ov.strategy = k.strategy;
   ov.blocks_per_plane = k.blocks;
   ov.items = k.items;
+  if (k.on_chip) ov.nhwc_bwd_on_chip = 1;
   const Gradients grads = k.grads ? Gradients{dgamma.ptr, dbeta.ptr} : Gradients{};
   T* out = k.in_place ? dy.ptr : dx.ptr;
   Plan used;
+  bool ran_on_chip = false;
   CUDA_OK(detail::backward_tuned(x.ptr, dy.ptr, out, k.n, k.c, k.s, opt, grads, ov, nullptr,
-                                 nullptr, 0, true, nullptr, &used));
+                                 nullptr, 0, true, nullptr, &used, &ran_on_chip));
   CUDA_OK(cudaDeviceSynchronize());
+  if (k.layout == Layout::kNHWC) EXPECT_EQ(ran_on_chip, k.on_chip) << "the on-chip backward ran";
   if (k.layout == Layout::kNCHW) {
     EXPECT_EQ(used.direction, Direction::kBackward);
     if (k.strategy >= 0) EXPECT_EQ(int(used.strategy), k.strategy) << "the forced strategy ran";
@@ -627,6 +714,88 @@ TEST(BackwardDevice, ChannelsLastBf16) {
   channels_last_for<__nv_bfloat16>();
 }
 
+// The on-chip channels-last backward (kernels/backward_nhwc_on_chip.cuh), forced: instance
+// norm and GroupNorm (10 and 12 channels per group), affine or not, each activation; one block
+// per slice and forced G (exchanges, blocks without rows, several rounds of units per group of
+// blocks); in place; without parameter gradients; a channel count of one vector.
+template <class T>
+void channels_last_on_chip_for() {
+  const Activation acts[] = {Activation::kNone, Activation::kRelu, Activation::kSilu};
+  for (const Activation a : acts) {
+    for (const bool affine : {false, true}) {
+      BwdCase in{2, 64, 16 * 16};
+      in.layout = Layout::kNHWC;
+      in.affine = affine;
+      in.act = a;
+      in.on_chip = true;
+      run_normal<T>(in);
+      in.blocks = 3;
+      run_normal<T>(in);
+      BwdCase gn{2, 320, 12 * 12, 32};
+      gn.layout = Layout::kNHWC;
+      gn.affine = affine;
+      gn.act = a;
+      gn.on_chip = true;
+      run_normal<T>(gn);
+      gn.blocks = 5;
+      run_normal<T>(gn);
+      BwdCase gn12{3, 48, 10 * 10, 4};
+      gn12.layout = Layout::kNHWC;
+      gn12.affine = affine;
+      gn12.act = a;
+      gn12.on_chip = true;
+      gn12.blocks = 2;
+      run_normal<T>(gn12);
+    }
+  }
+  // Many units over few groups of blocks: several rounds, each with its exchanges.
+  BwdCase many{96, 32, 9 * 9};
+  many.layout = Layout::kNHWC;
+  many.affine = true;
+  many.act = Activation::kSilu;
+  many.on_chip = true;
+  many.blocks = 40;
+  run_normal<T>(many);
+  // More blocks than a slice has rows for: the last ones hold none.
+  BwdCase sparse{1, 16, 5 * 5};
+  sparse.layout = Layout::kNHWC;
+  sparse.on_chip = true;
+  sparse.blocks = 7;
+  run_normal<T>(sparse);
+  // In place (dx == dy), and without parameter gradients.
+  BwdCase ip{2, 64, 24 * 24, 8};
+  ip.layout = Layout::kNHWC;
+  ip.affine = true;
+  ip.act = Activation::kSilu;
+  ip.on_chip = true;
+  ip.in_place = true;
+  run_normal<T>(ip);
+  ip.in_place = false;
+  ip.grads = false;
+  ip.blocks = 4;
+  run_normal<T>(ip);
+  // A diffusion U-Net row, planner's G.
+  BwdCase unet{2, 320, 32 * 32, 32};
+  unet.layout = Layout::kNHWC;
+  unet.affine = true;
+  unet.act = Activation::kSilu;
+  unet.on_chip = true;
+  run_normal<T>(unet);
+}
+
+TEST(BackwardDevice, ChannelsLastOnChipFp32) {
+  REQUIRE_GPU();
+  channels_last_on_chip_for<float>();
+}
+TEST(BackwardDevice, ChannelsLastOnChipFp16) {
+  REQUIRE_GPU();
+  channels_last_on_chip_for<__half>();
+}
+TEST(BackwardDevice, ChannelsLastOnChipBf16) {
+  REQUIRE_GPU();
+  channels_last_on_chip_for<__nv_bfloat16>();
+}
+
 // Far from zero (|mean| = 1e4 std: the saved fp32 mean alone would be 60x the bound off) and
 // hostile planes (outliers at any position, heavy tails, clusters), every strategy and layout.
 TEST(BackwardDevice, AccurateAtLargeMeansAndWithOutliers) {
@@ -638,8 +807,15 @@ TEST(BackwardDevice, AccurateAtLargeMeansAndWithOutliers) {
   BwdCase cl{2, 16, 24 * 24};
   cl.layout = Layout::kNHWC;
   BwdCase odd{4, 6, 49};
+  BwdCase chip{2, 16, 24 * 24};  // the on-chip channels-last backward, exchanging over 3 blocks
+  chip.layout = Layout::kNHWC;
+  chip.on_chip = true;
+  chip.blocks = 3;
+  BwdCase chip_gn{2, 32, 12 * 12, 4};
+  chip_gn.layout = Layout::kNHWC;
+  chip_gn.on_chip = true;
   for (BwdCase k : {with(sub, kSub), with(blk, kBlk), with(blk, kSpl, 3), with(blk, kStr, 2, 2),
-                    with(gn, kBlk), with(gn, kSpl, 4), with(odd, kStg), cl}) {
+                    with(gn, kBlk), with(gn, kSpl, 4), with(odd, kStg), cl, chip, chip_gn}) {
     k.affine = true;
     for (const Activation a : {Activation::kNone, Activation::kSilu}) {
       k.act = a;

@@ -255,6 +255,7 @@ struct DevCase {
   int items = 0;
   int nhwc_on_chip = -1;  // forced and asserted (NHWC): 0 tiled, 1 on chip
   int nhwc_cols = 0;      // forced and asserted (NHWC on chip): column vectors per slice
+  bool bwd_on_chip = false;  // the on-chip NHWC backward, forced and asserted
   bool eval = false;
   std::string describe() const {
     return std::to_string(n) + "x" + std::to_string(c) + "x" + std::to_string(s) +
@@ -262,7 +263,8 @@ struct DevCase {
            (layout == Layout::kNHWC ? " NHWC" : " NCHW") + " act " + std::to_string(int(act)) +
            (strategy >= 0 ? std::string(" ") + to_string(Strategy(strategy)) : "") +
            (nhwc_on_chip == 0 ? " tiled" : nhwc_on_chip == 1 ? " on-chip" : "") +
-           (nhwc_cols ? " cols " + std::to_string(nhwc_cols) : "") + (eval ? " eval" : "");
+           (nhwc_cols ? " cols " + std::to_string(nhwc_cols) : "") +
+           (bwd_on_chip ? " bwd-on-chip" : "") + (eval ? " eval" : "");
   }
 };
 
@@ -328,6 +330,7 @@ void run_case(const DevCase& k, const Mod& md) {
   ov.items = k.items;
   ov.nhwc_on_chip = k.nhwc_on_chip;
   ov.nhwc_cols = k.nhwc_cols;
+  if (k.bwd_on_chip) ov.nhwc_bwd_on_chip = 1;
   Plan plan;
   NhwcPlan nplan;
   CUDA_OK(detail::forward_tuned(x.ptr, y.ptr, k.n, k.c, k.s, opt, ov, nullptr, nullptr, &plan,
@@ -373,10 +376,12 @@ void run_case(const DevCase& k, const Mod& md) {
   // The backward: dx and every parameter gradient.
   Gradients grads{dg.ptr, db.ptr, ds.ptr, dt.ptr};
   Plan bplan;
+  bool bwd_chip = false;
   CUDA_OK(detail::backward_tuned(x.ptr, dy.ptr, dx.ptr, k.n, k.c, k.s, opt, grads, ov, nullptr,
-                                 nullptr, 0, true, nullptr, &bplan));
+                                 nullptr, 0, true, nullptr, &bplan, &bwd_chip));
   CUDA_OK(cudaDeviceSynchronize());
   if (k.strategy >= 0) EXPECT_EQ(int(bplan.strategy), k.strategy) << "the forced backward ran";
+  if (k.layout == Layout::kNHWC) EXPECT_EQ(bwd_chip, k.bwd_on_chip) << "the on-chip backward ran";
   std::vector<double> rdx(total), rdg(size_t(k.c)), rdb(size_t(k.c)), rds(size_t(k.n * k.c)),
       rdt(size_t(k.n * k.c));
   // dgamma/dbeta exist without gamma/beta too (as if 1 and 0).
@@ -420,8 +425,10 @@ void run_case(const DevCase& k, const Mod& md) {
     const Gradients only{nullptr, nullptr, md.scale ? ds2.ptr : nullptr,
                          md.shift ? dt2.ptr : nullptr};
     Plan p2;
+    bool chip2 = false;
     CUDA_OK(detail::backward_tuned(x.ptr, dy.ptr, dx2.ptr, k.n, k.c, k.s, opt, only, ov, nullptr,
-                                   nullptr, 0, true, nullptr, &p2));
+                                   nullptr, 0, true, nullptr, &p2, &chip2));
+    if (k.layout == Layout::kNHWC) EXPECT_EQ(chip2, k.bwd_on_chip) << "the on-chip backward ran";
     CUDA_OK(cudaDeviceSynchronize());
     const std::vector<T> hdx2 = download(dx2.ptr, total);
     EXPECT_EQ(std::memcmp(hdx2.data(), hdx.data(), total * sizeof(T)), 0) << "dx differs";
@@ -482,14 +489,21 @@ std::vector<DevCase> device_cases() {
     v.push_back(forced(DevCase{3, 5, 49, 0, Layout::kNCHW, a}, kStg));
     v.push_back(forced(DevCase{2, 12, 7 * 7, 3, Layout::kNCHW, a}, kStg));
     v.push_back(forced(DevCase{3, 5, 11, 0, Layout::kNCHW, a}, kStg));  // the register instance
-    for (int on_chip : {1, 0}) {
+    for (int on_chip : {1, 0}) {  // on chip: the forward's and the backward's on-chip kernels
       DevCase cl{2, 64, 16 * 16, 0, Layout::kNHWC, a};
       cl.nhwc_on_chip = on_chip;
+      cl.bwd_on_chip = on_chip == 1;
       v.push_back(cl);
       DevCase cgn{2, 320, 8 * 8, 32, Layout::kNHWC, a};
       cgn.nhwc_on_chip = on_chip;
+      cgn.bwd_on_chip = on_chip == 1;
       v.push_back(cgn);
     }
+    // The on-chip backward with its exchange (3 blocks a slice).
+    DevCase cgn3{2, 320, 12 * 12, 32, Layout::kNHWC, a};
+    cgn3.bwd_on_chip = true;
+    cgn3.blocks = 3;
+    v.push_back(cgn3);
     // Slices wider than the on-chip kernel's 256 threads, where a block's threads cannot take
     // one channel each. Instance norm: 128 column vectors (512 channels in fp32, 1024 in 16
     // bits); GN32 of 640 channels (cpg 20): 80 column vectors (320 or 640 channels), so group

@@ -191,25 +191,28 @@ cudaError_t backward_workspace_size(int64_t n, int64_t c, int64_t spatial, const
 
 namespace detail {
 /// The backward with the planner's knobs exposed (tests and the benchmark); `used` receives
-/// the NCHW plan that ran.
+/// the NCHW plan that ran, `nhwc_on_chip` whether a channels-last call ran on chip
+/// (PlanOverride::nhwc_bwd_on_chip = 1 asks for it; it is refused where no on-chip plan fits).
 template <class T>
 cudaError_t backward_tuned(const T* x, const T* dy, T* dx, int64_t n, int64_t c,
                            int64_t spatial, const Options& opt, const Gradients& grads,
                            const PlanOverride& ov, const ArchPolicy* policy, void* workspace,
                            size_t workspace_bytes, bool own_workspace, cudaStream_t stream,
-                           Plan* used = nullptr) {
+                           Plan* used = nullptr, bool* nhwc_on_chip = nullptr) {
   Problem prob;
   const Invalid v = validate_backward(x, dy, dx, n, c, spatial, int(sizeof(T)), opt, grads, &prob);
   if (v != Invalid::kOk) return to_cuda_error(v);
   if (prob.nhwc) {
     size_t need = 0;
-    INSTNORM_RETURN_IF_ERROR(nhwc_backward_workspace(prob, opt, grads, &need));
+    INSTNORM_RETURN_IF_ERROR(nhwc_backward_workspace(prob, opt, grads, &need, ov, policy));
     if (own_workspace)
       return with_scratch(need, stream, [&](void* ws) {
-        return launch_nhwc_backward(x, dy, dx, prob, opt, grads, ws, stream);
+        return launch_nhwc_backward(x, dy, dx, prob, opt, grads, ws, stream, ov, policy,
+                                    nhwc_on_chip);
       });
     if (need > 0 && (workspace == nullptr || workspace_bytes < need)) return cudaErrorInvalidValue;
-    return launch_nhwc_backward(x, dy, dx, prob, opt, grads, workspace, stream);
+    return launch_nhwc_backward(x, dy, dx, prob, opt, grads, workspace, stream, ov, policy,
+                                nhwc_on_chip);
   }
   Plan plan;
   INSTNORM_RETURN_IF_ERROR(current_backward_plan(prob, grads, &plan, ov, policy));

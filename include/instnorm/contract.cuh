@@ -82,6 +82,28 @@ constexpr int64_t nhwc_prefix_bytes(int64_t cols, int vec) {
 }
 /// Static shared memory of the on-chip NHWC kernel: a Moments per warp.
 constexpr int64_t nhwc_on_chip_static_smem(int) { return 24 * (kNhwcOnChipThreads / 32); }
+/// Block of the on-chip channels-last backward (kernels/backward_nhwc_on_chip.cuh): up to two
+/// per SM at 128 registers per thread. Its rows of x and dy sit in shared memory only (the
+/// three passes re-read them there), so its registers hold per-channel state, not rows.
+constexpr int kNhwcGradChipThreads = 256;
+/// Most channels of one slice of that kernel: its per-channel arrays (nine floats a channel)
+/// stay a small part of the block's shared memory, and a group thread's walk short.
+constexpr int kNhwcGradChipMaxChannels = 512;
+/// Most tagged partials one of its threads loads per exchange (G x channels / threads): the
+/// exchange is one hop, every block merging all G partials of every channel.
+constexpr int kNhwcGradChipMaxLoads = 16;
+/// Floats per channel in that kernel's per-channel arrays: centre, rstd, gamma, beta, residual
+/// and dx's coefficients a, p0, b, e (GradCoef).
+constexpr int kNhwcGradChipChannelFloats = 9;
+/// Its dynamic shared memory ahead of the rows for a slice of `cols` column vectors of `vec`
+/// channels: the reduction table (a float4 per thread and channel of its column vector), then
+/// the per-channel arrays, each rounded to 16 bytes.
+constexpr int64_t nhwc_grad_chip_prefix_bytes(int64_t cols, int vec) {
+  return int64_t(kNhwcGradChipThreads) * vec * 16 +
+         int64_t(kNhwcGradChipChannelFloats) * ((cols * vec + 3) / 4 * 16);
+}
+/// Its shared memory per row a thread holds: one 16-byte vector of x and one of dy.
+constexpr int64_t nhwc_grad_chip_row_bytes() { return int64_t(kNhwcGradChipThreads) * 32; }
 /// Threads and vectors per thread of the inference kernel: 4 16-byte loads in flight per thread.
 constexpr int kInferenceThreads = 256;
 constexpr int kInferenceItems = 4;

@@ -74,6 +74,22 @@ __device__ __forceinline__ GradCoef grad_coef(const GradPlane& pl, const Channel
   return k;
 }
 
+/// Where neither dgamma nor dbeta is asked (nhwc_direct_scale_shift), the per-(image, channel)
+/// dshift and dscale from the channel's sums (sum of d, sum of d * xhat), as grad_params_kernel
+/// forms them from one block's partials (0 + v as its sums start).
+template <class T>
+__device__ __forceinline__ void store_direct_scale_shift(const NhwcGradParams<T>& p,
+                                                         int64_t image, int64_t ch, float sd0,
+                                                         float sdx) {
+  if (p.dshift != nullptr) p.dshift[image * p.c + ch] = 0.f + sd0;
+  if (p.dscale != nullptr) {
+    const float g0 = p.gamma ? load_param<T>(p.gamma, p.params_float, ch) : 1.f;
+    const float b0 = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
+    const float sd = 0.f + sd0, sg = 0.f + sdx;
+    p.dscale[image * p.c + ch] = p.one_plus_scale ? fmaf(g0, sg, b0 * sd) : g0 * sg;
+  }
+}
+
 /// The pivot, residual and rstd of the unit channel `ch` of image `i` belongs to: the saved
 /// statistics, or as the residual pass's finalize left them.
 template <class T>
@@ -286,13 +302,7 @@ __global__ void __launch_bounds__(256) nhwc_grad_finalize(const NhwcGradParams<T
           *slot = make_float2(v.x, sdx);
           // grad_params_kernel's per-image values of one block (0 + v as its sums start),
           // here: its launch was ~3% of the :ss rows' backward (2x320x64x64 fp16 GN32 SiLU).
-          if (p.dshift != nullptr) p.dshift[image * p.c + ch] = 0.f + v.x;
-          if (p.dscale != nullptr) {
-            const float g0 = p.gamma ? load_param<T>(p.gamma, p.params_float, ch) : 1.f;
-            const float b0 = p.beta ? load_param<T>(p.beta, p.params_float, ch) : 0.f;
-            const float sd = 0.f + v.x, sg = 0.f + sdx;
-            p.dscale[image * p.c + ch] = p.one_plus_scale ? fmaf(g0, sg, b0 * sd) : g0 * sg;
-          }
+          store_direct_scale_shift<T>(p, image, ch, v.x, sdx);
         }
       }
     }

@@ -7,6 +7,7 @@
 
 #include "../kernels/backward.cuh"
 #include "../kernels/backward_nhwc.cuh"
+#include "../kernels/backward_nhwc_on_chip.cuh"
 #include "../kernels/backward_staged.cuh"
 #include "launch.cuh"
 #include "../options.cuh"
@@ -235,22 +236,220 @@ inline bool nhwc_direct_scale_shift(const Gradients& g) {
   return g.dgamma == nullptr && g.dbeta == nullptr && (g.dscale != nullptr || g.dshift != nullptr);
 }
 
-inline cudaError_t nhwc_backward_workspace(const Problem& prob, const Options&,
-                                           const Gradients& g, size_t* bytes) {
+/// The on-chip channels-last backward's plan (kernels/backward_nhwc_on_chip.cuh): slices of
+/// `cols` column vectors by all rows, G blocks per slice, each thread `rows` rows of x and dy
+/// in shared memory.
+struct NhwcGradChipPlan {
+  int vec = 1, cols = 0, row_lanes = 0, rows = 0;
+  int64_t col_slices = 0, G = 0, slice_rows = 0, smem_bytes = 0, block_groups = 0, grid = 0;
+  bool cooperative = false;
+};
+
+/// Blocks of the on-chip backward that fit an SM with `smem` bytes of dynamic shared memory.
+inline int nhwc_grad_chip_per_sm(const DeviceProps& d, int64_t smem) {
+  return resident_blocks_per_sm(d, kNhwcGradChipThreads, smem, kSmemRuntimeReserve);
+}
+
+inline bool nhwc_grad_chip_plan_is_valid(const NhwcGradChipPlan& p, const Problem& prob,
+                                         const Options& opt, const DeviceProps& d) {
+  if (!prob.nhwc || !prob.vector_ok || !opt.use_input_stats) return false;
+  if (p.vec * prob.elem_bytes != 16 || prob.c % p.vec != 0) return false;
+  const int64_t cv = prob.c / p.vec, chs = int64_t(p.cols) * p.vec;
+  if (p.cols < 1 || p.cols > kNhwcGradChipThreads || cv % p.cols != 0) return false;
+  if (chs > kNhwcGradChipMaxChannels || chs % prob.channels_per_group != 0) return false;
+  if (p.row_lanes != kNhwcGradChipThreads / p.cols || p.col_slices != cv / p.cols) return false;
+  if (p.rows < 1 || p.slice_rows != int64_t(p.rows) * p.row_lanes) return false;
+  if (p.G < 1 || p.slice_rows * p.G < prob.spatial || p.G > (int64_t(1) << 30)) return false;
+  if (p.G > 1 && p.G * chs > int64_t(kNhwcGradChipThreads) * kNhwcGradChipMaxLoads) return false;
+  if (p.smem_bytes != nhwc_grad_chip_prefix_bytes(p.cols, p.vec) +
+                          int64_t(p.rows) * nhwc_grad_chip_row_bytes())
+    return false;
+  if (p.smem_bytes > d.smem_per_block_optin || d.max_threads_per_block < kNhwcGradChipThreads)
+    return false;
+  const int per_sm = nhwc_grad_chip_per_sm(d, p.smem_bytes);
+  if (per_sm < 1 || p.block_groups < 1 || p.grid != p.block_groups * p.G ||
+      p.grid > d.max_grid_x || p.block_groups > prob.n * p.col_slices)
+    return false;
+  if (p.cooperative != (p.G > 1)) return false;
+  if (p.cooperative && (!d.cooperative || p.grid > int64_t(per_sm) * d.sm_count)) return false;
+  return true;
+}
+
+/// The on-chip backward's plan, or false where none fits (eval mode, rows not 16-byte aligned,
+/// groups wider than kNhwcGradChipMaxChannels, a unit whose exchange would exceed
+/// kNhwcGradChipMaxLoads per thread). For each slice width that divides the row, keeps groups
+/// whole and (as the forward's, ArchPolicy::nhwc_min_slice_bytes) covers whole lines, and for
+/// one or two blocks per SM: the fewest blocks G whose slices fit, raised towards filling the
+/// GPU (but at least two rows a thread); the plan with the fewest rounds of units, then the
+/// fewest exchange loads per thread, then more blocks per SM wins. A first rule, not yet tuned
+/// on a device (docs/perf-notes.md).
+inline bool make_nhwc_grad_chip_plan(const Problem& prob, const Options& opt,
+                                     const DeviceProps& d, const ArchPolicy& pol,
+                                     const PlanOverride& ov, NhwcGradChipPlan* out) {
+  if (!prob.nhwc || !prob.vector_ok || !opt.use_input_stats || d.sm_count < 1) return false;
+  const int vec = 16 / prob.elem_bytes;
+  if (prob.c % vec != 0) return false;
+  constexpr int threads = kNhwcGradChipThreads;
+  const int64_t cv = prob.c / vec, S = prob.spatial;
+  bool found = false;
+  NhwcGradChipPlan best;
+  int64_t best_rounds = 0, best_loads = 0;
+  int best_per_sm = 0;
+  for (int64_t cs = std::min<int64_t>(cv, threads); cs >= 1; --cs) {
+    const int64_t chs = cs * vec;
+    if (cv % cs != 0 || chs % prob.channels_per_group != 0 || chs > kNhwcGradChipMaxChannels)
+      continue;
+    if (ov.nhwc_cols > 0 ? cs != ov.nhwc_cols
+                         : cs < cv && cs * 16 < pol.nhwc_min_slice_bytes)
+      continue;
+    const int64_t row_lanes = threads / cs;
+    const int64_t prefix = nhwc_grad_chip_prefix_bytes(cs, vec);
+    const int64_t units = prob.n * (cv / cs);
+    for (int want_per_sm = 2; want_per_sm >= 1; --want_per_sm) {
+      const int64_t cap = std::min(d.smem_per_block_optin,
+                                   d.smem_per_sm / want_per_sm - kSmemRuntimeReserve);
+      const int64_t rows_cap = (cap - prefix) / nhwc_grad_chip_row_bytes();
+      if (rows_cap < 1) continue;
+      int64_t g;
+      if (ov.blocks_per_plane > 0) {
+        g = ov.blocks_per_plane;
+      } else {
+        const int64_t g_min = ceil_div(S, row_lanes * rows_cap);
+        const int64_t resident = int64_t(want_per_sm) * d.sm_count;
+        const int64_t g_fill = std::max<int64_t>(1, resident / units);
+        const int64_t g_work = std::max<int64_t>(1, ceil_div(S, row_lanes * 2));
+        g = std::max(g_min, std::min(g_fill, g_work));
+        if (g > 1) g = std::max(g_min, std::min(g, int64_t(threads) * kNhwcGradChipMaxLoads / chs));
+      }
+      NhwcGradChipPlan p;
+      p.vec = vec;
+      p.cols = int(cs);
+      p.row_lanes = int(row_lanes);
+      p.col_slices = cv / cs;
+      const int64_t rows = ceil_div(ceil_div(S, g), row_lanes);
+      if (rows > rows_cap) continue;
+      p.rows = int(rows);
+      p.slice_rows = rows * row_lanes;
+      // Rounding slices up to whole row lanes can leave the last blocks without rows: drop
+      // them (a forced G keeps them, which the tests use).
+      p.G = ov.blocks_per_plane > 0 ? g : ceil_div(S, p.slice_rows);
+      p.smem_bytes = prefix + rows * nhwc_grad_chip_row_bytes();
+      const int per_sm = nhwc_grad_chip_per_sm(d, p.smem_bytes);
+      if (per_sm < 1) continue;
+      const int64_t resident = int64_t(per_sm) * d.sm_count;
+      if (p.G > 1 && (!d.cooperative || p.G > resident)) continue;
+      p.block_groups = std::max<int64_t>(1, std::min({units, resident / p.G, d.max_grid_x / p.G}));
+      p.grid = p.block_groups * p.G;
+      p.cooperative = p.G > 1;
+      if (!nhwc_grad_chip_plan_is_valid(p, prob, opt, d)) continue;
+      const int64_t rounds = ceil_div(units, p.block_groups);
+      const int64_t loads = p.G > 1 ? ceil_div(p.G * chs, threads) : 0;
+      if (!found || rounds < best_rounds || (rounds == best_rounds && loads < best_loads) ||
+          (rounds == best_rounds && loads == best_loads && per_sm > best_per_sm)) {
+        found = true;
+        best = p;
+        best_rounds = rounds;
+        best_loads = loads;
+        best_per_sm = per_sm;
+      }
+    }
+  }
+  if (found) *out = best;
+  return found;
+}
+
+/// Whether the channels-last backward runs on chip: only where asked
+/// (PlanOverride::nhwc_bwd_on_chip = 1) until a device run has checked and timed it; the tiled
+/// chain otherwise.
+inline bool nhwc_backward_on_chip(const Problem& prob, const Options& opt, const DeviceProps& d,
+                                  const ArchPolicy& pol, const PlanOverride& ov,
+                                  NhwcGradChipPlan* plan) {
+  return ov.nhwc_bwd_on_chip == 1 && make_nhwc_grad_chip_plan(prob, opt, d, pol, ov, plan);
+}
+
+/// [per-(image, channel) partials of dgamma/dbeta][tagged slots: 2 x grid x slice channels].
+inline WorkspaceLayout nhwc_grad_chip_layout(const NhwcGradChipPlan& p, const Problem& prob,
+                                             const Gradients& g) {
+  WorkspaceLayout w;
+  w.partials_bytes = wants_param_grads(g) ? size_t(prob.n) * size_t(prob.c) * sizeof(float2) : 0;
+  w.partials = w.add(w.partials_bytes);
+  w.slots_bytes =
+      p.G > 1 ? 2 * size_t(p.grid) * size_t(p.cols) * size_t(p.vec) * sizeof(GradSlot) : 0;
+  w.slots = w.add(w.slots_bytes);
+  return w;
+}
+
+template <class T>
+inline cudaError_t launch_nhwc_grad_chip(const T* x, const T* dy, T* dx, const Problem& prob,
+                                         const Options& opt, const Gradients& g,
+                                         const NhwcGradChipPlan& plan, void* workspace,
+                                         cudaStream_t stream) {
+  const WorkspaceLayout w = nhwc_grad_chip_layout(plan, prob, g);
+  NhwcGradChipParams<T> p{};
+  set_backward_fields(p, x, dy, dx, prob, opt);
+  p.n = prob.n;
+  p.c = prob.c;
+  p.cpg = prob.channels_per_group;
+  p.cols = plan.cols;
+  p.coef_vec = plan.vec;
+  p.row_lanes = plan.row_lanes;
+  p.rows = plan.rows;
+  p.G = int(plan.G);
+  p.col_slices = plan.col_slices;
+  p.slice_rows = plan.slice_rows;
+  if (w.partials_bytes > 0) p.partials = WorkspaceLayout::at<float2>(workspace, w.partials);
+  if (w.slots_bytes > 0) p.slots = WorkspaceLayout::at<GradSlot>(workspace, w.slots);
+  const bool direct = nhwc_direct_scale_shift(g);
+  if (direct) {
+    p.dscale = g.dscale;
+    p.dshift = g.dshift;
+  }
+  INSTNORM_RETURN_IF_ERROR(clear_slots(w, workspace, stream));
+  LaunchShape shape;
+  shape.grid = dim3(static_cast<unsigned>(plan.grid));
+  shape.block = dim3(kNhwcGradChipThreads);
+  shape.dyn_smem = size_t(plan.smem_bytes);
+  shape.cooperative = plan.cooperative;
+  constexpr int kFull = 16 / int(sizeof(T));
+  INSTNORM_RETURN_IF_ERROR(launch_kernel(nhwc_grad_on_chip<T, kFull>, shape, stream, p));
+  if (p.partials == nullptr || direct) return cudaSuccess;
+  return launch_grad_params<T>(p.partials, prob, 1, p, g, stream);
+}
+
+inline cudaError_t nhwc_backward_workspace(const Problem& prob, const Options& opt,
+                                           const Gradients& g, size_t* bytes,
+                                           const PlanOverride& ov = {},
+                                           const ArchPolicy* policy = nullptr) {
   DeviceProps d;
   INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
+  NhwcGradChipPlan chip;
+  if (nhwc_backward_on_chip(prob, opt, d, policy ? *policy : policy_for(d), ov, &chip)) {
+    *bytes = nhwc_grad_chip_layout(chip, prob, g).total;
+    return cudaSuccess;
+  }
+  if (ov.nhwc_bwd_on_chip == 1) return cudaErrorInvalidConfiguration;  // asked for, none fits
   const NhwcGradShape s = nhwc_grad_shape(prob, d);
   if (prob.n * s.tiles > d.max_grid_x || s.col_chunks > 65535) return cudaErrorInvalidConfiguration;
   *bytes = nhwc_backward_layout(s, prob, g).total;
   return cudaSuccess;
 }
 
+/// The channels-last backward: on chip where `ov` asks for it (nhwc_backward_on_chip), else the
+/// tiled chain. `on_chip`, if given, tells which ran.
 template <class T>
 inline cudaError_t launch_nhwc_backward(const T* x, const T* dy, T* dx, const Problem& prob,
                                         const Options& opt, const Gradients& g, void* workspace,
-                                        cudaStream_t stream) {
+                                        cudaStream_t stream, const PlanOverride& ov = {},
+                                        const ArchPolicy* policy = nullptr,
+                                        bool* on_chip = nullptr) {
   DeviceProps d;
   INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
+  NhwcGradChipPlan chip;
+  const bool chip_ok =
+      nhwc_backward_on_chip(prob, opt, d, policy ? *policy : policy_for(d), ov, &chip);
+  if (on_chip != nullptr) *on_chip = chip_ok;
+  if (chip_ok) return launch_nhwc_grad_chip(x, dy, dx, prob, opt, g, chip, workspace, stream);
+  if (ov.nhwc_bwd_on_chip == 1) return cudaErrorInvalidConfiguration;  // asked for, none fits
   const NhwcGradShape s = nhwc_grad_shape(prob, d);
   if (prob.n * s.tiles > d.max_grid_x || s.col_chunks > 65535) return cudaErrorInvalidConfiguration;
   const WorkspaceLayout w = nhwc_backward_layout(s, prob, g);

@@ -60,6 +60,7 @@ struct PlanOverride {
   int split_smem = -1;           ///< split slices extend into shared memory: -1 table, 0 no, 1 yes
   int nhwc_on_chip = -1;           ///< NHWC: -1 planner, 0 tiled plan (x read twice), 1 on chip only
   int nhwc_cols = 0;             ///< NHWC on chip: column vectors per image slice
+  int nhwc_bwd_on_chip = -1;     ///< NHWC backward: -1 planner, 0 tiled, 1 on chip only
   int phases = 0;                ///< split plans: start phases of the groups of blocks (0: table)
 };
 
