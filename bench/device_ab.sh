@@ -8,6 +8,8 @@
 # AB_BUDGET (seconds, default 400): no new A/B round starts after it; the summary then covers
 # the rounds that ran. AB_C (a third binary, optional) joins the rotation (A, B, C, A, ...) and
 # gets a C/A column: a candidate and the current version against one baseline in one call.
+# AB_B_ARGS: flags for B's runs only, so that one binary can be A and B (a knob's A/B:
+# AB_B_ARGS=--nhwc-bwd-on-chip=1 bash bench/device_ab.sh bench bench 5 --shape=...).
 # Every binary first runs once untimed (AB_WARMUP=0 skips it): on a machine
 # that just came up, the first A/B of a call timed the same binary up to 30% slower on some rows
 # than one a minute later (docs/perf-notes.md, 2026-12-05).
@@ -31,8 +33,10 @@ for i in $(seq 1 "$runs"); do
     bin=$a
     [ "$side" = B ] && bin=$b
     [ "$side" = C ] && bin=$c
+    extra=()
+    [ "$side" = B ] && [ -n "${AB_B_ARGS:-}" ] && read -r -a extra <<< "$AB_B_ARGS"
     timeout 200 "$bin" --benchmark_filter='^instnorm/' --benchmark_format=json "$@" \
-      > "$tmp/$side.$i.json" 2> /dev/null || echo "run $side $i failed" >&2
+      ${extra[@]+"${extra[@]}"} > "$tmp/$side.$i.json" 2> /dev/null || echo "run $side $i failed" >&2
   done
 done
 echo "A/B: $done_runs rounds in $((SECONDS - start)) s"

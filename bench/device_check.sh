@@ -78,6 +78,11 @@ san memcheck memcheck-backward $bdir/tests/test_backward 'BackwardDevice.EverySt
 san memcheck memcheck-modulation $bdir/tests/test_modulation 'ModulationDevice.EveryStrategyFp16'
 san racecheck racecheck-backward $bdir/tests/test_backward 'BackwardDevice.EveryStrategyBf16:BackwardDevice.ChannelsLastFp32'
 san initcheck initcheck-backward $bdir/tests/test_backward 'BackwardDevice.EveryStrategyFp32:BackwardDevice.ChannelsLastFp16' 
+# The on-chip channels-last backward (forced by these tests): its shared-memory table, arrays and
+# rows, and its exchange.
+san memcheck memcheck-bwd-on-chip $bdir/tests/test_backward 'BackwardDevice.ChannelsLastOnChipFp16'
+san racecheck racecheck-bwd-on-chip $bdir/tests/test_backward 'BackwardDevice.ChannelsLastOnChipFp32'
+san synccheck synccheck-bwd-on-chip $bdir/tests/test_backward 'BackwardDevice.ChannelsLastOnChipBf16' 
 san racecheck racecheck "$dev" 'S/GpuSizes.*/49:S/GpuSizes.*/4096:S/GpuSizes.*/65536:S/GpuSizes.*/65537:GpuOptions.GroupNormAffineSilu:GpuNhwc.OnChipSlicesAndExchange'
 san synccheck synccheck "$dev" "S/GpuSizes.*/49:S/GpuSizes.*/4096:S/GpuSizes.*/65537:$features"
 san initcheck initcheck "$dev" "S/GpuSizes.*/49:S/GpuSizes.*/4096:S/GpuSizes.*/65537:$features"

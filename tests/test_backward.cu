@@ -176,6 +176,16 @@ TEST(BackwardPlan, HoldsTwoTensors) {
 // may be. The diffusion U-Net and channels-last affine rows of the backward table fit one
 // round of units on the H100/H200.
 TEST(BackwardPlan, NhwcOnChipWhereAskedAndValid) {
+  // The merge's lanes per channel and loads per thread, as the kernel walks them: 80 channels
+  // get 2 lanes (128 channels a pass), 40 get 4 (L rounded down from 6), 512 one lane in two
+  // passes, one channel a whole warp.
+  EXPECT_EQ(nhwc_grad_chip_merge_lanes(80), 2);
+  EXPECT_EQ(nhwc_grad_chip_merge_lanes(40), 4);
+  EXPECT_EQ(nhwc_grad_chip_merge_lanes(512), 1);
+  EXPECT_EQ(nhwc_grad_chip_merge_lanes(1), 32);
+  EXPECT_EQ(nhwc_grad_chip_merge_loads(15, 80), 8);
+  EXPECT_EQ(nhwc_grad_chip_merge_loads(102, 40), 26);
+  EXPECT_EQ(nhwc_grad_chip_merge_loads(3, 512), 6);
   for (const DeviceProps& d : {instnorm_tables::sm90(), instnorm_tables::h200(),
                                instnorm_tables::sm89()}) {
     const ArchPolicy& pol = policy_for(d);
@@ -193,7 +203,8 @@ TEST(BackwardPlan, NhwcOnChipWhereAskedAndValid) {
         EXPECT_EQ(int64_t(p->cols) * p->vec % prob.channels_per_group, 0) << "whole groups";
         EXPECT_LE(int64_t(p->cols) * p->vec, kNhwcGradChipMaxChannels);
         if (p->G > 1)
-          EXPECT_LE(p->G * p->cols * p->vec, int64_t(kNhwcGradChipThreads) * kNhwcGradChipMaxLoads);
+          EXPECT_LE(nhwc_grad_chip_merge_loads(p->G, int64_t(p->cols) * p->vec),
+                    kNhwcGradChipMaxLoads);
         EXPECT_GE(p->slice_rows * p->G, s);
         EXPECT_LE(p->smem_bytes, d.smem_per_block_optin);
         // The default keeps the tiled chain; asked, this plan runs.
@@ -714,73 +725,48 @@ TEST(BackwardDevice, ChannelsLastBf16) {
   channels_last_for<__nv_bfloat16>();
 }
 
+// A channels-last case that forces the on-chip backward (and G, where blocks > 0).
+BwdCase on_chip_case(int64_t n, int64_t c, int64_t s, int64_t groups, bool affine, Activation a,
+                     int64_t blocks = 0) {
+  BwdCase k{n, c, s, groups};
+  k.layout = Layout::kNHWC;
+  k.affine = affine;
+  k.act = a;
+  k.on_chip = true;
+  k.blocks = blocks;
+  return k;
+}
+
 // The on-chip channels-last backward (kernels/backward_nhwc_on_chip.cuh), forced: instance
 // norm and GroupNorm (10 and 12 channels per group), affine or not, each activation; one block
 // per slice and forced G (exchanges, blocks without rows, several rounds of units per group of
-// blocks); in place; without parameter gradients; a channel count of one vector.
+// blocks); in place; without parameter gradients.
 template <class T>
 void channels_last_on_chip_for() {
   const Activation acts[] = {Activation::kNone, Activation::kRelu, Activation::kSilu};
   for (const Activation a : acts) {
     for (const bool affine : {false, true}) {
-      BwdCase in{2, 64, 16 * 16};
-      in.layout = Layout::kNHWC;
-      in.affine = affine;
-      in.act = a;
-      in.on_chip = true;
-      run_normal<T>(in);
-      in.blocks = 3;
-      run_normal<T>(in);
-      BwdCase gn{2, 320, 12 * 12, 32};
-      gn.layout = Layout::kNHWC;
-      gn.affine = affine;
-      gn.act = a;
-      gn.on_chip = true;
-      run_normal<T>(gn);
-      gn.blocks = 5;
-      run_normal<T>(gn);
-      BwdCase gn12{3, 48, 10 * 10, 4};
-      gn12.layout = Layout::kNHWC;
-      gn12.affine = affine;
-      gn12.act = a;
-      gn12.on_chip = true;
-      gn12.blocks = 2;
-      run_normal<T>(gn12);
+      run_normal<T>(on_chip_case(2, 64, 16 * 16, 0, affine, a));
+      run_normal<T>(on_chip_case(2, 64, 16 * 16, 0, affine, a, 3));
+      run_normal<T>(on_chip_case(2, 320, 12 * 12, 32, affine, a));
+      run_normal<T>(on_chip_case(2, 320, 12 * 12, 32, affine, a, 5));
+      run_normal<T>(on_chip_case(3, 48, 10 * 10, 4, affine, a, 2));  // 12 channels a group
     }
   }
   // Many units over few groups of blocks: several rounds, each with its exchanges.
-  BwdCase many{96, 32, 9 * 9};
-  many.layout = Layout::kNHWC;
-  many.affine = true;
-  many.act = Activation::kSilu;
-  many.on_chip = true;
-  many.blocks = 40;
-  run_normal<T>(many);
+  run_normal<T>(on_chip_case(96, 32, 9 * 9, 0, true, Activation::kSilu, 40));
   // More blocks than a slice has rows for: the last ones hold none.
-  BwdCase sparse{1, 16, 5 * 5};
-  sparse.layout = Layout::kNHWC;
-  sparse.on_chip = true;
-  sparse.blocks = 7;
-  run_normal<T>(sparse);
+  run_normal<T>(on_chip_case(1, 16, 5 * 5, 0, false, Activation::kNone, 7));
   // In place (dx == dy), and without parameter gradients.
-  BwdCase ip{2, 64, 24 * 24, 8};
-  ip.layout = Layout::kNHWC;
-  ip.affine = true;
-  ip.act = Activation::kSilu;
-  ip.on_chip = true;
+  BwdCase ip = on_chip_case(2, 64, 24 * 24, 8, true, Activation::kSilu);
   ip.in_place = true;
   run_normal<T>(ip);
   ip.in_place = false;
   ip.grads = false;
   ip.blocks = 4;
   run_normal<T>(ip);
-  // A diffusion U-Net row, planner's G.
-  BwdCase unet{2, 320, 32 * 32, 32};
-  unet.layout = Layout::kNHWC;
-  unet.affine = true;
-  unet.act = Activation::kSilu;
-  unet.on_chip = true;
-  run_normal<T>(unet);
+  // A diffusion U-Net row, the planner's G.
+  run_normal<T>(on_chip_case(2, 320, 32 * 32, 32, true, Activation::kSilu));
 }
 
 TEST(BackwardDevice, ChannelsLastOnChipFp32) {
@@ -807,13 +793,9 @@ TEST(BackwardDevice, AccurateAtLargeMeansAndWithOutliers) {
   BwdCase cl{2, 16, 24 * 24};
   cl.layout = Layout::kNHWC;
   BwdCase odd{4, 6, 49};
-  BwdCase chip{2, 16, 24 * 24};  // the on-chip channels-last backward, exchanging over 3 blocks
-  chip.layout = Layout::kNHWC;
-  chip.on_chip = true;
-  chip.blocks = 3;
-  BwdCase chip_gn{2, 32, 12 * 12, 4};
-  chip_gn.layout = Layout::kNHWC;
-  chip_gn.on_chip = true;
+  // The on-chip channels-last backward, exchanging over 3 blocks, and GroupNorm at its G.
+  const BwdCase chip = on_chip_case(2, 16, 24 * 24, 0, false, Activation::kNone, 3);
+  const BwdCase chip_gn = on_chip_case(2, 32, 12 * 12, 4, false, Activation::kNone);
   for (BwdCase k : {with(sub, kSub), with(blk, kBlk), with(blk, kSpl, 3), with(blk, kStr, 2, 2),
                     with(gn, kBlk), with(gn, kSpl, 4), with(odd, kStg), cl, chip, chip_gn}) {
     k.affine = true;

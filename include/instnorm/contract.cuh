@@ -6,6 +6,14 @@
 
 #include <cstdint>
 
+#ifndef INSTNORM_HD_CONSTEXPR  // as arch.cuh: host and device where CUDA compiles, host otherwise
+#if defined(__CUDACC__)
+#define INSTNORM_HD_CONSTEXPR __host__ __device__ constexpr
+#else
+#define INSTNORM_HD_CONSTEXPR constexpr
+#endif
+#endif
+
 namespace instnorm {
 
 /// The kernels keep at most this many vectors per thread in registers (compile-time array size).
@@ -89,9 +97,24 @@ constexpr int kNhwcGradChipThreads = 256;
 /// Most channels of one slice of that kernel: its per-channel arrays (nine floats a channel)
 /// stay a small part of the block's shared memory, and a group thread's walk short.
 constexpr int kNhwcGradChipMaxChannels = 512;
-/// Most tagged partials one of its threads loads per exchange (G x channels / threads): the
+/// Most tagged partials one of its threads loads per exchange (nhwc_grad_chip_merge_loads): the
 /// exchange is one hop, every block merging all G partials of every channel.
 constexpr int kNhwcGradChipMaxLoads = 16;
+/// Lanes its exchange's merge gives each channel of a slice of `chs` channels: the block's
+/// threads over the channels, rounded down to a power of two, 1 to 32 (a butterfly in a warp).
+INSTNORM_HD_CONSTEXPR int nhwc_grad_chip_merge_lanes(int64_t chs) {
+  const int64_t share = kNhwcGradChipThreads / (chs > 0 ? chs : 1);
+  int lanes = 1;
+  while (lanes < 32 && 2 * lanes <= share) lanes *= 2;
+  return lanes;
+}
+/// Tagged partials one thread of that merge loads per exchange of G blocks: its channels (one
+/// per pass of the block) times its share of each channel's G partials.
+INSTNORM_HD_CONSTEXPR int64_t nhwc_grad_chip_merge_loads(int64_t G, int64_t chs) {
+  const int lanes = nhwc_grad_chip_merge_lanes(chs);
+  const int64_t per_pass = kNhwcGradChipThreads / lanes;
+  return (chs + per_pass - 1) / per_pass * ((G + lanes - 1) / lanes);
+}
 /// Floats per channel in that kernel's per-channel arrays: centre, rstd, gamma, beta, residual
 /// and dx's coefficients a, p0, b, e (GradCoef).
 constexpr int kNhwcGradChipChannelFloats = 9;

@@ -48,15 +48,15 @@ struct GradChipChannels {
 };
 
 /// Merges, for every channel j < chs, the G tagged partials part[b * chs + j] in a fixed
-/// order into out[j]: L lanes per channel (a power of two up to a warp) take blocks sub,
-/// sub + L, ... with kBatch slots in flight, then a butterfly over the L lanes. Called by every
-/// thread of the block (the butterflies' shuffles).
+/// order into out[j]: L lanes per channel (nhwc_grad_chip_merge_lanes, a power of two up to a
+/// warp) take blocks sub, sub + L, ... with kBatch slots in flight, then a butterfly over the
+/// L lanes. Called by every thread of the block (the butterflies' shuffles).
 template <int kThreads, int kBatch>
 __device__ __forceinline__ void merge_grad_channels(GradSlot* part, int chs, int G,
                                                     unsigned tag, float4* out) {
+  static_assert(kThreads == kNhwcGradChipThreads, "the merge's lanes assume this block");
   const int t = threadIdx.x;
-  int L = kThreads / chs;
-  L = L < 1 ? 1 : L > 32 ? 32 : 1 << (31 - __clz(L));
+  const int L = nhwc_grad_chip_merge_lanes(chs);
   const int sub = t % L, per_pass = kThreads / L;
   for (int i0 = 0; i0 < chs; i0 += per_pass) {  // uniform: every lane reaches the shuffles
     const int j = i0 + t / L;
@@ -110,18 +110,32 @@ __device__ __forceinline__ void reduce_slice_sums(const NhwcGradChipParams<T>& p
     red[t * kVec + k] = make_float4(s[k].s0_hi, s[k].s0_lo, s[k].a, s[k].b);
   __syncthreads();
   const unsigned tag = ex + 1u;
-  GradSlot* part = p.slots + size_t(ex & 1u) * gridDim.x * size_t(chs) +
-                   size_t(block_group) * size_t(p.G) * chs;
+  GradSlot* part = nullptr;  // this group's slots of the exchange's buffer (G > 1 only)
+  if (p.G > 1)
+    part = p.slots + size_t(ex & 1u) * gridDim.x * size_t(chs) +
+           size_t(block_group) * size_t(p.G) * chs;
   // Channel j's row lanes are entries l * chs + j; only its thread reads entry j (l = 0), so
-  // it may overwrite it with the block's sum.
+  // it may overwrite it with the block's sum. Four chains (lanes l, l + 4, ...: four loads in
+  // flight, where one chain waited on each of up to 32 in turn), added in a fixed order.
+  const auto entry = [&](int i) {
+    const float4 v = red[i];
+    return GradSums{v.x, v.y, v.z, v.w};
+  };
 #pragma unroll 1
   for (int j = t; j < chs; j += kThreads) {
-    GradSums acc;
+    GradSums c0, c1, c2, c3;
+    int l = 0;
 #pragma unroll 1
-    for (int l = 0; l < p.row_lanes; ++l) {
-      const float4 v = red[l * chs + j];
-      acc = combine(acc, GradSums{v.x, v.y, v.z, v.w});
+    for (; l + 3 < p.row_lanes; l += 4) {
+      c0 = combine(c0, entry(l * chs + j));
+      c1 = combine(c1, entry((l + 1) * chs + j));
+      c2 = combine(c2, entry((l + 2) * chs + j));
+      c3 = combine(c3, entry((l + 3) * chs + j));
     }
+    if (l < p.row_lanes) c0 = combine(c0, entry(l * chs + j));
+    if (l + 1 < p.row_lanes) c1 = combine(c1, entry((l + 1) * chs + j));
+    if (l + 2 < p.row_lanes) c2 = combine(c2, entry((l + 2) * chs + j));
+    const GradSums acc = combine(combine(c0, c1), combine(c2, c3));
     if (p.G > 1)
       publish_grad(part[size_t(rank) * chs + j], acc, tag);
     else
@@ -131,6 +145,22 @@ __device__ __forceinline__ void reduce_slice_sums(const NhwcGradChipParams<T>& p
   if (p.G > 1) {
     merge_grad_channels<kThreads, 4>(part, chs, p.G, tag, red);
     __syncthreads();
+  }
+}
+
+/// Calls f(q, xc, d) for each of a thread's `rows` rows q in shared memory: xc = x - cen and
+/// d = dy, per channel of its column vector.
+template <int kVec, class V, class F>
+__device__ __forceinline__ void for_each_row(const V* xs, const V* ds, int rows,
+                                             const float (&cen)[kVec], F f) {
+#pragma unroll 1
+  for (int q = 0; q < rows; ++q) {
+    float xc[kVec], d[kVec];
+    unpack(xs[q * kNhwcGradChipThreads], xc);
+    unpack(ds[q * kNhwcGradChipThreads], d);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) xc[k] -= cen[k];
+    f(q, xc, d);
   }
 }
 
@@ -176,7 +206,8 @@ __global__ void __launch_bounds__(kNhwcGradChipThreads, 2)
     const int64_t image = unit / p.col_slices;
     const int64_t slice0 = (unit % p.col_slices) * chs;  // the slice's first channel
     const int64_t colv = slice0 / kVec + cl;
-    const int64_t first = (image * S + row_begin + rl) * (C / kVec) + colv;  // in vectors
+    // The thread's first row, in vectors (0 for a thread without rows: no pointer past x).
+    const int64_t first = my_rows > 0 ? (image * S + row_begin + rl) * (C / kVec) + colv : 0;
     // The rows first: theirs are the long loads.
     const V* xv = reinterpret_cast<const V*>(p.x) + first;
     const V* dv = reinterpret_cast<const V*>(p.dy) + first;
@@ -244,14 +275,9 @@ __global__ void __launch_bounds__(kNhwcGradChipThreads, 2)
       GradSums s[kVec];
       with_activation(p.activation, [&](auto act_tag) {
         constexpr Activation kAct = decltype(act_tag)::value;
-#pragma unroll 1
-        for (int q = 0; q < my_rows; ++q) {
-          float xc[kVec], d[kVec];
-          unpack(xs[q * kThreads], xc);
-          unpack(ds[q * kThreads], d);
+        for_each_row(xs, ds, my_rows, cen, [&](int, float(&xc)[kVec], float(&d)[kVec]) {
 #pragma unroll
           for (int k = 0; k < kVec; ++k) {
-            xc[k] -= cen[k];
             if constexpr (kAct == Activation::kNone)
               add_compensated(s[k], xc[k]);
             else
@@ -259,7 +285,7 @@ __global__ void __launch_bounds__(kNhwcGradChipThreads, 2)
             s[k].a += d[k];
             s[k].b = fmaf(d[k], xc[k], s[k].b);
           }
-        }
+        });
       });
       reduce_slice_sums<kThreads, kVec>(p, s, red, chs, rank, block_group, ex++);
     }
@@ -310,20 +336,15 @@ __global__ void __launch_bounds__(kNhwcGradChipThreads, 2)
       V* dxv = reinterpret_cast<V*>(p.dx) + first;
       with_activation(p.activation, [&](auto act_tag) {
         constexpr Activation kAct = decltype(act_tag)::value;
-#pragma unroll 1
-        for (int q = 0; q < my_rows; ++q) {
-          float xc[kVec], d[kVec];
-          unpack(xs[q * kThreads], xc);
-          unpack(ds[q * kThreads], d);
+        for_each_row(xs, ds, my_rows, cen, [&](int q, float(&xc)[kVec], float(&d)[kVec]) {
 #pragma unroll
           for (int k = 0; k < kVec; ++k) {
-            xc[k] -= cen[k];
             if constexpr (kAct != Activation::kNone)
               d[k] *= activate_derivative<kAct>(fmaf(ca[k], xc[k], cp[k]));
             d[k] = fmaf(ca[k], d[k], fmaf(cb[k], xc[k], ce[k]));
           }
           store_vector(dxv + q * rstep, pack<T, kVec>(d));
-        }
+        });
       });
     }
     __syncthreads();  // the table and the arrays are rewritten by the next unit

@@ -260,7 +260,7 @@ inline bool nhwc_grad_chip_plan_is_valid(const NhwcGradChipPlan& p, const Proble
   if (p.row_lanes != kNhwcGradChipThreads / p.cols || p.col_slices != cv / p.cols) return false;
   if (p.rows < 1 || p.slice_rows != int64_t(p.rows) * p.row_lanes) return false;
   if (p.G < 1 || p.slice_rows * p.G < prob.spatial || p.G > (int64_t(1) << 30)) return false;
-  if (p.G > 1 && p.G * chs > int64_t(kNhwcGradChipThreads) * kNhwcGradChipMaxLoads) return false;
+  if (p.G > 1 && nhwc_grad_chip_merge_loads(p.G, chs) > kNhwcGradChipMaxLoads) return false;
   if (p.smem_bytes != nhwc_grad_chip_prefix_bytes(p.cols, p.vec) +
                           int64_t(p.rows) * nhwc_grad_chip_row_bytes())
     return false;
@@ -319,7 +319,7 @@ inline bool make_nhwc_grad_chip_plan(const Problem& prob, const Options& opt,
         const int64_t g_fill = std::max<int64_t>(1, resident / units);
         const int64_t g_work = std::max<int64_t>(1, ceil_div(S, row_lanes * 2));
         g = std::max(g_min, std::min(g_fill, g_work));
-        if (g > 1) g = std::max(g_min, std::min(g, int64_t(threads) * kNhwcGradChipMaxLoads / chs));
+        while (g > g_min && nhwc_grad_chip_merge_loads(g, chs) > kNhwcGradChipMaxLoads) --g;
       }
       NhwcGradChipPlan p;
       p.vec = vec;
@@ -343,7 +343,7 @@ inline bool make_nhwc_grad_chip_plan(const Problem& prob, const Options& opt,
       p.cooperative = p.G > 1;
       if (!nhwc_grad_chip_plan_is_valid(p, prob, opt, d)) continue;
       const int64_t rounds = ceil_div(units, p.block_groups);
-      const int64_t loads = p.G > 1 ? ceil_div(p.G * chs, threads) : 0;
+      const int64_t loads = p.G > 1 ? nhwc_grad_chip_merge_loads(p.G, chs) : 0;
       if (!found || rounds < best_rounds || (rounds == best_rounds && loads < best_loads) ||
           (rounds == best_rounds && loads == best_loads && per_sm > best_per_sm)) {
         found = true;
