@@ -1089,6 +1089,21 @@ TEST(Graph, BackwardCapturedCallsReplayBitIdentical) {
           return backward(x.ptr, dy.ptr, b.ptr, k.n, k.c, k.s, opt, grads_in(b.ptr), st);
         },
         a.ptr, b.ptr, out_len, 20, where);
+    if (k.layout != Layout::kNHWC) continue;
+    // The on-chip channels-last backward (opt-in), whose exchange slots live in the
+    // stream-ordered workspace: asserted to run, then captured and replayed.
+    PlanOverride chip;
+    chip.nhwc_bwd_on_chip = 1;
+    bool ran = false;
+    CUDA_OK(detail::backward_tuned(x.ptr, dy.ptr, a.ptr, k.n, k.c, k.s, opt, grads_in(a.ptr),
+                                   chip, nullptr, nullptr, 0, true, nullptr, nullptr, &ran));
+    EXPECT_TRUE(ran) << where << ": the on-chip backward ran";
+    expect_graph_replays(
+        [&](cudaStream_t st) {
+          return detail::backward_tuned(x.ptr, dy.ptr, b.ptr, k.n, k.c, k.s, opt,
+                                        grads_in(b.ptr), chip, nullptr, nullptr, 0, true, st);
+        },
+        a.ptr, b.ptr, out_len, 20, where + " on chip");
   }
 }
 
