@@ -114,6 +114,17 @@ __device__ __forceinline__ GradPlane nhwc_unit(const NhwcGradParams<T>& p, int64
   return pl;
 }
 
+/// A block's table of per-thread, per-channel partials (the tile sums here, the on-chip
+/// backward's reduce_slice_sums): the entry of thread t's partial of its channel k, in thread
+/// t's row of kVec float4s, the channels rotated by t (k ^ (t mod kVec)). In row order
+/// (t * kVec + k) a quarter warp's float4 stores of one channel lie kVec * 16 bytes apart, in
+/// the same four banks: 8-way conflicts for kVec = 8, 32 wavefronts a store instead of 4.
+/// Rotated, they fall in distinct banks (kVec = 4: 2-way, from 4-way), and the threads that
+/// add a row lane's channels still read one row each, conflict-free. kVec = 1: row order.
+template <int kVec>
+__device__ __forceinline__ int table_entry(int t, int k) {
+  return t * kVec + (k ^ (t & (kVec - 1)));
+}
 /// Step 1: the tile sums. kResidualOnly: only s0 (the first pass of an activation's backward).
 /// Dynamic shared memory: blockDim.x * kVec float4.
 template <class T, int kVec, bool kResidualOnly>
@@ -192,7 +203,7 @@ __global__ void __launch_bounds__(256) nhwc_grad_sums(const NhwcGradParams<T> p)
   });
 #pragma unroll
   for (int k = 0; k < kVec; ++k)
-    red[threadIdx.x * kVec + k] = make_float4(s[k].s0_hi, s[k].s0_lo, s[k].a, s[k].b);
+    red[table_entry<kVec>(threadIdx.x, k)] = make_float4(s[k].s0_hi, s[k].s0_lo, s[k].a, s[k].b);
   __syncthreads();
   // The block's cols * kVec channels, one per thread (several rounds where they outnumber the
   // threads), each adding its row lanes in order: where the row-lane-0 threads took their kVec
@@ -204,7 +215,7 @@ __global__ void __launch_bounds__(256) nhwc_grad_sums(const NhwcGradParams<T> p)
     GradSums t;
 #pragma unroll 1
     for (int l = 0; l < row_lanes; ++l) {
-      const float4 v = red[l * p.cols * kVec + e];
+      const float4 v = red[table_entry<kVec>(l * p.cols + e / kVec, e % kVec)];
       t = combine(t, GradSums{v.x, v.y, v.z, v.w});
     }
     p.tile_sums[(image * p.tiles + tile) * p.c + c0 + e] = make_float4(t.s0_hi, t.s0_lo, t.a, t.b);

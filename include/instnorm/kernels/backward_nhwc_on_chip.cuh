@@ -47,13 +47,20 @@ struct GradChipChannels {
   float* e;      ///< GradCoef e
 };
 
+/// Where the sums of channel j (column j / kVec, channel j % kVec of it) sit once
+/// reduce_slice_sums returns: its row lane 0's entry, which only its own thread reads.
+template <int kVec>
+__device__ __forceinline__ int channel_entry(int j) {
+  return table_entry<kVec>(j / kVec, j % kVec);
+}
+
 /// Merges, for every channel j < chs, the G tagged partials part[b * chs + j] in a fixed
-/// order into out[j]: L lanes per channel (nhwc_grad_chip_merge_lanes, a power of two up to a
-/// warp) take blocks sub, sub + L, ... with kBatch slots in flight, then a butterfly over the
-/// L lanes. Called by every thread of the block (the butterflies' shuffles).
-template <int kThreads, int kBatch>
+/// order into out[slot(j)]: L lanes per channel (nhwc_grad_chip_merge_lanes, a power of two up
+/// to a warp) take blocks sub, sub + L, ... with kBatch slots in flight, then a butterfly over
+/// the L lanes. Called by every thread of the block (the butterflies' shuffles).
+template <int kThreads, int kBatch, class Slot>
 __device__ __forceinline__ void merge_grad_channels(GradSlot* part, int chs, int G,
-                                                    unsigned tag, float4* out) {
+                                                    unsigned tag, float4* out, Slot slot) {
   static_assert(kThreads == kNhwcGradChipThreads, "the merge's lanes assume this block");
   const int t = threadIdx.x;
   const int L = nhwc_grad_chip_merge_lanes(chs);
@@ -90,15 +97,15 @@ __device__ __forceinline__ void merge_grad_channels(GradSlot* part, int chs, int
       }
     }
     acc = warp_allreduce(acc, L);
-    if (sub == 0 && j < chs) out[j] = make_float4(acc.s0_hi, acc.s0_lo, acc.a, acc.b);
+    if (sub == 0 && j < chs) out[slot(j)] = make_float4(acc.s0_hi, acc.s0_lo, acc.a, acc.b);
   }
 }
 
-/// The sums of the block's threads (red[t * kVec + k]: thread t's channel k) added over the row
-/// lanes of each channel in row-lane order, then, with G > 1, over the unit's G blocks
+/// The sums of the block's threads (red[table_entry(t, k)]: thread t's channel k) added over
+/// the row lanes of each channel in row-lane order, then, with G > 1, over the unit's G blocks
 /// (exchange `ex`: tag ex + 1, slots double-buffered by its parity, as group_exchange argues):
-/// red[j] holds channel j's sums for the unit when it returns, in every block the same bits.
-/// Called by every thread.
+/// red[channel_entry(j)] holds channel j's sums for the unit when it returns, in every block
+/// the same bits. Called by every thread.
 template <int kThreads, int kVec, class T>
 __device__ __forceinline__ void reduce_slice_sums(const NhwcGradChipParams<T>& p,
                                                   const GradSums (&s)[kVec], float4* red,
@@ -107,18 +114,20 @@ __device__ __forceinline__ void reduce_slice_sums(const NhwcGradChipParams<T>& p
   const int t = threadIdx.x;
 #pragma unroll
   for (int k = 0; k < kVec; ++k)
-    red[t * kVec + k] = make_float4(s[k].s0_hi, s[k].s0_lo, s[k].a, s[k].b);
+    red[table_entry<kVec>(t, k)] = make_float4(s[k].s0_hi, s[k].s0_lo, s[k].a, s[k].b);
   __syncthreads();
   const unsigned tag = ex + 1u;
   GradSlot* part = nullptr;  // this group's slots of the exchange's buffer (G > 1 only)
   if (p.G > 1)
     part = p.slots + size_t(ex & 1u) * gridDim.x * size_t(chs) +
            size_t(block_group) * size_t(p.G) * chs;
-  // Channel j's row lanes are entries l * chs + j; only its thread reads entry j (l = 0), so
-  // it may overwrite it with the block's sum. Four chains (lanes l, l + 4, ...: four loads in
-  // flight, where one chain waited on each of up to 32 in turn), added in a fixed order.
-  const auto entry = [&](int i) {
-    const float4 v = red[i];
+  // Channel j's entry of row lane l is thread l * cs + j / kVec's; only its thread reads them,
+  // so it may overwrite its lane 0's (channel_entry) with the block's sum. Four chains (lanes l,
+  // l + 4, ...: four loads in flight, where one chain waited on each of up to 32 in turn), added
+  // in a fixed order.
+  const int cs = chs / kVec;
+  const auto entry = [&](int l, int j) {
+    const float4 v = red[table_entry<kVec>(l * cs + j / kVec, j % kVec)];
     return GradSums{v.x, v.y, v.z, v.w};
   };
 #pragma unroll 1
@@ -127,23 +136,24 @@ __device__ __forceinline__ void reduce_slice_sums(const NhwcGradChipParams<T>& p
     int l = 0;
 #pragma unroll 1
     for (; l + 3 < p.row_lanes; l += 4) {
-      c0 = combine(c0, entry(l * chs + j));
-      c1 = combine(c1, entry((l + 1) * chs + j));
-      c2 = combine(c2, entry((l + 2) * chs + j));
-      c3 = combine(c3, entry((l + 3) * chs + j));
+      c0 = combine(c0, entry(l, j));
+      c1 = combine(c1, entry(l + 1, j));
+      c2 = combine(c2, entry(l + 2, j));
+      c3 = combine(c3, entry(l + 3, j));
     }
-    if (l < p.row_lanes) c0 = combine(c0, entry(l * chs + j));
-    if (l + 1 < p.row_lanes) c1 = combine(c1, entry((l + 1) * chs + j));
-    if (l + 2 < p.row_lanes) c2 = combine(c2, entry((l + 2) * chs + j));
+    if (l < p.row_lanes) c0 = combine(c0, entry(l, j));
+    if (l + 1 < p.row_lanes) c1 = combine(c1, entry(l + 1, j));
+    if (l + 2 < p.row_lanes) c2 = combine(c2, entry(l + 2, j));
     const GradSums acc = combine(combine(c0, c1), combine(c2, c3));
     if (p.G > 1)
       publish_grad(part[size_t(rank) * chs + j], acc, tag);
     else
-      red[j] = make_float4(acc.s0_hi, acc.s0_lo, acc.a, acc.b);
+      red[channel_entry<kVec>(j)] = make_float4(acc.s0_hi, acc.s0_lo, acc.a, acc.b);
   }
   __syncthreads();
   if (p.G > 1) {
-    merge_grad_channels<kThreads, 4>(part, chs, p.G, tag, red);
+    merge_grad_channels<kThreads, 4>(part, chs, p.G, tag, red,
+                                     [](int j) { return channel_entry<kVec>(j); });
     __syncthreads();
   }
 }
@@ -250,7 +260,7 @@ __global__ void __launch_bounds__(kNhwcGradChipThreads, 2)
       for (int g0 = t * cpg; g0 < chs; g0 += kThreads * cpg) {
         GradSums tot;
         for (int j = g0; j < g0 + cpg; ++j) {
-          const float4 v = red[j];
+          const float4 v = red[channel_entry<kVec>(j)];
           tot = combine(tot, GradSums{v.x, v.y, 0.f, 0.f});
         }
         const float r = (tot.s0_hi + tot.s0_lo) * inv_len;
@@ -298,7 +308,7 @@ __global__ void __launch_bounds__(kNhwcGradChipThreads, 2)
       float sg = 0.f, sgb = 0.f;
       GradSums tot;
       for (int j = g0; j < g0 + cpg; ++j) {
-        const float4 v = red[j];
+        const float4 v = red[channel_entry<kVec>(j)];
         tot = combine(tot, GradSums{v.x, v.y, 0.f, 0.f});
         sg = fmaf(ch.gamma[j], v.z, sg);
         sgb = fmaf(ch.gamma[j], v.w, sgb);
@@ -314,7 +324,7 @@ __global__ void __launch_bounds__(kNhwcGradChipThreads, 2)
         ch.b[j] = f.b;
         ch.e[j] = f.e;
         if (rank == 0 && p.partials != nullptr) {
-          const float4 v = red[j];
+          const float4 v = red[channel_entry<kVec>(j)];
           const float sdx = pl.rstd * fmaf(-pl.r, v.z, v.w);
           p.partials[image * C + slice0 + j] = make_float2(v.z, sdx);
           store_direct_scale_shift<T>(p, image, slice0 + j, v.z, sdx);
