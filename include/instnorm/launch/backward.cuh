@@ -236,6 +236,29 @@ inline bool nhwc_direct_scale_shift(const Gradients& g) {
   return g.dgamma == nullptr && g.dbeta == nullptr && (g.dscale != nullptr || g.dshift != nullptr);
 }
 
+/// The fields both channels-last backwards (tiled and on chip) take from the call: tensors,
+/// options, sizes, the slice's column vectors, the per-(image, channel) partials of the
+/// parameter gradients where the layout has them, and dscale/dshift where the kernels store
+/// them directly (returned: then grad_params_kernel is not launched).
+template <class T>
+inline bool set_nhwc_grad_fields(NhwcGradParams<T>& p, const T* x, const T* dy, T* dx,
+                                 const Problem& prob, const Options& opt, const Gradients& g,
+                                 int cols, int vec, const WorkspaceLayout& w, void* workspace) {
+  set_backward_fields(p, x, dy, dx, prob, opt);
+  p.n = prob.n;
+  p.c = prob.c;
+  p.cpg = prob.channels_per_group;
+  p.cols = cols;
+  p.coef_vec = vec;
+  if (w.partials_bytes > 0) p.partials = WorkspaceLayout::at<float2>(workspace, w.partials);
+  const bool direct = nhwc_direct_scale_shift(g);
+  if (direct) {
+    p.dscale = g.dscale;
+    p.dshift = g.dshift;
+  }
+  return direct;
+}
+
 /// The on-chip channels-last backward's plan (kernels/backward_nhwc_on_chip.cuh): slices of
 /// `cols` column vectors by all rows, G blocks per slice, each thread `rows` rows of x and dy
 /// in shared memory.
@@ -386,24 +409,14 @@ inline cudaError_t launch_nhwc_grad_chip(const T* x, const T* dy, T* dx, const P
                                          cudaStream_t stream) {
   const WorkspaceLayout w = nhwc_grad_chip_layout(plan, prob, g);
   NhwcGradChipParams<T> p{};
-  set_backward_fields(p, x, dy, dx, prob, opt);
-  p.n = prob.n;
-  p.c = prob.c;
-  p.cpg = prob.channels_per_group;
-  p.cols = plan.cols;
-  p.coef_vec = plan.vec;
+  const bool direct =
+      set_nhwc_grad_fields<T>(p, x, dy, dx, prob, opt, g, plan.cols, plan.vec, w, workspace);
   p.row_lanes = plan.row_lanes;
   p.rows = plan.rows;
   p.G = int(plan.G);
   p.col_slices = plan.col_slices;
   p.slice_rows = plan.slice_rows;
-  if (w.partials_bytes > 0) p.partials = WorkspaceLayout::at<float2>(workspace, w.partials);
   if (w.slots_bytes > 0) p.slots = WorkspaceLayout::at<GradSlot>(workspace, w.slots);
-  const bool direct = nhwc_direct_scale_shift(g);
-  if (direct) {
-    p.dscale = g.dscale;
-    p.dshift = g.dshift;
-  }
   INSTNORM_RETURN_IF_ERROR(clear_slots(w, workspace, stream));
   LaunchShape shape;
   shape.grid = dim3(static_cast<unsigned>(plan.grid));
@@ -454,22 +467,12 @@ inline cudaError_t launch_nhwc_backward(const T* x, const T* dy, T* dx, const Pr
   if (prob.n * s.tiles > d.max_grid_x || s.col_chunks > 65535) return cudaErrorInvalidConfiguration;
   const WorkspaceLayout w = nhwc_backward_layout(s, prob, g);
   NhwcGradParams<T> p{};
-  set_backward_fields(p, x, dy, dx, prob, opt);
-  p.n = prob.n;
-  p.c = prob.c;
-  p.cpg = prob.channels_per_group;
+  const bool direct =
+      set_nhwc_grad_fields(p, x, dy, dx, prob, opt, g, s.cols, s.vec, w, workspace);
   p.tiles = s.tiles;
   p.tile_rows = s.tile_rows;
-  p.cols = s.cols;
-  p.coef_vec = s.vec;
   p.tile_sums = WorkspaceLayout::at<float4>(workspace, w.slots);
   p.unit = WorkspaceLayout::at<float4>(workspace, w.group_stats);
-  if (w.partials_bytes > 0) p.partials = WorkspaceLayout::at<float2>(workspace, w.partials);
-  const bool direct = nhwc_direct_scale_shift(g);
-  if (direct) {
-    p.dscale = g.dscale;
-    p.dshift = g.dshift;
-  }
   p.coef = WorkspaceLayout::at<float4>(workspace, w.coef);
   p.coef_pre = reinterpret_cast<float*>(p.coef + prob.n * prob.c);
   constexpr int kFull = 16 / int(sizeof(T));
