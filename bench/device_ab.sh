@@ -23,6 +23,11 @@ if [ "${AB_WARMUP:-1}" != 0 ]; then
   for bin in "$a" "$b" $c; do
     timeout 200 "$bin" --benchmark_filter='^instnorm/' "$@" > /dev/null 2>&1
   done
+  # B's own flags warmed too, where A and B are one binary.
+  if [ -n "${AB_B_ARGS:-}" ]; then
+    read -r -a warm <<< "$AB_B_ARGS"
+    timeout 200 "$b" --benchmark_filter='^instnorm/' "$@" "${warm[@]}" > /dev/null 2>&1
+  fi
 fi
 start=$SECONDS
 done_runs=0

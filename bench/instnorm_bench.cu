@@ -51,7 +51,9 @@
 //   instnorm_bench --plan=2,512,0,0                # force strategy,threads,items,G (0: planner)
 //   instnorm_bench --nhwc-budget=40 --nhwc-chunks=4  # NHWC tiled: MB per batch, row chunks
 //   instnorm_bench --nhwc-on-chip=0|1 --nhwc-cols=8    # NHWC: tiled or on chip; slice width
-//   instnorm_bench --nhwc-bwd-on-chip=1                # NHWC backward on chip (else tiled)
+//   instnorm_bench --nhwc-bwd-on-chip=1                # NHWC backward on chip (else tiled);
+//                                                  #   --nhwc-cols and --plan's G force its
+//                                                  #   slice width and G too
 //   instnorm_bench --split-smem=0                  # split slices in registers only (1: table's)
 //   instnorm_bench --sweep=64[:seed]               # 64 random shapes (sweep/ rows), a summary
 //   instnorm_bench --sweep=64 --sweep-list         # print the sweep's shapes; no GPU needed
@@ -463,8 +465,8 @@ Gradients grads_for(const Shape& s) {
   return g;
 }
 
-/// Bytes of workspace the backward of `s` needs: backward_workspace_size, and for NCHW the
-/// workspace of the plan --plan / --arch force, where that is larger.
+/// Bytes of workspace the backward of `s` needs: backward_workspace_size, and the workspace of
+/// the plan --plan / --arch / --nhwc-bwd-on-chip force, where that is larger.
 cudaError_t backward_workspace_bytes(const Shape& s, size_t* bytes) {
   return with_type(s.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -1790,13 +1792,13 @@ int main(int argc, char** argv) {
     } else if (a.rfind("--arch=", 0) == 0) {  // a row of the table by name
       g_policy = policy_named(flag_value(a, "--arch="));
       if (!g_policy) {
-        std::fprintf(stderr, "no table row named '%s' (rows:", a.c_str() + 7);
+        std::fprintf(stderr, "no table row named '%s' (rows:", flag_value(a, "--arch="));
         for (const ArchPolicy& r : kArchTable) std::fprintf(stderr, " %s", r.name);
         std::fprintf(stderr, ")\n");
         return 1;
       }
     } else if (a.rfind("--emit-row=", 0) == 0) {  // with --tune: write the tuned row as a header
-      emit_row = a.substr(11);
+      emit_row = flag_value(a, "--emit-row=");
     } else {
       rest.push_back(argv[i]);
     }

@@ -200,6 +200,21 @@ TEST(BackwardPlan, NhwcOnChipWhereAskedAndValid) {
       const bool ok = detail::make_nhwc_grad_chip_plan(prob, opt, d, pol, ov, p);
       if (ok) {
         EXPECT_TRUE(detail::nhwc_grad_chip_plan_is_valid(*p, prob, opt, d));
+        // The kernel's carve-up, counted here from its pieces: a float4 per thread and channel
+        // of its vector, nine float arrays of the slice's channels (each rounded to 4 floats),
+        // and each thread's rows of x and dy, 16 bytes each; two 256-thread blocks per SM at
+        // most (128 registers), and every block of a cooperative grid resident at once.
+        const int64_t chs = int64_t(p->cols) * p->vec;
+        const int64_t carve = 256 * p->vec * 16 + 9 * ((chs + 3) / 4 * 4) * 4 +
+                              2 * int64_t(p->rows) * 256 * 16;
+        EXPECT_EQ(p->smem_bytes, carve);
+        EXPECT_EQ(p->vec * eb, 16);
+        EXPECT_EQ(p->row_lanes, 256 / p->cols);
+        EXPECT_EQ(p->col_slices * p->cols * p->vec, c) << "slices cover the row";
+        const int64_t per_sm = std::min<int64_t>(2, d.smem_per_sm / (p->smem_bytes + 1024));
+        EXPECT_GE(per_sm, 1);
+        if (p->G > 1) EXPECT_LE(p->grid, per_sm * d.sm_count) << "co-resident";
+        EXPECT_EQ(p->grid, p->block_groups * p->G);
         EXPECT_EQ(int64_t(p->cols) * p->vec % prob.channels_per_group, 0) << "whole groups";
         EXPECT_LE(int64_t(p->cols) * p->vec, kNhwcGradChipMaxChannels);
         if (p->G > 1)
@@ -739,22 +754,28 @@ BwdCase on_chip_case(int64_t n, int64_t c, int64_t s, int64_t groups, bool affin
 
 // The on-chip channels-last backward (kernels/backward_nhwc_on_chip.cuh), forced: instance
 // norm and GroupNorm (10 and 12 channels per group), affine or not, each activation; one block
-// per slice and forced G (exchanges, blocks without rows, several rounds of units per group of
-// blocks); in place; without parameter gradients.
+// per slice, the planner's G and forced G (exchanges, blocks without rows, several rounds of
+// units per group of blocks); in place; without parameter gradients.
 template <class T>
 void channels_last_on_chip_for() {
   const Activation acts[] = {Activation::kNone, Activation::kRelu, Activation::kSilu};
   for (const Activation a : acts) {
     for (const bool affine : {false, true}) {
+      // One block per slice (no exchange, non-cooperative: the block's sums in place), the
+      // planner's G, and a forced one.
+      run_normal<T>(on_chip_case(2, 64, 16 * 16, 0, affine, a, 1));
       run_normal<T>(on_chip_case(2, 64, 16 * 16, 0, affine, a));
       run_normal<T>(on_chip_case(2, 64, 16 * 16, 0, affine, a, 3));
+      run_normal<T>(on_chip_case(2, 320, 12 * 12, 32, affine, a, 1));
       run_normal<T>(on_chip_case(2, 320, 12 * 12, 32, affine, a));
       run_normal<T>(on_chip_case(2, 320, 12 * 12, 32, affine, a, 5));
       run_normal<T>(on_chip_case(3, 48, 10 * 10, 4, affine, a, 2));  // 12 channels a group
     }
   }
-  // Many units over few groups of blocks: several rounds, each with its exchanges.
+  // Many units over few groups of blocks: several rounds, each with its exchanges; and the
+  // planner's plan of the same (one block a slice, many units).
   run_normal<T>(on_chip_case(96, 32, 9 * 9, 0, true, Activation::kSilu, 40));
+  run_normal<T>(on_chip_case(96, 32, 9 * 9, 0, true, Activation::kSilu));
   // More blocks than a slice has rows for: the last ones hold none.
   run_normal<T>(on_chip_case(1, 16, 5 * 5, 0, false, Activation::kNone, 7));
   // In place (dx == dy), and without parameter gradients.

@@ -123,6 +123,7 @@ __device__ __forceinline__ GradPlane nhwc_unit(const NhwcGradParams<T>& p, int64
 /// add a row lane's channels still read one row each, conflict-free. kVec = 1: row order.
 template <int kVec>
 __device__ __forceinline__ int table_entry(int t, int k) {
+  static_assert((kVec & (kVec - 1)) == 0, "a rotation within the row needs a power of two");
   return t * kVec + (k ^ (t & (kVec - 1)));
 }
 /// Step 1: the tile sums. kResidualOnly: only s0 (the first pass of an activation's backward).
