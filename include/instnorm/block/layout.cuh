@@ -32,5 +32,24 @@ __device__ __forceinline__ BlockRank block_rank(int G) {
   return BlockRank{int(blockIdx.x) % G, int(blockIdx.x) / G, int(gridDim.x) / G};
 }
 
+/// A block's rows of an on-chip channels-last unit (an image slice by S rows shared by G blocks
+/// of `slice_rows` rows each; the last ones may hold fewer, or none): its rank and group of
+/// blocks by divisions (with block_rank's G = 1 branch ptxas left the forward's fp32 kernel
+/// spilling 32 bytes on sm_90, nvcc 13.0), its first row and its row count. The forward's and
+/// the backward's on-chip kernels (kernels/nhwc_on_chip.cuh, kernels/backward_nhwc_on_chip.cuh).
+struct SliceRows {
+  int rank, group, groups;
+  int64_t begin, count;
+  __device__ __forceinline__ SliceRows(int G, int64_t S, int64_t slice_rows)
+      : rank(int(blockIdx.x) % G), group(int(blockIdx.x) / G), groups(int(gridDim.x) / G) {
+    begin = int64_t(rank) * slice_rows;
+    count = begin < S ? (S - begin < slice_rows ? S - begin : slice_rows) : 0;
+  }
+  /// The rows row lane rl of row_lanes holds (rows rl, rl + row_lanes, ...); 0 where !on.
+  __device__ __forceinline__ int lane_rows(bool on, int rl, int row_lanes) const {
+    return on && count > rl ? int((count - rl + row_lanes - 1) / row_lanes) : 0;
+  }
+};
+
 }  // namespace detail
 }  // namespace instnorm

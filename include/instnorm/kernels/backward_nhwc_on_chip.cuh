@@ -16,6 +16,7 @@
 /// and reruns, get the same bits. The planner (make_nhwc_grad_chip_plan, launch/backward.cuh)
 /// keeps slices of whole groups and at most kNhwcGradChipMaxChannels channels.
 
+#include "../block/layout.cuh"
 #include "../contract.cuh"
 #include "../grid/grad_exchange.cuh"
 #include "backward_nhwc.cuh"
@@ -199,15 +200,11 @@ __global__ void __launch_bounds__(kNhwcGradChipThreads, 2)
   const bool on = rl < row_lanes;
   const int64_t S = p.spatial, C = p.c;
   const int cpg = int(p.cpg);
-  const int G = p.G;
-  const int rank = int(blockIdx.x) % G, block_group = int(blockIdx.x) / G;
-  const int block_groups = int(gridDim.x) / G;
+  const SliceRows sr(p.G, S, p.slice_rows);
+  const int rank = sr.rank, block_group = sr.group, block_groups = sr.groups;
   const int64_t units = p.n * p.col_slices;
-  const int64_t row_begin = int64_t(rank) * p.slice_rows;
-  const int64_t block_rows =
-      row_begin < S ? (S - row_begin < p.slice_rows ? S - row_begin : p.slice_rows) : 0;
-  const int my_rows =
-      on && block_rows > rl ? int((block_rows - rl + row_lanes - 1) / row_lanes) : 0;
+  const int64_t row_begin = sr.begin;
+  const int my_rows = sr.lane_rows(on, rl, row_lanes);
   const bool act = p.activation != Activation::kNone;
   const float inv_len = 1.f / float(int64_t(cpg) * S);
   const int64_t rstep = int64_t(row_lanes) * (C / kVec);  // vectors from one row of a thread to its next

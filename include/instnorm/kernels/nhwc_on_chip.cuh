@@ -5,6 +5,7 @@
 
 #include <type_traits>
 #include "../arch.cuh"
+#include "../block/layout.cuh"
 #include "../block/reduce.cuh"
 #include "../debug/trace.cuh"
 #include "../epilogue/epilogue.cuh"
@@ -257,15 +258,11 @@ __global__ void __launch_bounds__(kNhwcOnChipThreads, 2) nhwc_on_chip(const Nhwc
   const int64_t S = p.spatial;
   const int C = int(p.c), cv = C / kVec, cpg = int(p.cpg);
   const int G = p.blocks_per_unit;
-  // Divisions, not block_rank's G = 1 branch: with it, ptxas (nvcc 13.0) left the fp32 kernel
-  // spilling 32 bytes on sm_90.
-  const int rank = int(blockIdx.x) % G, block_group = int(blockIdx.x) / G;
-  const int block_groups = int(gridDim.x) / G;
+  const SliceRows sr(G, S, p.slice_rows);
+  const int rank = sr.rank, block_group = sr.group, block_groups = sr.groups;
   const int64_t units = p.img_count * p.col_slices;
-  const int64_t row_begin = int64_t(rank) * p.slice_rows;
-  const int64_t block_rows =
-      row_begin < S ? (S - row_begin < p.slice_rows ? S - row_begin : p.slice_rows) : 0;
-  const int rows = on && block_rows > rl ? int((block_rows - rl + row_lanes - 1) / row_lanes) : 0;
+  const int64_t row_begin = sr.begin, block_rows = sr.count;
+  const int rows = sr.lane_rows(on, rl, row_lanes);
   const int rvalid = rows < p.items ? rows : p.items;
   const int svalid = rows - rvalid;
 
