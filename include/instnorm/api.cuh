@@ -203,16 +203,16 @@ cudaError_t backward_tuned(const T* x, const T* dy, T* dx, int64_t n, int64_t c,
   const Invalid v = validate_backward(x, dy, dx, n, c, spatial, int(sizeof(T)), opt, grads, &prob);
   if (v != Invalid::kOk) return to_cuda_error(v);
   if (prob.nhwc) {
-    size_t need = 0;
-    INSTNORM_RETURN_IF_ERROR(nhwc_backward_workspace(prob, opt, grads, &need, ov, policy));
+    NhwcBackwardPlan np;
+    INSTNORM_RETURN_IF_ERROR(current_nhwc_backward_plan(prob, opt, grads, &np, ov, policy));
+    if (nhwc_on_chip) *nhwc_on_chip = np.on_chip;
+    const size_t need = np.workspace_bytes;
     if (own_workspace)
       return with_scratch(need, stream, [&](void* ws) {
-        return launch_nhwc_backward(x, dy, dx, prob, opt, grads, ws, stream, ov, policy,
-                                    nhwc_on_chip);
+        return launch_nhwc_backward(x, dy, dx, prob, opt, grads, np, ws, stream);
       });
     if (need > 0 && (workspace == nullptr || workspace_bytes < need)) return cudaErrorInvalidValue;
-    return launch_nhwc_backward(x, dy, dx, prob, opt, grads, workspace, stream, ov, policy,
-                                nhwc_on_chip);
+    return launch_nhwc_backward(x, dy, dx, prob, opt, grads, np, workspace, stream);
   }
   Plan plan;
   INSTNORM_RETURN_IF_ERROR(current_backward_plan(prob, grads, &plan, ov, policy));

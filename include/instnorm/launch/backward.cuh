@@ -429,42 +429,66 @@ inline cudaError_t launch_nhwc_grad_chip(const T* x, const T* dy, T* dx, const P
   return launch_grad_params<T>(p.partials, prob, 1, p, g, stream);
 }
 
+/// The channels-last backward's plan, made once per call: on chip (where `ov` asks for it and a
+/// plan fits: nhwc_backward_on_chip) or the tiled chain's shape, and the workspace it takes.
+struct NhwcBackwardPlan {
+  bool on_chip = false;
+  NhwcGradChipPlan chip;
+  NhwcGradShape tiled;
+  size_t workspace_bytes = 0;
+};
+
+inline cudaError_t make_nhwc_backward_plan(const Problem& prob, const Options& opt,
+                                           const Gradients& g, const DeviceProps& d,
+                                           const ArchPolicy& pol, const PlanOverride& ov,
+                                           NhwcBackwardPlan* out) {
+  NhwcBackwardPlan b;
+  b.on_chip = nhwc_backward_on_chip(prob, opt, d, pol, ov, &b.chip);
+  if (b.on_chip) {
+    b.workspace_bytes = nhwc_grad_chip_layout(b.chip, prob, g).total;
+  } else {
+    if (ov.nhwc_bwd_on_chip == 1) return cudaErrorInvalidConfiguration;  // asked for, none fits
+    b.tiled = nhwc_grad_shape(prob, d);
+    if (prob.n * b.tiled.tiles > d.max_grid_x || b.tiled.col_chunks > 65535)
+      return cudaErrorInvalidConfiguration;
+    b.workspace_bytes = nhwc_backward_layout(b.tiled, prob, g).total;
+  }
+  *out = b;
+  return cudaSuccess;
+}
+
+/// make_nhwc_backward_plan on the current device (`policy`: a forced table row, or null).
+inline cudaError_t current_nhwc_backward_plan(const Problem& prob, const Options& opt,
+                                              const Gradients& g, NhwcBackwardPlan* out,
+                                              const PlanOverride& ov = {},
+                                              const ArchPolicy* policy = nullptr) {
+  DeviceProps d;
+  INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
+  return make_nhwc_backward_plan(prob, opt, g, d, policy ? *policy : policy_for(d), ov, out);
+}
+
 inline cudaError_t nhwc_backward_workspace(const Problem& prob, const Options& opt,
                                            const Gradients& g, size_t* bytes,
                                            const PlanOverride& ov = {},
                                            const ArchPolicy* policy = nullptr) {
-  DeviceProps d;
-  INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
-  NhwcGradChipPlan chip;
-  if (nhwc_backward_on_chip(prob, opt, d, policy ? *policy : policy_for(d), ov, &chip)) {
-    *bytes = nhwc_grad_chip_layout(chip, prob, g).total;
-    return cudaSuccess;
-  }
-  if (ov.nhwc_bwd_on_chip == 1) return cudaErrorInvalidConfiguration;  // asked for, none fits
-  const NhwcGradShape s = nhwc_grad_shape(prob, d);
-  if (prob.n * s.tiles > d.max_grid_x || s.col_chunks > 65535) return cudaErrorInvalidConfiguration;
-  *bytes = nhwc_backward_layout(s, prob, g).total;
+  NhwcBackwardPlan b;
+  INSTNORM_RETURN_IF_ERROR(current_nhwc_backward_plan(prob, opt, g, &b, ov, policy));
+  *bytes = b.workspace_bytes;
   return cudaSuccess;
 }
 
-/// The channels-last backward: on chip where `ov` asks for it (nhwc_backward_on_chip), else the
-/// tiled chain. `on_chip`, if given, tells which ran.
+/// The channels-last backward of `plan` (current_nhwc_backward_plan): the on-chip kernel, or the
+/// tiled chain.
 template <class T>
 inline cudaError_t launch_nhwc_backward(const T* x, const T* dy, T* dx, const Problem& prob,
-                                        const Options& opt, const Gradients& g, void* workspace,
-                                        cudaStream_t stream, const PlanOverride& ov = {},
-                                        const ArchPolicy* policy = nullptr,
-                                        bool* on_chip = nullptr) {
+                                        const Options& opt, const Gradients& g,
+                                        const NhwcBackwardPlan& plan, void* workspace,
+                                        cudaStream_t stream) {
+  if (plan.on_chip)
+    return launch_nhwc_grad_chip(x, dy, dx, prob, opt, g, plan.chip, workspace, stream);
   DeviceProps d;
   INSTNORM_RETURN_IF_ERROR(current_device_props(&d));
-  NhwcGradChipPlan chip;
-  const bool chip_ok =
-      nhwc_backward_on_chip(prob, opt, d, policy ? *policy : policy_for(d), ov, &chip);
-  if (on_chip != nullptr) *on_chip = chip_ok;
-  if (chip_ok) return launch_nhwc_grad_chip(x, dy, dx, prob, opt, g, chip, workspace, stream);
-  if (ov.nhwc_bwd_on_chip == 1) return cudaErrorInvalidConfiguration;  // asked for, none fits
-  const NhwcGradShape s = nhwc_grad_shape(prob, d);
-  if (prob.n * s.tiles > d.max_grid_x || s.col_chunks > 65535) return cudaErrorInvalidConfiguration;
+  const NhwcGradShape& s = plan.tiled;
   const WorkspaceLayout w = nhwc_backward_layout(s, prob, g);
   NhwcGradParams<T> p{};
   const bool direct =
